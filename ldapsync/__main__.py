@@ -1,0 +1,5 @@
+import sys
+
+from ldapsync.cli import main
+
+sys.exit(main())

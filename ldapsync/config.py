@@ -1,0 +1,420 @@
+"""Load and check the YAML configuration; every error names the file and the key.
+
+Relative paths are resolved against the config file's directory, so a config is portable
+with the files it names. Unknown keys are errors: a typo must not silently disable a guard.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ldapsync import schema
+from ldapsync.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_CONFIG = Path("/etc/ldapsync/ldapsync.yaml")
+MAP_TYPES = ("hash", "btree", "lmdb", "cdb", "texthash", "none")
+WATCH_MODES = ("auto", "syncrepl", "psearch", "poll")
+
+
+@dataclass(frozen=True, slots=True)
+class LdapSource:
+    uris: tuple[str, ...]
+    base_dn: str
+    filter: str = "(objectClass=*)"
+    scope: str = "sub"
+    start_tls: bool = False
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    bind_dn: str | None = None
+    bind_password_file: Path | None = None
+    page_size: int = 500
+    timeout: float = 10.0
+    watch: str = "auto"
+    poll_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LdifSource:
+    path: Path
+    base_dn: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterSpec:
+    kind: str
+    name: str
+    path: Path
+    map_type: str | None
+    owner: int | None
+    group: int | None
+    mode: int | None
+    options: Mapping[str, Any]
+    key: str  # "exporters[3]", for error messages
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    check: tuple[tuple[str, ...], ...] = ()
+    reload: tuple[tuple[str, ...], ...] = ()
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Safety:
+    max_deletions: int = 500
+    max_deletion_ratio: float = 0.2
+    allow_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    debounce: float = 0.1
+    max_delay: float = 2.0
+    reconnect_max: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    domain: str
+    domain_aliases: tuple[str, ...]
+    source: LdapSource | LdifSource
+    attributes: schema.AttributeMap
+    static: Path | None
+    state_dir: Path
+    exporters: tuple[ExporterSpec, ...]
+    hooks: Hooks = field(default_factory=Hooks)
+    safety: Safety = field(default_factory=Safety)
+    agent: Agent = field(default_factory=Agent)
+    keep_generations: int = 10
+    postmap: str = "postmap"
+    postfix_config_dir: Path | None = None
+    metrics_textfile: Path | None = None
+    log_format: str = "auto"
+    log_level: str = "info"
+
+
+class _Section:
+    """A mapping read with type checks; remembers which keys were used to flag the rest."""
+
+    def __init__(self, data: object, file: Path, prefix: str):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError("must be a mapping", file=file, key=prefix or None)
+        self.data: dict[str, Any] = data
+        self.file = file
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(message, file=self.file, key=self.key(name))
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, default)
+        if value is None:
+            return default
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) and kind in (int, float):
+            raise self.error(name, f"must be a number, not {value!r}")
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.error(name, f"must be of type {names}, not {type(value).__name__}")
+        return value
+
+    def require(self, name: str, kind: type[T]) -> T:
+        value: T | None = self.get(name, kind)
+        if value is None:
+            raise self.error(name, "is required")
+        return value
+
+    def path(self, name: str, default: str | None = None) -> Path | None:
+        value = self.get(name, str, default)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.file.parent / p)
+
+    def sub(self, name: str) -> _Section:
+        self.used.add(name)
+        return _Section(self.data.get(name), self.file, self.key(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key (check the spelling; see docs/configuration.md)")
+
+
+def load(path: Path) -> Config:
+    """Read `path`; raise ConfigError naming file and key on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", file=path) from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}", file=path) from e
+    return parse(data, path.resolve())
+
+
+def parse(data: object, path: Path) -> Config:
+    top = _Section(data, path, "")
+    domain = _domain(top, "domain", top.require("domain", str))
+    aliases_raw = top.get("domain_aliases", list, [])
+    domain_aliases = tuple(_domain(top, f"domain_aliases[{i}]", d) for i, d in enumerate(aliases_raw))
+    if domain in domain_aliases or len(set(domain_aliases)) != len(domain_aliases):
+        raise top.error("domain_aliases", "must not repeat the domain or each other")
+
+    source = _source(top.sub("source"))
+    attrs = top.sub("attributes")
+    attributes = schema.resolve(top.get("schema", str, "ud-ldap"), attrs.data, file=path)
+    attrs.used.update(attrs.data)
+
+    exporters_raw = top.get("exporters", list, [])
+    if not exporters_raw:
+        raise top.error("exporters", "at least one exporter is required")
+    exporters = tuple(_exporter(_Section(e, path, f"exporters[{i}]")) for i, e in enumerate(exporters_raw))
+    names = [e.name for e in exporters]
+    for e in exporters:
+        if names.count(e.name) > 1:
+            raise ConfigError(f"duplicate exporter name {e.name!r}", file=path, key=f"{e.key}.name")
+    paths = [e.path for e in exporters]
+    for e in exporters:
+        if paths.count(e.path) > 1:
+            raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
+
+    hooks_s = top.sub("hooks")
+    hooks = Hooks(
+        check=_commands(hooks_s, "check"),
+        reload=_commands(hooks_s, "reload"),
+        timeout=_positive(hooks_s, "timeout", 60.0),
+    )
+    hooks_s.done()
+
+    safety_s = top.sub("safety")
+    ratio = safety_s.get("max_deletion_ratio", float, 0.2)
+    if not 0 <= ratio <= 1:
+        raise safety_s.error("max_deletion_ratio", "must be between 0 and 1")
+    max_del = safety_s.get("max_deletions", int, 500)
+    if max_del < 0:
+        raise safety_s.error("max_deletions", "must be >= 0")
+    safety = Safety(max_del, ratio, safety_s.get("allow_empty", bool, False))
+    safety_s.done()
+
+    agent_s = top.sub("agent")
+    agent = Agent(
+        debounce=_positive(agent_s, "debounce", 0.1, allow_zero=True),
+        max_delay=_positive(agent_s, "max_delay", 2.0),
+        reconnect_max=_positive(agent_s, "reconnect_max", 60.0),
+    )
+    agent_s.done()
+
+    postfix_s = top.sub("postfix")
+    postmap = postfix_s.get("postmap", str, "postmap")
+    postfix_dir = postfix_s.path("config_dir")
+    postfix_s.done()
+
+    metrics_s = top.sub("metrics")
+    metrics_textfile = metrics_s.path("textfile")
+    metrics_s.done()
+
+    log_s = top.sub("log")
+    log_format = log_s.get("format", str, "auto")
+    if log_format not in ("auto", "console", "json"):
+        raise log_s.error("format", "must be auto, console or json")
+    log_level = log_s.get("level", str, "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise log_s.error("level", "must be debug, info, warning or error")
+    log_s.done()
+
+    keep = top.get("keep_generations", int, 10)
+    if keep < 1:
+        raise top.error("keep_generations", "must be >= 1")
+    state_dir = top.path("state_dir")
+    if state_dir is None:
+        raise top.error("state_dir", "is required")
+    config = Config(
+        path=path,
+        domain=domain,
+        domain_aliases=domain_aliases,
+        source=source,
+        attributes=attributes,
+        static=top.path("static"),
+        state_dir=state_dir,
+        exporters=exporters,
+        hooks=hooks,
+        safety=safety,
+        agent=agent,
+        keep_generations=keep,
+        postmap=postmap,
+        postfix_config_dir=postfix_dir,
+        metrics_textfile=metrics_textfile,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    top.done()
+    return config
+
+
+def _domain(section: _Section, key: str, value: object) -> str:
+    from ldapsync.validate import is_domain
+
+    if not isinstance(value, str) or not is_domain(value.lower()):
+        raise ConfigError(f"{value!r} is not a domain name", file=section.file, key=key)
+    return value.lower()
+
+
+def _positive(s: _Section, name: str, default: float, *, allow_zero: bool = False) -> float:
+    value: float = s.get(name, float, default)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise s.error(name, f"must be {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+def _source(s: _Section) -> LdapSource | LdifSource:
+    has_ldap, has_ldif = s.data.get("ldap") is not None, s.data.get("ldif") is not None
+    if has_ldap == has_ldif:
+        raise ConfigError("exactly one of source.ldap / source.ldif is required", file=s.file, key="source")
+    if has_ldif:
+        raw = s.data["ldif"]
+        if isinstance(raw, str):
+            s.used.add("ldif")
+            s.done()
+            return LdifSource(path=s.path("ldif") or Path(raw))
+        ls = s.sub("ldif")
+        result = LdifSource(path=_required_path(ls, "path"), base_dn=ls.get("base_dn", str))
+        ls.done()
+        s.done()
+        return result
+    ls = s.sub("ldap")
+    uri_raw = ls.get("uri", (str, list))
+    uris = (uri_raw,) if isinstance(uri_raw, str) else tuple(uri_raw or ())
+    if not uris:
+        raise ls.error("uri", "is required (one URI or a list, in failover order)")
+    for i, uri in enumerate(uris):
+        if not isinstance(uri, str) or not uri.lower().startswith(("ldap://", "ldaps://", "ldapi://")):
+            raise ls.error(f"uri[{i}]" if len(uris) > 1 else "uri", f"{uri!r} is not an ldap://, ldaps:// or ldapi:// URI")
+    if "bind_password" in ls.data:
+        raise ls.error("bind_password", "passwords are never inline: use bind_password_file")
+    bind_dn = ls.get("bind_dn", str)
+    pw_file = ls.path("bind_password_file")
+    if bind_dn and pw_file is None:
+        raise ls.error("bind_password_file", "is required with bind_dn")
+    scope = ls.get("scope", str, "sub")
+    if scope not in ("sub", "one", "base"):
+        raise ls.error("scope", "must be sub, one or base")
+    watch = ls.get("watch", str, "auto")
+    if watch not in WATCH_MODES:
+        raise ls.error("watch", f"must be one of {', '.join(WATCH_MODES)}")
+    page_size = ls.get("page_size", int, 500)
+    if not 1 <= page_size <= 100000:
+        raise ls.error("page_size", "must be between 1 and 100000")
+    filt = ls.get("filter", str, "(objectClass=*)")
+    if not (filt.startswith("(") and filt.endswith(")")):
+        raise ls.error("filter", "must be an LDAP filter in parentheses")
+    result = LdapSource(
+        uris=uris,
+        base_dn=ls.require("base_dn", str),
+        filter=filt,
+        scope=scope,
+        start_tls=ls.get("start_tls", bool, False),
+        tls_verify=ls.get("tls_verify", bool, True),
+        ca_file=ls.path("ca_file"),
+        bind_dn=bind_dn,
+        bind_password_file=pw_file,
+        page_size=page_size,
+        timeout=_positive(ls, "timeout", 10.0),
+        watch=watch,
+        poll_interval=_positive(ls, "poll_interval", 60.0),
+    )
+    ls.done()
+    s.done()
+    return result
+
+
+def _required_path(s: _Section, name: str) -> Path:
+    p = s.path(name)
+    if p is None:
+        raise s.error(name, "is required")
+    return p
+
+
+def _exporter(s: _Section) -> ExporterSpec:
+    from ldapsync.exporters import exporter_class
+
+    kind = s.require("kind", str)
+    cls = exporter_class(kind, file=s.file, key=s.key("kind"))
+    path = _required_path(s, "path")
+    map_type: str | None = None
+    if cls.postfix_map:
+        map_type = s.get("map_type", str, "hash")
+        if map_type not in MAP_TYPES:
+            raise s.error("map_type", f"must be one of {', '.join(MAP_TYPES)}")
+    owner = _user(s, "owner")
+    group = _group(s, "group")
+    mode_raw = s.get("mode", (str, int))
+    mode: int | None = None
+    if mode_raw is not None:
+        try:
+            mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(str(mode_raw), 8)
+        except ValueError as e:
+            raise s.error("mode", f"{mode_raw!r} is not an octal mode like \"0640\"") from e
+        if not 0 <= mode <= 0o777:
+            raise s.error("mode", "must be between 0000 and 0777")
+    name = s.get("name", str, kind)
+    options = {k: v for k, v in s.data.items() if k not in s.used and k != "name"}
+    cls.check_options(options, file=s.file, key=s.prefix)
+    s.used.update(options)
+    return ExporterSpec(kind, name, path, map_type, owner, group, mode, options, s.prefix)
+
+
+def _user(s: _Section, name: str) -> int | None:
+    value = s.get(name, (str, int))
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError as e:
+        raise s.error(name, f"no such user {value!r}") from e
+
+
+def _group(s: _Section, name: str) -> int | None:
+    value = s.get(name, (str, int))
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError as e:
+        raise s.error(name, f"no such group {value!r}") from e
+
+
+def _commands(s: _Section, name: str) -> tuple[tuple[str, ...], ...]:
+    raw = s.get(name, list, [])
+    out = []
+    for i, cmd in enumerate(raw):
+        if isinstance(cmd, str):
+            argv = shlex.split(cmd)
+        elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
+            argv = list(cmd)
+        else:
+            raise s.error(f"{name}[{i}]", "must be a command string or a list of strings")
+        if not argv:
+            raise s.error(f"{name}[{i}]", "is empty")
+        out.append(tuple(argv))
+    return tuple(out)

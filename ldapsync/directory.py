@@ -1,0 +1,106 @@
+"""The directory snapshot: what the source said, normalised, before any mail logic.
+
+Sources (LDAP, LDIF, syncrepl) all produce a Snapshot; generations persist it; the routing
+model is a pure function of it. Attribute names are lower-cased; values are decoded text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A value (or entry) dropped because it failed validation; safe to log."""
+
+    dn: str
+    attribute: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.dn}: {self.attribute}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    dn: str
+    attributes: Mapping[str, tuple[str, ...]]
+    uuid: str | None = None
+
+    def get(self, name: str | None) -> tuple[str, ...]:
+        return self.attributes.get(name.lower(), ()) if name else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    entries: tuple[Entry, ...]
+    source: str
+    rejections: tuple[Rejection, ...] = field(default=())
+
+    def to_json(self) -> bytes:
+        doc = {
+            "source": self.source,
+            "entries": [
+                {"dn": e.dn, "uuid": e.uuid, "attributes": {k: list(v) for k, v in e.attributes.items()}}
+                for e in self.entries
+            ],
+            "rejections": [[r.dn, r.attribute, r.reason] for r in self.rejections],
+        }
+        return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Snapshot:
+        doc = json.loads(data)
+        entries = tuple(
+            Entry(e["dn"], {k: tuple(v) for k, v in e["attributes"].items()}, e.get("uuid"))
+            for e in doc["entries"]
+        )
+        rejections = tuple(Rejection(*r) for r in doc.get("rejections", ()))
+        return cls(entries, doc["source"], rejections)
+
+    def digest(self) -> str:
+        """Content hash independent of the source label: equal directories, equal digest."""
+        h = hashlib.sha256()
+        for e in self.entries:
+            h.update(json.dumps([e.dn, sorted((k, list(v)) for k, v in e.attributes.items())]).encode())
+        return h.hexdigest()
+
+
+def make_entry(
+    dn: str,
+    raw: Mapping[str, Sequence[bytes | str]],
+    wanted: Iterable[str] | None,
+    rejections: list[Rejection],
+    uuid: str | None = None,
+) -> Entry:
+    """Decode one entry's values, keeping only `wanted` attributes; bad UTF-8 is rejected."""
+    keep = {w.lower() for w in wanted} if wanted is not None else None
+    attrs: dict[str, tuple[str, ...]] = {}
+    for name, values in raw.items():
+        lname = name.lower()
+        if lname == "entryuuid":
+            for v in values:
+                uuid = v.decode("ascii", "replace") if isinstance(v, bytes) else v
+            continue
+        if keep is not None and lname not in keep:
+            continue
+        decoded = []
+        for v in values:
+            if isinstance(v, str):
+                decoded.append(v)
+                continue
+            try:
+                decoded.append(v.decode("utf-8"))
+            except UnicodeDecodeError:
+                rejections.append(Rejection(dn, name, "value is not valid UTF-8"))
+        if decoded:
+            attrs[lname] = tuple(decoded)
+    return Entry(dn, attrs, uuid)
+
+
+def sort_entries(entries: Iterable[Entry]) -> tuple[Entry, ...]:
+    """Deterministic order: every host builds byte-identical outputs from the same data."""
+    return tuple(sorted(entries, key=lambda e: e.dn.lower()))

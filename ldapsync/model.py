@@ -1,0 +1,308 @@
+"""The routing model: who exists, where each address goes, who may send as what.
+
+A pure function of (directory snapshot, static YAML, settings). Exporters only render it,
+so every output agrees with every other, and every host computes the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+
+from ldapsync import validate
+from ldapsync.directory import Rejection, Snapshot
+from ldapsync.errors import ConfigError
+from ldapsync.schema import AttributeMap
+from ldapsync.static import Static
+
+DEFAULT_DISABLED_MESSAGE = "This address is disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingModel:
+    domain: str
+    domain_aliases: tuple[str, ...]
+    users: Mapping[str, str]  # canonical address -> login (active accounts)
+    aliases: Mapping[str, tuple[str, ...]]  # canonical alias address -> targets
+    forwards: Mapping[str, tuple[str, ...]]  # canonical address -> targets
+    passwords: Mapping[str, str]  # login -> {SCHEME}hash
+    disabled: Mapping[str, str]  # canonical address -> reject text
+    sender_logins: Mapping[str, tuple[str, ...]]  # canonical address -> logins
+
+    def variants(self, address: str) -> list[str]:
+        """The address in the domain and in every alias domain."""
+        local = address.rpartition("@")[0]
+        return [address, *(f"{local}@{d}" for d in self.domain_aliases)]
+
+    def domain_rewrites(self) -> dict[str, str]:
+        """alias-domain address -> canonical address, for every known address."""
+        out: dict[str, str] = {}
+        if not self.domain_aliases:
+            return out
+        for addr in self.deliverable():
+            for v in self.variants(addr)[1:]:
+                out[v] = addr
+        return out
+
+    def deliverable(self) -> list[str]:
+        """Canonical addresses that accept mail, sorted."""
+        return sorted(set(self.users) | set(self.aliases) | set(self.forwards))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "users": len(self.users),
+            "aliases": len(self.aliases),
+            "forwards": len(self.forwards),
+            "passwords": len(self.passwords),
+            "disabled": len(self.disabled),
+        }
+
+
+@dataclass(slots=True)
+class BuildReport:
+    rejections: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    retired: int = 0
+    skipped: int = 0
+
+
+def build(
+    snapshot: Snapshot,
+    static: Static,
+    *,
+    domain: str,
+    domain_aliases: tuple[str, ...],
+    attributes: AttributeMap,
+    today: date,
+) -> tuple[RoutingModel, BuildReport]:
+    report = BuildReport(rejections=list(snapshot.rejections))
+    rej = report.rejections
+    ours = {domain, *domain_aliases}
+
+    def canonical(addr: str) -> str:
+        local, _, dom = addr.rpartition("@")
+        return f"{local.lower()}@{domain}" if dom in ours else addr
+
+    users: dict[str, str] = {}
+    owner_dn: dict[str, str] = {}  # address -> DN that claimed it
+    forwards: dict[str, list[str]] = {}
+    ldap_aliases: dict[str, str] = {}  # alias -> user address
+    passwords: dict[str, str] = {}
+    disabled: dict[str, str] = {}
+    alias_attr = attributes.alias or ""
+    fwd_attr = attributes.forward or ""
+
+    for entry in snapshot.entries:
+        logins = entry.get(attributes.login)
+        if not logins:
+            report.skipped += 1
+            continue
+        if len(logins) > 1:
+            rej.append(Rejection(entry.dn, attributes.login, "multi-valued login; entry skipped"))
+            continue
+        try:
+            login = validate.login(logins[0])
+        except validate.Invalid as e:
+            rej.append(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"))
+            continue
+        if any(validate.is_retired(s, today) for s in entry.get(attributes.status)):
+            report.retired += 1
+            continue
+        addr = f"{login}@{domain}"
+        if addr in owner_dn:
+            rej.append(
+                Rejection(entry.dn, attributes.login, f"login {login!r} already used by {owner_dn[addr]}; entry skipped")
+            )
+            continue
+        owner_dn[addr] = entry.dn
+        messages = entry.get(attributes.disable_message)
+        if messages:
+            try:
+                disabled[addr] = validate.disable_message(messages[0])
+            except validate.Invalid as e:
+                rej.append(Rejection(entry.dn, attributes.disable_message or "", f"{e}; default text used"))
+                disabled[addr] = DEFAULT_DISABLED_MESSAGE
+            continue
+        users[addr] = login
+        targets: list[str] = []
+        for value in entry.get(attributes.forward):
+            # "a@x, b@y" is a list (userdir-ldap); spaces around commas are not data.
+            for part in value.split(","):
+                candidate = part.strip(" ")
+                if not candidate:
+                    continue
+                try:
+                    targets.append(canonical(validate.address(candidate)))
+                except validate.Invalid as e:
+                    rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
+        if targets:
+            forwards[addr] = list(dict.fromkeys(targets))
+        for value in entry.get(attributes.alias):
+            try:
+                alias = validate.address(value)
+            except validate.Invalid as e:
+                rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} {e}; value dropped"))
+                continue
+            if alias.rpartition("@")[2] not in ours:
+                rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} is not in {domain}; value dropped"))
+                continue
+            alias = canonical(alias)
+            if alias != addr:
+                ldap_aliases.setdefault(alias, addr)
+                if ldap_aliases[alias] != addr:
+                    rej.append(Rejection(entry.dn, alias_attr, f"{alias} already claimed; value dropped"))
+        hashes = entry.get(attributes.mail_password)
+        if len(hashes) > 1:
+            rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
+        elif hashes:
+            try:
+                passwords[login] = validate.password(hashes[0])
+            except validate.Invalid as e:
+                rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
+
+    # An LDAP alias may not take over an account's address.
+    aliases: dict[str, list[str]] = {}
+    alias_dn: dict[str, str] = {}
+    for alias, user in sorted(ldap_aliases.items()):
+        if alias in owner_dn:
+            rej.append(Rejection(owner_dn[user], alias_attr, f"{alias} is the address of {owner_dn[alias]}; value dropped"))
+            continue
+        aliases[alias] = [user]
+        alias_dn[alias] = owner_dn[user]
+
+    # Static entries win over LDAP, loudly.
+    static_keys: dict[str, str] = {}
+    for kind, entries in (("alias", static.aliases), ("forward", static.forwards)):
+        for s in entries:
+            static_keys[s.address] = s.key
+            clash = owner_dn.get(s.address) or alias_dn.get(s.address)
+            if clash:
+                report.warnings.append(
+                    f"{static.file}: {s.key} overrides {s.address} from LDAP entry {clash}"
+                )
+            forwards.pop(s.address, None)
+            aliases.pop(s.address, None)
+            if s.address in disabled:
+                del disabled[s.address]
+            (aliases if kind == "alias" else forwards)[s.address] = list(s.targets)
+
+    _break_loops(aliases, forwards, static_keys, owner_dn, alias_dn, static.file, rej, fwd_attr, alias_attr)
+
+    sender = _sender_logins(users, aliases)
+    model = RoutingModel(
+        domain=domain,
+        domain_aliases=domain_aliases,
+        users=dict(sorted(users.items())),
+        aliases={k: tuple(v) for k, v in sorted(aliases.items())},
+        forwards={k: tuple(v) for k, v in sorted(forwards.items())},
+        passwords=dict(sorted(passwords.items())),
+        disabled=dict(sorted(disabled.items())),
+        sender_logins=sender,
+    )
+    return model, report
+
+
+def _show(value: str) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "...'"
+
+
+def _break_loops(
+    aliases: dict[str, list[str]],
+    forwards: dict[str, list[str]],
+    static_keys: Mapping[str, str],
+    owner_dn: Mapping[str, str],
+    alias_dn: Mapping[str, str],
+    static_file: object,
+    rej: list[Rejection],
+    fwd_attr: str,
+    alias_attr: str,
+) -> None:
+    """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one."""
+    while True:
+        routes = {**forwards, **aliases}
+        cycles = [c for c in _strongly_connected(routes) if len(c) > 1]
+        if not cycles:
+            return
+        for cycle in cycles:
+            members = sorted(cycle)
+            from_ldap = [a for a in members if a not in static_keys]
+            if not from_ldap:
+                keys = ", ".join(static_keys[a] for a in members)
+                raise ConfigError(f"alias loop: {' -> '.join(members)}", file=str(static_file), key=keys)
+            for a in from_ldap:
+                if a in forwards:
+                    rej.append(Rejection(owner_dn[a], fwd_attr, f"forward loop through {', '.join(members)}; forward dropped"))
+                    del forwards[a]
+                else:
+                    rej.append(Rejection(alias_dn[a], alias_attr, f"alias loop through {', '.join(members)}; alias dropped"))
+                    del aliases[a]
+
+
+def _strongly_connected(routes: Mapping[str, Iterable[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative (100k-entry directories would blow the recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+    counter = 0
+    for root in sorted(routes):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterable[str]]] = [(root, iter([t for t in routes[root] if t in routes and t != root]))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter([t for t in routes[child] if t in routes and t != child])))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        component.append(w)
+                        if w == node:
+                            break
+                    out.append(component)
+    return out
+
+
+def _sender_logins(users: Mapping[str, str], aliases: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
+    """An account may send as itself and as every alias that delivers to it (not forwards)."""
+    memo: dict[str, frozenset[str]] = {}
+
+    def logins(addr: str, seen: frozenset[str]) -> frozenset[str]:
+        if addr in memo:
+            return memo[addr]
+        found: set[str] = {users[addr]} if addr in users else set()
+        if addr in aliases and addr not in seen:
+            for t in aliases[addr]:
+                if t != addr:
+                    found |= logins(t, seen | {addr})
+        memo[addr] = frozenset(found)
+        return memo[addr]
+
+    out = {}
+    for addr in sorted(set(users) | set(aliases)):
+        found = logins(addr, frozenset())
+        if found:
+            out[addr] = tuple(sorted(found))
+    return out

@@ -1,0 +1,247 @@
+"""The state directory: generations (last-known-good), held changes, sync cookie, status.
+
+Layout under state_dir (0700, files 0600 -- generations hold password hashes):
+  lock                      flock: one ldapsync per state_dir
+  generations/<id>/         meta.json, snapshot.json, outputs/<name>
+  current                   id of the newest installed generation
+  held/                     a change a safety guard held back: meta.json, snapshot.json
+  status.json               the last attempt, for `ldapsync status` and `check`
+Every file is written to a temp name, fsynced and renamed; a generation directory is
+complete before it gets its name, so a crash leaves either no generation or a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ldapsync.directory import Snapshot
+from ldapsync.errors import StateError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    id: str
+    path: Path
+    meta: Mapping[str, Any]
+
+    def snapshot(self) -> Snapshot:
+        try:
+            return Snapshot.from_json((self.path / "snapshot.json").read_bytes())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StateError(f"generation {self.id}: snapshot unreadable: {e}") from e
+
+    def output(self, name: str) -> bytes:
+        data = (self.path / "outputs" / name).read_bytes()
+        want = self.meta.get("hashes", {}).get(name)
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise StateError(f"generation {self.id}: output {name} does not match its hash")
+        return data
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class State:
+    def __init__(self, root: Path):
+        self.root = root
+        self.generations_dir = root / "generations"
+
+    def ensure(self) -> None:
+        """Create the state dir 0700; refuse one that others can read (it holds hashes)."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = self.root.stat()
+        except OSError as e:
+            raise StateError(f"state_dir {self.root}: {e.strerror}") from e
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StateError(
+                f"state_dir {self.root} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); it holds password hashes: chmod 0700 it"
+            )
+        self.generations_dir.mkdir(mode=0o700, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, *, wait: bool = False) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise StateError(f"another ldapsync holds {self.root / 'lock'}") from None
+            yield
+        finally:
+            os.close(fd)
+
+    # -- generations ---------------------------------------------------------------
+    def new_generation_id(self, outputs: Mapping[str, bytes]) -> str:
+        digest = sha256(b"".join(sha256(outputs[n]).encode() for n in sorted(outputs)))[:8]
+        base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{digest}"
+        gid, n = base, 1
+        while (self.generations_dir / gid).exists():
+            n += 1
+            gid = f"{base}.{n}"
+        return gid
+
+    def record(
+        self,
+        gid: str,
+        snapshot: Snapshot,
+        outputs: Mapping[str, bytes],
+        meta: Mapping[str, Any],
+        keep: int,
+    ) -> Generation:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.generations_dir))
+        try:
+            (tmp / "outputs").mkdir(mode=0o700)
+            for name, data in outputs.items():
+                _write_new(tmp / "outputs" / name, data)
+            _write_new(tmp / "snapshot.json", snapshot.to_json())
+            full_meta = {
+                **meta,
+                "id": gid,
+                "time": time.time(),
+                "snapshot_digest": snapshot.digest(),
+                "hashes": {n: sha256(d) for n, d in outputs.items()},
+                "lines": {n: d.count(b"\n") for n, d in outputs.items()},
+            }
+            _write_new(tmp / "meta.json", json.dumps(full_meta, indent=1, sort_keys=True).encode())
+            _fsync_dir(tmp / "outputs")
+            _fsync_dir(tmp)
+            os.rename(tmp, self.generations_dir / gid)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.generations_dir)
+        write_atomic(self.root / "current", gid.encode())
+        self.prune(keep)
+        return Generation(gid, self.generations_dir / gid, full_meta)
+
+    def prune(self, keep: int) -> None:
+        current = self.current_id()
+        for g in self.generations()[keep:]:
+            if g.id != current:
+                shutil.rmtree(g.path, ignore_errors=True)
+        for leftover in self.generations_dir.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def generations(self) -> list[Generation]:
+        """Readable generations, newest first; a damaged one is reported and skipped."""
+        out = []
+        if not self.generations_dir.is_dir():
+            return out
+        for path in sorted(self.generations_dir.iterdir(), reverse=True):
+            if path.name.startswith("."):
+                continue
+            try:
+                meta = json.loads((path / "meta.json").read_bytes())
+                if meta.get("id") != path.name:
+                    raise ValueError("id does not match directory name")
+            except (OSError, ValueError) as e:
+                log.error("damaged generation ignored", generation=path.name, error=str(e))
+                continue
+            out.append(Generation(path.name, path, meta))
+        return out
+
+    def current_id(self) -> str | None:
+        try:
+            return (self.root / "current").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def get(self, gid: str | None = None) -> Generation | None:
+        """A generation by id, or the last-known-good one (current, else newest readable)."""
+        gens = self.generations()
+        if gid is not None:
+            return next((g for g in gens if g.id == gid), None)
+        current = self.current_id()
+        return next((g for g in gens if g.id == current), gens[0] if gens else None)
+
+    def set_current(self, gid: str) -> None:
+        write_atomic(self.root / "current", gid.encode())
+
+    # -- held changes, status, cookie ---------------------------------------------------
+    @property
+    def held_dir(self) -> Path:
+        return self.root / "held"
+
+    def hold(self, snapshot: Snapshot, meta: Mapping[str, Any]) -> None:
+        self.held_dir.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(self.held_dir / "snapshot.json", snapshot.to_json())
+        write_atomic(self.held_dir / "meta.json", json.dumps({**meta, "time": time.time()}, indent=1).encode())
+
+    def held(self) -> tuple[Snapshot, dict[str, Any]] | None:
+        try:
+            snap = Snapshot.from_json((self.held_dir / "snapshot.json").read_bytes())
+            meta = json.loads((self.held_dir / "meta.json").read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("held change unreadable; discarding it", error=str(e))
+            self.clear_held()
+            return None
+        return snap, meta
+
+    def clear_held(self) -> None:
+        shutil.rmtree(self.held_dir, ignore_errors=True)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.root / name).read_bytes())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.error("state file unreadable; starting it afresh", file=name, error=str(e))
+            return {}
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        write_atomic(self.root / name, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -1,0 +1,327 @@
+"""One sync: source -> snapshot -> model -> rendered outputs -> guards -> commit -> state.
+
+Every entry point (--once, --dry-run, the agent, approve, rollback) goes through here, so
+the checks, hooks and bookkeeping are the same whichever way a change arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
+from ldapsync.config import Config, ExporterSpec, LdapSource
+from ldapsync.directory import Snapshot
+from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
+from ldapsync.exporters import Exporter, exporter_class
+from ldapsync.state import Generation, State
+
+log = structlog.get_logger(__name__)
+
+FALLBACK_POSTFIX_DIR = "postfix-config"
+
+
+@dataclass(slots=True)
+class Result:
+    """What a sync did; the CLI turns it into an exit code, the agent into status."""
+
+    status: str  # "installed", "unchanged", "held", "dry-run", "last-known-good"
+    changed: list[str] = field(default_factory=list)
+    generation: str | None = None
+    diffs: dict[str, str] = field(default_factory=dict)
+    held_reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Pipeline:
+    """Wires a Config to its exporters and state dir; cheap to rebuild on config reload."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.state = State(config.state_dir)
+        self.exporters: list[tuple[ExporterSpec, Exporter]] = [
+            (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
+        ]
+        self.static = static.load(config.static, config.domain, config.domain_aliases)
+        self.last_model: model.RoutingModel | None = None
+
+    # -- reading ------------------------------------------------------------------------
+    def read_source(self) -> Snapshot:
+        src = self.config.source
+        if isinstance(src, LdapSource):
+            return ldapsource.read(src, self.config.attributes)
+        return ldifsource.read(src, self.config.attributes)
+
+    def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], model.BuildReport]:
+        cfg = self.config
+        routing, report = model.build(
+            snapshot,
+            self.static,
+            domain=cfg.domain,
+            domain_aliases=cfg.domain_aliases,
+            attributes=cfg.attributes,
+            today=date.today(),
+        )
+        if log_problems:
+            for w in report.warnings:
+                log.warning("static entry overrides LDAP", detail=w)
+            for r in report.rejections:
+                log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
+        self.last_model = routing
+        outputs = []
+        for spec, exp in self.exporters:
+            outputs.append(
+                commit.Output(
+                    name=spec.name,
+                    path=spec.path,
+                    data=exp.render(routing),
+                    map_type=spec.map_type if spec.map_type not in ("none", "texthash") else None,
+                    mode=spec.mode if spec.mode is not None else exp.default_mode,
+                    owner=spec.owner,
+                    group=spec.group,
+                    sensitive=exp.sensitive,
+                )
+            )
+        return outputs, report
+
+    def postmap(self) -> commit.Postmap:
+        cfg = self.config
+        conf = cfg.postfix_config_dir
+        if conf is None and not Path("/etc/postfix/main.cf").exists():
+            # postmap refuses to run without a main.cf; an empty one gives stock defaults.
+            conf = cfg.state_dir / FALLBACK_POSTFIX_DIR
+            conf.mkdir(mode=0o700, exist_ok=True)
+            (conf / "main.cf").touch()
+        return commit.Postmap(cfg.postmap, conf)
+
+    def spec_digest(self, spec: ExporterSpec) -> str:
+        doc = [spec.kind, str(spec.path), spec.map_type, spec.mode, spec.owner, spec.group, sorted(spec.options.items())]
+        return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
+
+    # -- guards -------------------------------------------------------------------------
+    def guard(self, snapshot: Snapshot, outputs: list[commit.Output], report: model.BuildReport) -> str | None:
+        """Why this change must be held for review, or None."""
+        safety = self.config.safety
+        accounts = len(snapshot.entries) - report.skipped
+        if accounts <= 0 and not safety.allow_empty:
+            return f"the directory returned no mail accounts ({len(snapshot.entries)} entries)"
+        for out in outputs:
+            old = _keys(commit.installed_text(out), out)
+            if not old:
+                continue
+            removed = len(old - _keys(out.data.decode("utf-8", "replace"), out))
+            if removed > safety.max_deletions:
+                return f"{out.name}: {removed} of {len(old)} entries would be deleted (max_deletions {safety.max_deletions})"
+            if removed > RATIO_FLOOR and removed / len(old) > safety.max_deletion_ratio:
+                return (
+                    f"{out.name}: {removed} of {len(old)} entries ({removed / len(old):.0%}) would be deleted "
+                    f"(max_deletion_ratio {safety.max_deletion_ratio:g})"
+                )
+        return None
+
+    # -- the sync -----------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        snapshot: Snapshot | None = None,
+        before_rename: Callable[[], None] | None = None,
+    ) -> Result:
+        """Read (unless given a snapshot), render, guard, install, record."""
+        self.state.ensure()
+        started = time.monotonic()
+        if snapshot is None:
+            try:
+                snapshot = self.read_source()
+            except SourceError as e:
+                self._note_failure(str(e), ldap_reachable=False)
+                if dry_run:
+                    raise
+                return self.fallback(str(e))
+        outputs, report = self.render(snapshot)
+        counts = {o.name: o.data.count(b"\n") for o in outputs}
+        held = None if force else self.guard(snapshot, outputs, report)
+        if dry_run:
+            diffs = {o.name: commit.diff(o, self._redactor(o.name)) for o in outputs}
+            diffs = {k: v for k, v in diffs.items() if v}
+            return Result("dry-run", list(diffs), diffs=diffs, held_reason=held, counts=counts)
+        if held:
+            self.state.hold(snapshot, {"reason": held, "source": snapshot.source, "counts": counts})
+            log.error("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it", reason=held)
+            self._note(result="held", held=held, source=snapshot.source, ldap_reachable=True, rejected=len(report.rejections))
+            metrics.write(self.config, self.state)
+            return Result("held", held_reason=held, counts=counts)
+        result = self.install(snapshot, outputs, before_rename=before_rename, report=report)
+        if result.status != "unchanged" or self.state.held() is not None:
+            self.state.clear_held()
+        self._note(
+            result=result.status,
+            source=snapshot.source,
+            ldap_reachable=True,
+            success=True,
+            duration=time.monotonic() - started,
+            rejected=len(report.rejections),
+            counts=counts,
+            hashes={o.name: hashlib.sha256(o.data).hexdigest() for o in outputs},
+            generation=result.generation or self.state.current_id(),
+            held=None,
+        )
+        metrics.write(self.config, self.state)
+        return result
+
+    def install(
+        self,
+        snapshot: Snapshot,
+        outputs: list[commit.Output],
+        *,
+        before_rename: Callable[[], None] | None = None,
+        report: model.BuildReport | None = None,
+        record: bool = True,
+    ) -> Result:
+        data = {o.name: o.data for o in outputs}
+        gid = self.state.new_generation_id(data)
+        changed = commit.install(
+            outputs, postmap=self.postmap(), hook_config=self.config.hooks, generation=gid, before_rename=before_rename
+        )
+        current = self.state.get()
+        same = (
+            current is not None
+            and current.meta.get("snapshot_digest") == snapshot.digest()
+            and current.meta.get("hashes") == {n: hashlib.sha256(d).hexdigest() for n, d in data.items()}
+        )
+        generation = None
+        if record and not same:
+            meta = {
+                "source": snapshot.source,
+                "entries": len(snapshot.entries),
+                "rejected": len(report.rejections) if report else None,
+                "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
+                "config": str(self.config.path),
+            }
+            generation = self.state.record(gid, snapshot, data, meta, self.config.keep_generations).id
+        elif not record and changed:
+            generation = gid
+        if changed:
+            log.info(
+                "installed",
+                generation=generation or gid,
+                changed={o.name: o.data.count(b"\n") for o in changed},
+            )
+        self.reload(changed, generation or gid)
+        return Result("installed" if changed else "unchanged", [o.name for o in changed], generation)
+
+    def reload(self, changed: list[commit.Output], generation: str) -> None:
+        """Run reload hooks; a failure is remembered and retried on the next sync."""
+        status = self.state.read_json("status.json")
+        pending = list(dict.fromkeys([*status.get("reload_pending", []), *(o.name for o in changed)]))
+        if not pending or not self.config.hooks.reload:
+            return
+        self._note(reload_pending=pending)
+        outs = [o for o in changed] or [
+            commit.Output(spec.name, spec.path, b"", spec.map_type, 0) for spec, _ in self.exporters if spec.name in pending
+        ]
+        try:
+            commit.reload(self.config.hooks, outs, generation)
+        except HookError as e:
+            log.error("reload hook failed; installed files stay, reload retried next sync", error=str(e))
+            self._note(reload_error=str(e))
+            return
+        self._note(reload_pending=[], reload_error=None)
+
+    def fallback(self, error: str) -> Result:
+        """LDAP is unusable: keep installed files; restore missing ones from last-known-good."""
+        lkg = self.state.get()
+        if lkg is None:
+            log.error("directory unreachable and no last-known-good generation", error=error)
+            return Result("failed", error=error)
+        specs = lkg.meta.get("specs", {})
+        try:
+            snapshot = lkg.snapshot()
+        except LdapsyncError as e:
+            log.error("last-known-good generation unusable", generation=lkg.id, error=str(e))
+            return Result("failed", error=f"{error}; {e}")
+        outputs, _ = self.render(snapshot, log_problems=False)
+        repair = [
+            o
+            for (spec, _), o in zip(self.exporters, outputs, strict=True)
+            if not o.path.exists() or specs.get(spec.name) != self.spec_digest(spec)
+        ]
+        if not repair:
+            log.warning("directory unreachable; installed files stay as they are", error=error, last_known_good=lkg.id)
+            return Result("last-known-good", error=error)
+        log.error(
+            "directory unreachable: installing from LAST-KNOWN-GOOD generation",
+            generation=lkg.id,
+            outputs=[o.name for o in repair],
+            error=error,
+        )
+        try:
+            result = self.install(snapshot, repair, record=False)
+        except (CommitError, ConfigError) as e:
+            return Result("failed", error=f"{error}; last-known-good install failed: {e}")
+        self._note(result="last-known-good", source=f"last-known-good:{lkg.id}")
+        return Result("last-known-good", result.changed, lkg.id, error=error)
+
+    def _redactor(self, name: str) -> Callable[[str], str]:
+        for spec, exp in self.exporters:
+            if spec.name == name:
+                return exp.redact
+        return lambda line: line
+
+    def _note(self, **fields: Any) -> None:
+        status = self.state.read_json("status.json")
+        now = time.time()
+        status["last_attempt"] = now
+        if fields.pop("success", False):
+            status["last_success"] = now
+        status.update(fields)
+        self.state.write_json("status.json", status)
+
+    def _note_failure(self, error: str, *, ldap_reachable: bool) -> None:
+        log.error("sync failed", error=error)
+        self._note(result="error", error=error, ldap_reachable=ldap_reachable)
+        metrics.write(self.config, self.state)
+
+
+RATIO_FLOOR = 10  # the ratio guard ignores tiny changes: 2 of 5 users is not a mass deletion
+
+
+def _keys(text: str, out: commit.Output) -> set[str]:
+    sep = ":" if out.sensitive else "\t"
+    return {line.split(sep, 1)[0] for line in text.splitlines() if line}
+
+
+def rollback(pipeline: Pipeline, gid: str | None) -> Result:
+    """Reinstall a generation's outputs through the normal commit path."""
+    pipeline.state.ensure()
+    gens = pipeline.state.generations()
+    if gid is None:
+        current = pipeline.state.current_id()
+        older = [g for g in gens if current is None or g.id < current]
+        if not older:
+            raise LdapsyncError("no earlier generation to roll back to")
+        target: Generation | None = older[0]
+    else:
+        target = pipeline.state.get(gid)
+    if target is None:
+        raise LdapsyncError(f"no generation {gid!r} (see `ldapsync snapshots`)")
+    snapshot = target.snapshot()
+    outputs, _ = pipeline.render(snapshot, log_problems=False)
+    saved: Mapping[str, str] = target.meta.get("hashes", {})
+    for o in outputs:
+        if o.name in saved and hashlib.sha256(o.data).hexdigest() != saved[o.name]:
+            log.warning("output differs from when the generation was made (config or static file changed)", output=o.name)
+    result = pipeline.install(snapshot, outputs, record=False)
+    pipeline.state.set_current(target.id)
+    pipeline._note(result="rolled-back", generation=target.id)
+    return Result("installed" if result.changed else "unchanged", result.changed, target.id)
