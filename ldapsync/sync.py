@@ -53,6 +53,8 @@ class Pipeline:
         ]
         self.static = static.load(config.static, config.domain, config.domain_aliases)
         self.last_model: model.RoutingModel | None = None
+        self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
+        self._verified: set[str] = set()
 
     # -- reading ------------------------------------------------------------------------
     def read_source(self) -> Snapshot:
@@ -72,10 +74,16 @@ class Pipeline:
             today=date.today(),
         )
         if log_problems:
+            current: set[object] = {*report.warnings, *report.rejections}
             for w in report.warnings:
-                log.warning("static entry overrides LDAP", detail=w)
+                if w not in self._reported:
+                    log.warning("static entry overrides LDAP", detail=w)
             for r in report.rejections:
-                log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
+                if r not in self._reported:
+                    log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
+            if report.rejections:
+                log.info("rejected LDAP values in this sync", count=len(report.rejections))
+            self._reported = current
         self.last_model = routing
         outputs = []
         for spec, exp in self.exporters:
@@ -100,7 +108,7 @@ class Pipeline:
             # postmap refuses to run without a main.cf; an empty one gives stock defaults.
             conf = cfg.state_dir / FALLBACK_POSTFIX_DIR
             conf.mkdir(mode=0o700, exist_ok=True)
-            (conf / "main.cf").touch()
+            (conf / "main.cf").touch(mode=0o600)
         return commit.Postmap(cfg.postmap, conf)
 
     def spec_digest(self, spec: ExporterSpec) -> str:
@@ -144,9 +152,9 @@ class Pipeline:
             try:
                 snapshot = self.read_source()
             except SourceError as e:
-                self._note_failure(str(e), ldap_reachable=False)
-                if dry_run:
+                if dry_run:  # a dry run changes nothing, not even status.json
                     raise
+                self._note_failure(str(e), ldap_reachable=False)
                 return self.fallback(str(e))
         outputs, report = self.render(snapshot)
         counts = {o.name: o.data.count(b"\n") for o in outputs}
@@ -191,7 +199,12 @@ class Pipeline:
         data = {o.name: o.data for o in outputs}
         gid = self.state.new_generation_id(data)
         changed = commit.install(
-            outputs, postmap=self.postmap(), hook_config=self.config.hooks, generation=gid, before_rename=before_rename
+            outputs,
+            postmap=self.postmap(),
+            hook_config=self.config.hooks,
+            generation=gid,
+            before_rename=before_rename,
+            extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
         )
         current = self.state.get()
         same = (
@@ -199,6 +212,13 @@ class Pipeline:
             and current.meta.get("snapshot_digest") == snapshot.digest()
             and current.meta.get("hashes") == {n: hashlib.sha256(d).hexdigest() for n, d in data.items()}
         )
+        if same and current is not None and current.id not in self._verified:
+            try:  # a damaged last-known-good must not survive just because LDAP did not change
+                current.verify()
+                self._verified.add(current.id)
+            except LdapsyncError as e:
+                log.error("last-known-good generation is damaged; recording a fresh one", error=str(e))
+                same = False
         generation = None
         if record and not same:
             meta = {
@@ -240,7 +260,7 @@ class Pipeline:
 
     def fallback(self, error: str) -> Result:
         """LDAP is unusable: keep installed files; restore missing ones from last-known-good."""
-        lkg = self.state.get()
+        lkg = self.state.last_good()
         if lkg is None:
             log.error("directory unreachable and no last-known-good generation", error=error)
             return Result("failed", error=error)
