@@ -7,6 +7,7 @@ with the files it names. Unknown keys are errors: a typo must not silently disab
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import shlex
 from collections.abc import Mapping
@@ -194,9 +195,9 @@ def parse(data: object, path: Path) -> Config:
     for e in exporters:
         if names.count(e.name) > 1:
             raise ConfigError(f"duplicate exporter name {e.name!r}", file=path, key=f"{e.key}.name")
-    paths = [e.path for e in exporters]
+    paths = [os.path.normpath(e.path) for e in exporters]  # maps/../maps/a is maps/a
     for e in exporters:
-        if paths.count(e.path) > 1:
+        if paths.count(os.path.normpath(e.path)) > 1:
             raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
 
     hooks_s = top.sub("hooks")
@@ -309,7 +310,8 @@ def _source(s: _Section) -> LdapSource | LdifSource:
         raise ls.error("uri", "is required (one URI or a list, in failover order)")
     for i, uri in enumerate(uris):
         if not isinstance(uri, str) or not uri.lower().startswith(("ldap://", "ldaps://", "ldapi://")):
-            raise ls.error(f"uri[{i}]" if len(uris) > 1 else "uri", f"{uri!r} is not an ldap://, ldaps:// or ldapi:// URI")
+            key = f"uri[{i}]" if len(uris) > 1 else "uri"
+            raise ls.error(key, f"{uri!r} is not an ldap://, ldaps:// or ldapi:// URI")
     if "bind_password" in ls.data:
         raise ls.error("bind_password", "passwords are never inline: use bind_password_file")
     bind_dn = ls.get("bind_dn", str)
@@ -370,9 +372,12 @@ def _exporter(s: _Section) -> ExporterSpec:
     group = _group(s, "group")
     mode_raw = s.get("mode", (str, int))
     mode: int | None = None
+    if isinstance(mode_raw, int):
+        # YAML 1.1 reads an unquoted 0640 as the number 416: guessing would install 0416 or worse.
+        raise s.error("mode", f"write the mode as a quoted octal string like \"0640\", not the number {mode_raw}")
     if mode_raw is not None:
         try:
-            mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(str(mode_raw), 8)
+            mode = int(mode_raw, 8)
         except ValueError as e:
             raise s.error("mode", f"{mode_raw!r} is not an octal mode like \"0640\"") from e
         if not 0 <= mode <= 0o777:

@@ -103,4 +103,4 @@ def make_entry(
 
 def sort_entries(entries: Iterable[Entry]) -> tuple[Entry, ...]:
     """Deterministic order: every host builds byte-identical outputs from the same data."""
-    return tuple(sorted(entries, key=lambda e: e.dn.lower()))
+    return tuple(sorted(entries, key=lambda e: (e.dn.lower(), e.dn)))  # DNs equal but for case: still total

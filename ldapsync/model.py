@@ -93,7 +93,9 @@ def build(
     alias_attr = attributes.alias or ""
     fwd_attr = attributes.forward or ""
 
-    for entry in snapshot.entries:
+    # Sorted here, not trusted from the source: duplicate logins and contested aliases go to
+    # the first entry, and every host must pick the same one.
+    for entry in sorted(snapshot.entries, key=lambda e: (e.dn.lower(), e.dn)):
         logins = entry.get(attributes.login)
         if not logins:
             report.skipped += 1
@@ -112,11 +114,13 @@ def build(
         addr = f"{login}@{domain}"
         if addr in owner_dn:
             rej.append(
-                Rejection(entry.dn, attributes.login, f"login {login!r} already used by {owner_dn[addr]}; entry skipped")
+                Rejection(
+                    entry.dn, attributes.login, f"login {login!r} already used by {owner_dn[addr]}; entry skipped"
+                )
             )
             continue
         owner_dn[addr] = entry.dn
-        messages = entry.get(attributes.disable_message)
+        messages = sorted(entry.get(attributes.disable_message))  # LDAP values are unordered
         if messages:
             try:
                 disabled[addr] = validate.disable_message(messages[0])
@@ -137,7 +141,7 @@ def build(
                 except validate.Invalid as e:
                     rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
         if targets:
-            forwards[addr] = list(dict.fromkeys(targets))
+            forwards[addr] = sorted(set(targets))  # LDAP values are unordered: same bytes on every host
         for value in entry.get(attributes.alias):
             try:
                 alias = validate.address(value)
@@ -166,7 +170,8 @@ def build(
     alias_dn: dict[str, str] = {}
     for alias, user in sorted(ldap_aliases.items()):
         if alias in owner_dn:
-            rej.append(Rejection(owner_dn[user], alias_attr, f"{alias} is the address of {owner_dn[alias]}; value dropped"))
+            reason = f"{alias} is the address of {owner_dn[alias]}; value dropped"
+            rej.append(Rejection(owner_dn[user], alias_attr, reason))
             continue
         aliases[alias] = [user]
         alias_dn[alias] = owner_dn[user]
@@ -233,10 +238,12 @@ def _break_loops(
                 raise ConfigError(f"alias loop: {' -> '.join(members)}", file=str(static_file), key=keys)
             for a in from_ldap:
                 if a in forwards:
-                    rej.append(Rejection(owner_dn[a], fwd_attr, f"forward loop through {', '.join(members)}; forward dropped"))
+                    reason = f"forward loop through {', '.join(members)}; forward dropped"
+                    rej.append(Rejection(owner_dn[a], fwd_attr, reason))
                     del forwards[a]
                 else:
-                    rej.append(Rejection(alias_dn[a], alias_attr, f"alias loop through {', '.join(members)}; alias dropped"))
+                    reason = f"alias loop through {', '.join(members)}; alias dropped"
+                    rej.append(Rejection(alias_dn[a], alias_attr, reason))
                     del aliases[a]
 
 

@@ -63,7 +63,7 @@ def parse(data: object, path: Path, domain: str, domain_aliases: tuple[str, ...]
             raise ConfigError("names must be strings", file=path, key=key)
         try:
             if "@" not in raw:
-                return f"{validate.local_part(raw)}@{domain}"
+                return f"{validate.local_part(raw).lower()}@{domain}"  # keys are lower-case, like LDAP's
             addr = validate.address(raw)
         except validate.Invalid as e:
             raise ConfigError(f"{raw!r}: {e}", file=path, key=key) from e

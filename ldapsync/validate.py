@@ -19,7 +19,8 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 _ADDRESS_RE = re.compile(rf"({_LOCAL})@({_LABEL}(?:\.{_LABEL})+)")
 _LOCAL_RE = re.compile(_LOCAL)
-LOGIN_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# A login is also the local part of login@domain: a dot-atom, so no leading, trailing or double dot.
+LOGIN_RE = re.compile(r"(?=.{1,64}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
 MAX_ADDRESS = 254
 MAX_MESSAGE = 200
 
@@ -42,6 +43,8 @@ def address(value: str) -> str:
         raise Invalid("contains a control character")
     if value.startswith(("|", "/", ":include:")) or value.lower().startswith(":include:"):
         raise Invalid("is a command, file or :include: target, not an address")
+    if not value.isascii():  # before lower(): 'K' (U+212A KELVIN SIGN).lower() is ASCII 'k'
+        raise Invalid("contains non-ASCII characters")
     m = _ADDRESS_RE.fullmatch(value.lower())
     if m is None or value.startswith("-"):
         raise Invalid("is not a plain user@domain address")
@@ -51,7 +54,7 @@ def address(value: str) -> str:
 
 def local_part(value: str) -> str:
     """A bare name from static YAML (`postmaster`), checked like an address's local part."""
-    if _LOCAL_RE.fullmatch(value) is None or value.startswith("-"):
+    if not value.isascii() or _LOCAL_RE.fullmatch(value) is None or value.startswith("-"):
         raise Invalid(f"{value!r} is not a valid local part")
     return value
 
@@ -59,8 +62,9 @@ def local_part(value: str) -> str:
 def login(value: str) -> str:
     """A login name, safe as a Dovecot passwd-file user field and a map value."""
     lowered = value.lower()
-    if LOGIN_RE.fullmatch(lowered) is None:
-        raise Invalid("is not a valid login (letters, digits, '.', '_', '-'; at most 64)")
+    # isascii first: non-ASCII letters can lower-case into ASCII (U+212A -> 'k'), a login hijack.
+    if not value.isascii() or LOGIN_RE.fullmatch(lowered) is None:
+        raise Invalid("is not a valid login (letters, digits, '.', '_', '-'; no '..' or trailing '.'; at most 64)")
     return lowered
 
 
@@ -94,7 +98,7 @@ _B64CRYPT = "./0-9A-Za-z"
 # yescrypt: libpass has no handler; check the crypt(3) shape strictly instead.
 _YESCRYPT_RE = re.compile(rf"\$y\$[{_B64CRYPT}]+\$[{_B64CRYPT}]{{1,86}}\$[{_B64CRYPT}]{{43}}")
 _ARGON2_RE = re.compile(
-    r"\$argon2(id|i)\$v=19\$m=\d{1,8},t=\d{1,4},p=\d{1,3}\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}"
+    r"\$argon2(id|i)\$v=19\$m=[0-9]{1,8},t=[0-9]{1,4},p=[0-9]{1,3}\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}"
 )
 _PLAIN = {"PLAIN", "CLEARTEXT", "CLEAR", "PLAIN-TRUNC", "PLAINTEXT"}
 
@@ -103,6 +107,8 @@ def password(value: str) -> str:
     """Normalise a stored hash to Dovecot's `{SCHEME}hash`; refuse plaintext and unknowns."""
     if any(c.isspace() or ord(c) < 0x20 or c == ":" for c in value):
         raise Invalid("contains whitespace, a control character or ':'")
+    if not value.isascii() or "\x7f" in value:
+        raise Invalid("contains non-ASCII characters or DEL")
     scheme, body = _split_scheme(value)
     if scheme in _PLAIN:
         raise Invalid("plaintext passwords are refused")
@@ -152,9 +158,11 @@ def _crypt(body: str, *, explicit: bool, expect: str | None = None) -> str:
 
 def _parse(handler: object, value: str) -> None:
     try:
-        handler.from_string(value)  # type: ignore[attr-defined]
+        parsed = handler.from_string(value)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as e:
         raise Invalid(f"malformed {handler.name} hash") from e  # type: ignore[attr-defined]
+    if not getattr(parsed, "checksum", None):  # passlib accepts a bare salt ("$6$broken") as a config string
+        raise Invalid(f"malformed {handler.name} hash (no checksum)")  # type: ignore[attr-defined]
 
 
 RETIRED_STATES = ("inactive", "memorial")

@@ -41,7 +41,7 @@ class Exporter(ABC):
                 raise ConfigError(f"must be of type {cls.options[name].__name__}", file=file, key=f"{key}.{name}")
         cls.validate(options, file=file, key=key)
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook, not abstract)
     def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
         """Check option values beyond their type."""
 

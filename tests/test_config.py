@@ -1,0 +1,345 @@
+"""config: a typo or a dangerous setting is a clear error naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ldapsync import config
+from ldapsync.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base(**over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "domain": "example.org",
+        "source": {"ldif": "dir.ldif"},
+        "state_dir": "state",
+        "exporters": [{"kind": "postfix-virtual", "path": "maps/alias"}],
+    }
+    doc.update(over)
+    return doc
+
+
+def ldap(**extra: Any) -> dict[str, Any]:
+    """A config with a minimal LDAP source plus `extra` keys in source.ldap."""
+    return base(source={"ldap": {"uri": "ldap://x", "base_dn": "dc=x", **extra}})
+
+
+def write(tmp_path: Path, doc: object, name: str = "ldapsync.yaml") -> Path:
+    path = tmp_path / "etc" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc) if not isinstance(doc, str) else doc)
+    return path
+
+
+def load(tmp_path: Path, doc: object) -> config.Config:
+    return config.load(write(tmp_path, doc))
+
+
+def error(tmp_path: Path, doc: object) -> ConfigError:
+    path = write(tmp_path, doc)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    err = info.value
+    assert str(path) in str(err), "every config error names the file"
+    return err
+
+
+def test_example_demo_config_loads() -> None:
+    cfg = config.load(REPO / "examples" / "demo.yaml")
+    assert cfg.domain == "example.org"
+    assert cfg.domain_aliases == ("host1.example.org", "example.net")
+    assert isinstance(cfg.source, config.LdifSource)
+    assert cfg.source.path == REPO / "examples" / ".." / "fixtures" / "ldif" / "demo.ldif"
+    assert cfg.source.path.exists()
+    assert [e.kind for e in cfg.exporters] == [
+        "postfix-virtual",
+        "postfix-transport",
+        "postfix-recipients",
+        "postfix-sender-login",
+        "postfix-access",
+        "dovecot-passwd",
+    ]
+    passwd = cfg.exporters[-1]
+    assert passwd.map_type is None and passwd.mode == 0o640
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load(tmp_path, base())
+    etc = tmp_path / "etc"
+    assert cfg.state_dir == etc / "state"  # relative to the config file, not the cwd
+    assert cfg.source == config.LdifSource(path=etc / "dir.ldif")
+    assert cfg.exporters[0].path == etc / "maps" / "alias"
+    assert cfg.exporters[0].map_type == "hash"
+    assert cfg.exporters[0].name == "postfix-virtual"
+    assert cfg.exporters[0].mode is None
+    assert cfg.attributes.login == "uid" and cfg.attributes.forward == "emailForward"
+    assert cfg.static is None
+    assert cfg.hooks == config.Hooks((), (), 60.0)
+    assert cfg.safety == config.Safety(500, 0.2, False)
+    assert cfg.agent == config.Agent(0.1, 2.0, 60.0)
+    assert cfg.keep_generations == 10
+    assert cfg.postmap == "postmap" and cfg.postfix_config_dir is None
+    assert cfg.metrics_textfile is None
+    assert (cfg.log_format, cfg.log_level) == ("auto", "info")
+
+
+def test_full_ldap_source(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        base(
+            source={
+                "ldap": {
+                    "uri": ["ldap://ldap-01.example.org", "ldaps://ldap-02.example.org"],
+                    "start_tls": True,
+                    "ca_file": "ca.pem",
+                    "bind_dn": "cn=ldapsync,dc=example,dc=org",
+                    "bind_password_file": "bind.secret",
+                    "base_dn": "ou=users,dc=example,dc=org",
+                    "filter": "(objectClass=inetOrgPerson)",
+                    "scope": "one",
+                    "page_size": 1000,
+                    "timeout": 5,
+                    "tls_verify": False,
+                    "watch": "poll",
+                    "poll_interval": 30,
+                }
+            },
+            domain="Example.ORG",
+            domain_aliases=["example.net"],
+            schema="inetlocalmailrecipient",
+            attributes={"mail_password": "userPassword", "status": None},
+            static="mail.yaml",
+            hooks={"check": ["/usr/bin/true --flag 'two words'"], "reload": [["systemctl", "reload", "postfix"]]},
+            safety={"max_deletions": 0, "max_deletion_ratio": 1, "allow_empty": True},
+            agent={"debounce": 0, "max_delay": 5, "reconnect_max": 120},
+            postfix={"postmap": "/usr/sbin/postmap", "config_dir": "/etc/postfix"},
+            metrics={"textfile": "metrics/ldapsync.prom"},
+            log={"format": "json", "level": "DEBUG"},
+            keep_generations=3,
+        ),
+    )
+    src = cfg.source
+    assert isinstance(src, config.LdapSource)
+    etc = tmp_path / "etc"
+    assert src.uris == ("ldap://ldap-01.example.org", "ldaps://ldap-02.example.org")
+    assert src.ca_file == etc / "ca.pem" and src.bind_password_file == etc / "bind.secret"
+    assert (src.scope, src.page_size, src.timeout, src.tls_verify, src.watch, src.poll_interval) == (
+        "one",
+        1000,
+        5.0,
+        False,
+        "poll",
+        30.0,
+    )
+    assert cfg.domain == "example.org"  # domains are case-folded
+    assert cfg.attributes.login == "uid" and cfg.attributes.alias == "mailLocalAddress"
+    assert cfg.attributes.mail_password == "userPassword" and cfg.attributes.status is None
+    assert cfg.static == etc / "mail.yaml"
+    assert cfg.hooks.check == (("/usr/bin/true", "--flag", "two words"),)  # strings split like a shell, no shell
+    assert cfg.hooks.reload == (("systemctl", "reload", "postfix"),)
+    assert cfg.safety == config.Safety(0, 1.0, True)
+    assert cfg.agent == config.Agent(0.0, 5.0, 120.0)
+    assert cfg.postfix_config_dir == Path("/etc/postfix")
+    assert cfg.metrics_textfile == etc / "metrics" / "ldapsync.prom"
+    assert (cfg.log_format, cfg.log_level, cfg.keep_generations) == ("json", "debug", 3)
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "message"),
+    [
+        (base(domian="x.org"), "domian", "unknown key"),
+        (base(safety={"max_deletion": 3}), "safety.max_deletion", "unknown key"),
+        (base(hooks={"relaod": []}), "hooks.relaod", "unknown key"),
+        (base(log={"colour": True}), "log.colour", "unknown key"),
+        ({k: v for k, v in base().items() if k != "domain"}, "domain", "required"),
+        (base(domain="localhost"), "domain", "not a domain"),
+        (base(domain_aliases=["example.org"]), "domain_aliases", "must not repeat"),
+        (base(domain_aliases=["a.example", "a.example"]), "domain_aliases", "must not repeat"),
+        (base(domain_aliases=["not a domain"]), "domain_aliases[0]", "not a domain"),
+        ({k: v for k, v in base().items() if k != "state_dir"}, "state_dir", "required"),
+        (base(source={}), "source", "exactly one"),
+        (base(source={"ldif": "a.ldif", "ldap": {"uri": "ldap://x", "base_dn": "dc=x"}}), "source", "exactly one"),
+        (base(source={"ldif": {"base_dn": "dc=x"}}), "source.ldif.path", "required"),
+        (base(source={"ldif": {"path": "a", "filter": "(x=y)"}}), "source.ldif.filter", "unknown key"),
+        (base(source={"ldap": {"base_dn": "dc=x"}}), "source.ldap.uri", "required"),
+        (base(source={"ldap": {"uri": "http://x", "base_dn": "dc=x"}}), "source.ldap.uri", "not an ldap://"),
+        (base(source={"ldap": {"uri": ["ldap://x", "x"], "base_dn": "dc=x"}}), "source.ldap.uri[1]", "not an ldap"),
+        (base(source={"ldap": {"uri": "ldap://x"}}), "source.ldap.base_dn", "required"),
+        (
+            ldap(bind_dn="cn=a", bind_password="s3cret"),
+            "source.ldap.bind_password",
+            "never inline",
+        ),
+        (
+            ldap(bind_dn="cn=a"),
+            "source.ldap.bind_password_file",
+            "required with bind_dn",
+        ),
+        (ldap(scope="subtree"), "source.ldap.scope", "sub"),
+        (ldap(watch="push"), "source.ldap.watch", "one of"),
+        (ldap(page_size=0), "source.ldap.page_size", "1"),
+        (ldap(filter="uid=*"), "source.ldap.filter", "parenthes"),
+        (ldap(timeout=0), "source.ldap.timeout", "> 0"),
+        (ldap(start_tls="yes"), "source.ldap.start_tls", "bool"),
+        (base(schema="openldap"), "schema", "unknown preset"),
+        (base(attributes={"forwrd": "x"}), "attributes.forwrd", "unknown field"),
+        (base(attributes={"forward": "bad attr"}), "attributes.forward", "not an LDAP attribute"),
+        (base(schema="custom"), "attributes.login", "login attribute is required"),
+        (base(exporters=[]), "exporters", "at least one"),
+        (base(exporters=[{"kind": "postfix-virtuall", "path": "a"}]), "exporters[0].kind", "unknown exporter kind"),
+        (base(exporters=[{"path": "a"}]), "exporters[0].kind", "required"),
+        (base(exporters=[{"kind": "postfix-virtual"}]), "exporters[0].path", "required"),
+        (
+            base(exporters=[{"kind": "postfix-virtual", "path": "a", "map_type": "dbm"}]),
+            "exporters[0].map_type",
+            "one of",
+        ),
+        (
+            base(exporters=[{"kind": "dovecot-passwd", "path": "p", "map_type": "hash"}]),
+            "exporters[0].map_type",
+            "unknown key",
+        ),
+        (base(exporters=[{"kind": "postfix-virtual", "path": "a", "mode": "rw-r"}]), "exporters[0].mode", "octal"),
+        (base(exporters=[{"kind": "postfix-virtual", "path": "a", "mode": "1777"}]), "exporters[0].mode", "0777"),
+        (
+            base(exporters=[{"kind": "postfix-virtual", "path": "a", "owner": "no-such-user-xyz"}]),
+            "exporters[0].owner",
+            "no such user",
+        ),
+        (
+            base(exporters=[{"kind": "postfix-virtual", "path": "a", "group": "no-such-group-xyz"}]),
+            "exporters[0].group",
+            "no such group",
+        ),
+        (
+            base(exporters=[{"kind": "postfix-virtual", "path": "a", "include": ["aliases", "users"]}]),
+            "exporters[0].include",
+            "subset",
+        ),
+        (base(exporters=[{"kind": "postfix-virtual", "path": "a", "include": []}]), "exporters[0].include", "subset"),
+        (base(exporters=[{"kind": "postfix-transport", "path": "t"}]), "exporters[0].nexthop", "required"),
+        (
+            base(exporters=[{"kind": "postfix-transport", "path": "t", "nexthop": "srs.example.org"}]),
+            "exporters[0].nexthop",
+            "required",
+        ),
+        (
+            base(exporters=[{"kind": "postfix-access", "path": "d", "action": "DISCARD"}]),
+            "exporters[0].action",
+            "REJECT",
+        ),
+        (
+            base(exporters=[{"kind": "postfix-recipients", "path": "r", "nexthop": "smtp:x"}]),
+            "exporters[0].nexthop",
+            "unknown key",
+        ),
+        (
+            base(exporters=[{"kind": "postfix-virtual", "path": "a"}, {"kind": "postfix-virtual", "path": "b"}]),
+            "exporters[0].name",
+            "duplicate exporter name",
+        ),
+        (
+            base(
+                exporters=[
+                    {"kind": "postfix-virtual", "name": "mx", "path": "maps/a"},
+                    {"kind": "postfix-recipients", "path": "maps/../maps/a"},
+                ]
+            ),
+            "exporters[0].path",
+            "two exporters write",
+        ),
+        (base(hooks={"check": [42]}), "hooks.check[0]", "command string or a list"),
+        (base(hooks={"reload": [""]}), "hooks.reload[0]", "empty"),
+        (base(hooks={"timeout": -1}), "hooks.timeout", "> 0"),
+        (base(safety={"max_deletion_ratio": 1.5}), "safety.max_deletion_ratio", "between 0 and 1"),
+        (base(safety={"max_deletions": -1}), "safety.max_deletions", ">= 0"),
+        (base(safety={"max_deletions": True}), "safety.max_deletions", "number"),
+        (base(agent={"max_delay": 0}), "agent.max_delay", "> 0"),
+        (base(agent={"debounce": -0.5}), "agent.debounce", ">= 0"),
+        (base(log={"format": "xml"}), "log.format", "auto, console or json"),
+        (base(log={"level": "trace"}), "log.level", "debug"),
+        (base(keep_generations=0), "keep_generations", ">= 1"),
+        (base(postfix={"config": "/etc/postfix"}), "postfix.config", "unknown key"),
+        (base(metrics={"textfile": 3}), "metrics.textfile", "str"),
+        (["not", "a", "mapping"], None, "mapping"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, doc: object, key: str | None, message: str) -> None:
+    err = error(tmp_path, doc)
+    assert err.key == key, str(err)
+    assert message in err.message, str(err)
+    if key:
+        assert f": {key}: " in str(err)
+
+
+def test_inline_password_value_is_not_echoed(tmp_path: Path) -> None:
+    ldap = {"uri": "ldap://x", "base_dn": "dc=x", "bind_dn": "cn=a", "bind_password": "s3cret-value"}
+    err = error(tmp_path, base(source={"ldap": ldap}))
+    assert "s3cret-value" not in str(err)
+
+
+def test_unreadable_and_broken_yaml(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="cannot read") as info:
+        config.load(missing)
+    assert str(missing) in str(info.value)
+    err = error(tmp_path, "domain: [unclosed\n")
+    assert "not valid YAML" in err.message
+
+
+def test_exporter_options_owner_and_map_types(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        base(
+            exporters=[
+                {"kind": "postfix-virtual", "name": "mx", "path": "a", "include": ["aliases"], "map_type": "cdb"},
+                {"kind": "postfix-transport", "path": "t", "nexthop": "smtp:[srs.example.org]", "map_type": "texthash"},
+                {"kind": "postfix-access", "path": "d", "action": "554"},
+                {"kind": "dovecot-passwd", "path": "/abs/passwd", "owner": "root", "group": "root", "mode": "0640"},
+                {"kind": "postfix-recipients", "path": "r", "owner": 0, "group": 0, "mode": "600"},
+            ]
+        ),
+    )
+    mx, transport, access, passwd, recipients = cfg.exporters
+    assert (mx.name, mx.map_type, dict(mx.options)) == ("mx", "cdb", {"include": ["aliases"]})
+    assert transport.map_type == "texthash" and transport.options == {"nexthop": "smtp:[srs.example.org]"}
+    assert access.options == {"action": "554"} and access.name == "postfix-access"
+    assert passwd.path == Path("/abs/passwd") and passwd.owner == 0 and passwd.group == 0 and passwd.mode == 0o640
+    assert passwd.map_type is None  # not a Postfix map: never postmap'ed
+    assert recipients.owner == 0 and recipients.mode == 0o600
+
+
+@pytest.mark.parametrize("text", ["0640", "640", "0600", "644"])
+def test_unquoted_mode_is_refused_not_misread(tmp_path: Path, text: str) -> None:
+    """YAML reads `mode: 0640` as the number 416: installing 0416 (or 01200) silently would be wrong."""
+    doc = yaml.safe_dump(base()).replace("path: maps/alias", f"path: maps/alias\n  mode: {text}")
+    err = error(tmp_path, doc)
+    assert err.key == "exporters[0].mode"
+    assert "quoted" in err.message
+
+
+def test_ldif_source_as_mapping(tmp_path: Path) -> None:
+    cfg = load(tmp_path, base(source={"ldif": {"path": "/data/dir.ldif", "base_dn": "ou=users,dc=example,dc=org"}}))
+    assert cfg.source == config.LdifSource(Path("/data/dir.ldif"), "ou=users,dc=example,dc=org")
+
+
+def test_single_uri_and_defaults_of_ldap_source(tmp_path: Path) -> None:
+    cfg = load(tmp_path, base(source={"ldap": {"uri": "ldapi://%2Frun%2Fslapd%2Fldapi", "base_dn": "dc=x"}}))
+    assert cfg.source == config.LdapSource(uris=("ldapi://%2Frun%2Fslapd%2Fldapi",), base_dn="dc=x")
+    src = cfg.source
+    assert isinstance(src, config.LdapSource)
+    assert (src.filter, src.scope, src.start_tls, src.tls_verify, src.page_size, src.timeout) == (
+        "(objectClass=*)",
+        "sub",
+        False,
+        True,
+        500,
+        10.0,
+    )
+    assert (src.bind_dn, src.bind_password_file, src.watch, src.poll_interval) == (None, None, "auto", 60.0)

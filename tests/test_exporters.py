@@ -1,0 +1,252 @@
+"""exporters: the demo directory rendered, compiled by the real postmap, checked with the real tools.
+
+Postfix answers are read back with `postmap -q`; the passwd-file hashes are verified with
+`doveadm pw -t` against the plaintexts listed in fixtures/ldif/demo.ldif's header.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from datetime import date
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldapsync import config, model, schema
+from ldapsync.directory import Entry, Snapshot
+from ldapsync.exporters import exporter_class
+from ldapsync.exporters.dovecot import PasswdExporter
+from ldapsync.static import Static
+from ldapsync.sync import Pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_LDIF = REPO / "fixtures" / "ldif" / "demo.ldif"
+DOMAINS = ("example.org", "host1.example.org", "example.net")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("postmap") is None or shutil.which("doveadm") is None,
+    reason="needs postfix (postmap) and dovecot-core (doveadm)",
+)
+
+
+def plaintexts() -> dict[str, str]:
+    """login -> plaintext, from the table in demo.ldif's header."""
+    found = {}
+    for line in DEMO_LDIF.read_text().splitlines():
+        m = re.match(r"#\s+([a-z0-9-]+)\s+(\S+-secret)\s", line)
+        if m:
+            found[m.group(1)] = m.group(2)
+    assert len(found) == 21, found
+    return found
+
+
+@pytest.fixture(scope="module")
+def postfix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """postmap refuses to run without a main.cf; an empty one gives stock defaults."""
+    conf = tmp_path_factory.mktemp("postfix-conf")
+    (conf / "main.cf").write_text("")
+    return conf
+
+
+def postmap_query_all(conf: Path, map_type: str, path: Path, keys: list[str]) -> dict[str, str]:
+    """Ask the compiled map for every key at once (`postmap -q -`): key -> value as Postfix sees it."""
+    proc = subprocess.run(
+        ["postmap", "-c", str(conf), "-q", "-", f"{map_type}:{path}"],
+        input="".join(k + "\n" for k in keys),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    return dict(line.split("\t", 1) for line in proc.stdout.splitlines())
+
+
+def postmap_query(conf: Path, map_type: str, path: Path, key: str) -> str | None:
+    proc = subprocess.run(
+        ["postmap", "-c", str(conf), "-q", key, f"{map_type}:{path}"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode == 1:
+        return None
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.rstrip("\n")
+
+
+def table(data: bytes) -> dict[str, str]:
+    out = {}
+    for line in data.decode("ascii").splitlines():
+        key, value = line.split("\t")
+        assert key not in out, f"duplicate key {key}"
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shipped demo config, pointed into a temp dir, synced once by the real pipeline."""
+    tmp = tmp_path_factory.mktemp("demo")
+    doc = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+    doc["source"]["ldif"]["path"] = str(DEMO_LDIF)
+    doc["static"] = str(REPO / "examples" / "mail.yaml")
+    doc["state_dir"] = str(tmp / "state")
+    for exp in doc["exporters"]:
+        exp["path"] = str(tmp / "out" / Path(exp["path"]).name)
+        if exp["kind"].startswith("postfix-"):
+            exp["map_type"] = "hash"  # compiled by the real postmap, whatever the demo uses
+    (tmp / "out").mkdir()
+    cfg_path = tmp / "ldapsync.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    cfg = config.load(cfg_path)
+    result = Pipeline(cfg).run()
+    assert result.status == "installed", result
+    assert all(spec.path.with_name(spec.path.name + ".db").exists() for spec in cfg.exporters if spec.map_type)
+    return {spec.name: spec.path for spec in cfg.exporters}
+
+
+def test_demo_virtual_map_through_postmap(demo: dict[str, Path], postfix_conf: Path) -> None:
+    rendered = table(demo["alias"].read_bytes())
+    assert rendered["dave@example.org"] == "dave@a.example,dave@b.example"  # comma-separated value
+    assert rendered["carol@example.org"] == "carol@one.example,carol@two.example"  # multi-valued
+    assert rendered["erin@example.org"] == "alice@example.org"  # forward to a local user
+    assert rendered["postmaster@example.org"] == "alice@example.org,bob@example.org"  # static alias
+    assert rendered["abuse@example.org"] == "postmaster@example.org"
+    assert rendered["noreply-bounces@example.org"] == "bounces@lists.example.net"  # static forward
+    assert rendered["alice@example.net"] == "alice@example.org"  # alias domain rewrite
+    assert "alice@example.org" not in rendered  # a plain mailbox needs no alias
+    for gone in ("oscar", "walter", "rita", "dora"):  # retired, and disabled
+        assert not any(k.startswith(gone + "@") for k in rendered), gone
+    assert rendered["ray@example.org"] == "ray@elsewhere.example"  # retiring in the future: active
+    compiled = postmap_query_all(postfix_conf, "hash", demo["alias"], [*rendered, "nobody@example.org"])
+    assert compiled == rendered
+    assert postmap_query(postfix_conf, "hash", demo["alias"], "DAVE@Example.ORG") == "dave@a.example,dave@b.example"
+    assert postmap_query(postfix_conf, "hash", demo["alias"], "oscar@example.org") is None
+
+
+def test_demo_transport_recipients_sender_login_access(demo: dict[str, Path], postfix_conf: Path) -> None:
+    transport = table(demo["postfix-transport"].read_bytes())
+    assert transport == {
+        f"{u}@example.org": "smtp:[srs.example.org]"
+        for u in ("bob", "carol", "dave", "erin", "noreply-bounces", "ray", "webmaster")
+    }
+    recipients = table(demo["postfix-recipients"].read_bytes())
+    assert set(recipients.values()) == {"OK"}
+    locals_ = {k.split("@")[0] for k in recipients}
+    assert {"alice", "webmaster", "postmaster", "abuse", "noreply-bounces", "pw-yescrypt"} <= locals_
+    assert not locals_ & {"oscar", "walter", "rita", "dora"}
+    assert all(f"{local}@{d}" in recipients for local in locals_ for d in DOMAINS)
+    sender = table(demo["postfix-sender-login"].read_bytes())
+    assert sender["postmaster@example.net"] == "alice,bob"
+    assert sender["erin@example.org"] == "erin"
+    assert "noreply-bounces@example.org" not in sender  # a forward is not a mailbox anyone sends as
+    access = table(demo["postfix-access"].read_bytes())
+    assert access == {f"dora@{d}": "REJECT This account has been disabled, contact admin@example.org" for d in DOMAINS}
+    for name, rendered in (
+        ("postfix-transport", transport),
+        ("postfix-recipients", recipients),
+        ("postfix-sender-login", sender),
+        ("postfix-access", access),
+    ):
+        assert postmap_query_all(postfix_conf, "hash", demo[name], [*rendered, "nobody@example.org"]) == rendered, name
+
+
+def test_demo_passwd_file_verifies_with_doveadm(demo: dict[str, Path]) -> None:
+    path = demo["dovecot-passwd"]
+    assert path.stat().st_mode & 0o777 == 0o640
+    lines = path.read_text("ascii").splitlines()
+    entries = {}
+    for line in lines:
+        fields = line.split(":")
+        assert len(fields) == 2, f"a passwd-file line has exactly login and password: {line!r}"
+        entries[fields[0]] = fields[1]
+    expected = {login: pw for login, pw in plaintexts().items() if login not in ("oscar", "walter", "rita", "dora")}
+    assert set(entries) == set(expected)
+    schemes = {login: h[1 : h.index("}")] for login, h in entries.items()}
+    assert schemes["pw-md5crypt"] == "MD5-CRYPT" and schemes["pw-bcrypt"] == "BLF-CRYPT"
+    assert schemes["pw-cryptprefix"] == "SHA512-CRYPT" and schemes["pw-yescrypt"] == "CRYPT"
+    for login, hashed in entries.items():
+        ok = subprocess.run(["doveadm", "pw", "-t", hashed, "-p", expected[login]], capture_output=True, check=False)
+        assert ok.returncode == 0, (login, ok.stdout, ok.stderr)
+    bad = subprocess.run(
+        ["doveadm", "pw", "-t", entries["alice"], "-p", "bob-secret"], capture_output=True, check=False
+    )
+    assert bad.returncode != 0
+
+
+def test_rerun_is_unchanged(demo: dict[str, Path]) -> None:
+    cfg = config.load(demo["alias"].parent.parent / "ldapsync.yaml")
+    before = {n: p.read_bytes() for n, p in demo.items()}
+    assert Pipeline(cfg).run().status == "unchanged"
+    assert {n: p.read_bytes() for n, p in demo.items()} == before
+
+
+# -- exporter options, on a small model ---------------------------------------------------------
+def small_model() -> model.RoutingModel:
+    ssha = "{SSHA}ow0LAeWbDHFRqvvqMuYH/9Oia266syS2t5zYUQ=="
+    entries = (
+        Entry("uid=alice,dc=x", {"uid": ("alice",), "mailpassword": (ssha,)}),
+        Entry("uid=bob,dc=x", {"uid": ("bob",), "emailforward": ("bob@elsewhere.example",)}),
+        Entry("uid=frank,dc=x", {"uid": ("frank",), "maillocaladdress": ("frank.smith@example.org",)}),
+        Entry("uid=dora,dc=x", {"uid": ("dora",), "maildisablemessage": ("Gone",)}),
+    )
+    attrs = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
+    m, _ = model.build(
+        Snapshot(entries, "t"),
+        Static(),
+        domain="example.org",
+        domain_aliases=("example.net",),
+        attributes=attrs,
+        today=date(2026, 1, 1),
+    )
+    return m
+
+
+@pytest.mark.parametrize(
+    ("include", "expected"),
+    [
+        (
+            ["aliases"],
+            {
+                "alice@example.net": "alice@example.org",
+                "bob@example.net": "bob@example.org",
+                "frank.smith@example.net": "frank.smith@example.org",
+                "frank.smith@example.org": "frank@example.org",
+                "frank@example.net": "frank@example.org",
+            },
+        ),
+        (["forwards"], {"bob@example.org": "bob@elsewhere.example"}),
+    ],
+)
+def test_virtual_include_roles(include: list[str], expected: dict[str, str]) -> None:
+    """MX resolves aliases only (forwards go to the SRS relay); SRS resolves forwards."""
+    assert table(exporter_class("postfix-virtual")({"include": include}).render(small_model())) == expected
+
+
+def test_access_action_and_transport_nexthop() -> None:
+    m = small_model()
+    access = table(exporter_class("postfix-access")({"action": "554"}).render(m))
+    assert access == {"dora@example.org": "554 Gone", "dora@example.net": "554 Gone"}
+    transport = table(exporter_class("postfix-transport")({"nexthop": "relay:[10.0.0.1]:25"}).render(m))
+    assert transport == {"bob@example.org": "relay:[10.0.0.1]:25"}
+
+
+@pytest.mark.parametrize("map_type", ["hash", "cdb", "lmdb", "btree"])
+def test_map_types_compile_and_answer(map_type: str, tmp_path: Path, postfix_conf: Path) -> None:
+    types = subprocess.run(["postconf", "-c", str(postfix_conf), "-m"], capture_output=True, text=True, check=True)
+    if map_type not in types.stdout.split():
+        pytest.skip(f"postfix has no {map_type} support here (install postfix-{map_type})")
+    data = exporter_class("postfix-sender-login")({}).render(small_model())
+    path = tmp_path / "sender_login"
+    path.write_bytes(data)
+    subprocess.run(["postmap", "-c", str(postfix_conf), f"{map_type}:{path}"], check=True)
+    expected = table(data)
+    assert postmap_query_all(postfix_conf, map_type, path, list(expected)) == expected
+
+
+def test_passwd_redaction_hides_the_hash() -> None:
+    exp = PasswdExporter({})
+    line = exp.render(small_model()).decode().strip()
+    shown = exp.redact(line)
+    assert shown.startswith("alice:{SSHA}<hash sha256:") and "ow0LAeWb" not in shown
+    assert exp.sensitive and exp.default_mode == 0o640 and not exp.postfix_map

@@ -1,0 +1,392 @@
+"""model: which address goes where, who may send as what; a pure function of its inputs."""
+
+from __future__ import annotations
+
+import random
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from ldapsync import model, schema
+from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
+from ldapsync.errors import ConfigError
+from ldapsync.exporters import exporter_class
+from ldapsync.static import Static, StaticEntry
+
+DOMAIN = "example.org"
+ALIASES = ("host1.example.org", "example.net")
+TODAY = date(2026, 11, 21)
+UD = schema.PRESETS["ud-ldap"]
+ILMR = schema.PRESETS["inetlocalmailrecipient"]
+SSHA = "{SSHA}ow0LAeWbDHFRqvvqMuYH/9Oia266syS2t5zYUQ=="
+STATIC_FILE = Path("/etc/ldapsync/mail.yaml")
+OU = "ou=users,dc=example,dc=org"
+
+
+def entry(uid: str, **attrs: str | list[str]) -> Entry:
+    raw = {k: [v] if isinstance(v, str) else v for k, v in attrs.items()}
+    rejections: list[Rejection] = []
+    e = make_entry(f"uid={uid},ou=users,dc=example,dc=org", {"uid": [uid], **raw}, None, rejections)
+    assert not rejections
+    return e
+
+
+def build(
+    *entries: Entry,
+    static: Static | None = None,
+    attributes: schema.AttributeMap = UD,
+    domain_aliases: tuple[str, ...] = ALIASES,
+) -> tuple[model.RoutingModel, model.BuildReport]:
+    return model.build(
+        Snapshot(tuple(entries), "test"),
+        static or Static(),
+        domain=DOMAIN,
+        domain_aliases=domain_aliases,
+        attributes=attributes,
+        today=TODAY,
+    )
+
+
+def static_of(aliases: dict[str, list[str]] | None = None, forwards: dict[str, str] | None = None) -> Static:
+    def addr(name: str) -> str:
+        return name if "@" in name else f"{name}@{DOMAIN}"
+
+    return Static(
+        STATIC_FILE,
+        tuple(StaticEntry(addr(n), tuple(addr(t) for t in ts), f"aliases.{n}") for n, ts in (aliases or {}).items()),
+        tuple(StaticEntry(addr(n), (t,), f"forwards.{n}") for n, t in (forwards or {}).items()),
+    )
+
+
+def render_all(m: model.RoutingModel) -> dict[str, bytes]:
+    options = {"postfix-transport": {"nexthop": "smtp:[srs.example.org]"}}
+    kinds = [
+        "postfix-virtual",
+        "postfix-transport",
+        "postfix-recipients",
+        "postfix-sender-login",
+        "postfix-access",
+        "dovecot-passwd",
+    ]
+    return {k: exporter_class(k)(options.get(k, {})).render(m) for k in kinds}
+
+
+def test_plain_user_is_deliverable_in_every_domain_and_can_log_in() -> None:
+    m, report = build(entry("alice", mailPassword=SSHA))
+    assert m.users == {"alice@example.org": "alice"}
+    assert m.passwords == {"alice": SSHA}
+    assert m.variants("alice@example.org") == ["alice@example.org", "alice@host1.example.org", "alice@example.net"]
+    assert m.domain_rewrites() == {
+        "alice@host1.example.org": "alice@example.org",
+        "alice@example.net": "alice@example.org",
+    }
+    assert m.sender_logins == {"alice@example.org": ("alice",)}
+    assert m.forwards == {} and m.aliases == {} and m.disabled == {}
+    assert report.rejections == []
+
+
+def test_logins_are_case_folded() -> None:
+    m, _ = build(entry("Alice", mailPassword=SSHA))
+    assert m.users == {"alice@example.org": "alice"}
+    assert m.passwords == {"alice": SSHA}
+
+
+def test_forwards_single_multi_valued_and_comma_separated() -> None:
+    m, report = build(
+        entry("bob", emailForward="Bob@Elsewhere.EXAMPLE"),
+        entry("carol", emailForward=["carol@two.example", "carol@one.example"]),
+        entry("dave", emailForward="dave@a.example, dave@b.example,,"),
+        entry("erin", emailForward="erin@x.example,erin@x.example"),
+    )
+    assert m.forwards == {
+        "bob@example.org": ("Bob@elsewhere.example",),
+        "carol@example.org": ("carol@one.example", "carol@two.example"),
+        "dave@example.org": ("dave@a.example", "dave@b.example"),
+        "erin@example.org": ("erin@x.example",),
+    }
+    assert report.rejections == []
+    # forwarded users are still accounts: recipients, sender logins
+    assert set(m.users) == {"bob@example.org", "carol@example.org", "dave@example.org", "erin@example.org"}
+
+
+def test_forward_to_local_user_is_canonicalised() -> None:
+    m, _ = build(entry("alice"), entry("erin", emailForward=["Alice@EXAMPLE.NET", "alice@host1.example.org"]))
+    assert m.forwards == {"erin@example.org": ("alice@example.org",)}
+
+
+def test_bad_forward_value_is_dropped_with_dn_and_attribute() -> None:
+    m, report = build(entry("h", emailForward="good@x.example, bad@@evil..example, |/bin/sh"))
+    assert m.forwards == {"h@example.org": ("good@x.example",)}
+    assert [(r.dn, r.attribute) for r in report.rejections] == [
+        ("uid=h,ou=users,dc=example,dc=org", "emailForward")
+    ] * 2
+    assert "bad@@evil..example" in report.rejections[0].reason
+
+
+def test_self_forward_keeps_a_copy() -> None:
+    m, report = build(entry("alice", emailForward="alice@example.org, alice@elsewhere.example"))
+    assert m.forwards == {"alice@example.org": ("alice@elsewhere.example", "alice@example.org")}
+    assert report.rejections == []
+
+
+def test_disabled_account_only_in_the_access_map() -> None:
+    m, _ = build(
+        entry("dora", mailDisableMessage="Gone, ask admin@example.org", emailForward="d@x.example", mailPassword=SSHA),
+        entry("dan", mailDisableMessage="two\nlines OK"),
+    )
+    assert m.disabled == {
+        "dora@example.org": "Gone, ask admin@example.org",
+        "dan@example.org": "This address is disabled",
+    }
+    assert m.users == {} and m.forwards == {} and m.passwords == {} and m.sender_logins == {}
+    out = render_all(m)
+    assert out["postfix-access"].decode().splitlines() == [
+        "dan@example.net\tREJECT This address is disabled",
+        "dan@example.org\tREJECT This address is disabled",
+        "dan@host1.example.org\tREJECT This address is disabled",
+        "dora@example.net\tREJECT Gone, ask admin@example.org",
+        "dora@example.org\tREJECT Gone, ask admin@example.org",
+        "dora@host1.example.org\tREJECT Gone, ask admin@example.org",
+    ]
+    for kind, data in out.items():
+        if kind != "postfix-access":
+            assert b"dora" not in data and b"dan" not in data, kind
+
+
+@pytest.mark.parametrize(
+    "status", ["inactive", "memorial", "retiring 2020-01-01", "retiring 2026-05-01", "inactive 2019"]
+)
+def test_retired_accounts_are_out_of_everything(status: str) -> None:
+    m, report = build(
+        entry("oscar", accountStatus=status, emailForward="o@x.example", mailPassword=SSHA, mailDisableMessage="x")
+    )
+    assert report.retired == 1
+    assert all(data == b"" for data in render_all(m).values())
+
+
+@pytest.mark.parametrize(
+    "status", ["retiring 2099-01-01", "retiring 2026-06-01", "retiring", "retiring soon", "active"]
+)
+def test_not_yet_retired_accounts_stay(status: str) -> None:
+    m, report = build(entry("ray", accountStatus=status, mailPassword=SSHA))
+    assert report.retired == 0
+    assert m.users == {"ray@example.org": "ray"} and "ray" in m.passwords
+
+
+def test_retired_address_can_be_reused_by_a_later_login() -> None:
+    old = Entry("uid=rita,ou=old,dc=example,dc=org", {"uid": ("rita",), "accountstatus": ("memorial",)})
+    m, report = build(old, entry("rita"))
+    assert m.users == {"rita@example.org": "rita"} and report.rejections == []
+
+
+def test_duplicate_login_first_dn_wins_and_the_other_is_reported() -> None:
+    a = Entry("uid=sam,ou=a,dc=example,dc=org", {"uid": ("sam",), "mailpassword": (SSHA,)})
+    b = Entry("uid=SAM,ou=b,dc=example,dc=org", {"uid": ("SAM",), "emailforward": ("evil@x.example",)})
+    for order in ((a, b), (b, a)):
+        m, report = build(*order)
+        assert m.users == {"sam@example.org": "sam"}
+        assert m.forwards == {}, "the second entry must not add a forward to the first one's address"
+        assert [r.dn for r in report.rejections] == [b.dn]
+        assert "already used by uid=sam,ou=a" in report.rejections[0].reason
+
+
+def test_invalid_and_multi_valued_logins_skip_the_entry() -> None:
+    bad = Entry("uid=bad user,ou=users,dc=example,dc=org", {"uid": ("bad user",), "mailpassword": (SSHA,)})
+    multi = Entry("cn=two,ou=users,dc=example,dc=org", {"uid": ("a", "b")})
+    none = Entry("cn=nologin,ou=users,dc=example,dc=org", {"cn": ("x",)})
+    m, report = build(bad, multi, none)
+    assert m.users == {} and m.passwords == {}
+    assert {(r.dn, r.attribute) for r in report.rejections} == {(bad.dn, "uid"), (multi.dn, "uid")}
+    assert report.skipped == 1
+
+
+def test_bad_password_rejected_account_kept() -> None:
+    m, report = build(entry("p", mailPassword="{PLAIN}hunter2"), entry("q", mailPassword=[SSHA, "{SSHA}x"]))
+    assert set(m.users) == {"p@example.org", "q@example.org"}
+    assert m.passwords == {}
+    assert [(r.dn.split(",")[0], r.attribute) for r in report.rejections] == [
+        ("uid=p", "mailPassword"),
+        ("uid=q", "mailPassword"),
+    ]
+    assert all("hunter2" not in str(r) for r in report.rejections)
+
+
+def test_ldap_aliases_with_inetlocalmailrecipient() -> None:
+    m, report = build(
+        entry("frank", mailLocalAddress=["frank.smith@example.org", "Frank.S@example.net", "frank@example.org"]),
+        entry("grace", mailLocalAddress="grace.hopper@example.org", mailRoutingAddress="grace@elsewhere.example"),
+        entry("mallory", mailLocalAddress=["frank@example.org", "x@other.example", "frank.smith@example.org"]),
+        attributes=ILMR,
+    )
+    assert m.aliases == {
+        "frank.s@example.org": ("frank@example.org",),
+        "frank.smith@example.org": ("frank@example.org",),
+        "grace.hopper@example.org": ("grace@example.org",),
+    }
+    assert m.forwards == {"grace@example.org": ("grace@elsewhere.example",)}
+    # Sender logins: an alias that delivers to you is yours; a forward target is not.
+    assert m.sender_logins["frank.smith@example.org"] == ("frank",)
+    assert m.sender_logins["grace.hopper@example.org"] == ("grace",)
+    assert "grace@elsewhere.example" not in m.sender_logins
+    # frank listing his own address is harmless; mallory's hijack attempts are refused, naming her DN.
+    mallory = "uid=mallory,ou=users,dc=example,dc=org"
+    assert sorted(str(r) for r in report.rejections) == sorted(
+        [
+            f"{mallory}: mailLocalAddress: 'x@other.example' is not in example.org; value dropped",
+            f"{mallory}: mailLocalAddress: frank.smith@example.org already claimed; value dropped",
+            f"{mallory}: mailLocalAddress: frank@example.org is the address of uid=frank,ou=users,dc=example,dc=org;"
+            " value dropped",
+        ]
+    )
+    assert m.users["frank@example.org"] == "frank"
+    assert "frank@example.org" not in m.aliases
+
+
+def test_static_wins_over_ldap_with_a_warning_naming_both() -> None:
+    st = static_of(aliases={"alice": ["bob"], "info": ["bob"]}, forwards={"dora": "dora@new.example"})
+    m, report = build(
+        entry("alice", emailForward="alice@elsewhere.example"),
+        entry("bob"),
+        entry("dora", mailDisableMessage="gone"),
+        static=st,
+    )
+    assert m.aliases == {"alice@example.org": ("bob@example.org",), "info@example.org": ("bob@example.org",)}
+    assert m.forwards == {"dora@example.org": ("dora@new.example",)}
+    assert m.disabled == {}
+    assert sorted(report.warnings) == [
+        f"{STATIC_FILE}: aliases.alice overrides alice@example.org from LDAP entry uid=alice,{OU}",
+        f"{STATIC_FILE}: forwards.dora overrides dora@example.org from LDAP entry uid=dora,{OU}",
+    ]
+
+
+def test_static_alias_overrides_ldap_alias() -> None:
+    st = static_of(aliases={"frank.smith": ["alice"]})
+    m, report = build(
+        entry("alice"), entry("frank", mailLocalAddress="frank.smith@example.org"), static=st, attributes=ILMR
+    )
+    assert m.aliases == {"frank.smith@example.org": ("alice@example.org",)}
+    assert m.sender_logins["frank.smith@example.org"] == ("alice",)
+    assert len(report.warnings) == 1 and "uid=frank" in report.warnings[0]
+
+
+def test_ldap_forward_loop_is_dropped_with_the_dn() -> None:
+    m, report = build(
+        entry("a", emailForward="b@example.org"),
+        entry("b", emailForward="c@example.net"),
+        entry("c", emailForward="a@example.org"),
+        entry("d", emailForward="a@example.org"),
+    )
+    assert m.forwards == {"d@example.org": ("a@example.org",)}
+    loops = [r for r in report.rejections if "loop" in r.reason]
+    assert sorted(r.dn for r in loops) == [f"uid={x},ou=users,dc=example,dc=org" for x in "abc"]
+    assert all(r.attribute == "emailForward" for r in loops)
+    assert "a@example.org, b@example.org, c@example.org" in loops[0].reason
+
+
+def test_mixed_loop_drops_only_the_ldap_edge() -> None:
+    st = static_of(aliases={"team": ["alice"]})
+    m, report = build(entry("alice", emailForward="team@example.org"), static=st)
+    assert m.aliases == {"team@example.org": ("alice@example.org",)}
+    assert m.forwards == {}
+    assert [(r.dn, r.attribute) for r in report.rejections] == [
+        ("uid=alice,ou=users,dc=example,dc=org", "emailForward")
+    ]
+
+
+def test_static_only_loop_is_a_config_error_naming_the_keys() -> None:
+    st = static_of(aliases={"x": ["y"], "y": ["x"]})
+    with pytest.raises(ConfigError) as info:
+        build(static=st)
+    assert info.value.file == str(STATIC_FILE)
+    assert info.value.key == "aliases.x, aliases.y"
+    assert "alias loop" in info.value.message
+
+
+def test_sender_logins_follow_aliases_not_forwards() -> None:
+    st = static_of(aliases={"postmaster": ["alice", "bob"], "abuse": ["postmaster"], "ext": ["x@elsewhere.example"]})
+    m, _ = build(
+        entry("alice"),
+        entry("bob", emailForward="bob@elsewhere.example"),
+        entry("erin", emailForward="alice@example.org"),  # erin forwards to alice: alice may NOT send as erin
+        static=st,
+    )
+    assert m.sender_logins == {
+        "abuse@example.org": ("alice", "bob"),
+        "alice@example.org": ("alice",),
+        "bob@example.org": ("bob",),
+        "erin@example.org": ("erin",),
+        "postmaster@example.org": ("alice", "bob"),
+    }
+    lines = render_all(m)["postfix-sender-login"].decode().splitlines()
+    assert "abuse@example.net\talice,bob" in lines and "erin@host1.example.org\terin" in lines
+    assert not any(line.startswith("ext@") for line in lines)
+
+
+def test_alias_domains_produce_variants_in_every_map() -> None:
+    m, _ = build(
+        entry("alice", mailPassword=SSHA),
+        entry("bob", emailForward="bob@elsewhere.example"),
+        entry("dora", mailDisableMessage="gone"),
+        static=static_of(aliases={"postmaster": ["alice"]}),
+    )
+    out = {k: v.decode().splitlines() for k, v in render_all(m).items()}
+    assert out["postfix-virtual"] == [
+        "alice@example.net\talice@example.org",
+        "alice@host1.example.org\talice@example.org",
+        "bob@example.net\tbob@example.org",
+        "bob@example.org\tbob@elsewhere.example",
+        "bob@host1.example.org\tbob@example.org",
+        "postmaster@example.net\tpostmaster@example.org",
+        "postmaster@example.org\talice@example.org",
+        "postmaster@host1.example.org\tpostmaster@example.org",
+    ]
+    assert out["postfix-recipients"] == [
+        f"{local}@{d}\tOK"
+        for local in ("alice", "bob", "postmaster")
+        for d in ("example.net", "example.org", "host1.example.org")
+    ]
+    assert out["postfix-transport"] == ["bob@example.org\tsmtp:[srs.example.org]"]  # canonical only: rewritten first
+    assert out["postfix-access"] == [
+        f"dora@{d}\tREJECT gone" for d in ("example.net", "example.org", "host1.example.org")
+    ]
+    assert len(out["postfix-sender-login"]) == 9
+    assert out["dovecot-passwd"] == [f"alice:{SSHA}"]
+
+
+def test_without_alias_domains_there_are_no_rewrites() -> None:
+    m, _ = build(entry("alice"), domain_aliases=())
+    assert m.domain_rewrites() == {}
+    assert render_all(m)["postfix-virtual"] == b""
+    assert render_all(m)["postfix-recipients"] == b"alice@example.org\tOK\n"
+
+
+def test_output_is_byte_identical_whatever_the_entry_and_value_order() -> None:
+    entries = [
+        entry("alice", mailPassword=SSHA),
+        entry("bob", emailForward=["b2@x.example", "b1@x.example"]),
+        entry("frank", mailLocalAddress=["f1@example.org", "f2@example.org"]),
+        entry("mallory", mailLocalAddress=["f1@example.org", "m@example.org"]),
+        Entry("uid=dup,ou=b,dc=example,dc=org", {"uid": ("dup",), "emailforward": ("b@x.example",)}),
+        Entry("uid=dup,ou=a,dc=example,dc=org", {"uid": ("dup",), "emailforward": ("a@x.example",)}),
+        Entry("uid=Dup,ou=a,dc=example,dc=org", {"uid": ("dup",), "emailforward": ("c@x.example",)}),
+        entry("dora", mailDisableMessage=["b message", "a message"]),
+    ]
+    attrs = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
+    reference = render_all(build(*entries, attributes=attrs)[0])
+    rng = random.Random(4)
+    for _ in range(20):
+        shuffled = []
+        for e in rng.sample(entries, len(entries)):
+            attrs_shuffled = {k: tuple(rng.sample(v, len(v))) for k, v in e.attributes.items()}
+            shuffled.append(Entry(e.dn, attrs_shuffled, e.uuid))
+        assert render_all(build(*shuffled, attributes=attrs)[0]) == reference
+    assert (
+        b"dup@example.org\tc@x.example" in reference["postfix-virtual"]
+    )  # first DN (case-insensitive, then exact) wins
+    assert b"REJECT a message" in reference["postfix-access"]
+
+
+def test_counts() -> None:
+    m, _ = build(entry("a", mailPassword=SSHA, emailForward="x@y.example"), entry("d", mailDisableMessage="x"))
+    assert m.counts() == {"users": 1, "aliases": 0, "forwards": 1, "passwords": 1, "disabled": 1}
