@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,39 +36,50 @@ class Entry:
         return self.attributes.get(name.lower(), ()) if name else ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Snapshot:
+    """Not slotted: the JSON form and digest are cached, an agent needs both per sync."""
+
     entries: tuple[Entry, ...]
     source: str
     rejections: tuple[Rejection, ...] = field(default=())
 
+    @cached_property
+    def entries_json(self) -> bytes:
+        """Canonical JSON of the entries: [[dn, uuid, {attr: [values]}], ...]."""
+        rows = [[e.dn, e.uuid, e.attributes] for e in self.entries]
+        return json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
     def to_json(self) -> bytes:
-        doc = {
-            "source": self.source,
-            "entries": [
-                {"dn": e.dn, "uuid": e.uuid, "attributes": {k: list(v) for k, v in e.attributes.items()}}
-                for e in self.entries
-            ],
-            "rejections": [[r.dn, r.attribute, r.reason] for r in self.rejections],
-        }
-        return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        rejections = [[r.dn, r.attribute, r.reason] for r in self.rejections]
+        return b"".join(
+            (
+                b'{"entries":',
+                self.entries_json,
+                b',"rejections":',
+                json.dumps(rejections, ensure_ascii=False, separators=(",", ":")).encode(),
+                b',"source":',
+                json.dumps(self.source, ensure_ascii=False).encode(),
+                b"}",
+            )
+        )
 
     @classmethod
     def from_json(cls, data: bytes) -> Snapshot:
         doc = json.loads(data)
         entries = tuple(
-            Entry(e["dn"], {k: tuple(v) for k, v in e["attributes"].items()}, e.get("uuid"))
-            for e in doc["entries"]
+            Entry(dn, {sys.intern(k): tuple(v) for k, v in attrs.items()}, uuid) for dn, uuid, attrs in doc["entries"]
         )
         rejections = tuple(Rejection(*r) for r in doc.get("rejections", ()))
         return cls(entries, doc["source"], rejections)
 
+    @cached_property
+    def _digest(self) -> str:
+        return hashlib.sha256(self.entries_json).hexdigest()
+
     def digest(self) -> str:
         """Content hash independent of the source label: equal directories, equal digest."""
-        h = hashlib.sha256()
-        for e in self.entries:
-            h.update(json.dumps([e.dn, sorted((k, list(v)) for k, v in e.attributes.items())]).encode())
-        return h.hexdigest()
+        return self._digest
 
 
 def make_entry(
@@ -80,7 +93,7 @@ def make_entry(
     keep = {w.lower() for w in wanted} if wanted is not None else None
     attrs: dict[str, tuple[str, ...]] = {}
     for name, values in raw.items():
-        lname = name.lower()
+        lname = sys.intern(name.lower())  # one copy of each attribute name, not one per entry
         if lname == "entryuuid":
             for v in values:
                 uuid = v.decode("ascii", "replace") if isinstance(v, bytes) else v

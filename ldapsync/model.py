@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from ldapsync import validate
-from ldapsync.directory import Rejection, Snapshot
+from ldapsync.directory import Entry, Rejection, Snapshot
 from ldapsync.errors import ConfigError
 from ldapsync.schema import AttributeMap
 from ldapsync.static import Static
@@ -67,6 +67,23 @@ class BuildReport:
     skipped: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What one entry says, validated: a pure function of the entry and the settings."""
+
+    login: str | None = None  # None: not a mail account (or skipped, see rejections)
+    retired: bool = False
+    disabled: str | None = None
+    targets: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    password: str | None = None
+    rejections: tuple[Rejection, ...] = ()
+    skipped: bool = False  # no login attribute at all
+
+
+EntryCache = dict[str, tuple[Entry, _Parsed]]
+
+
 def build(
     snapshot: Snapshot,
     static: Static,
@@ -75,14 +92,13 @@ def build(
     domain_aliases: tuple[str, ...],
     attributes: AttributeMap,
     today: date,
+    cache: EntryCache | None = None,
 ) -> tuple[RoutingModel, BuildReport]:
+    """`cache` (per DN, reused while the Entry object is the same) makes an agent's rebuild
+    after a single change cost a lookup per unchanged entry instead of a re-validation."""
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
-    ours = {domain, *domain_aliases}
-
-    def canonical(addr: str) -> str:
-        local, _, dom = addr.rpartition("@")
-        return f"{local.lower()}@{domain}" if dom in ours else addr
+    ours = frozenset({domain, *domain_aliases})
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
@@ -92,24 +108,29 @@ def build(
     disabled: dict[str, str] = {}
     alias_attr = attributes.alias or ""
     fwd_attr = attributes.forward or ""
+    seen: set[str] = set()
 
     # Sorted here, not trusted from the source: duplicate logins and contested aliases go to
     # the first entry, and every host must pick the same one.
     for entry in sorted(snapshot.entries, key=lambda e: (e.dn.lower(), e.dn)):
-        logins = entry.get(attributes.login)
-        if not logins:
+        hit = cache.get(entry.dn) if cache is not None else None
+        if hit is not None and hit[0] is entry:
+            parsed = hit[1]
+        else:
+            parsed = _parse_entry(entry, attributes, domain, ours, today)
+            if cache is not None:
+                cache[entry.dn] = (entry, parsed)
+        if cache is not None:
+            seen.add(entry.dn)
+        rej.extend(parsed.rejections)
+        if parsed.skipped:
             report.skipped += 1
             continue
-        if len(logins) > 1:
-            rej.append(Rejection(entry.dn, attributes.login, "multi-valued login; entry skipped"))
-            continue
-        try:
-            login = validate.login(logins[0])
-        except validate.Invalid as e:
-            rej.append(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"))
-            continue
-        if any(validate.is_retired(s, today) for s in entry.get(attributes.status)):
+        if parsed.retired:
             report.retired += 1
+            continue
+        login = parsed.login
+        if login is None:
             continue
         addr = f"{login}@{domain}"
         if addr in owner_dn:
@@ -120,50 +141,22 @@ def build(
             )
             continue
         owner_dn[addr] = entry.dn
-        messages = sorted(entry.get(attributes.disable_message))  # LDAP values are unordered
-        if messages:
-            try:
-                disabled[addr] = validate.disable_message(messages[0])
-            except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, attributes.disable_message or "", f"{e}; default text used"))
-                disabled[addr] = DEFAULT_DISABLED_MESSAGE
+        if parsed.disabled is not None:
+            disabled[addr] = parsed.disabled
             continue
         users[addr] = login
-        targets: list[str] = []
-        for value in entry.get(attributes.forward):
-            # "a@x, b@y" is a list (userdir-ldap); spaces around commas are not data.
-            for part in value.split(","):
-                candidate = part.strip(" ")
-                if not candidate:
-                    continue
-                try:
-                    targets.append(canonical(validate.address(candidate)))
-                except validate.Invalid as e:
-                    rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
-        if targets:
-            forwards[addr] = sorted(set(targets))  # LDAP values are unordered: same bytes on every host
-        for value in entry.get(attributes.alias):
-            try:
-                alias = validate.address(value)
-            except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} {e}; value dropped"))
-                continue
-            if alias.rpartition("@")[2] not in ours:
-                rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} is not in {domain}; value dropped"))
-                continue
-            alias = canonical(alias)
+        if parsed.targets:
+            forwards[addr] = list(parsed.targets)
+        for alias in parsed.aliases:
             if alias != addr:
                 ldap_aliases.setdefault(alias, addr)
                 if ldap_aliases[alias] != addr:
                     rej.append(Rejection(entry.dn, alias_attr, f"{alias} already claimed; value dropped"))
-        hashes = entry.get(attributes.mail_password)
-        if len(hashes) > 1:
-            rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
-        elif hashes:
-            try:
-                passwords[login] = validate.password(hashes[0])
-            except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
+        if parsed.password is not None:
+            passwords[login] = parsed.password
+    if cache is not None and len(cache) > len(seen):
+        for dn in [d for d in cache if d not in seen]:
+            del cache[dn]
 
     # An LDAP alias may not take over an account's address.
     aliases: dict[str, list[str]] = {}
@@ -206,6 +199,74 @@ def build(
         sender_logins=sender,
     )
     return model, report
+
+
+def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: frozenset[str], today: date) -> _Parsed:
+    rej: list[Rejection] = []
+    logins = entry.get(attributes.login)
+    if not logins:
+        return _Parsed(skipped=True)
+    if len(logins) > 1:
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, "multi-valued login; entry skipped"),))
+    try:
+        login = validate.login(logins[0])
+    except validate.Invalid as e:
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
+    if any(validate.is_retired(s, today) for s in entry.get(attributes.status)):
+        return _Parsed(login=login, retired=True)
+    messages = sorted(entry.get(attributes.disable_message))  # LDAP values are unordered
+    if messages:
+        try:
+            message = validate.disable_message(messages[0])
+        except validate.Invalid as e:
+            rej.append(Rejection(entry.dn, attributes.disable_message or "", f"{e}; default text used"))
+            message = DEFAULT_DISABLED_MESSAGE
+        return _Parsed(login=login, disabled=message, rejections=tuple(rej))
+
+    def canonical(addr: str) -> str:
+        local, _, dom = addr.rpartition("@")
+        return f"{local.lower()}@{domain}" if dom in ours else addr
+
+    fwd_attr = attributes.forward or ""
+    alias_attr = attributes.alias or ""
+    targets: list[str] = []
+    for value in entry.get(attributes.forward):
+        # "a@x, b@y" is a list (userdir-ldap); spaces around commas are not data.
+        for part in value.split(","):
+            candidate = part.strip(" ")
+            if not candidate:
+                continue
+            try:
+                targets.append(canonical(validate.address(candidate)))
+            except validate.Invalid as e:
+                rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
+    aliases: list[str] = []
+    for value in entry.get(attributes.alias):
+        try:
+            alias = validate.address(value)
+        except validate.Invalid as e:
+            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} {e}; value dropped"))
+            continue
+        if alias.rpartition("@")[2] not in ours:
+            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} is not in {domain}; value dropped"))
+            continue
+        aliases.append(canonical(alias))
+    password = None
+    hashes = entry.get(attributes.mail_password)
+    if len(hashes) > 1:
+        rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
+    elif hashes:
+        try:
+            password = validate.password(hashes[0])
+        except validate.Invalid as e:
+            rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
+    return _Parsed(
+        login=login,
+        targets=tuple(sorted(set(targets))),  # LDAP values are unordered: same bytes on every host
+        aliases=tuple(aliases),
+        password=password,
+        rejections=tuple(rej),
+    )
 
 
 def _show(value: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Pipeline:
         self.static = static.load(config.static, config.domain, config.domain_aliases)
         self.last_model: model.RoutingModel | None = None
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
+        self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
+        self._cache_day: date | None = None
         self._verified: set[str] = set()
 
     # -- reading ------------------------------------------------------------------------
@@ -65,13 +68,18 @@ class Pipeline:
 
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], model.BuildReport]:
         cfg = self.config
+        today = date.today()
+        if today != self._cache_day:
+            self._entry_cache.clear()
+            self._cache_day = today
         routing, report = model.build(
             snapshot,
             self.static,
             domain=cfg.domain,
             domain_aliases=cfg.domain_aliases,
             attributes=cfg.attributes,
-            today=date.today(),
+            today=today,
+            cache=self._entry_cache,
         )
         if log_problems:
             current: set[object] = {*report.warnings, *report.rejections}
@@ -92,7 +100,7 @@ class Pipeline:
                     name=spec.name,
                     path=spec.path,
                     data=exp.render(routing),
-                    map_type=spec.map_type if spec.map_type not in ("none", "texthash") else None,
+                    map_type=spec.map_type if spec.map_type != "none" else None,  # texthash: no compiled file
                     mode=spec.mode if spec.mode is not None else exp.default_mode,
                     owner=spec.owner,
                     group=spec.group,
@@ -108,7 +116,11 @@ class Pipeline:
             # postmap refuses to run without a main.cf; an empty one gives stock defaults.
             conf = cfg.state_dir / FALLBACK_POSTFIX_DIR
             conf.mkdir(mode=0o700, exist_ok=True)
-            (conf / "main.cf").touch(mode=0o600)
+            main_cf = conf / "main.cf"
+            if not main_cf.exists():
+                main_cf.touch(mode=0o600)
+                # Postfix waits up to ~2 s before reading a main.cf modified within the last second
+                os.utime(main_cf, (time.time() - 3600, time.time() - 3600))
         return commit.Postmap(cfg.postmap, conf)
 
     def spec_digest(self, spec: ExporterSpec) -> str:

@@ -9,7 +9,9 @@ password value: they end up in logs.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
+from functools import wraps
 
 from passlib import hash as ph
 
@@ -29,17 +31,49 @@ class Invalid(ValueError):
     """A value failed validation; str() is a reason safe to log."""
 
 
+_MEMO_MAX = 1_000_000
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_PW_BAD_RE = re.compile(r"[\s\x00-\x1f:]")
+
+
+def _memo(fn: Callable[[str], str]) -> Callable[[str], str]:
+    """Remember verdicts: the agent re-validates an unchanged directory on every change.
+
+    Pure functions of one string; a verdict (result or rejection reason) is cached, so a
+    rebuild costs a dict lookup per value instead of a hash parse. Bounded by clearing.
+    """
+    cache: dict[str, tuple[bool, str]] = {}
+
+    @wraps(fn)
+    def wrapper(value: str) -> str:
+        hit = cache.get(value)
+        if hit is None:
+            try:
+                hit = (True, fn(value))
+            except Invalid as e:
+                hit = (False, str(e))
+            if len(cache) >= _MEMO_MAX:
+                cache.clear()
+            cache[value] = hit
+        if hit[0]:
+            return hit[1]
+        raise Invalid(hit[1])
+
+    return wrapper
+
+
 def is_domain(value: str) -> bool:
     return len(value) <= 253 and _DOMAIN_RE.fullmatch(value) is not None
 
 
+@_memo
 def address(value: str) -> str:
     """A complete, safe mail address with a lower-cased domain."""
     if value != value.strip():
         raise Invalid("leading or trailing whitespace")
     if len(value) > MAX_ADDRESS:
         raise Invalid(f"longer than {MAX_ADDRESS} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL_RE.search(value):
         raise Invalid("contains a control character")
     if value.startswith(("|", "/", ":include:")) or value.lower().startswith(":include:"):
         raise Invalid("is a command, file or :include: target, not an address")
@@ -59,6 +93,7 @@ def local_part(value: str) -> str:
     return value
 
 
+@_memo
 def login(value: str) -> str:
     """A login name, safe as a Dovecot passwd-file user field and a map value."""
     lowered = value.lower()
@@ -103,9 +138,10 @@ _ARGON2_RE = re.compile(
 _PLAIN = {"PLAIN", "CLEARTEXT", "CLEAR", "PLAIN-TRUNC", "PLAINTEXT"}
 
 
+@_memo
 def password(value: str) -> str:
     """Normalise a stored hash to Dovecot's `{SCHEME}hash`; refuse plaintext and unknowns."""
-    if any(c.isspace() or ord(c) < 0x20 or c == ":" for c in value):
+    if _PW_BAD_RE.search(value):
         raise Invalid("contains whitespace, a control character or ':'")
     if not value.isascii() or "\x7f" in value:
         raise Invalid("contains non-ASCII characters or DEL")
