@@ -287,7 +287,11 @@ def _break_loops(
 ) -> None:
     """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one."""
     while True:
-        routes = {**forwards, **aliases}
+        merged = {**forwards, **aliases}
+        # Only addresses that route to another known address can be on a cycle; most
+        # forwards go outside, so the graph searched is small.
+        routes = {k: [t for t in v if t != k and t in merged] for k, v in merged.items()}
+        routes = {k: v for k, v in routes.items() if v}
         cycles = [c for c in _strongly_connected(routes) if len(c) > 1]
         if not cycles:
             return
@@ -370,6 +374,9 @@ def _sender_logins(users: Mapping[str, str], aliases: Mapping[str, list[str]]) -
 
     out = {}
     for addr in sorted(set(users) | set(aliases)):
+        if addr not in aliases:  # the common case: an account sends as itself
+            out[addr] = (users[addr],)
+            continue
         found = logins(addr, frozenset())
         if found:
             out[addr] = tuple(sorted(found))
