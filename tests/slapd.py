@@ -380,17 +380,22 @@ class Slapd:
         return self._proc.pid if self.running and self._proc is not None else None
 
     # --------------------------------------------------------------- lifecycle
-    def start(self, timeout: float = _START_TIMEOUT) -> None:
-        """Start slapd (same port as before if restarting) and wait until it accepts."""
+    def start(self, timeout: float = _START_TIMEOUT, *, tcp: bool = True) -> None:
+        """Start slapd (same port as before if restarting) and wait until it accepts.
+
+        tcp=False listens on ldapi only: clients of ``uri`` are cut off while tests still
+        change the directory through ``modify()`` (which uses ldapi), like a replica that
+        goes on changing while the network to it is down.
+        """
         if self.running:
             return
         last_error = ""
         for attempt in range(5):
-            if attempt:
+            if attempt and tcp:
                 self.port = _free_port()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
-            err = self._spawn_and_wait(timeout)
+            err = self._spawn_and_wait(timeout, tcp=tcp)
             if err is None:
                 return
             last_error = err
@@ -398,10 +403,10 @@ class Slapd:
                 break
         raise SlapdError(f"slapd did not start on {self.uri}:\n{last_error}")
 
-    def _spawn_and_wait(self, timeout: float) -> str | None:
+    def _spawn_and_wait(self, timeout: float, *, tcp: bool = True) -> str | None:
         exe = _which("slapd")
         assert exe is not None
-        urls = f"{self.uri}/ {self.ldapi_uri}"
+        urls = f"{self.uri}/ {self.ldapi_uri}" if tcp else self.ldapi_uri
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
@@ -422,8 +427,9 @@ class Slapd:
                 self._proc = None
                 return f"slapd exited with rc={rc}; log:\n{self._log_tail()}"
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    pass
+                if tcp:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                        pass
             except OSError:
                 time.sleep(0.01)
                 continue

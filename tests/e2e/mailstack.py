@@ -1,0 +1,717 @@
+"""Throwaway mail servers for the end-to-end tests: Postfix, Dovecot and smtp-sink.
+
+Every server is a child of the test, listens on a free 127.0.0.1 port and keeps all its
+state in one work directory; nothing on the system is started, stopped or written.
+
+The role configuration is never written here: it is read verbatim from docs/snippets/ (the
+files docs/deployment.md tells admins to install), and only the placeholders listed in
+``Substitutions`` (paths, host names, ports) are replaced. What this module adds is the
+harness part an installed Debian system would provide (queue/data directories, log file, a
+minimal master.cf, "the internet" pointing at a sink).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNIPPETS = REPO / "docs" / "snippets"
+# the console script next to the running interpreter (the venv), unless LDAPSYNC_BIN says otherwise
+LDAPSYNC = Path(os.environ.get("LDAPSYNC_BIN") or Path(sys.executable).parent / "ldapsync")
+_SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+START_TIMEOUT = 20.0
+DELIVERY_WAIT = 20.0
+OUTSIDE = "someone@outside.example"  # an Internet sender/recipient
+
+# Placeholders in docs/snippets/ and what a test host needs instead (documented in
+# docs/deployment.md, "How the snippets are tested").
+MAPS_DIR = "/etc/postfix/ldapsync"
+PASSWD_DIR = "/etc/dovecot/private"
+POSTFIX_SPOOL = "/var/spool/postfix"
+STATE_DIR = "/var/lib/ldapsync"
+ETC_DIR = "/etc/ldapsync"
+CERT_FILE = "/etc/ssl/certs/ssl-cert-snakeoil.pem"
+KEY_FILE = "/etc/ssl/private/ssl-cert-snakeoil.key"
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name, path=_SBIN_PATH)
+
+
+def missing() -> str | None:
+    """None if the mail stack can run here, else why not (printed by the skip)."""
+    if os.geteuid() != 0:
+        return "e2e mail stack needs root (Postfix master, queue owned by postfix)"
+    for tool, pkg in (
+        ("postfix", "postfix"),
+        ("postmap", "postfix"),
+        ("smtp-sink", "postfix"),
+        ("dovecot", "dovecot-core"),
+        ("doveadm", "dovecot-core"),
+        ("openssl", "openssl"),
+    ):
+        if which(tool) is None:
+            return f"{tool} not installed: apt-get install {pkg}"
+    for user in ("postfix", "dovecot"):
+        try:
+            import pwd
+
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"system user {user!r} missing (install the {user} package)"
+    if not LDAPSYNC.exists():
+        return f"ldapsync console script not found at {LDAPSYNC} (pip install -e .)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with rc={proc.returncode}: {tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} not accepting on 127.0.0.1:{port} after {START_TIMEOUT:g}s: {tail(log)}")
+
+
+def tail(path: Path | None, limit: int = 3000) -> str:
+    if path is None:
+        return ""
+    try:
+        return path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_workdir(prefix: str) -> Path:
+    """A private dir the postfix and dovecot users can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- snippets
+@dataclass
+class Substitutions:
+    """Placeholder -> test value, applied to snippet text in a fixed order."""
+
+    pairs: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, text: str) -> str:
+        for old, new in self.pairs.items():
+            text = text.replace(old, new)
+        return text
+
+
+def snippet(name: str, subs: Substitutions | None = None) -> str:
+    text = (SNIPPETS / name).read_text()
+    return subs.apply(text) if subs else text
+
+
+def ldapsync_config(
+    name: str, dest: Path, subs: Substitutions, *, ldap_uri: str, bind_password_file: Path, **extra: Any
+) -> Path:
+    """The role's ldapsync YAML from docs/snippets with test paths and the throwaway slapd.
+
+    The throwaway slapd speaks plain LDAP on loopback, so the production URIs and CA file
+    are replaced; every other key is used as the docs show it.
+    """
+    data = yaml.safe_load(snippet(name, subs))
+    ldap = data["source"]["ldap"]
+    ldap["uri"] = [ldap_uri]
+    ldap.pop("ca_file", None)
+    ldap["bind_password_file"] = str(bind_password_file)
+    data.update(extra)
+    dest.write_text(yaml.safe_dump(data, sort_keys=False))
+    return dest
+
+
+def run_ldapsync(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(LDAPSYNC), "-c", str(config), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def postmap_query(map_path: Path, key: str, config_dir: Path) -> str | None:
+    """`postmap -q` on an installed map (what Postfix itself would look up)."""
+    exe = which("postmap")
+    assert exe is not None
+    proc = subprocess.run(
+        [exe, "-c", str(config_dir), "-q", key, f"hash:{map_path}"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode == 1:
+        return None
+    if proc.returncode != 0:
+        raise RuntimeError(f"postmap -q {key} hash:{map_path}: {proc.stderr}")
+    return proc.stdout.strip()
+
+
+# ----------------------------------------------------------------------------- smtp-sink
+@dataclass(frozen=True)
+class Captured:
+    sender: str
+    recipients: tuple[str, ...]
+    text: str
+
+
+class Sink:
+    """Postfix's smtp-sink on a loopback port, appending every message to one dump file."""
+
+    def __init__(self, workdir: Path, name: str):
+        self.name = name
+        self.dir = workdir / f"sink-{name}"
+        self.dir.mkdir()
+        shutil.chown(self.dir, "postfix")  # smtp-sink writes as -u postfix
+        self.dump = self.dir / "dump"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def nexthop(self) -> str:
+        return f"[127.0.0.1]:{self.port}"
+
+    def start(self) -> None:
+        exe = which("smtp-sink")
+        assert exe is not None
+        log = self.dir / "sink.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [exe, "-u", "postfix", "-D", str(self.dump), f"127.0.0.1:{self.port}", "64"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        wait_port(self.port, self.proc, f"smtp-sink {self.name}", log)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def messages(self) -> list[Captured]:
+        try:
+            raw = self.dump.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        out: list[Captured] = []
+        for block in raw.split("\nX-Client-Addr: "):
+            lines = block.splitlines()
+            sender = next((ln[len("X-Mail-Args: ") :] for ln in lines if ln.startswith("X-Mail-Args: ")), "")
+            # "X-Rcpt-Args: <addr> ORCPT=rfc822;original": the envelope recipient is the first word
+            rcpts = tuple(
+                ln[len("X-Rcpt-Args: ") :].split()[0].strip("<>") for ln in lines if ln.startswith("X-Rcpt-Args: ")
+            )
+            if rcpts:
+                out.append(Captured(sender.split()[0].strip("<>") if sender else "", rcpts, block))
+        return out
+
+    def received(self, token: str) -> list[Captured]:
+        return [m for m in self.messages() if token in m.text]
+
+    def recipients(self, token: str) -> set[str]:
+        return {r for m in self.received(token) for r in m.recipients}
+
+
+# ----------------------------------------------------------------------------- Postfix
+HARNESS_MASTER_CF = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """One Postfix instance: its own config, queue and data directories under ``root``.
+
+    ``main_cf``/``master_cf`` are role snippets appended to the harness part. ``smtp`` is
+    the port of a plain `smtpd` (port 25 role); a snippet's `submission` service is moved to
+    its own loopback port (``submission``). Mail for the rest of the world goes to ``world``.
+    """
+
+    def __init__(self, root: Path, name: str, *, world: Sink, main_cf: str, master_cf: str = "", port: int = 0):
+        self.name = name
+        self.root = root / f"postfix-{name}"
+        self.config_dir = self.root / "etc"
+        self.queue_dir = self.root / "spool"
+        self.data_dir = self.root / "data"
+        self.maillog = self.root / "maillog"
+        for d in (self.config_dir, self.queue_dir, self.data_dir):
+            d.mkdir(parents=True)
+        shutil.chown(self.data_dir, "postfix")
+        self.smtp = port or free_port()
+        self.submission = free_port()
+        harness = f"""\
+# --- test harness (what a Debian install provides) ---
+compatibility_level = 3.6
+queue_directory = {self.queue_dir}
+data_directory = {self.data_dir}
+maillog_file = {self.maillog}
+maillog_file_prefixes = {self.root}
+myhostname = {name}.example.org
+mydestination =
+# the test client plays an Internet host, not a trusted one
+mynetworks = 192.0.2.1/32
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+alias_maps =
+alias_database =
+default_transport = smtp:[127.0.0.1]:{world.port}
+smtp_tls_security_level = none
+delay_warning_time = 0
+# --- role snippet (docs/snippets) ---
+"""
+        (self.config_dir / "main.cf").write_text(harness + main_cf)
+        master = master_cf.replace("\nsubmission inet", f"\n127.0.0.1:{self.submission} inet")
+        if master.startswith("submission inet"):
+            master = f"127.0.0.1:{self.submission} inet" + master[len("submission inet") :]
+        (self.config_dir / "master.cf").write_text(
+            f"127.0.0.1:{self.smtp} inet n - n - - smtpd\n" + HARNESS_MASTER_CF + master
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        exe = which("postfix")
+        assert exe is not None
+        with open(self.root / "start.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [exe, "-c", str(self.config_dir), "start-fg"], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        wait_port(self.smtp, self.proc, f"postfix {self.name}", self.root / "start.log")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        exe = which("postfix")
+        assert exe is not None
+        subprocess.run([exe, "-c", str(self.config_dir), "stop"], capture_output=True, timeout=30, check=False)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        try:
+            return self.maillog.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def flush_and_wait_empty(self, timeout: float = 20.0) -> None:
+        """Wait until the queue holds no message (delivered, bounced or deferred is visible in the log)."""
+
+        def empty() -> bool:
+            for sub in ("incoming", "active", "deferred"):
+                d = self.queue_dir / sub
+                if d.exists() and any(p.is_file() for p in d.rglob("*")):
+                    return False
+            return True
+
+        wait_for(empty, timeout, f"postfix {self.name} queue to drain:\n{self.log()[-3000:]}")
+
+
+@dataclass(frozen=True)
+class SendResult:
+    refused: Mapping[str, tuple[int, bytes]]
+
+    def accepted(self, rcpts: Iterable[str]) -> list[str]:
+        return [r for r in rcpts if r not in self.refused]
+
+
+def send(
+    port: int,
+    sender: str,
+    rcpts: list[str],
+    token: str,
+    *,
+    login: tuple[str, str] | None = None,
+    starttls: bool = False,
+) -> SendResult:
+    """One SMTP transaction; refused recipients are returned, not raised (unless all are)."""
+    msg = (
+        f"From: <{sender}>\r\nTo: undisclosed-recipients:;\r\nSubject: e2e {token}\r\n"
+        f"Message-ID: <{token}@e2e.test>\r\n\r\n{token}\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.com", timeout=30) as smtp:
+        if starttls:
+            smtp.starttls(context=_insecure_tls())
+        if login is not None:
+            smtp.login(*login)
+        refused = smtp.sendmail(sender, rcpts, msg)
+    return SendResult(refused)
+
+
+def rcpt_reply(port: int, rcpt: str, sender: str = "someone@outside.example") -> tuple[int, str]:
+    """The server's reply to RCPT TO (no message is sent)."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.com", timeout=30) as smtp:
+        smtp.ehlo()
+        code, _ = smtp.mail(sender)
+        assert code == 250, f"MAIL FROM refused: {code}"
+        code, text = smtp.rcpt(rcpt)
+        smtp.rset()
+    return code, text.decode(errors="replace")
+
+
+def _insecure_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # throwaway self-signed certificate
+    return ctx
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", "/CN=submission.example.org",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )  # fmt: skip
+    key.chmod(0o600)
+    return cert, key
+
+
+# ----------------------------------------------------------------------------- Dovecot
+class Dovecot:
+    """A Dovecot auth server from the docs' snippet; state, sockets and log under ``root``."""
+
+    def __init__(self, root: Path, snippet_text: str):
+        self.root = root / "dovecot"
+        self.base_dir = self.root / "run"
+        self.state_dir = self.root / "state"
+        for d in (self.base_dir, self.state_dir):
+            d.mkdir(parents=True)
+        self.log_path = self.root / "dovecot.log"
+        self.config = self.root / "dovecot.conf"
+        self.config.write_text(
+            f"""\
+# --- test harness ---
+base_dir = {self.base_dir}
+state_dir = {self.state_dir}
+log_path = {self.log_path}
+protocols =
+ssl = no
+# failed logins answer at once (production keeps the 2 s default)
+auth_failure_delay = 0
+# --- role snippet (docs/snippets) ---
+{snippet_text}"""
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = which("dovecot")
+        assert exe is not None
+        with open(self.root / "start.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [exe, "-F", "-c", str(self.config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        sock = self.base_dir / "auth-client"
+        deadline = time.monotonic() + START_TIMEOUT
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                stop(self.proc)
+                raise RuntimeError(f"dovecot did not start: {tail(self.root / 'start.log')}{tail(self.log_path)}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+    def auth(self, user: str, password: str) -> bool:
+        """`doveadm auth test` without the failure penalty: True = accepted."""
+        exe = which("doveadm")
+        assert exe is not None
+        proc = subprocess.run(
+            [exe, "-c", str(self.config), "auth", "test", "-x", "no-penalty", user, password],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode not in (0, 77):
+            raise RuntimeError(f"doveadm auth test rc={proc.returncode}: {proc.stderr}{tail(self.log_path)}")
+        return proc.returncode == 0
+
+
+def hash_password(password: str) -> str:
+    """A SHA512-CRYPT hash from Dovecot itself, as an admin would put in mailPassword."""
+    exe = which("doveadm")
+    assert exe is not None
+    out = subprocess.run(
+        [exe, "pw", "-s", "SHA512-CRYPT", "-p", password], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    return out.removeprefix("{SHA512-CRYPT}")
+
+
+# ----------------------------------------------------------------------------- the stack
+@dataclass
+class Role:
+    name: str
+    dir: Path
+    config: Path
+    subs: Substitutions
+
+    @property
+    def maps(self) -> Path:
+        return self.dir / "maps"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    def sync(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_ldapsync(self.config, "--once", *args)
+
+
+class MailStack:
+    """slapd -> ldapsync (MX, SRS, submission configs) -> Postfix x3 + Dovecot -> sinks.
+
+    MX: relays forwarded addresses to the SRS Postfix, everything else to the ``mailbox``
+    sink; SRS: rewrites forwards and hands them to ``world``; submission: SASL via Dovecot,
+    outgoing mail to ``world``.
+    """
+
+    def __init__(self, workdir: Path, ldap_uri: str, bind_password_file: Path, **config_extra: Any):
+        self.workdir = workdir
+        self.mailbox = Sink(workdir, "mailbox")
+        self.world = Sink(workdir, "world")
+        self.etc = workdir / "etc-ldapsync"
+        self.etc.mkdir()
+        shutil.copy(SNIPPETS / "mail.yaml", self.etc / "mail.yaml")
+        secret = self.etc / "bind.secret"
+        shutil.copy(bind_password_file, secret)
+        secret.chmod(0o600)
+        self.passwd_dir = workdir / "dovecot-private"
+        self.passwd_dir.mkdir(mode=0o750)
+        shutil.chown(self.passwd_dir, "root", "dovecot")
+        cert, key = self_signed_cert(workdir)
+
+        self.roles: dict[str, Role] = {}
+        self.postfix: dict[str, Postfix] = {}
+        names = ("srs", "mx", "submission")
+        ports = {n: free_port() for n in names}
+        for name in names:
+            rdir = workdir / name
+            (rdir / "maps").mkdir(parents=True)
+            subs = Substitutions(
+                {
+                    MAPS_DIR: str(rdir / "maps"),
+                    STATE_DIR: str(rdir / "state"),
+                    PASSWD_DIR: str(self.passwd_dir),
+                    ETC_DIR: str(self.etc),
+                    CERT_FILE: str(cert),
+                    KEY_FILE: str(key),
+                    "[srs.example.org]": f"[127.0.0.1]:{ports['srs']}",
+                    "[mx.example.org]": f"[127.0.0.1]:{ports['mx']}",
+                    "[mailbox.example.org]": self.mailbox.nexthop,
+                }
+            )
+            config = ldapsync_config(
+                f"ldapsync-{name}.yaml",
+                rdir / "ldapsync.yaml",
+                subs,
+                ldap_uri=ldap_uri,
+                bind_password_file=secret,
+                **config_extra,
+            )
+            self.roles[name] = Role(name, rdir, config, subs)
+        for name in names:
+            subs = self.roles[name].subs
+            has_master = (SNIPPETS / f"postfix-{name}-master.cf").exists()
+            master = snippet(f"postfix-{name}-master.cf", subs) if has_master else ""
+            main = snippet(f"postfix-{name}-main.cf", subs)
+            self.postfix[name] = Postfix(
+                workdir, name, world=self.world, main_cf=main, master_cf=master, port=ports[name]
+            )
+        # the Dovecot auth socket lives in the submission Postfix's queue directory
+        sub_subs = self.roles["submission"].subs
+        sub_subs.pairs[POSTFIX_SPOOL] = str(self.postfix["submission"].queue_dir)
+        self.dovecot = Dovecot(workdir, snippet("dovecot-ldapsync.conf", sub_subs))
+
+    @property
+    def mx(self) -> Postfix:
+        return self.postfix["mx"]
+
+    @property
+    def srs(self) -> Postfix:
+        return self.postfix["srs"]
+
+    @property
+    def submission(self) -> Postfix:
+        return self.postfix["submission"]
+
+    def sync_all(self, *args: str, expect_rc: int = 0) -> dict[str, subprocess.CompletedProcess[str]]:
+        """`ldapsync --once` for every role, in parallel (each is mostly Python start-up)."""
+        procs = {
+            name: subprocess.Popen(
+                [str(LDAPSYNC), "-c", str(role.config), "--once", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, role in self.roles.items()
+        }
+        done = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            assert proc.returncode == expect_rc, f"ldapsync --once ({name}) rc={proc.returncode}:\n{err}"
+        return done
+
+    def installed(self) -> dict[Path, bytes]:
+        """Every file ldapsync installed for every role (maps, compiled maps, passwd-file)."""
+        files = [p for role in self.roles.values() for p in role.maps.iterdir()]
+        files += list(self.passwd_dir.iterdir())
+        return {p: p.read_bytes() for p in sorted(files) if p.is_file()}
+
+    def start(self) -> None:
+        for sink in (self.mailbox, self.world):
+            sink.start()
+        for pf in self.postfix.values():
+            pf.spawn()  # in parallel: each takes a second or two
+        for pf in self.postfix.values():
+            pf.wait_ready()
+        self.dovecot.start()  # after Postfix made its queue's private/ for the auth socket
+
+    def stop(self) -> None:
+        for pf in self.postfix.values():
+            with contextlib.suppress(Exception):
+                pf.stop()
+        self.dovecot.stop()
+        for sink in (self.mailbox, self.world):
+            sink.stop()
+
+    def logs(self) -> str:
+        parts = [f"== postfix {n} ==\n{pf.log()[-4000:]}" for n, pf in self.postfix.items()]
+        parts.append(f"== dovecot ==\n{tail(self.dovecot.log_path)}")
+        return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- log reading
+@dataclass(frozen=True)
+class Delivery:
+    queue_id: str
+    to: str
+    orig_to: str | None
+    relay: str
+    status: str
+
+
+def deliveries(pf: Postfix, token: str) -> list[Delivery]:
+    """What Postfix logged for the message(s) whose Message-ID carries ``token``.
+
+    Follows queue ids from the `message-id=<token@e2e.test>` line to every
+    `to=<...>, [orig_to=<...>,] relay=..., status=...` line of the same queue file.
+    """
+    log = pf.log()
+    ids = {
+        line.split(": message-id=")[0].rsplit(" ", 1)[-1]
+        for line in log.splitlines()
+        if f"message-id=<{token}@e2e.test>" in line
+    }
+    out = []
+    for line in log.splitlines():
+        for qid in ids:
+            marker = f" {qid}: to=<"
+            if marker not in line:
+                continue
+            fields = dict(part.split("=", 1) for part in line.split(f" {qid}: ", 1)[1].split(", ") if "=" in part)
+            out.append(
+                Delivery(
+                    qid,
+                    fields["to"].strip("<>"),
+                    fields["orig_to"].strip("<>") if "orig_to" in fields else None,
+                    fields.get("relay", ""),
+                    fields.get("status", "").split(" ", 1)[0],
+                )
+            )
+    return out
+
+
+def bounces(pf: Postfix) -> list[str]:
+    """Log lines of mail Postfix bounced or deferred (the things a held change must never cause)."""
+    return [ln for ln in pf.log().splitlines() if "status=bounced" in ln or "status=deferred" in ln]
+
+
+def token() -> str:
+    """A unique tag for one test message (in Subject, body and Message-ID)."""
+    return uuid.uuid4().hex
+
+
+def expect(sink: Sink, tok: str, want: set[str], stack: MailStack) -> None:
+    """``sink`` got exactly ``want`` for this token once every queue has drained."""
+    try:
+        wait_for(lambda: sink.recipients(tok) >= want, DELIVERY_WAIT, f"{sorted(want)} at the {sink.name} sink")
+        for pf in stack.postfix.values():
+            pf.flush_and_wait_empty()
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{stack.logs()}") from None
+    assert sink.recipients(tok) == want
