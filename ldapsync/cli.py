@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +10,9 @@ from pathlib import Path
 
 import structlog
 
-from ldapsync import __version__, config as config_mod, log as log_mod
+from ldapsync import __version__
+from ldapsync import config as config_mod
+from ldapsync import log as log_mod
 from ldapsync.errors import ConfigError, HeldError, LdapsyncError, SourceError, StateError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import glob
 import os
 import re
 import subprocess
@@ -47,7 +48,12 @@ class Output:
 
     @property
     def env_name(self) -> str:
-        return re.sub(r"[^A-Z0-9]", "_", self.name.upper())
+        return env_name(self.name)
+
+
+def env_name(name: str) -> str:
+    """An output name as it appears in hook variables (LDAPSYNC_STAGED_<NAME>)."""
+    return re.sub(r"[^A-Z0-9]", "_", name.upper())
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +133,11 @@ def install(
     hook_config: Hooks,
     generation: str,
     before_rename: Callable[[], None] | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> list[Output]:
     """Install every output whose bytes or attributes changed; return those."""
+    for out in outputs:
+        _remove_stale_staging(out)
     changed = [o for o in outputs if needs_install(o)]
     if not changed:
         return []
@@ -137,6 +146,7 @@ def install(
         for out in changed:
             _stage(out, postmap, staged)
         env = {
+            **(extra_env or {}),
             "LDAPSYNC_GENERATION": generation,
             "LDAPSYNC_STAGED_FILES": "\n".join(str(s.source) for s in staged),
             "LDAPSYNC_CHANGED_FILES": "\n".join(str(s.output.path) for s in staged),
@@ -144,6 +154,8 @@ def install(
         for s in staged:
             env[f"LDAPSYNC_STAGED_{s.output.env_name}"] = str(s.source)
             env[f"LDAPSYNC_MAPTYPE_{s.output.env_name}"] = s.output.map_type or "none"
+        if postmap.config_dir is not None:
+            env["LDAPSYNC_POSTFIX_CONFIG_DIR"] = str(postmap.config_dir)
         if hook_config.check:
             hooks.run(hook_config.check, env, hook_config.timeout, phase="check")
         if before_rename is not None:
@@ -164,9 +176,19 @@ def install(
     return changed
 
 
+def _remove_stale_staging(out: Output) -> None:
+    """Remove staging files a killed ldapsync left behind (the caller holds the state lock)."""
+    with contextlib.suppress(OSError):
+        for stale in out.path.parent.glob(f".{glob.escape(out.path.name)}.*.ldapsync-staged*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                log.warning("removed a staging file left by an interrupted sync", path=str(stale))
+
+
 def _stage(out: Output, postmap: Postmap, staged: list[_Staged]) -> None:
     directory = out.path.parent
     try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
         fd, tmp = tempfile.mkstemp(prefix=f".{out.path.name}.", suffix=".ldapsync-staged", dir=directory)
     except OSError as e:
         raise CommitError(f"{out.name}: cannot create a staging file in {directory}: {e.strerror}") from e
@@ -179,7 +201,8 @@ def _stage(out: Output, postmap: Postmap, staged: list[_Staged]) -> None:
             os.fsync(fh.fileno())
     except OSError as e:
         raise CommitError(f"{out.name}: cannot write {tmp}: {e.strerror}") from e
-    _ensure_mtime_moves(out.path, s.source)
+    if out.compiled is None:  # Postfix warns when a .db is older than its source: leave those alone
+        _ensure_mtime_moves(out.path, s.source)
     if out.compiled is not None and out.map_type:
         argv = postmap.argv(out.map_type, s.source)
         s.compiled = s.source.with_name(s.source.name + COMPILED_SUFFIX[out.map_type])

@@ -85,7 +85,7 @@ def check(config_path: Path, max_age: float, warn_age: float | None) -> int:
         cfg = config_mod.load(config_path)
         info = _collect(cfg)
     except (ConfigError, OSError) as e:
-        print(f"LDAPSYNC UNKNOWN - {e}")
+        print(f"LDAPSYNC UNKNOWN - {_one_line(str(e))}")
         return UNKNOWN
     warn = warn_age if warn_age is not None else max_age / 2
     age = info["last_success_age"]
@@ -109,5 +109,10 @@ def check(config_path: Path, max_age: float, warn_age: float | None) -> int:
     else:
         code, text = OK, f"last success {age:.0f}s ago, generation {info['generation']}"
     label = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}[code]
-    print(f"LDAPSYNC {label} - {text} | {perf}")
+    print(f"LDAPSYNC {label} - {_one_line(text)} | {perf}")
     return code
+
+
+def _one_line(text: str) -> str:
+    """Monitoring reads one line, and everything after a '|' as perfdata."""
+    return " ".join(text.split()).replace("|", "/")

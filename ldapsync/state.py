@@ -46,6 +46,17 @@ class Generation:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StateError(f"generation {self.id}: snapshot unreadable: {e}") from e
 
+    def verify(self) -> None:
+        """Raise StateError unless snapshot and outputs are complete and match meta.json."""
+        snap = self.snapshot()
+        if snap.digest() != self.meta.get("snapshot_digest"):
+            raise StateError(f"generation {self.id}: snapshot does not match its digest")
+        for name in self.meta.get("hashes", {}):
+            try:
+                self.output(name)
+            except OSError as e:
+                raise StateError(f"generation {self.id}: output {name} unreadable: {e.strerror}") from e
+
     def output(self, name: str) -> bytes:
         data = (self.path / "outputs" / name).read_bytes()
         want = self.meta.get("hashes", {}).get(name)
@@ -167,7 +178,7 @@ class State:
 
     def generations(self) -> list[Generation]:
         """Readable generations, newest first; a damaged one is reported and skipped."""
-        out = []
+        out: list[Generation] = []
         if not self.generations_dir.is_dir():
             return out
         for path in sorted(self.generations_dir.iterdir(), reverse=True):
@@ -181,6 +192,8 @@ class State:
                 log.error("damaged generation ignored", generation=path.name, error=str(e))
                 continue
             out.append(Generation(path.name, path, meta))
+        # ids sort by second only (the rest is a content hash): the recorded time orders them
+        out.sort(key=lambda g: (_time(g.meta), g.id), reverse=True)
         return out
 
     def current_id(self) -> str | None:
@@ -196,6 +209,19 @@ class State:
             return next((g for g in gens if g.id == gid), None)
         current = self.current_id()
         return next((g for g in gens if g.id == current), gens[0] if gens else None)
+
+    def last_good(self) -> Generation | None:
+        """The current generation if intact, else the newest intact one; damage is logged."""
+        gens = self.generations()
+        current = self.current_id()
+        for g in sorted(gens, key=lambda g: g.id != current):
+            try:
+                g.verify()
+            except StateError as e:
+                log.error("damaged generation skipped", generation=g.id, error=str(e))
+                continue
+            return g
+        return None
 
     def set_current(self, gid: str) -> None:
         write_atomic(self.root / "current", gid.encode())
@@ -237,6 +263,11 @@ class State:
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
         write_atomic(self.root / name, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _time(meta: Mapping[str, Any]) -> float:
+    t = meta.get("time")
+    return float(t) if isinstance(t, int | float) else 0.0
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -339,7 +339,8 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
     gens = pipeline.state.generations()
     if gid is None:
         current = pipeline.state.current_id()
-        older = [g for g in gens if current is None or g.id < current]
+        ids = [g.id for g in gens]  # newest first
+        older = gens[ids.index(current) + 1 :] if current in ids else gens
         if not older:
             raise LdapsyncError("no earlier generation to roll back to")
         target: Generation | None = older[0]

@@ -1,0 +1,63 @@
+"""The offline LDIF source: same Snapshot as LDAP would give, errors naming file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldapsync import ldifsource, schema
+from ldapsync.config import LdifSource
+from ldapsync.errors import SourceError
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_LDIF = REPO / "fixtures" / "ldif" / "demo.ldif"
+BASE_LDIF = REPO / "fixtures" / "ldif" / "base.ldif"
+ATTRS = schema.resolve("ud-ldap", {}, file=Path("test.yaml"))
+
+
+def test_reads_demo_with_only_the_mapped_attributes() -> None:
+    snap = ldifsource.read(LdifSource(DEMO_LDIF, "ou=users,dc=example,dc=org"), ATTRS)
+    assert snap.source == f"ldif:{DEMO_LDIF}"
+    dns = [e.dn for e in snap.entries]
+    assert "uid=alice,ou=users,dc=example,dc=org" in dns and dns == sorted(dns, key=str.lower)
+    wanted = {a.lower() for a in ATTRS.ldap_attributes()}
+    for e in snap.entries:
+        assert set(e.attributes) <= wanted, e.dn  # cn, sn, objectClass are not carried along
+    carol = next(e for e in snap.entries if e.dn.startswith("uid=carol,"))
+    assert len(carol.get("emailForward")) == 2
+
+
+def test_base_dn_limits_the_entries(tmp_path: Path) -> None:
+    ldif = tmp_path / "all.ldif"
+    ldif.write_text(BASE_LDIF.read_text() + "\n" + DEMO_LDIF.read_text())
+    everything = ldifsource.read(LdifSource(ldif), ATTRS)
+    users = ldifsource.read(LdifSource(ldif, "OU=Users, dc=example,dc=org"), ATTRS)  # DN compared normalised
+    assert any("ou=services" in e.dn for e in everything.entries)
+    assert not any("ou=services" in e.dn for e in users.entries)
+    assert {e.dn for e in users.entries} >= {
+        e.dn for e in everything.entries if e.dn.endswith(",ou=users,dc=example,dc=org")
+    }
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=str(tmp_path / "nope.ldif")):
+        ldifsource.read(LdifSource(tmp_path / "nope.ldif"), ATTRS)
+
+
+def test_malformed_ldif_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ldif"
+    bad.write_text(
+        "dn: uid=a,ou=users,dc=example,dc=org\nuid: a\n\ndn: uid=b,ou=users,dc=example,dc=org\nuid:: !!!notbase64\n"
+    )
+    with pytest.raises(SourceError) as err:
+        ldifsource.read(LdifSource(bad), ATTRS)
+    assert str(bad) in str(err.value) and "line" in str(err.value)
+
+
+def test_invalid_utf8_value_is_rejected_not_decoded(tmp_path: Path) -> None:
+    ldif = tmp_path / "u.ldif"
+    ldif.write_text("dn: uid=x,ou=users,dc=example,dc=org\nuid: x\nemailForward:: /w==\n")  # b"\xff"
+    snap = ldifsource.read(LdifSource(ldif), ATTRS)
+    assert snap.entries[0].get("emailForward") == ()
+    assert [(r.dn, r.attribute) for r in snap.rejections] == [("uid=x,ou=users,dc=example,dc=org", "emailForward")]

@@ -1,0 +1,143 @@
+"""Operator visibility: `ldapsync status [--json]` and the Nagios/Icinga `check` plugin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ldapsync.state import State
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_LDIF = REPO / "fixtures" / "ldif" / "demo.ldif"
+BASE_LDIF = REPO / "fixtures" / "ldif" / "base.ldif"
+EXPORTERS: list[dict[str, Any]] = [
+    {"kind": "postfix-virtual", "name": "alias", "path": "out/alias", "include": ["aliases", "forwards"]},
+    {"kind": "postfix-recipients", "path": "out/recipients"},
+    {"kind": "dovecot-passwd", "path": "out/passwd"},
+]
+# one line: "LDAPSYNC <STATE> - <text> | <perfdata>", perfdata 'label=value[uom][;warn;crit]' items
+CHECK_LINE = re.compile(
+    r"^LDAPSYNC (OK|WARNING|CRITICAL|UNKNOWN) - [^|\n]+?(?: \| ((?:[\w.-]+=[\d.]+s?(?:;[\d.]*){0,4} ?)+))?\n$"
+)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    ldif = tmp_path / "users.ldif"
+    ldif.write_bytes(DEMO_LDIF.read_bytes())
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": {"path": str(ldif), "base_dn": "ou=users,dc=example,dc=org"}},
+        "state_dir": "state",
+        "exporters": EXPORTERS,
+        "hooks": {"reload": [["sh", "-c", f"test ! -e {tmp_path / 'reload-fails'}"]]},
+    }
+    (tmp_path / "ldapsync.yaml").write_text(yaml.safe_dump(doc))
+    return tmp_path
+
+
+def cli(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ldapsync", "-c", str(site / "ldapsync.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def check(site: Path, *args: str) -> tuple[int, str, str]:
+    proc = cli(site, "check", *args)
+    assert CHECK_LINE.match(proc.stdout), f"not one Nagios status line: {proc.stdout!r}"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def status_json(site: Path) -> dict[str, Any]:
+    proc = cli(site, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_status_json_describes_the_installed_state(site: Path) -> None:
+    assert cli(site, "--once").returncode == 0
+    info = status_json(site)
+    assert 0 <= info["last_success_age"] < 60
+    assert info["result"] == "installed"
+    assert info["source"] == f"ldif:{site / 'users.ldif'}"
+    assert info["generation"] == State(site / "state").current_id() is not None
+    assert info["held"] is None and info["reload_pending"] == []
+    for exp in EXPORTERS:
+        name = exp.get("name", exp["kind"])
+        data = (site / exp["path"]).read_bytes()
+        assert info["outputs"][name] == {
+            "path": str(site / exp["path"]),
+            "entries": data.count(b"\n"),
+            "sha256": hashlib.sha256(data).hexdigest(),  # what an admin compares across MXes
+        }
+    human = cli(site, "status").stdout
+    assert "held change:    none" in human and info["generation"] in human
+
+
+def test_status_shows_a_held_change_and_an_outage(site: Path) -> None:
+    cli(site, "--once")
+    gen = State(site / "state").current_id()
+    (site / "users.ldif").write_text(BASE_LDIF.read_text())
+    assert cli(site, "--once").returncode == 4
+    info = status_json(site)
+    assert "no mail accounts" in info["held"] and info["result"] == "held"
+    assert info["generation"] == gen, "a held change is not installed"
+
+    (site / "users.ldif").unlink()
+    assert cli(site, "--once").returncode == 1
+    info = status_json(site)
+    assert info["result"] == "error" and "users.ldif" in info["error"] and info["ldap_reachable"] is False
+    assert "last error:" in cli(site, "status").stdout
+
+
+def test_check_states(site: Path) -> None:
+    code, line, _ = check(site, "--max-age", "3600")
+    assert code == 2 and "missing outputs" in line  # never synced
+
+    cli(site, "--once")
+    code, line, err = check(site, "--max-age", "3600")
+    assert (code, err) == (0, "") and line.startswith("LDAPSYNC OK - ")
+    perf = dict(item.split("=", 1) for item in line.split(" | ", 1)[1].split())
+    assert perf["age"].endswith(";1800;3600") and perf["alias"] == str((site / "out/alias").read_bytes().count(b"\n"))
+
+    code, line, _ = check(site, "--max-age", "3600", "--warn-age", "0")
+    assert code == 1 and "last success" in line
+    code, line, _ = check(site, "--max-age", "0")
+    assert code == 2 and "last success" in line
+
+    (site / "reload-fails").touch()  # a change whose reload fails: WARNING until retried
+    (site / "users.ldif").write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
+    cli(site, "--once")
+    code, line, _ = check(site, "--max-age", "3600")
+    assert code == 1 and "reload pending" in line
+    (site / "reload-fails").unlink()
+    cli(site, "--once")
+    assert check(site, "--max-age", "3600")[0] == 0
+
+    (site / "users.ldif").write_text(BASE_LDIF.read_text())
+    cli(site, "--once")
+    code, line, _ = check(site, "--max-age", "3600")
+    assert code == 1 and "held" in line
+
+    (site / "out/passwd").unlink()
+    code, line, _ = check(site, "--max-age", "3600")
+    assert code == 2 and "dovecot-passwd" in line
+
+
+def test_check_unknown_on_a_broken_config(site: Path) -> None:
+    (site / "ldapsync.yaml").write_text("domain: [\n")
+    code, line, err = check(site, "--max-age", "3600")
+    assert code == 3 and line.startswith("LDAPSYNC UNKNOWN - ") and str(site / "ldapsync.yaml") in line
+    assert err == ""
