@@ -23,12 +23,20 @@ def parser() -> argparse.ArgumentParser:
         prog="ldapsync",
         description="Follow LDAP and atomically install Postfix maps and a Dovecot passwd-file.",
     )
-    p.add_argument("-c", "--config", type=Path, default=config_mod.DEFAULT_CONFIG, help="config file (default %(default)s)")
+    p.add_argument(
+        "-c", "--config", type=Path, default=config_mod.DEFAULT_CONFIG, help="config file (default %(default)s)"
+    )
     p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="sync once and exit (0 ok, 1 failed, 2 config error, 4 held)")
-    mode.add_argument("--dry-run", action="store_true", help="print the diff that would be installed (exit 0 none, 1 changes, 2 error)")
-    p.add_argument("--force", action="store_true", help="install even if a safety guard would hold the change (one run)")
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the diff that would be installed (exit 0 none, 1 changes, 2 error)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="install even if a safety guard would hold the change (one run)"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("snapshots", help="list generations (last-known-good snapshots)")
     rb = sub.add_parser("rollback", help="reinstall a generation through the normal commit path")
@@ -37,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="last sync, source, held changes, outputs and their hashes")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     ck = sub.add_parser("check", help="Nagios/Icinga plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
-    ck.add_argument("--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older")
+    ck.add_argument(
+        "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
+    )
     ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
     return p
 
@@ -127,7 +137,10 @@ def _dry_run(pipeline: object, force: bool) -> int:
     if result.held_reason:
         print(f"ldapsync: this change would be HELD: {result.held_reason}", file=sys.stderr)
     elif held is not None:
-        print(f"ldapsync: a change is held since {time.ctime(held[1].get('time', 0))}: {held[1].get('reason')}", file=sys.stderr)
+        print(
+            f"ldapsync: a change is held since {time.ctime(held[1].get('time', 0))}: {held[1].get('reason')}",
+            file=sys.stderr,
+        )
     summary = ", ".join(f"{n}" for n in result.diffs) or "no changes"
     print(f"ldapsync: dry run: {summary}", file=sys.stderr)
     return 1 if result.diffs else 0

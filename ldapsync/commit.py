@@ -120,9 +120,7 @@ def diff(out: Output, redact: Callable[[str], str]) -> str:
         new = [redact(line.rstrip("\n")) + "\n" for line in new]
     exists = out.path.exists()
     return "".join(
-        difflib.unified_diff(
-            old, new, fromfile=str(out.path) if exists else "/dev/null", tofile=str(out.path)
-        )
+        difflib.unified_diff(old, new, fromfile=str(out.path) if exists else "/dev/null", tofile=str(out.path))
     )
 
 
@@ -211,9 +209,7 @@ def _stage(out: Output, postmap: Postmap, staged: list[_Staged]) -> None:
         except (OSError, subprocess.TimeoutExpired) as e:
             raise CommitError(f"{out.name}: cannot run {argv[0]}: {e}") from e
         if proc.returncode != 0 or not s.compiled.exists():
-            raise CommitError(
-                f"{out.name}: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}"
-            )
+            raise CommitError(f"{out.name}: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
         with contextlib.suppress(OSError):
             fd2 = os.open(s.compiled, os.O_RDONLY)
             try:

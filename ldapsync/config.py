@@ -330,7 +330,7 @@ def _source(s: _Section) -> LdapSource | LdifSource:
     filt = ls.get("filter", str, "(objectClass=*)")
     if not (filt.startswith("(") and filt.endswith(")")):
         raise ls.error("filter", "must be an LDAP filter in parentheses")
-    result = LdapSource(
+    ldap = LdapSource(
         uris=uris,
         base_dn=ls.require("base_dn", str),
         filter=filt,
@@ -347,7 +347,7 @@ def _source(s: _Section) -> LdapSource | LdifSource:
     )
     ls.done()
     s.done()
-    return result
+    return ldap
 
 
 def _required_path(s: _Section, name: str) -> Path:
@@ -374,12 +374,12 @@ def _exporter(s: _Section) -> ExporterSpec:
     mode: int | None = None
     if isinstance(mode_raw, int):
         # YAML 1.1 reads an unquoted 0640 as the number 416: guessing would install 0416 or worse.
-        raise s.error("mode", f"write the mode as a quoted octal string like \"0640\", not the number {mode_raw}")
+        raise s.error("mode", f'write the mode as a quoted octal string like "0640", not the number {mode_raw}')
     if mode_raw is not None:
         try:
             mode = int(mode_raw, 8)
         except ValueError as e:
-            raise s.error("mode", f"{mode_raw!r} is not an octal mode like \"0640\"") from e
+            raise s.error("mode", f'{mode_raw!r} is not an octal mode like "0640"') from e
         if not 0 <= mode <= 0o777:
             raise s.error("mode", "must be between 0000 and 0777")
     name = s.get("name", str, kind)

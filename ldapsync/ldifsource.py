@@ -38,4 +38,3 @@ def read(source: LdifSource, attributes: AttributeMap) -> Snapshot:
 
 def _dn_key(dn: str) -> str:
     return ",".join(part.strip().lower() for part in dn.split(","))
-

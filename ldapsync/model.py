@@ -176,9 +176,7 @@ def build(
             static_keys[s.address] = s.key
             clash = owner_dn.get(s.address) or alias_dn.get(s.address)
             if clash:
-                report.warnings.append(
-                    f"{static.file}: {s.key} overrides {s.address} from LDAP entry {clash}"
-                )
+                report.warnings.append(f"{static.file}: {s.key} overrides {s.address} from LDAP entry {clash}")
             forwards.pop(s.address, None)
             aliases.pop(s.address, None)
             if s.address in disabled:
@@ -372,7 +370,7 @@ def _sender_logins(users: Mapping[str, str], aliases: Mapping[str, list[str]]) -
         memo[addr] = frozenset(found)
         return memo[addr]
 
-    out = {}
+    out: dict[str, tuple[str, ...]] = {}
     for addr in sorted(set(users) | set(aliases)):
         if addr not in aliases:  # the common case: an account sends as itself
             out[addr] = (users[addr],)

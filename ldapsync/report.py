@@ -26,7 +26,11 @@ def _collect(cfg: Config) -> dict[str, Any]:
     for spec in cfg.exporters:
         try:
             data = spec.path.read_bytes()
-            outputs[spec.name] = {"path": str(spec.path), "entries": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
+            outputs[spec.name] = {
+                "path": str(spec.path),
+                "entries": data.count(b"\n"),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
         except OSError:
             outputs[spec.name] = {"path": str(spec.path), "entries": None, "sha256": None, "missing": True}
     return {
@@ -76,7 +80,10 @@ def snapshots(state: State) -> int:
         mark = "*" if g.id == current else " "
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.meta.get("time", 0)))
         lines = g.meta.get("lines", {})
-        print(f"{mark} {g.id}  {when}  {g.meta.get('source', '?')}  " + " ".join(f"{k}={v}" for k, v in sorted(lines.items())))
+        print(
+            f"{mark} {g.id}  {when}  {g.meta.get('source', '?')}  "
+            + " ".join(f"{k}={v}" for k, v in sorted(lines.items()))
+        )
     return 0
 
 

@@ -124,7 +124,15 @@ class Pipeline:
         return commit.Postmap(cfg.postmap, conf)
 
     def spec_digest(self, spec: ExporterSpec) -> str:
-        doc = [spec.kind, str(spec.path), spec.map_type, spec.mode, spec.owner, spec.group, sorted(spec.options.items())]
+        doc = [
+            spec.kind,
+            str(spec.path),
+            spec.map_type,
+            spec.mode,
+            spec.owner,
+            spec.group,
+            sorted(spec.options.items()),
+        ]
         return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
 
     # -- guards -------------------------------------------------------------------------
@@ -140,7 +148,8 @@ class Pipeline:
                 continue
             removed = len(old - _keys(out.data.decode("utf-8", "replace"), out))
             if removed > safety.max_deletions:
-                return f"{out.name}: {removed} of {len(old)} entries would be deleted (max_deletions {safety.max_deletions})"
+                limit = safety.max_deletions
+                return f"{out.name}: {removed} of {len(old)} entries would be deleted (max_deletions {limit})"
             if removed > RATIO_FLOOR and removed / len(old) > safety.max_deletion_ratio:
                 return (
                     f"{out.name}: {removed} of {len(old)} entries ({removed / len(old):.0%}) would be deleted "
@@ -177,8 +186,13 @@ class Pipeline:
             return Result("dry-run", list(diffs), diffs=diffs, held_reason=held, counts=counts)
         if held:
             self.state.hold(snapshot, {"reason": held, "source": snapshot.source, "counts": counts})
-            log.error("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it", reason=held)
-            self._note(result="held", held=held, source=snapshot.source, ldap_reachable=True, rejected=len(report.rejections))
+            log.error(
+                "change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",
+                reason=held,
+            )
+            self._note(
+                result="held", held=held, source=snapshot.source, ldap_reachable=True, rejected=len(report.rejections)
+            )
             metrics.write(self.config, self.state)
             return Result("held", held_reason=held, counts=counts)
         result = self.install(snapshot, outputs, before_rename=before_rename, report=report)
@@ -260,7 +274,9 @@ class Pipeline:
             return
         self._note(reload_pending=pending)
         outs = [o for o in changed] or [
-            commit.Output(spec.name, spec.path, b"", spec.map_type, 0) for spec, _ in self.exporters if spec.name in pending
+            commit.Output(spec.name, spec.path, b"", spec.map_type, 0)
+            for spec, _ in self.exporters
+            if spec.name in pending
         ]
         try:
             commit.reload(self.config.hooks, outs, generation)
@@ -353,7 +369,9 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
     saved: Mapping[str, str] = target.meta.get("hashes", {})
     for o in outputs:
         if o.name in saved and hashlib.sha256(o.data).hexdigest() != saved[o.name]:
-            log.warning("output differs from when the generation was made (config or static file changed)", output=o.name)
+            log.warning(
+                "output differs from when the generation was made (config or static file changed)", output=o.name
+            )
     result = pipeline.install(snapshot, outputs, record=False)
     pipeline.state.set_current(target.id)
     pipeline._note(result="rolled-back", generation=target.id)

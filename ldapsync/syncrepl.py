@@ -243,9 +243,7 @@ class SyncInfoIdSet:
     refresh_deletes: bool = False
 
 
-SyncInfo: TypeAlias = (
-    SyncInfoNewCookie | SyncInfoRefreshDelete | SyncInfoRefreshPresent | SyncInfoIdSet
-)
+SyncInfo: TypeAlias = SyncInfoNewCookie | SyncInfoRefreshDelete | SyncInfoRefreshPresent | SyncInfoIdSet
 
 
 # ------------------------------------------------------------------------ encoders
@@ -477,13 +475,7 @@ class SearchFinished:
 
 
 Event: TypeAlias = (
-    EntryChanged
-    | EntryPresent
-    | EntryDeleted
-    | CookieChanged
-    | RefreshComplete
-    | RefreshRequired
-    | SearchFinished
+    EntryChanged | EntryPresent | EntryDeleted | CookieChanged | RefreshComplete | RefreshRequired | SearchFinished
 )
 
 
@@ -663,9 +655,7 @@ class SyncConsumer:
             events = [self._delete(st.uuid, msg.dn)]
         else:
             self._seen(st.uuid)
-            attrs = MappingProxyType(
-                {k: tuple(bytes(v) for v in vs) for k, vs in msg.attributes.items()}
-            )
+            attrs = MappingProxyType({k: tuple(bytes(v) for v in vs) for k, vs in msg.attributes.items()})
             events = [EntryChanged(st.uuid, msg.dn, attrs)]
         return events + self._take_cookie(st.cookie)
 
@@ -683,9 +673,7 @@ class SyncConsumer:
         if not self._refreshing:
             raise SyncProtocolError(f"Sync Info {name} during persist stage")
         if info.refresh_done and self._mode is Mode.REFRESH_ONLY:
-            raise SyncProtocolError(
-                f"Sync Info {name} with refreshDone in refreshOnly mode (expected SearchDone)"
-            )
+            raise SyncProtocolError(f"Sync Info {name} with refreshDone in refreshOnly mode (expected SearchDone)")
         present = isinstance(info, SyncInfoRefreshPresent)
         self._enter(Phase.REFRESH_PRESENT if present else Phase.REFRESH_DELETE, f"Sync Info {name}")
         events = self._end_phase(present)
@@ -730,9 +718,7 @@ class SyncConsumer:
                 events += self._commit_cookie(done.cookie)
             return [*events, SearchFinished(msg.result_code, msg.message)]
         if done is None:
-            raise SyncProtocolError(
-                "successful SearchDone during refresh without Sync Done control"
-            )
+            raise SyncProtocolError("successful SearchDone during refresh without Sync Done control")
         present = not done.refresh_deletes
         self._enter(Phase.REFRESH_PRESENT if present else Phase.REFRESH_DELETE, "Sync Done")
         events = self._end_phase(present)

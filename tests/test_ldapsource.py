@@ -332,11 +332,6 @@ def test_wrong_bind_password_is_a_clear_error(tmp_path: Path, slapd: Slapd) -> N
     assert "not-the-password" not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ldapsource.connect() does not close the ldap3 connection when open/StartTLS/bind fails: "
-    "one leaked socket per failed attempt until the GC finds it (reported to the ldapsource owner)",
-)
 def test_failed_connections_close_their_sockets(tmp_path: Path, slapd: Slapd) -> None:
     wrong = tmp_path / "wrong.secret"
     wrong.write_text("not-the-password")

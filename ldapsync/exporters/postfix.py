@@ -51,7 +51,7 @@ class TransportExporter(Exporter):
     def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
         nexthop = options.get("nexthop")
         if not nexthop or any(c.isspace() for c in nexthop) or ":" not in nexthop:
-            raise ConfigError("is required, like \"smtp:[srs.example.org]\"", file=file, key=f"{key}.nexthop")
+            raise ConfigError('is required, like "smtp:[srs.example.org]"', file=file, key=f"{key}.nexthop")
 
     def render(self, model: RoutingModel) -> bytes:
         nexthop = self.settings["nexthop"]
@@ -92,6 +92,4 @@ class AccessExporter(Exporter):
 
     def render(self, model: RoutingModel) -> bytes:
         action = self.settings.get("action", "REJECT")
-        return lines(
-            sorted((v, f"{action} {msg}") for a, msg in model.disabled.items() for v in model.variants(a))
-        )
+        return lines(sorted((v, f"{action} {msg}") for a, msg in model.disabled.items() for v in model.variants(a)))

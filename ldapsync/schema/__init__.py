@@ -70,9 +70,7 @@ def resolve(preset: str, overrides: Mapping[str, object], *, file: Path | None) 
                 key=f"attributes.{name}",
             )
         if value is not None and (not isinstance(value, str) or not _is_attr_name(value)):
-            raise ConfigError(
-                f"{value!r} is not an LDAP attribute name", file=file, key=f"attributes.{name}"
-            )
+            raise ConfigError(f"{value!r} is not an LDAP attribute name", file=file, key=f"attributes.{name}")
         base[name] = value
     login = base.pop("login")
     if not login:
