@@ -19,7 +19,15 @@ from typing import Any
 
 import sdnotify
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    EVENT_TYPE_CLOSED,
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from ldapsync import config as config_mod
@@ -31,6 +39,12 @@ log = structlog.get_logger(__name__)
 
 RETRY_FAILED_SYNC = 30.0  # seconds before a failed install (disk full, postmap) is retried
 FOLLOWER_STALL = 120.0  # no heartbeat for this long: stop pinging the systemd watchdog
+CONFIG_SETTLE = 0.2  # quiet time after a config/static edit before it is read (editors write in steps)
+# Only writes count: reading the file (opened, closed_no_write) must not trigger a reload,
+# or the agent's own read of a file it was told about would trigger the next reload, forever.
+_EDIT_EVENTS = frozenset(
+    {EVENT_TYPE_MODIFIED, EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED}
+)
 
 
 class _ConfigWatcher(FileSystemEventHandler):
@@ -41,6 +55,8 @@ class _ConfigWatcher(FileSystemEventHandler):
         self.paths = {p.resolve() for p in paths}
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in _EDIT_EVENTS:
+            return
         for raw in (event.src_path, getattr(event, "dest_path", None)):
             if raw and Path(os.fsdecode(raw)).resolve() in self.paths:
                 self.events.put(("config", None))
@@ -56,12 +72,14 @@ class Agent:
         self.mirror = watch.Mirror()
         self.follower: watch.Follower | None = None
         self.observer: Any = None
+        self.watched: set[Path] = set()
         self.ready = False
         self.synced = False  # the mirror holds a complete directory
         self.force_next = force_first
         self.pending_since: float | None = None
         self.last_event = 0.0
         self.retry_at: float | None = None
+        self.config_due: float | None = None  # reload the config files at this time
         self.rebuilds = 0
         self.last_result: sync.Result | None = None
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -110,11 +128,14 @@ class Agent:
         self.events.put((what, None))
 
     def _watch_files(self) -> None:
-        if self.observer is not None:
-            self.observer.stop()
         paths = {self.config.path}
         if self.config.static is not None:
             paths.add(self.config.static)
+        if self.observer is not None:
+            if paths == self.watched:
+                return  # restarting the observer on every reload races inside watchdog (spurious error logs)
+            self.observer.stop()
+        self.watched = paths
         observer = Observer()
         handler = _ConfigWatcher(self.events, paths)
         for directory in sorted({p.parent for p in paths}):
@@ -149,6 +170,10 @@ class Agent:
                     return
                 self._handle(kind)
             now = time.monotonic()
+            if self.config_due is not None and self.config_due <= now:
+                self.config_due = None
+                self._reload_config(resync=False)
+                now = time.monotonic()
             if self._time_to_rebuild(now) <= 0:
                 self._rebuild()
             if now - last_ping >= self.watchdog_interval / 2 or kind is None:
@@ -162,6 +187,8 @@ class Agent:
             deadlines.append(min(self.last_event + agent.debounce, self.pending_since + agent.max_delay))
         if self.retry_at is not None:
             deadlines.append(self.retry_at)
+        if self.config_due is not None:
+            deadlines.append(self.config_due)
         return min(deadlines) - now if deadlines else float("inf")
 
     def _handle(self, kind: str | None) -> None:
@@ -180,9 +207,10 @@ class Agent:
             if not self.ready:
                 self._fallback()
         elif kind == "config":
-            self._reload_config(resync=False)
+            self.config_due = now + CONFIG_SETTLE  # each write restarts the wait: one reload per edit
         elif kind == "hup":
             log.info("SIGHUP: re-reading the configuration and resyncing")
+            self.config_due = None
             self._reload_config(resync=True)
 
     def _rebuild(self) -> None:

@@ -69,14 +69,14 @@ class PsearchConsumer:
         kind = message.change_type
         if kind is not None and kind not in CHANGE_TYPES:
             raise PsearchProtocolError(f"{message.dn}: unknown change type {kind!r}")
-        if kind == "delete":
-            return [Delete(message.dn)]
         if kind == "modify dn":
             if not message.previous_dn:
                 raise PsearchProtocolError(f"{message.dn}: modify dn without previousDN")
             return [Upsert(message.dn, message.attributes, message.previous_dn)]
-        if message.previous_dn:
+        if message.previous_dn:  # the draft allows it on modDN only: a server we do not understand
             raise PsearchProtocolError(f"{message.dn}: previousDN on a {kind or 'plain'} notification")
+        if kind == "delete":
+            return [Delete(message.dn)]
         return [Upsert(message.dn, message.attributes)]
 
 

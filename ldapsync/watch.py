@@ -100,7 +100,8 @@ class Mirror:
             key = next((k for k, e in self._entries.items() if e.dn.lower() == dn.lower()), None)
         return self.delete(key) if key is not None else False
 
-    def set_cookie(self, cookie: bytes) -> None:
+    def set_cookie(self, cookie: bytes | None) -> None:
+        """None forgets the cookie: the next connection does a full refresh."""
         with self._lock:
             self.cookie = cookie
 
@@ -229,6 +230,8 @@ class Follower(threading.Thread):
             self.notify("error")
 
     def _before_sleep(self, retry_state: Any) -> None:
+        if self._halt.is_set():  # stop() closed the connection: not a directory failure worth a warning
+            raise Stopped
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if exc is not None and not isinstance(exc, (LdapsyncError, LDAPException, OSError)):
             log.error("unexpected error in the follower", error=repr(exc), exc_info=exc)
@@ -309,7 +312,8 @@ class Follower(threading.Thread):
             streaming=False,
         )
         self.status.server, self.status.connected, self.status.error = uri, True, None
-        log.info("following the directory", method="syncrepl", server=uri, resume=consumer.cookie is not None)
+        resumed = consumer.cookie is not None
+        log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
         self.mirror.source = f"ldap:{uri}"
         refreshing, received = True, 0
         try:
@@ -342,8 +346,15 @@ class Follower(threading.Thread):
                         self.notify("synced")
                     elif isinstance(ev, syncrepl.RefreshRequired):
                         log.warning("server refused the cookie; doing a full refresh", server=uri)
+                        self.mirror.set_cookie(None)  # else every reconnect offers the refused cookie again
                         raise ConnectionLost(f"{uri}: e-syncRefreshRequired")
                     elif isinstance(ev, syncrepl.SearchFinished):
+                        if refreshing and resumed and ev.result_code != 0:
+                            # OpenLDAP refuses a cookie from its future (slapd restored from a backup)
+                            # with unwillingToPerform, not e-syncRefreshRequired: same remedy.
+                            log.warning("server refused the cookie; doing a full refresh", server=uri,
+                                        result=ev.result_code, message=ev.message)
+                            self.mirror.set_cookie(None)
                         raise ConnectionLost(f"{uri}: sync search ended: {ev.message} ({ev.result_code})")
                 if changed and not refreshing:
                     self.status.last_change = time.time()
@@ -455,11 +466,18 @@ class Follower(threading.Thread):
 
 
 def _keepalive(conn: ldap3.Connection) -> None:
-    """Half-open TCP (a server that vanished without FIN) is noticed within ~1 minute."""
+    """Half-open TCP (a server that vanished without FIN) is noticed within ~1 minute.
+
+    The stream socket also becomes blocking: ldap3 leaves the connect timeout on it, and its
+    receiver thread treats a recv timeout as end of stream, so a quiet directory dropped the
+    stream every `timeout` seconds (and a change in the reconnect gap waited for backoff).
+    Setting ldap3's receive_timeout instead would make that thread spin on a closed socket.
+    """
     sock = getattr(conn, "socket", None)
     if sock is None:
         return
     try:
+        sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)

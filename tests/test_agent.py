@@ -1,0 +1,412 @@
+"""The live agent as a real process against a real slapd: what a mail host relies on.
+
+Each test runs `python -m ldapsync -c CONFIG` (no --once) bound as the service account,
+changes the directory with ldapmodify and checks the installed lmdb map with the real
+`postmap -q`. Waits are bounded polls; the agent's JSON log lines (stderr) tell which path
+it took (cookie resume vs. full refresh, syncrepl vs. poll).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agentutil import (
+    AgentProcess,
+    AgentSetup,
+    Ds389,
+    NotifyListener,
+    ds389_missing,
+    file_states,
+    postmap_path,
+    wait_until,
+)
+from slapd import BASE_LDIF, BIND_SECRET, SERVICE_DN, Slapd, generate_users_ldif, generated_user_hash
+
+pytestmark = [
+    pytest.mark.slapd,
+    pytest.mark.skipif(postmap_path() is None, reason="postfix not installed (postmap)"),
+]
+
+FAST = {"debounce": 0.05, "max_delay": 1.0, "reconnect_max": 1.0}
+EXTRA_USERS = 200  # makes a full refresh (>= 250 entries) easy to tell from a cookie resume
+USERS = "ou=users,dc=example,dc=org"
+
+Agents = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def agents() -> Iterator[Agents]:
+    """Start agents for a test; every one still running is killed at teardown."""
+    started: list[AgentProcess] = []
+
+    def start(setup: AgentSetup, env: dict[str, str] | None = None) -> AgentProcess:
+        agent = AgentProcess(setup.config, env=env)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
+
+
+@pytest.fixture
+def big_slapd(slapd_factory: Callable[..., Slapd]) -> Slapd:
+    return slapd_factory(extra_ldif=generate_users_ldif(EXTRA_USERS))
+
+
+def set_forward(uid: str, forward: str) -> str:
+    return f"dn: uid={uid},{USERS}\nchangetype: modify\nreplace: emailForward\nemailForward: {forward}\n"
+
+
+def user_ldif(uid: str, forward: str) -> str:
+    return (
+        f"dn: uid={uid},{USERS}\nchangetype: add\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+        f"uid: {uid}\ncn: {uid}\nsn: {uid}\nemailForward: {forward}\nmailPassword: {generated_user_hash()}\n"
+    )
+
+
+def start_ready(agents: Agents, setup: AgentSetup, env: dict[str, str] | None = None) -> AgentProcess:
+    """An agent that has installed its first sync (bob's forward is in the map)."""
+    agent = agents(setup, env)
+    agent.wait_log("sync done", timeout=20)
+    setup.wait_map("bob@example.org", "bob@elsewhere.example")
+    return agent
+
+
+def no_errors(agent: AgentProcess, since: int = 0, allow: tuple[str, ...] = ()) -> None:
+    bad = [r for r in agent.errors(since) if r.get("event") not in allow]
+    assert not bad, f"unexpected errors: {bad}"
+
+
+def test_follows_add_modify_rename_delete(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    assert agent.find("change detection chosen from the root DSE", method="syncrepl")
+    assert agent.find("following the directory", method="syncrepl")
+
+    slapd.modify(user_ldif("newbie", "newbie@far.example"))
+    setup.wait_map("newbie@example.org", "newbie@far.example", timeout=5)
+    wait_until(lambda: "newbie" in setup.passwd_users(), 5, what="newbie in the passwd-file")
+
+    slapd.modify(set_forward("newbie", "newbie@near.example"))
+    setup.wait_map("newbie@example.org", "newbie@near.example", timeout=5)
+
+    slapd.modify(f"dn: uid=newbie,{USERS}\nchangetype: modrdn\nnewrdn: uid=renamed\ndeleteoldrdn: 1\n")
+    setup.wait_map("renamed@example.org", "newbie@near.example", timeout=5)
+    assert setup.postmap_q("newbie@example.org") is None
+    wait_until(lambda: {"renamed"} == {"renamed", "newbie"} & setup.passwd_users(), 5, what="renamed in passwd")
+
+    slapd.modify(f"dn: uid=renamed,{USERS}\nchangetype: delete\n")
+    setup.wait_map("renamed@example.org", None, timeout=5)
+    wait_until(lambda: "renamed" not in setup.passwd_users(), 5, what="renamed gone from passwd")
+    assert setup.postmap_q("bob@example.org") == "bob@elsewhere.example"
+    assert agent.alive
+    no_errors(agent)
+
+
+def test_quiet_directory_keeps_one_stream_and_a_change_is_fast(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """A stream idle for longer than `timeout` must stay up (ldap3 used to end it on a recv timeout)."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST, timeout=1)
+    agent = start_ready(agents, setup)
+    time.sleep(2.5)  # quiet for 2.5 x timeout
+    assert len(agent.find("following the directory")) == 1
+    assert not agent.find("directory connection failed; retrying")
+    started = time.monotonic()
+    slapd.modify(set_forward("bob", "bob@quick.example"))
+    setup.wait_map("bob@example.org", "bob@quick.example", timeout=5)
+    assert time.monotonic() - started < 1.0, "a single change should be installed well within a second"
+    no_errors(agent)
+
+
+def test_burst_of_modifications_causes_few_rebuilds(big_slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """Agent defaults (debounce 0.1 s, max_delay 2 s): 200 modifications, one or a few installs."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=None)
+    agent = start_ready(agents, setup)
+    assert setup.reloads() == 1
+    mark = agent.mark()
+
+    uids = [f"user{i:06d}" for i in range(EXTRA_USERS)]
+    big_slapd.modify("\n".join(set_forward(uid, f"{uid}@burst.example") for uid in uids))
+    setup.wait_map(f"{uids[-1]}@example.org", f"{uids[-1]}@burst.example", timeout=10)
+    time.sleep(2.5)  # max_delay + margin: a trailing rebuild would have happened by now
+
+    lines = dict(line.split("\t", 1) for line in setup.virtual.read_text().splitlines())
+    assert all(lines[f"{uid}@example.org"] == f"{uid}@burst.example" for uid in uids)
+    assert setup.postmap_q(f"{uids[0]}@example.org") == f"{uids[0]}@burst.example"
+    rebuilds = len(agent.find("sync done", since=mark))
+    reloads = setup.reloads() - 1
+    assert 1 <= reloads <= 3, f"{reloads} reloads for one burst"
+    assert rebuilds <= 3, f"{rebuilds} rebuilds for one burst"
+    no_errors(agent)
+
+
+def test_slapd_down_agent_stays_up_then_catches_up_by_cookie(
+    big_slapd: Slapd, agents: Agents, tmp_path: Path
+) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    first = agent.wait_log("refresh complete")
+    assert first["received"] == first["entries"] >= EXTRA_USERS  # no cookie yet: a full refresh
+    before = file_states(setup.output_files())
+    port = big_slapd.port
+
+    mark = agent.mark()
+    big_slapd.kill()
+    agent.wait_log("directory connection failed; retrying", since=mark)
+    assert agent.alive
+    assert file_states(setup.output_files()) == before, "maps changed while LDAP was away"
+
+    # changes made while the agent is disconnected: freeze it so it cannot reconnect early
+    agent.pause()
+    big_slapd.start()
+    assert big_slapd.port == port, "slapd came back on another port"
+    big_slapd.modify(set_forward("bob", "bob@while-away.example") + "\n" + set_forward("user000007", "u7@away.example"))
+    mark = agent.mark()
+    agent.resume()
+    setup.wait_map("bob@example.org", "bob@while-away.example", timeout=10)
+    setup.wait_map("user000007@example.org", "u7@away.example", timeout=5)
+    resumed = agent.wait_log("refresh complete", since=mark)
+    assert resumed["entries"] >= EXTRA_USERS
+    assert resumed["received"] <= 3, f"cookie resume should not be a full refresh: {resumed}"
+    assert agent.find("following the directory", since=mark, resume=True)
+    no_errors(agent)
+
+
+def test_restart_resumes_from_persisted_cookie(big_slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    rc, seconds = agent.terminate()
+    assert rc == 0
+    assert seconds < 5, f"SIGTERM took {seconds:.1f}s"
+
+    big_slapd.modify(set_forward("bob", "bob@while-down.example"))
+    again = agents(setup)
+    resumed = again.wait_log("resuming from saved sync state")
+    assert resumed["cookie"] is True and resumed["entries"] >= EXTRA_USERS
+    setup.wait_map("bob@example.org", "bob@while-down.example", timeout=10)
+    refresh = again.wait_log("refresh complete")
+    assert refresh["received"] <= 2, f"restart did a full refresh: {refresh}"
+    assert refresh["entries"] == resumed["entries"]
+    no_errors(again)
+
+
+def test_refused_cookie_falls_back_to_a_full_refresh(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """A cookie the server cannot honour (here: from its future, as after restoring slapd from a
+    backup) gets e-syncRefreshRequired; the agent must drop it and do one full refresh."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    assert agent.terminate()[0] == 0
+    follow = setup.state / "follow.json"
+    doc = json.loads(follow.read_text())
+    cookie = base64.b64decode(doc["cookie"]).decode()
+    future = re.sub(r"csn=\d{14}", "csn=20991231000000", cookie)
+    assert future != cookie, cookie
+    doc["cookie"] = base64.b64encode(future.encode()).decode()
+    follow.write_text(json.dumps(doc))
+
+    slapd.modify(set_forward("bob", "bob@restored.example"))
+    again = agents(setup)
+    again.wait_log("server refused the cookie; doing a full refresh", timeout=10)
+    setup.wait_map("bob@example.org", "bob@restored.example", timeout=10)
+    full = again.wait_log("refresh complete")
+    assert full["received"] == full["entries"]
+    assert len(again.find("server refused the cookie; doing a full refresh")) == 1
+    wait_until(lambda: json.loads(follow.read_text())["cookie"] not in (None, doc["cookie"]), 5,
+               what="the new, valid cookie saved")
+
+
+@pytest.mark.parametrize("syncprov", [False, True], ids=["no-syncprov-full-compare", "contextCSN"])
+def test_poll_mode_follows_changes(
+    slapd_factory: Callable[..., Slapd], agents: Agents, tmp_path: Path, syncprov: bool
+) -> None:
+    server = slapd_factory(syncprov=syncprov)
+    setup = AgentSetup.for_slapd(tmp_path / "a", server, agent=FAST, watch="poll", poll_interval=0.2)
+    agent = start_ready(agents, setup)
+    server.modify(set_forward("bob", "bob@polled.example"))
+    setup.wait_map("bob@example.org", "bob@polled.example", timeout=5)
+    server.modify(f"dn: uid=carol,{USERS}\nchangetype: delete\n")
+    setup.wait_map("carol@example.org", None, timeout=5)
+    assert agent.find("directory changed", method="poll")
+    assert not agent.find("refresh complete")  # no syncrepl involved
+    no_errors(agent)
+
+
+@pytest.mark.parametrize(("syncprov", "method"), [(True, "syncrepl"), (False, "poll")])
+def test_watch_auto_picks_method_from_root_dse(
+    slapd_factory: Callable[..., Slapd], agents: Agents, tmp_path: Path, syncprov: bool, method: str
+) -> None:
+    server = slapd_factory(syncprov=syncprov)
+    setup = AgentSetup.for_slapd(tmp_path / "a", server, agent=FAST)
+    agent = start_ready(agents, setup)
+    chosen = agent.wait_log("change detection chosen from the root DSE")
+    assert chosen["method"] == method
+    assert chosen["server"] == server.uri
+
+
+def test_sd_notify_ready_after_maps_watchdog_and_status(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    with NotifyListener(on_ready=lambda: all(p.exists() for p in setup.output_files())) as notify:
+        agent = agents(setup, {**notify.env, "WATCHDOG_USEC": "1000000"})
+        notify.wait("READY=1", timeout=20)
+        assert notify.ready_check is True, "READY=1 was sent before the maps were installed"
+        assert len(notify.lines("READY=1")) == 1
+        notify.wait("WATCHDOG=1", count=4, timeout=5)
+        pings = notify.times("WATCHDOG=1")
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert max(gaps) < 1.0, f"watchdog pings further apart than WATCHDOG_USEC: {gaps}"
+        wait_until(lambda: any("following" in s and slapd.uri in s for s in notify.lines("STATUS=")),
+                   5, what="a 'following <server>' STATUS line")
+        status = [s for s in notify.lines("STATUS=") if "following" in s][-1]
+        assert "syncrepl" in status and "entries" in status and "last change" in status
+
+        rc, _ = agent.terminate()
+        assert rc == 0
+        notify.wait("STOPPING=1", timeout=2)
+
+
+def test_config_and_static_edits(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST, static={"aliases": {"postmaster": ["alice"]}})
+    agent = start_ready(agents, setup)
+    setup.wait_map("postmaster@example.org", "alice@example.org")
+
+    # a config edit that does not parse: reported, the running config stays, LDAP still followed
+    mark = agent.mark()
+    setup.write_config("domain: [unclosed\n")
+    rejected = agent.wait_log("new configuration rejected; the running one stays in force", since=mark)
+    assert str(setup.config) in rejected["error"]
+    slapd.modify(set_forward("bob", "bob@after-bad-config.example"))
+    setup.wait_map("bob@example.org", "bob@after-bad-config.example", timeout=5)
+    # one edit, one report: the agent's own reading of the file must not count as an edit
+    assert len(agent.find("new configuration rejected; the running one stays in force", since=mark)) == 1
+    mark = agent.mark()
+    setup.write_config()
+    agent.wait_log("configuration reloaded; re-rendering from the directory in memory", since=mark)
+
+    # same for the static file: the old aliases stay in force
+    mark = agent.mark()
+    setup.write_static("aliases: [unclosed\n")
+    rejected = agent.wait_log("new configuration rejected; the running one stays in force", since=mark)
+    assert str(setup.static) in rejected["error"]
+    slapd.modify(set_forward("bob", "bob@after-bad-static.example"))
+    setup.wait_map("bob@example.org", "bob@after-bad-static.example", timeout=5)
+    assert setup.postmap_q("postmaster@example.org") == "alice@example.org"
+
+    # with LDAP gone, a static edit still re-renders: from the mirror, not from LDAP
+    mark = agent.mark()
+    slapd.stop()
+    agent.wait_log("directory connection failed; retrying", since=mark)
+    setup.write_static({"aliases": {"postmaster": ["alice"], "sales": ["bob", "carol"]}})
+    setup.wait_map("sales@example.org", "bob@example.org,carol@example.org", timeout=5)
+    assert agent.find("configuration reloaded; re-rendering from the directory in memory", since=mark)
+    assert setup.postmap_q("bob@example.org") == "bob@after-bad-static.example"
+    assert agent.alive
+
+
+def test_sighup_rereads_config_and_does_a_full_resync(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    first = agent.wait_log("refresh complete")
+    mark = agent.mark()
+    agent.signal(signal.SIGHUP)
+    agent.wait_log("SIGHUP: re-reading the configuration and resyncing", since=mark)
+    agent.wait_log("configuration reloaded; resyncing from the directory", since=mark)
+    again = agent.wait_log("refresh complete", since=mark)
+    assert again["received"] == again["entries"] == first["entries"], "SIGHUP must not resume by cookie"
+    slapd.modify(set_forward("bob", "bob@after-hup.example"))
+    setup.wait_map("bob@example.org", "bob@after-hup.example", timeout=5)
+    assert agent.alive
+    no_errors(agent)
+
+
+def test_ldap_unreachable_at_start_keeps_installed_maps(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    first = start_ready(agents, setup)
+    assert first.terminate()[0] == 0
+    before = file_states(setup.output_files())
+    port = slapd.port
+    slapd.stop()
+
+    with NotifyListener() as notify:
+        agent = agents(setup, notify.env)
+        notify.wait("READY=1", timeout=20)  # the installed files are current: ready to serve
+        agent.wait_log("directory connection failed; retrying")
+        assert agent.alive
+        assert file_states(setup.output_files()) == before
+        assert any("unreachable" in s for s in notify.lines("STATUS="))
+
+        slapd.start()
+        assert slapd.port == port, "slapd came back on another port"
+        slapd.modify(set_forward("bob", "bob@back.example"))
+        setup.wait_map("bob@example.org", "bob@back.example", timeout=15)
+    rc, seconds = agent.terminate()
+    assert (rc, seconds < 5) == (0, True)
+
+
+def test_sigterm_exits_zero_promptly_while_ldap_is_away(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent={**FAST, "reconnect_max": 30})
+    agent = start_ready(agents, setup)
+    mark = agent.mark()
+    slapd.stop()
+    agent.wait_log("directory connection failed; retrying", since=mark)
+    rc, seconds = agent.terminate()
+    assert rc == 0
+    assert seconds < 3, f"SIGTERM took {seconds:.1f}s while reconnecting"
+    stopped: dict[str, Any] = agent.wait_log("stopped", since=mark)
+    assert stopped["level"] == "info"
+
+
+@pytest.fixture
+def ds389() -> Iterator[Ds389]:
+    reason = ds389_missing()
+    if reason is not None:
+        print(reason)
+        pytest.skip(reason)
+    server = Ds389()
+    try:
+        server.start()
+        records = [r for r in BASE_LDIF.read_text().split("\n\n") if "dn:" in r and "dn: dc=example,dc=org" not in r]
+        server.modify("\n\n".join(records), add=True)
+        server.modify(
+            "dn: dc=example,dc=org\nchangetype: modify\nadd: aci\n"
+            'aci: (targetattr="*")(version 3.0; acl "ldapsync reads everything"; allow (read, search, compare)'
+            f' userdn="ldap:///{SERVICE_DN}";)\n'
+        )
+        server.modify(generate_users_ldif(6), add=True)
+        yield server
+    finally:
+        server.close()
+
+
+def test_follows_389_ds_via_persistent_search(ds389: Ds389, agents: Agents, tmp_path: Path) -> None:
+    """389-ds offers psearch but not syncrepl: auto picks psearch and every kind of change arrives."""
+    secret = tmp_path / "bind.secret"
+    secret.write_text(BIND_SECRET.read_text().strip())
+    secret.chmod(0o600)
+    setup = AgentSetup.create(tmp_path / "a", ds389.uri, bind_dn=SERVICE_DN, bind_password_file=secret, agent=FAST)
+    agent = agents(setup)
+    setup.wait_map("user000001@example.org", "user000001@elsewhere.example", timeout=20)
+    assert agent.find("change detection chosen from the root DSE")[0]["method"] == "psearch"
+    assert agent.find("following the directory", method="psearch")
+    assert {"user000000", "user000005"} <= setup.passwd_users()
+
+    ds389.modify(set_forward("user000001", "u1@moved.example"))
+    setup.wait_map("user000001@example.org", "u1@moved.example", timeout=5)
+    ds389.modify(user_ldif("newbie", "newbie@far.example"))
+    setup.wait_map("newbie@example.org", "newbie@far.example", timeout=5)
+    ds389.modify(f"dn: uid=newbie,{USERS}\nchangetype: modrdn\nnewrdn: uid=renamed\ndeleteoldrdn: 1\n")
+    setup.wait_map("renamed@example.org", "newbie@far.example", timeout=5)
+    assert setup.postmap_q("newbie@example.org") is None
+    ds389.modify(f"dn: uid=renamed,{USERS}\nchangetype: delete\n")
+    setup.wait_map("renamed@example.org", None, timeout=5)
+    wait_until(lambda: "renamed" not in setup.passwd_users() and "user000003" in setup.passwd_users(), 5,
+               what="passwd-file follows the delete")
+    no_errors(agent)

@@ -1,0 +1,237 @@
+"""The follower's in-memory Mirror and the persisted follow state (cookie + snapshot).
+
+A restart resumes by cookie only if the saved snapshot is exactly the directory state that
+cookie describes; anything doubtful must fall back to a full read (None), never to a
+mirror that silently lacks entries.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ldapsync import config as config_mod
+from ldapsync import watch
+from ldapsync.config import Config
+from ldapsync.directory import Entry, Snapshot
+from ldapsync.state import State
+
+WANTED = ["uid", "emailForward", "mailPassword", "entryUUID"]
+USERS = "ou=users,dc=example,dc=org"
+
+
+def raw(uid: str, forward: str | None = None, **extra: list[bytes]) -> dict[str, list[bytes]]:
+    attrs = {"uid": [uid.encode()], **extra}
+    if forward:
+        attrs["emailForward"] = [forward.encode()]
+    return attrs
+
+
+def dn(uid: str) -> str:
+    return f"uid={uid},{USERS}"
+
+
+def make_config(tmp_path: Path, **ldap: Any) -> Config:
+    doc = {
+        "domain": "example.org",
+        "source": {"ldap": {"uri": "ldap://127.0.0.1:1", "base_dn": USERS, **ldap}},
+        "state_dir": str(tmp_path / "state"),
+        "exporters": [{"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}],
+    }
+    return config_mod.parse(doc, tmp_path / "ldapsync.yaml")
+
+
+# -- Mirror ------------------------------------------------------------------------------
+
+
+def test_upsert_delete_and_snapshot() -> None:
+    m = watch.Mirror()
+    m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), WANTED)
+    m.upsert("u-alice", dn("alice"), raw("alice"), WANTED)
+    snap, cookie = m.snapshot()
+    assert cookie is None
+    assert [e.dn for e in snap.entries] == [dn("alice"), dn("bob")]  # sorted, not insertion order
+    assert [e.uuid for e in snap.entries] == ["u-alice", "u-bob"]
+    assert snap.entries[1].get("emailforward") == ("bob@far.example",)
+
+    assert m.delete("u-alice") is True
+    assert m.delete("u-alice") is False  # already gone: not a change
+    assert m.delete_dn(dn("BOB").upper()) is True  # DNs compare case-insensitively
+    assert m.snapshot()[0].entries == ()
+    assert len(m) == 0
+
+
+def test_upsert_same_uuid_under_new_dn_is_a_rename_not_a_copy() -> None:
+    m = watch.Mirror()
+    m.upsert("u-1", dn("newbie"), raw("newbie", "x@far.example"), WANTED)
+    m.upsert("u-1", dn("renamed"), raw("renamed", "x@far.example"), WANTED)
+    assert [(e.dn, e.get("uid")) for e in m.snapshot()[0].entries] == [(dn("renamed"), ("renamed",))]
+
+
+def test_unwanted_attributes_are_not_kept_and_entryuuid_becomes_the_uuid() -> None:
+    m = watch.Mirror()
+    m.upsert("u-9", dn("bob"), raw("bob", userPassword=[b"{SSHA}secret"], entryUUID=[b"u-9"]), WANTED)
+    (entry,) = m.snapshot()[0].entries
+    assert set(entry.attributes) == {"uid"}
+    assert entry.uuid == "u-9"
+
+
+def test_rejections_follow_their_entry() -> None:
+    m = watch.Mirror()
+    m.upsert("u-bob", dn("bob"), raw("bob", emailForward=[b"\xff\xfe"]), WANTED)
+    rejections = m.snapshot()[0].rejections
+    assert [(r.dn, r.attribute) for r in rejections] == [(dn("bob"), "emailForward")]
+    m.upsert("u-bob", dn("bob"), raw("bob", "bob@fixed.example"), WANTED)
+    assert m.snapshot()[0].rejections == ()  # the fixed value replaces the old complaint
+    m.upsert("u-bob", dn("bob"), raw("bob", emailForward=[b"\xff"]), WANTED)
+    m.delete("u-bob")
+    assert m.snapshot()[0].rejections == ()
+
+
+def test_cookie_goes_with_the_state_it_describes() -> None:
+    m = watch.Mirror()
+    m.upsert("u-bob", dn("bob"), raw("bob"), WANTED)
+    m.set_cookie(b"rid=000,csn=1")
+    snap, cookie = m.snapshot()
+    m.upsert("u-carol", dn("carol"), raw("carol"), WANTED)  # later changes do not leak into a taken snapshot
+    assert cookie == b"rid=000,csn=1"
+    assert [e.dn for e in snap.entries] == [dn("bob")]
+
+
+def test_snapshot_never_pairs_a_cookie_with_entries_it_does_not_cover() -> None:
+    """Writer: entry i, then cookie i. A snapshot with cookie i must hold entries 0..i."""
+    m = watch.Mirror()
+    n = 2000
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(n):
+            m.upsert(f"u-{i}", dn(f"user{i:05d}"), raw(f"user{i:05d}"), WANTED)
+            m.set_cookie(str(i).encode())
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    checked = 0
+    while not done.is_set() or checked == 0:
+        snap, cookie = m.snapshot()
+        if cookie is not None:
+            assert len(snap.entries) >= int(cookie) + 1
+            checked += 1
+    t.join()
+    assert m.snapshot()[1] == str(n - 1).encode()
+
+
+def test_replace_all_reports_content_changes_only() -> None:
+    m = watch.Mirror()
+    m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), WANTED)
+    m.set_cookie(b"old")
+    same = Snapshot((Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@far.example",)}, "u-bob"),),
+                    "ldap:ldap://other-server")
+    assert m.replace_all(same) is False  # same content from another server: nothing to rebuild
+    assert m.snapshot()[1] is None  # a full read has no cookie
+    changed = Snapshot((Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@near.example",)}, "u-bob"),),
+                       "ldap:x")
+    assert m.replace_all(changed) is True
+    assert m.snapshot()[0].entries == changed.entries
+    assert m.replace_all(Snapshot((), "ldap:x")) is True  # everything deleted is a change too
+    assert len(m) == 0
+
+
+def test_load_then_snapshot_round_trip() -> None:
+    entries = (
+        Entry(dn("alice"), {"uid": ("alice",)}, "u-alice"),
+        Entry(dn("bob"), {"uid": ("bob",)}, None),  # no entryUUID (LDIF, or a server without it): keyed by DN
+    )
+    m = watch.Mirror()
+    m.load(Snapshot(entries, "ldap:ldap://a"), b"cookie")
+    snap, cookie = m.snapshot()
+    assert snap.entries == entries and snap.source == "ldap:ldap://a" and cookie == b"cookie"
+    assert m.keys() == {"u-alice", dn("bob")}
+
+
+# -- follow state --------------------------------------------------------------------------
+
+
+def saved(tmp_path: Path, cookie: bytes | None = b"rid=000,csn=20261121\xff") -> tuple[Config, State, Snapshot]:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = watch.Mirror()
+    m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), cfg.attributes.ldap_attributes())
+    m.upsert("u-dave", dn("dave"), raw("dave", emailForward=[b"\xff"]), cfg.attributes.ldap_attributes())
+    if cookie is not None:
+        m.set_cookie(cookie)
+    snap, c = m.snapshot()
+    watch.save_follow_state(state, cfg, snap, c)
+    return cfg, state, snap
+
+
+@pytest.mark.parametrize("cookie", [b"rid=000,csn=20261121\xff", None], ids=["binary-cookie", "no-cookie"])
+def test_follow_state_round_trip(tmp_path: Path, cookie: bytes | None) -> None:
+    cfg, state, snap = saved(tmp_path, cookie)
+    loaded = watch.load_follow_state(state, cfg)
+    assert loaded is not None
+    assert loaded == (snap, cookie)
+    assert loaded[0].rejections  # the rejected value is still reported after a restart
+
+
+def test_follow_state_for_another_search_is_not_used(tmp_path: Path) -> None:
+    _, state, _ = saved(tmp_path)
+    assert watch.load_follow_state(state, make_config(tmp_path, filter="(objectClass=inetOrgPerson)")) is None
+    assert watch.load_follow_state(state, make_config(tmp_path, base_dn="dc=example,dc=org")) is None
+    assert watch.load_follow_state(state, make_config(tmp_path, scope="one")) is None
+
+
+def test_follow_state_survives_changes_outside_the_search(tmp_path: Path) -> None:
+    """Another server URI (failover, same directory) or poll interval keeps the cookie valid."""
+    _, state, snap = saved(tmp_path)
+    other = make_config(tmp_path, uri=["ldap://replica.example:389"], poll_interval=5)
+    assert watch.load_follow_state(state, other) == (snap, b"rid=000,csn=20261121\xff")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["flip-byte", "truncate", "delete-snapshot", "garbage-follow-json", "no-hash", "bad-base64-cookie"],
+)
+def test_damaged_follow_state_means_full_read(tmp_path: Path, damage: str) -> None:
+    cfg, state, _ = saved(tmp_path)
+    snap_path = state.root / watch.FOLLOW_SNAPSHOT
+    follow_path = watch.follow_state_path(state)
+    if damage == "flip-byte":
+        data = bytearray(snap_path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        snap_path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        snap_path.write_bytes(snap_path.read_bytes()[:-10])
+    elif damage == "delete-snapshot":
+        snap_path.unlink()
+    elif damage == "garbage-follow-json":
+        follow_path.write_bytes(b"{not json")
+    else:
+        doc = json.loads(follow_path.read_bytes())
+        if damage == "no-hash":
+            del doc["snapshot_sha256"]
+        else:
+            doc["cookie"] = "%%%not base64"
+        follow_path.write_text(json.dumps(doc))
+    assert watch.load_follow_state(state, cfg) is None
+
+
+def test_no_follow_state_yet(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    assert watch.load_follow_state(state, cfg) is None
+
+
+def test_saved_cookie_is_base64_in_a_readable_file(tmp_path: Path) -> None:
+    _, state, _ = saved(tmp_path)
+    doc = json.loads(watch.follow_state_path(state).read_bytes())
+    assert base64.b64decode(doc["cookie"]) == b"rid=000,csn=20261121\xff"
+    assert (state.root / watch.FOLLOW_SNAPSHOT).stat().st_mode & 0o077 == 0  # holds password hashes
