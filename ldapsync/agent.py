@@ -315,5 +315,3 @@ class Agent:
 
 def run(config: Config, *, force_first: bool = False) -> int:
     return Agent(config, force_first=force_first).run()
-
-

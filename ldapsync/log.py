@@ -1,4 +1,8 @@
-"""structlog set-up: readable on a terminal, one JSON object per line otherwise."""
+"""structlog set-up: readable on a terminal, one JSON object per line otherwise.
+
+Libraries (ldap3, watchdog, tenacity) log through the standard `logging` module; their
+records are rendered by the same structlog renderer, so the stream stays one format.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -25,3 +30,18 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, timestamper],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    # Libraries are chatty at INFO; their warnings and errors are what an admin needs.
+    root.setLevel(max(logging.WARNING, getattr(logging, level.upper())))

@@ -10,6 +10,7 @@ thread, reconnects with exponential backoff and jitter across `uri`, and tells t
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import socket
@@ -118,8 +119,12 @@ class Mirror:
 def fingerprint(config: Config) -> str:
     """What the cookie is valid for: another base, filter or attribute set needs a full read."""
     src = config.source
-    doc = [getattr(src, "base_dn", None), getattr(src, "filter", None), getattr(src, "scope", None),
-           config.attributes.ldap_attributes()]
+    doc = [
+        getattr(src, "base_dn", None),
+        getattr(src, "filter", None),
+        getattr(src, "scope", None),
+        config.attributes.ldap_attributes(),
+    ]
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 
 
@@ -186,10 +191,8 @@ class Follower(threading.Thread):
         self._halt.set()
         conn = self._conn
         if conn is not None:
-            try:
+            with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
-            except (LDAPException, OSError):
-                pass
 
     @property
     def stopping(self) -> bool:
@@ -266,7 +269,9 @@ class Follower(threading.Thread):
                     controls.add(v.decode() if isinstance(v, bytes) else str(v))
         finally:
             connected.conn.unbind()
-        method = "syncrepl" if syncrepl.SYNC_REQUEST_OID in controls else "psearch" if PSEARCH_OID in controls else "poll"
+        method = (
+            "syncrepl" if syncrepl.SYNC_REQUEST_OID in controls else "psearch" if PSEARCH_OID in controls else "poll"
+        )
         log.info("change detection chosen from the root DSE", method=method, server=connected.uri)
         return method
 
@@ -282,7 +287,8 @@ class Follower(threading.Thread):
                     password=password,
                     authentication=ldap3.SIMPLE if src.bind_dn else ldap3.ANONYMOUS,
                     client_strategy=ldap3.ASYNC_STREAM,
-                    auto_bind=ldap3.AUTO_BIND_TLS_BEFORE_BIND if src.start_tls and uri.lower().startswith("ldap://")
+                    auto_bind=ldap3.AUTO_BIND_TLS_BEFORE_BIND
+                    if src.start_tls and uri.lower().startswith("ldap://")
                     else ldap3.AUTO_BIND_NO_TLS,
                     check_names=False,
                     read_only=True,
@@ -352,8 +358,12 @@ class Follower(threading.Thread):
                         if refreshing and resumed and ev.result_code != 0:
                             # OpenLDAP refuses a cookie from its future (slapd restored from a backup)
                             # with unwillingToPerform, not e-syncRefreshRequired: same remedy.
-                            log.warning("server refused the cookie; doing a full refresh", server=uri,
-                                        result=ev.result_code, message=ev.message)
+                            log.warning(
+                                "server refused the cookie; doing a full refresh",
+                                server=uri,
+                                result=ev.result_code,
+                                message=ev.message,
+                            )
                             self.mirror.set_cookie(None)
                         raise ConnectionLost(f"{uri}: sync search ended: {ev.message} ({ev.result_code})")
                 if changed and not refreshing:
@@ -361,10 +371,8 @@ class Follower(threading.Thread):
                     self.notify("changed")
         finally:
             self._conn = None
-            try:
+            with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
-            except (LDAPException, OSError):
-                pass
 
     def _follow_psearch(self, src: LdapSource) -> None:
         conn, uri = self._stream_connection(src)
@@ -411,10 +419,8 @@ class Follower(threading.Thread):
                     self.notify("changed")
         finally:
             self._conn = None
-            try:
+            with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
-            except (LDAPException, OSError):
-                pass
 
     def _follow_poll(self, src: LdapSource) -> None:
         last_csn: str | None = None
@@ -501,7 +507,9 @@ def _to_syncrepl(item: Mapping[str, Any]) -> syncrepl.Message:
         return syncrepl.IntermediateResponse(item.get("responseName"), item.get("responseValue"))
     if kind == "searchResRef":
         return syncrepl.SearchReference(tuple(item.get("uri") or ()))
-    return syncrepl.SearchDone(int(item.get("result", 80)), str(item.get("message") or item.get("description") or ""), controls)
+    return syncrepl.SearchDone(
+        int(item.get("result", 80)), str(item.get("message") or item.get("description") or ""), controls
+    )
 
 
 def _uuid_of(attributes: Mapping[str, Iterable[bytes]]) -> str | None:
@@ -539,10 +547,8 @@ def _context_csn(src: LdapSource) -> str | None:
     except LDAPException as e:
         raise SourceError(f"{connected.uri}: contextCSN check failed: {e}") from e
     finally:
-        try:
+        with contextlib.suppress(LDAPException, OSError):
             conn.unbind()
-        except (LDAPException, OSError):
-            pass
 
 
 def follow_state_path(state: State) -> Path:
