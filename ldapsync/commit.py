@@ -24,6 +24,7 @@ import structlog
 from ldapsync import hooks
 from ldapsync.config import Hooks
 from ldapsync.errors import CommitError
+from ldapsync.fileio import fsync_dir
 
 log = structlog.get_logger(__name__)
 
@@ -163,7 +164,7 @@ def install(
             _promote(s)
             dirs.add(s.output.path.parent)
         for d in sorted(dirs):
-            _fsync_dir(d)
+            fsync_dir(d)
     finally:
         for s in staged:
             if not s.promoted:
@@ -248,14 +249,6 @@ def _promote(s: _Staged) -> None:
     except OSError as e:
         raise CommitError(f"{out.name}: cannot rename into {out.path}: {e.strerror}") from e
     s.promoted = True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def reload(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ldapsync.state import write_atomic
+from ldapsync.fileio import write_atomic
 
 if TYPE_CHECKING:
     from ldapsync.config import Config

@@ -30,6 +30,7 @@ import structlog
 
 from ldapsync.directory import Snapshot
 from ldapsync.errors import StateError
+from ldapsync.fileio import fsync_dir, write_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -63,30 +64,6 @@ class Generation:
         if want and hashlib.sha256(data).hexdigest() != want:
             raise StateError(f"generation {self.id}: output {name} does not match its hash")
         return data
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256(data: bytes) -> str:
@@ -157,13 +134,13 @@ class State:
                 "lines": {n: d.count(b"\n") for n, d in outputs.items()},
             }
             _write_new(tmp / "meta.json", json.dumps(full_meta, indent=1, sort_keys=True).encode())
-            _fsync_dir(tmp / "outputs")
-            _fsync_dir(tmp)
+            fsync_dir(tmp / "outputs")
+            fsync_dir(tmp)
             os.rename(tmp, self.generations_dir / gid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.generations_dir)
+        fsync_dir(self.generations_dir)
         write_atomic(self.root / "current", gid.encode())
         self.prune(keep)
         return Generation(gid, self.generations_dir / gid, full_meta)

@@ -30,7 +30,8 @@ from ldapsync import ldapsource, ldifsource, psearch, syncrepl
 from ldapsync.config import Config, LdapSource, LdifSource
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
 from ldapsync.errors import LdapsyncError, SourceError
-from ldapsync.state import State, sha256, write_atomic
+from ldapsync.fileio import write_atomic
+from ldapsync.state import State, sha256
 
 log = structlog.get_logger(__name__)
 

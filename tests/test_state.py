@@ -12,7 +12,8 @@ import pytest
 
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.errors import StateError
-from ldapsync.state import State, write_atomic
+from ldapsync.fileio import write_atomic
+from ldapsync.state import State
 
 
 def snap(n: int) -> Snapshot:
