@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import siteconfig
 from slapd import _free_port
 
 import ldapsync
@@ -32,17 +32,7 @@ DEMO_HASHES = [
 
 
 def write_config(tmp: Path, ldif: Path = DEMO_LDIF, **top: Any) -> Path:
-    doc: dict[str, Any] = {
-        "domain": "example.org",
-        "domain_aliases": ["example.net"],
-        "source": {"ldif": {"path": str(ldif), "base_dn": "ou=users,dc=example,dc=org"}},
-        "state_dir": "state",
-        "exporters": EXPORTERS,
-        **top,
-    }
-    path = tmp / "ldapsync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return siteconfig.write_config(tmp, ldif=ldif, **{"exporters": EXPORTERS, **top})
 
 
 def ldapsync_cli(*args: str | Path, check: int | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import siteconfig
 
 from ldapsync import commit, sync
 from ldapsync import config as config_mod
@@ -71,17 +71,7 @@ sys.exit(rc)
 
 # -- helpers -------------------------------------------------------------------------------
 def write_config(tmp: Path, **top: Any) -> Path:
-    doc: dict[str, Any] = {
-        "domain": "example.org",
-        "domain_aliases": ["example.net"],
-        "source": {"ldif": {"path": str(DEMO_LDIF), "base_dn": "ou=users,dc=example,dc=org"}},
-        "state_dir": "state",
-        "exporters": EXPORTERS,
-        **top,
-    }
-    path = tmp / "ldapsync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return siteconfig.write_config(tmp, **{"exporters": EXPORTERS, **top})
 
 
 def pipeline(tmp: Path, **top: Any) -> sync.Pipeline:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import siteconfig
 from slapd import generate_users_ldif
 
 from ldapsync.state import State
@@ -57,17 +57,7 @@ def version2() -> str:
 
 
 def write_config(root: Path, ldif: Path, exporters: list[dict[str, Any]] = EXPORTERS, **top: Any) -> Path:
-    doc = {
-        "domain": "example.org",
-        "domain_aliases": ["example.net"],
-        "source": {"ldif": {"path": str(ldif), "base_dn": "ou=users,dc=example,dc=org"}},
-        "state_dir": "state",
-        "exporters": exporters,
-        **top,
-    }
-    path = root / "ldapsync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return siteconfig.write_config(root, exporters=exporters, ldif=ldif, **top)
 
 
 def once(config: Path) -> subprocess.CompletedProcess[str]:
