@@ -156,7 +156,7 @@ def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Sn
     previous_timeout = sock.gettimeout()
 
     def send(cookie: bytes) -> int:
-        mid = conn.server.next_message_id()
+        mid: int = conn.server.next_message_id()
         request = ber.search_request(
             mid, cfg.base_dn, scope, 0, filter_ber, wanted, [ber.paged_control(cfg.page_size, cookie)]
         )

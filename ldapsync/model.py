@@ -13,7 +13,7 @@ from datetime import date
 from ldapsync import validate
 from ldapsync.directory import Entry, Rejection, Snapshot
 from ldapsync.errors import ConfigError
-from ldapsync.schema import AttributeMap
+from ldapsync.schema import LOGICAL_FIELDS, AttributeMap
 from ldapsync.static import Static
 
 DEFAULT_DISABLED_MESSAGE = "This address is disabled"
@@ -99,6 +99,7 @@ def build(
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
     ours = frozenset({domain, *domain_aliases})
+    names = _lower_names(attributes)
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
@@ -117,7 +118,7 @@ def build(
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
         else:
-            parsed = _parse_entry(entry, attributes, domain, ours, today)
+            parsed = _parse_entry(entry, attributes, names, domain, ours, today)
             if cache is not None:
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
@@ -199,9 +200,17 @@ def build(
     return model, report
 
 
-def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: frozenset[str], today: date) -> _Parsed:
+def _lower_names(attributes: AttributeMap) -> dict[str, str]:
+    """Logical field -> lower-cased attribute name ('' if unmapped), computed once per build."""
+    return {f: (getattr(attributes, f) or "").lower() for f in LOGICAL_FIELDS}
+
+
+def _parse_entry(
+    entry: Entry, attributes: AttributeMap, names: dict[str, str], domain: str, ours: frozenset[str], today: date
+) -> _Parsed:
     rej: list[Rejection] = []
-    logins = entry.get(attributes.login)
+    attrs = entry.attributes
+    logins = attrs.get(names["login"], ())
     if not logins:
         return _Parsed(skipped=True)
     if len(logins) > 1:
@@ -210,9 +219,11 @@ def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: froz
         login = validate.login(logins[0])
     except validate.Invalid as e:
         return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
-    if any(validate.is_retired(s, today) for s in entry.get(attributes.status)):
+    if any(validate.is_retired(s, today) for s in attrs.get(names["status"], ())):
         return _Parsed(login=login, retired=True)
-    messages = sorted(entry.get(attributes.disable_message))  # LDAP values are unordered
+    messages = attrs.get(names["disable_message"], ())
+    if len(messages) > 1:
+        messages = tuple(sorted(messages))  # LDAP values are unordered
     if messages:
         try:
             message = validate.disable_message(messages[0])
@@ -228,7 +239,7 @@ def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: froz
     fwd_attr = attributes.forward or ""
     alias_attr = attributes.alias or ""
     targets: list[str] = []
-    for value in entry.get(attributes.forward):
+    for value in attrs.get(names["forward"], ()):
         # "a@x, b@y" is a list (userdir-ldap); spaces around commas are not data.
         for part in value.split(","):
             candidate = part.strip(" ")
@@ -239,7 +250,7 @@ def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: froz
             except validate.Invalid as e:
                 rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
     aliases: list[str] = []
-    for value in entry.get(attributes.alias):
+    for value in attrs.get(names["alias"], ()):
         try:
             alias = validate.address(value)
         except validate.Invalid as e:
@@ -250,7 +261,7 @@ def _parse_entry(entry: Entry, attributes: AttributeMap, domain: str, ours: froz
             continue
         aliases.append(canonical(alias))
     password = None
-    hashes = entry.get(attributes.mail_password)
+    hashes = attrs.get(names["mail_password"], ())
     if len(hashes) > 1:
         rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
     elif hashes:

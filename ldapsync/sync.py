@@ -53,7 +53,6 @@ class Pipeline:
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
         self.static = static.load(config.static, config.domain, config.domain_aliases)
-        self.last_model: model.RoutingModel | None = None
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
@@ -92,7 +91,6 @@ class Pipeline:
             if report.rejections:
                 log.info("rejected LDAP values in this sync", count=len(report.rejections))
             self._reported = current
-        self.last_model = routing
         outputs = []
         for spec, exp in self.exporters:
             outputs.append(
@@ -232,6 +230,10 @@ class Pipeline:
             before_rename=before_rename,
             extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
         )
+        if changed:
+            log.info("installed", generation=gid, changed={o.name: o.data.count(b"\n") for o in changed})
+        # Services first; recording the generation (a full snapshot write) can follow.
+        self.reload(changed, gid)
         current = self.state.get()
         same = (
             current is not None
@@ -257,13 +259,6 @@ class Pipeline:
             generation = self.state.record(gid, snapshot, data, meta, self.config.keep_generations).id
         elif not record and changed:
             generation = gid
-        if changed:
-            log.info(
-                "installed",
-                generation=generation or gid,
-                changed={o.name: o.data.count(b"\n") for o in changed},
-            )
-        self.reload(changed, generation or gid)
         return Result("installed" if changed else "unchanged", [o.name for o in changed], generation)
 
     def reload(self, changed: list[commit.Output], generation: str) -> None:

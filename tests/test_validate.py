@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import pytest
+from passlib import hash as ph
 
 from ldapsync import validate
 from ldapsync.validate import Invalid
@@ -198,3 +200,35 @@ def test_domain_names() -> None:
     assert validate.is_domain("host1.example.org")
     for bad in ("localhost", "Example.org", "ex ample.org", "-x.org", "x..org", "ä.org", "x.org.", "a" * 64 + ".org"):
         assert not validate.is_domain(bad)
+
+
+@pytest.mark.parametrize(
+    ("handler", "settings"),
+    [
+        (ph.md5_crypt, {}),
+        (ph.sha256_crypt, {}),
+        (ph.sha256_crypt, {"rounds": 6000}),
+        (ph.sha512_crypt, {}),
+        (ph.sha512_crypt, {"rounds": 5001}),
+        (ph.ldap_salted_sha1, {"salt_size": 4}),
+        (ph.ldap_salted_sha1, {"salt_size": 16}),
+        (ph.ldap_salted_sha256, {}),
+        (ph.ldap_salted_sha512, {"salt_size": 8}),
+    ],
+)
+def test_fast_hash_shape_check_agrees_with_libpass(handler: Any, settings: dict[str, Any]) -> None:
+    """The regex/base64 shape checks accept what libpass makes and refuse every truncation."""
+    good = handler.using(**settings).hash("secret")
+    assert validate.password(good).endswith(good.split("}", 1)[-1])
+    for cut in range(1, len(good) - 1):
+        truncated = good[:cut]
+        try:
+            libpass_ok = bool(handler.from_string(truncated).checksum)
+        except (ValueError, TypeError):
+            libpass_ok = False
+        try:
+            validate.password(truncated)
+            ours_ok = True
+        except validate.Invalid:
+            ours_ok = False
+        assert ours_ok == libpass_ok, truncated
