@@ -244,7 +244,10 @@ class Agent:
         )
         if isinstance(self.config.source, LdapSource):
             try:
-                watch.save_follow_state(self.pipeline.state, self.config, snapshot, cookie)
+                reuse = None
+                if result.generation:
+                    reuse = self.pipeline.state.generations_dir / result.generation / "snapshot.json"
+                watch.save_follow_state(self.pipeline.state, self.config, snapshot, cookie, reuse=reuse)
             except OSError as e:
                 log.error("cannot save sync state; a restart will do a full read", error=str(e))
         self._mark_ready()

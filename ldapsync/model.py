@@ -271,7 +271,7 @@ def _parse_entry(
             rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
     return _Parsed(
         login=login,
-        targets=tuple(sorted(set(targets))),  # LDAP values are unordered: same bytes on every host
+        targets=tuple(targets) if len(targets) < 2 else tuple(sorted(set(targets))),  # unordered in LDAP
         aliases=tuple(aliases),
         password=password,
         rejections=tuple(rej),

@@ -235,3 +235,23 @@ def test_saved_cookie_is_base64_in_a_readable_file(tmp_path: Path) -> None:
     doc = json.loads(watch.follow_state_path(state).read_bytes())
     assert base64.b64decode(doc["cookie"]) == b"rid=000,csn=20261121\xff"
     assert (state.root / watch.FOLLOW_SNAPSHOT).stat().st_mode & 0o077 == 0  # holds password hashes
+
+
+def test_unchanged_directory_only_moves_the_cookie(tmp_path: Path) -> None:
+    cfg, state, snap = saved(tmp_path, b"cookie-1")
+    before = (state.root / watch.FOLLOW_SNAPSHOT).stat()
+    watch.save_follow_state(state, cfg, Snapshot(snap.entries, snap.source, snap.rejections), b"cookie-2")
+    after = (state.root / watch.FOLLOW_SNAPSHOT).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert watch.load_follow_state(state, cfg) == (snap, b"cookie-2")
+
+
+def test_generation_snapshot_is_linked_not_copied(tmp_path: Path) -> None:
+    cfg, state, snap = saved(tmp_path, b"cookie-1")
+    changed = Snapshot(snap.entries[:1], snap.source)
+    generation_file = tmp_path / "generation-snapshot.json"
+    generation_file.write_bytes(changed.to_json())
+    watch.save_follow_state(state, cfg, changed, b"cookie-2", reuse=generation_file)
+    assert (state.root / watch.FOLLOW_SNAPSHOT).stat().st_ino == generation_file.stat().st_ino
+    generation_file.unlink()  # pruning the generation later does not lose the follow state
+    assert watch.load_follow_state(state, cfg) == (changed, b"cookie-2")
