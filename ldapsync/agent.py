@@ -9,6 +9,8 @@ but a broken configuration at start-up stops the agent.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import queue
 import signal
@@ -251,6 +253,7 @@ class Agent:
             except OSError as e:
                 log.error("cannot save sync state; a restart will do a full read", error=str(e))
         self._mark_ready()
+        _release_memory()
 
     def _fallback(self) -> None:
         """LDAP unreachable before the first sync: make sure last-known-good is installed."""
@@ -314,6 +317,26 @@ class Agent:
             return f"directory unreachable ({err or 'connecting'}); serving installed maps"
         age = "never" if f.last_change is None else f"{time.time() - f.last_change:.0f}s ago"
         return f"following {f.server} ({f.method}), {len(self.mirror)} entries, last change {age}"
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the OS after a rebuild's large temporaries (glibc only).
+
+    A 100k-entry rebuild allocates tens of MiB of short-lived strings and bytes; without
+    this, glibc keeps them mapped and the agent's RSS stays at its peak.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def run(config: Config, *, force_first: bool = False) -> int:
