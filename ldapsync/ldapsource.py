@@ -62,12 +62,44 @@ def bind_password(cfg: LdapSource) -> str | None:
     return text.rstrip("\r\n")
 
 
+class _Tls(ldap3.Tls):  # type: ignore[misc]  # ldap3 ships no type information
+    """ldap3.Tls with the handshake and the host name check done by the ssl module.
+
+    ldap3 checks the name itself after the handshake, with the deprecated ssl.match_hostname,
+    and on a mismatch drops the wrapped socket unclosed. On async connections (the live
+    agent's stream) its receiver thread runs the StartTLS handshake: a failure there killed
+    the thread and left the caller waiting ~20 s for "no response". Here it is kept in
+    ``failure`` and the caller sees ``tls_started`` False (the plain socket is gone with it).
+    Only what _server sets (validate, ca_certs_file) is honoured.
+    """
+
+    failure: Exception | None = None
+
+    def wrap_socket(self, connection: ldap3.Connection, do_handshake: bool = False) -> None:
+        context = ssl.create_default_context(cafile=self.ca_certs_file)
+        if self.validate == ssl.CERT_NONE:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        connection.socket = context.wrap_socket(
+            connection.socket, server_hostname=connection.server.host, do_handshake_on_connect=do_handshake
+        )
+
+    def _start_tls(self, connection: ldap3.Connection) -> bool:
+        try:
+            return bool(super()._start_tls(connection))
+        except LDAPException as e:
+            if connection.strategy.sync:
+                raise
+            self.failure = e
+            return False
+
+
 def _server(uri: str, cfg: LdapSource) -> ldap3.Server:
     tls = None
     if uri.lower().startswith("ldaps://") or cfg.start_tls:
         if not cfg.tls_verify:
             log.warning("TLS certificate verification is disabled", uri=uri)
-        tls = ldap3.Tls(
+        tls = _Tls(
             validate=ssl.CERT_REQUIRED if cfg.tls_verify else ssl.CERT_NONE,
             ca_certs_file=str(cfg.ca_file) if cfg.ca_file else None,
         )

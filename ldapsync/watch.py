@@ -306,21 +306,35 @@ class Follower(threading.Thread):
         errors = []
         for uri in src.uris:
             self.beat()
+            conn = None
             try:
+                if src.start_tls and uri.lower().startswith("ldap://"):
+                    _probe_start_tls(uri, src)
+                server = ldapsource._server(uri, src)
                 conn = ldap3.Connection(
-                    ldapsource._server(uri, src),
+                    server,
                     user=src.bind_dn,
                     password=password,
                     authentication=ldap3.SIMPLE if src.bind_dn else ldap3.ANONYMOUS,
                     client_strategy=ldap3.ASYNC_STREAM,
-                    auto_bind=ldap3.AUTO_BIND_TLS_BEFORE_BIND
-                    if src.start_tls and uri.lower().startswith("ldap://")
-                    else ldap3.AUTO_BIND_NO_TLS,
                     check_names=False,
                     read_only=True,
                     auto_referrals=False,
                 )
-            except (LDAPException, OSError) as e:
+                conn.open(read_server_info=False)
+                # step by step, not auto_bind: an async StartTLS "succeeds" even when the handshake failed
+                if src.start_tls and uri.lower().startswith("ldap://"):
+                    conn.start_tls(read_server_info=False)
+                    if not conn.tls_started:
+                        failure = getattr(server.tls, "failure", None) or conn.last_error or "no TLS"
+                        raise SourceError(f"StartTLS failed: {failure}")
+                if not conn.bind(read_server_info=False):
+                    raise SourceError(
+                        f"bind as {src.bind_dn or 'anonymous'} failed: {(conn.result or {}).get('description')}"
+                    )
+            except (LDAPException, OSError, SourceError) as e:
+                if conn is not None:
+                    ldapsource._abandon(conn)
                 errors.append(f"{uri}: {e}")
                 continue
             _keepalive(conn)
@@ -495,6 +509,21 @@ class Follower(threading.Thread):
                     self.notify("changed" if changed else "synced")
                 last = sig
             self.sleep(0.5)
+
+
+def _probe_start_tls(uri: str, src: LdapSource) -> None:
+    """StartTLS on a plain synchronous connection first, so a server that refuses it (or
+    fails the handshake) is reported at once and clearly: ldap3's asynchronous StartTLS
+    only times out after 20 s when the server says no."""
+    probe = ldap3.Connection(ldapsource._server(uri, src), check_names=False, read_only=True, auto_referrals=False)
+    try:
+        probe.open(read_server_info=False)
+        if not probe.start_tls(read_server_info=False):
+            raise SourceError(f"StartTLS failed: {(probe.result or {}).get('description')}")
+    except LDAPException as e:
+        raise SourceError(f"StartTLS failed: {e}") from e
+    finally:
+        ldapsource._abandon(probe)
 
 
 def _keepalive(conn: ldap3.Connection) -> None:

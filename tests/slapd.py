@@ -187,6 +187,51 @@ def _ldif_config_url(path: Path) -> str:
     return "file://" + urllib.parse.quote(str(path))
 
 
+def _openssl(*args: str | Path) -> None:
+    exe = shutil.which("openssl")
+    if exe is None:
+        raise SlapdError("openssl not found: apt-get install openssl")
+    proc = subprocess.run([exe, *map(str, args)], capture_output=True, timeout=_CMD_TIMEOUT, check=False)
+    if proc.returncode != 0:
+        raise SlapdError(f"openssl {args[0]} failed with rc={proc.returncode}:\n{proc.stderr.decode(errors='replace')}")
+
+
+def make_ca(directory: Path, name: str = "ca") -> tuple[Path, Path]:
+    """A throwaway self-signed CA (P-256, 1 day): returns (certificate, key) under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", cert, "-days", "1", "-subj", f"/CN=ldapsync test {name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    return cert, key
+
+
+def make_server_cert(directory: Path, ca: tuple[Path, Path], name: str = "server") -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 and localhost signed by ``ca``: returns (certificate, key)."""
+    cert, key, csr = directory / f"{name}.crt", directory / f"{name}.key", directory / f"{name}.csr"
+    ext = directory / f"{name}.ext"
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectKeyIdentifier=hash\n"
+    )
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", csr, "-subj", "/CN=localhost",
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+        "-out", cert, "-days", "1", "-extfile", ext,
+    )  # fmt: skip
+    return cert, key
+
+
 class Slapd:
     """A private slapd under ``workdir`` (created if needed; must be per test).
 
@@ -199,6 +244,8 @@ class Slapd:
     service_unlimited: olcLimits lifting size/time limits for the service
         account; with False OpenLDAP's default size limit (500) applies to it.
     size_limit: the database-wide olcSizeLimit (None = OpenLDAP's default 500).
+    tls: make a throwaway CA (``ca_file``) and a certificate for 127.0.0.1/localhost with
+        openssl; StartTLS then works on ``uri`` and slapd also listens on ``ldaps_uri``.
     """
 
     suffix = SUFFIX
@@ -216,6 +263,7 @@ class Slapd:
         syncprov: bool = True,
         service_unlimited: bool = True,
         size_limit: int | None = None,
+        tls: bool = False,
     ) -> None:
         reason = missing_tools()
         if reason is not None:
@@ -234,6 +282,15 @@ class Slapd:
         self._socket_dir: Path | None = None
         self.socket_path = self._pick_socket_path()
         self.port = _free_port()
+        self.tls = tls
+        self.tls_port = _free_port() if tls else None
+        self.ca_file: Path | None = None
+        self._tls_cert: tuple[Path, Path] | None = None
+        if tls:
+            tls_dir = self.workdir / "tls"
+            ca = make_ca(tls_dir)
+            self.ca_file = ca[0]
+            self._tls_cert = make_server_cert(tls_dir, ca)
         self._proc: subprocess.Popen[bytes] | None = None
         self._env = dict(os.environ, LDAPNOINIT="1")
         self._env.pop("LDAPCONF", None)
@@ -280,6 +337,15 @@ class Slapd:
             f"olcPidFile: {self.workdir / 'slapd.pid'}",
             f"olcArgsFile: {self.workdir / 'slapd.args'}",
             "olcLogLevel: none",
+            *(
+                [
+                    f"olcTLSCACertificateFile: {self.ca_file}",
+                    f"olcTLSCertificateFile: {self._tls_cert[0]}",
+                    f"olcTLSCertificateKeyFile: {self._tls_cert[1]}",
+                ]
+                if self._tls_cert is not None
+                else []
+            ),
             "",
             "dn: cn=module{0},cn=config",
             "objectClass: olcModuleList",
@@ -368,6 +434,12 @@ class Slapd:
         return f"ldap://127.0.0.1:{self.port}"
 
     @property
+    def ldaps_uri(self) -> str:
+        if self.tls_port is None:
+            raise SlapdError("ldaps_uri needs Slapd(..., tls=True)")
+        return f"ldaps://127.0.0.1:{self.tls_port}"
+
+    @property
     def ldapi_uri(self) -> str:
         return "ldapi://" + urllib.parse.quote(str(self.socket_path), safe="")
 
@@ -393,6 +465,8 @@ class Slapd:
         for attempt in range(5):
             if attempt and tcp:
                 self.port = _free_port()
+                if self.tls_port is not None:
+                    self.tls_port = _free_port()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
             err = self._spawn_and_wait(timeout, tcp=tcp)
@@ -407,6 +481,8 @@ class Slapd:
         exe = _which("slapd")
         assert exe is not None
         urls = f"{self.uri}/ {self.ldapi_uri}" if tcp else self.ldapi_uri
+        if tcp and self.tls_port is not None:
+            urls += f" {self.ldaps_uri}/"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
@@ -428,8 +504,10 @@ class Slapd:
                 return f"slapd exited with rc={rc}; log:\n{self._log_tail()}"
             try:
                 if tcp:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                        pass
+                    for port in (self.port, self.tls_port):
+                        if port is not None:
+                            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                                pass
             except OSError:
                 time.sleep(0.01)
                 continue
