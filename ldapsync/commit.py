@@ -105,6 +105,13 @@ def _attrs_ok(out: Output, st: os.stat_result) -> bool:
     )
 
 
+def installed_bytes(out: Output) -> bytes:
+    try:
+        return out.path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 def installed_text(out: Output) -> str:
     try:
         return out.path.read_bytes().decode("utf-8", "replace")

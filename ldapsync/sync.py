@@ -56,6 +56,7 @@ class Pipeline:
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
+        self._rendered: dict[str, tuple[object, bytes]] = {}  # exporter name -> (its inputs, bytes)
         self._verified: set[str] = set()
 
     # -- reading ------------------------------------------------------------------------
@@ -93,11 +94,20 @@ class Pipeline:
             self._reported = current
         outputs = []
         for spec, exp in self.exporters:
+            # Re-render only if what this exporter reads changed (equality, not identity): after
+            # one LDAP change most outputs are byte-for-byte what they were.
+            inputs = exp.inputs(routing)
+            cached = self._rendered.get(spec.name)
+            if cached is not None and cached[0] == inputs:
+                data = cached[1]
+            else:
+                data = exp.render(routing)
+                self._rendered[spec.name] = (inputs, data)
             outputs.append(
                 commit.Output(
                     name=spec.name,
                     path=spec.path,
-                    data=exp.render(routing),
+                    data=data,
                     map_type=spec.map_type if spec.map_type != "none" else None,  # texthash: no compiled file
                     mode=spec.mode if spec.mode is not None else exp.default_mode,
                     owner=spec.owner,
@@ -141,7 +151,10 @@ class Pipeline:
         if accounts <= 0 and not safety.allow_empty:
             return f"the directory returned no mail accounts ({len(snapshot.entries)} entries)"
         for out in outputs:
-            old = _keys(commit.installed_text(out), out)
+            installed = commit.installed_bytes(out)
+            if installed == out.data:
+                continue  # unchanged: nothing deleted, no need to parse 100k lines
+            old = _keys(installed.decode("utf-8", "replace"), out)
             if not old:
                 continue
             removed = len(old - _keys(out.data.decode("utf-8", "replace"), out))

@@ -250,3 +250,42 @@ def test_passwd_redaction_hides_the_hash() -> None:
     shown = exp.redact(line)
     assert shown.startswith("alice:{SSHA}<hash sha256:") and "ow0LAeWb" not in shown
     assert exp.sensitive and exp.default_mode == 0o640 and not exp.postfix_map
+
+
+def test_rebuild_renders_again_exactly_the_outputs_whose_inputs_changed(tmp_path: Path) -> None:
+    """The agent's speed-up (re-render only what changed) must never serve a stale output."""
+    from ldapsync import config as config_mod
+    from ldapsync import sync
+    from ldapsync.directory import Entry, Snapshot
+
+    doc = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())
+    doc["source"]["ldif"]["path"] = str(REPO / "fixtures" / "ldif" / "demo.ldif")
+    doc["static"] = str(REPO / "examples" / "mail.yaml")
+    doc["state_dir"] = str(tmp_path / "state")
+    for e in doc["exporters"]:
+        e["path"] = str(tmp_path / "out" / Path(e["path"]).name)
+    (tmp_path / "ldapsync.yaml").write_text(yaml.safe_dump(doc))
+    pipeline = sync.Pipeline(config_mod.load(tmp_path / "ldapsync.yaml"))
+    snap = pipeline.read_source()
+    first = {o.name: o.data for o in pipeline.render(snap)[0]}
+
+    def changed(dn_prefix: str, **attrs: tuple[str, ...]) -> Snapshot:
+        entries = [
+            Entry(e.dn, {**e.attributes, **attrs}, e.uuid) if e.dn.startswith(dn_prefix) else e for e in snap.entries
+        ]
+        return Snapshot(tuple(entries), snap.source)
+
+    # bob's forward moves: virtual changes; transport, recipients, passwords stay the same objects
+    second = {o.name: o.data for o in pipeline.render(changed("uid=bob,", emailforward=("bob@new.example",)))[0]}
+    assert b"bob@new.example" in second["alias"] and b"bob@new.example" not in first["alias"]
+    for name in ("postfix-transport", "postfix-recipients", "dovecot-passwd", "postfix-sender-login"):
+        assert second[name] is first[name]
+    # alice gains a forward: transport gets a new key too (only forwards.keys() feed it)
+    third = {o.name: o.data for o in pipeline.render(changed("uid=alice,", emailforward=("a@x.example",)))[0]}
+    assert b"alice@example.org\t" in third["postfix-transport"]
+    assert b"alice@example.org\t" not in second["postfix-transport"]
+    # alice is disabled: she leaves recipients and sender logins, enters the access map
+    fourth = {o.name: o.data for o in pipeline.render(changed("uid=alice,", maildisablemessage=("gone",)))[0]}
+    assert b"alice@example.org\t" not in fourth["postfix-recipients"]
+    assert b"alice@example.org\tREJECT gone" in fourth["postfix-access"]
+    assert not fourth["dovecot-passwd"].startswith(b"alice:")

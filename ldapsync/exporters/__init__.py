@@ -45,6 +45,14 @@ class Exporter(ABC):
     def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
         """Check option values beyond their type."""
 
+    def inputs(self, model: RoutingModel) -> object:
+        """What render() reads from the model, compared with == to skip an unchanged render.
+
+        Must cover everything render() uses (the exporter's own settings are fixed for its
+        lifetime). The default, the whole model, is always safe.
+        """
+        return model
+
     @abstractmethod
     def render(self, model: RoutingModel) -> bytes:
         """The complete file content, deterministic for the same model."""

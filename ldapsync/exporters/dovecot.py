@@ -17,6 +17,9 @@ class PasswdExporter(Exporter):
     sensitive = True
     default_mode = 0o640
 
+    def inputs(self, model: RoutingModel) -> object:
+        return model.passwords
+
     def render(self, model: RoutingModel) -> bytes:
         return lines(model.passwords, sep=":")
 

@@ -30,6 +30,10 @@ class VirtualExporter(Exporter):
         if bad or not include:
             raise ConfigError(f"must be a non-empty subset of {list(CATEGORIES)}", file=file, key=f"{key}.include")
 
+    def inputs(self, model: RoutingModel) -> object:
+        # domain_rewrites() derives from the deliverable keys and the alias domains
+        return (model.aliases, model.forwards, model.users.keys(), model.domain_aliases, model.domain)
+
     def render(self, model: RoutingModel) -> bytes:
         include = self.settings.get("include", list(CATEGORIES))
         table: dict[str, str] = {}
@@ -53,6 +57,9 @@ class TransportExporter(Exporter):
         if not nexthop or any(c.isspace() for c in nexthop) or ":" not in nexthop:
             raise ConfigError('is required, like "smtp:[srs.example.org]"', file=file, key=f"{key}.nexthop")
 
+    def inputs(self, model: RoutingModel) -> object:
+        return model.forwards.keys()
+
     def render(self, model: RoutingModel) -> bytes:
         nexthop = self.settings["nexthop"]
         return lines({a: nexthop for a in model.forwards})
@@ -63,6 +70,9 @@ class RecipientsExporter(Exporter):
 
     kind = "postfix-recipients"
 
+    def inputs(self, model: RoutingModel) -> object:
+        return (model.users.keys(), model.aliases.keys(), model.forwards.keys(), model.domain_aliases)
+
     def render(self, model: RoutingModel) -> bytes:
         return lines(sorted((v, "OK") for a in model.deliverable() for v in model.variants(a)))
 
@@ -71,6 +81,9 @@ class SenderLoginExporter(Exporter):
     """smtpd_sender_login_maps: address -> logins allowed to use it as envelope sender."""
 
     kind = "postfix-sender-login"
+
+    def inputs(self, model: RoutingModel) -> object:
+        return (model.sender_logins, model.domain_aliases)
 
     def render(self, model: RoutingModel) -> bytes:
         return lines(
@@ -89,6 +102,9 @@ class AccessExporter(Exporter):
         action = options.get("action", "REJECT")
         if action not in ("REJECT", "DEFER", "554", "550", "450"):
             raise ConfigError("must be REJECT, DEFER, 550, 554 or 450", file=file, key=f"{key}.action")
+
+    def inputs(self, model: RoutingModel) -> object:
+        return (model.disabled, model.domain_aliases)
 
     def render(self, model: RoutingModel) -> bytes:
         action = self.settings.get("action", "REJECT")
