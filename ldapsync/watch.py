@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,28 +341,38 @@ class Follower(threading.Thread):
             return conn, uri
         raise SourceError("no LDAP server could be used: " + "; ".join(errors))
 
-    def _follow_syncrepl(self, src: LdapSource) -> None:
+    @contextlib.contextmanager
+    def _stream(self, src: LdapSource) -> Iterator[tuple[ldap3.Connection, str]]:
+        """A bound streaming connection, registered so stop() can break a blocking read."""
         conn, uri = self._stream_connection(src)
         self._conn = conn
-        wanted = self.config.attributes.ldap_attributes()
-        consumer = syncrepl.SyncConsumer(known=self.mirror.keys(), cookie=self.mirror.cookie)
-        control = (syncrepl.SYNC_REQUEST_OID, True, consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST))
-        ps = conn.extend.standard.persistent_search(
-            src.base_dn,
-            src.filter,
-            search_scope=ldapsource.SCOPES[src.scope],
-            dereference_aliases=ldap3.DEREF_NEVER,
-            attributes=wanted,
-            controls=[control],
-            changes_only=False,
-            streaming=False,
-        )
-        self.status.server, self.status.connected, self.status.error = uri, True, None
-        resumed = consumer.cookie is not None
-        log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
-        self.mirror.source = f"ldap:{uri}"
-        refreshing, received = True, 0
         try:
+            yield conn, uri
+        finally:
+            self._conn = None
+            with contextlib.suppress(LDAPException, OSError):
+                conn.unbind()
+
+    def _follow_syncrepl(self, src: LdapSource) -> None:
+        with self._stream(src) as (conn, uri):
+            wanted = self.config.attributes.ldap_attributes()
+            consumer = syncrepl.SyncConsumer(known=self.mirror.keys(), cookie=self.mirror.cookie)
+            control = (syncrepl.SYNC_REQUEST_OID, True, consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST))
+            ps = conn.extend.standard.persistent_search(
+                src.base_dn,
+                src.filter,
+                search_scope=ldapsource.SCOPES[src.scope],
+                dereference_aliases=ldap3.DEREF_NEVER,
+                attributes=wanted,
+                controls=[control],
+                changes_only=False,
+                streaming=False,
+            )
+            self.status.server, self.status.connected, self.status.error = uri, True, None
+            resumed = consumer.cookie is not None
+            log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
+            self.mirror.source = f"ldap:{uri}"
+            refreshing, received = True, 0
             while True:
                 self.beat()
                 item = ps.next(block=True, timeout=1.0)
@@ -409,27 +419,21 @@ class Follower(threading.Thread):
                 if changed and not refreshing:
                     self.status.last_change = time.time()
                     self.notify("changed")
-        finally:
-            self._conn = None
-            with contextlib.suppress(LDAPException, OSError):
-                conn.unbind()
 
     def _follow_psearch(self, src: LdapSource) -> None:
-        conn, uri = self._stream_connection(src)
-        self._conn = conn
-        wanted = self.config.attributes.ldap_attributes()
-        ps = conn.extend.standard.persistent_search(
-            src.base_dn,
-            src.filter,
-            search_scope=ldapsource.SCOPES[src.scope],
-            dereference_aliases=ldap3.DEREF_NEVER,
-            attributes=wanted,
-            changes_only=True,
-            notifications=True,
-            streaming=False,
-        )
-        consumer = psearch.PsearchConsumer()
-        try:
+        with self._stream(src) as (conn, uri):
+            wanted = self.config.attributes.ldap_attributes()
+            ps = conn.extend.standard.persistent_search(
+                src.base_dn,
+                src.filter,
+                search_scope=ldapsource.SCOPES[src.scope],
+                dereference_aliases=ldap3.DEREF_NEVER,
+                attributes=wanted,
+                changes_only=True,
+                notifications=True,
+                streaming=False,
+            )
+            consumer = psearch.PsearchConsumer()
             # psearch has no cookie: after (re)connecting, a full read compared by content.
             snapshot = ldapsource.read(src, self.config.attributes)
             changed = self.mirror.replace_all(snapshot)
@@ -457,10 +461,6 @@ class Follower(threading.Thread):
                         raise ConnectionLost(f"{uri}: persistent search ended: {ev.message} ({ev.result_code})")
                     self.status.last_change = time.time()
                     self.notify("changed")
-        finally:
-            self._conn = None
-            with contextlib.suppress(LDAPException, OSError):
-                conn.unbind()
 
     def _follow_poll(self, src: LdapSource) -> None:
         last_csn: str | None = None
