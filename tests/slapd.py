@@ -171,6 +171,16 @@ def parse_ldif(text: bytes) -> list[LdapEntry]:
     return entries
 
 
+def _accepts_unix(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -511,7 +521,7 @@ class Slapd:
             except OSError:
                 time.sleep(0.01)
                 continue
-            if self.socket_path.exists():
+            if _accepts_unix(self.socket_path):  # the file alone can exist before slapd listens
                 return None
             time.sleep(0.01)
         self.kill()
