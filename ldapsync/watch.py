@@ -353,6 +353,20 @@ class Follower(threading.Thread):
             with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
 
+    def _items(self, ps: Any, conn: ldap3.Connection, uri: str) -> Iterator[dict[str, Any]]:
+        """Messages of a streaming search, forever; a dead connection ends it with ConnectionLost.
+
+        Wakes every second to beat (the agent's watchdog, and stop()) and to notice a receiver
+        thread that died without a message.
+        """
+        while True:
+            self.beat()
+            item = ps.next(block=True, timeout=1.0)
+            if item is not None:
+                yield item
+            elif conn.closed or not _receiver_alive(conn):
+                raise ConnectionLost(f"{uri}: connection closed")
+
     def _follow_syncrepl(self, src: LdapSource) -> None:
         with self._stream(src) as (conn, uri):
             wanted = self.config.attributes.ldap_attributes()
@@ -373,13 +387,7 @@ class Follower(threading.Thread):
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
             refreshing, received = True, 0
-            while True:
-                self.beat()
-                item = ps.next(block=True, timeout=1.0)
-                if item is None:
-                    if conn.closed or not _receiver_alive(conn):
-                        raise ConnectionLost(f"{uri}: connection closed")
-                    continue
+            for item in self._items(ps, conn, uri):
                 message = _to_syncrepl(item)
                 try:
                     events = consumer.receive(message)
@@ -441,13 +449,7 @@ class Follower(threading.Thread):
             self.status.refresh_entries = len(snapshot.entries)
             log.info("following the directory", method="psearch", server=uri, entries=len(snapshot.entries))
             self.notify("synced" if not changed else "changed")
-            while True:
-                self.beat()
-                item = ps.next(block=True, timeout=1.0)
-                if item is None:
-                    if conn.closed or not _receiver_alive(conn):
-                        raise ConnectionLost(f"{uri}: connection closed")
-                    continue
+            for item in self._items(ps, conn, uri):
                 for ev in consumer.receive(psearch.from_ldap3(item)):
                     if isinstance(ev, psearch.Upsert):
                         if ev.previous_dn:
