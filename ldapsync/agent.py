@@ -153,20 +153,15 @@ class Agent:
         while True:
             now = time.monotonic()
             timeout = min(self.watchdog_interval, self._time_to_rebuild(now))
+            kinds: list[str] = []
             try:
-                kind, _ = self.events.get(timeout=max(0.0, timeout))
+                kinds.append(self.events.get(timeout=max(0.0, timeout))[0])
+                # and whatever else arrived meanwhile: one rebuild serves a whole burst
+                while True:
+                    kinds.append(self.events.get_nowait()[0])
             except queue.Empty:
-                kind = None
-            if kind == "term":
-                log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
-                return
-            self._handle(kind)
-            # drain whatever else arrived meanwhile: one rebuild serves a whole burst
-            while True:
-                try:
-                    kind, _ = self.events.get_nowait()
-                except queue.Empty:
-                    break
+                pass
+            for kind in kinds:
                 if kind == "term":
                     log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
                     return
@@ -178,7 +173,7 @@ class Agent:
                 now = time.monotonic()
             if self._time_to_rebuild(now) <= 0:
                 self._rebuild()
-            if now - last_ping >= self.watchdog_interval / 2 or kind is None:
+            if now - last_ping >= self.watchdog_interval / 2 or not kinds:
                 self._ping()
                 last_ping = time.monotonic()
 
@@ -193,7 +188,7 @@ class Agent:
             deadlines.append(self.config_due)
         return min(deadlines) - now if deadlines else float("inf")
 
-    def _handle(self, kind: str | None) -> None:
+    def _handle(self, kind: str) -> None:
         now = time.monotonic()
         if kind == "changed":
             self.synced = True
