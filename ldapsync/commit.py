@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import glob
+import hashlib
 import os
 import re
 import subprocess
@@ -41,6 +42,10 @@ class Output:
     owner: int | None = None
     group: int | None = None
     sensitive: bool = False
+    sha256: str = ""  # of data, when the renderer already computed it
+
+    def digest(self) -> str:
+        return self.sha256 or hashlib.sha256(self.data).hexdigest()
 
     @property
     def compiled(self) -> Path | None:

@@ -102,8 +102,11 @@ class State:
             os.close(fd)
 
     # -- generations ---------------------------------------------------------------
-    def new_generation_id(self, outputs: Mapping[str, bytes]) -> str:
-        digest = sha256(b"".join(sha256(outputs[n]).encode() for n in sorted(outputs)))[:8]
+    def new_generation_id(self, outputs: Mapping[str, bytes], hashes: Mapping[str, str] | None = None) -> str:
+        """`hashes` (output name -> sha256), when the caller has them, saves hashing again."""
+        if hashes is None:
+            hashes = {n: sha256(d) for n, d in outputs.items()}
+        digest = sha256(b"".join(hashes[n].encode() for n in sorted(hashes)))[:8]
         base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{digest}"
         gid, n = base, 1
         while (self.generations_dir / gid).exists():
@@ -118,6 +121,7 @@ class State:
         outputs: Mapping[str, bytes],
         meta: Mapping[str, Any],
         keep: int,
+        hashes: Mapping[str, str] | None = None,
     ) -> Generation:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.generations_dir))
         try:
@@ -130,7 +134,7 @@ class State:
                 "id": gid,
                 "time": time.time(),
                 "snapshot_digest": snapshot.digest(),
-                "hashes": {n: sha256(d) for n, d in outputs.items()},
+                "hashes": dict(hashes) if hashes is not None else {n: sha256(d) for n, d in outputs.items()},
                 "lines": {n: d.count(b"\n") for n, d in outputs.items()},
             }
             _write_new(tmp / "meta.json", json.dumps(full_meta, indent=1, sort_keys=True).encode())

@@ -56,7 +56,7 @@ class Pipeline:
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
-        self._rendered: dict[str, tuple[object, bytes]] = {}  # exporter name -> (its inputs, bytes)
+        self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
 
     # -- reading ------------------------------------------------------------------------
@@ -99,10 +99,11 @@ class Pipeline:
             inputs = exp.inputs(routing)
             cached = self._rendered.get(spec.name)
             if cached is not None and cached[0] == inputs:
-                data = cached[1]
+                _, data, digest = cached
             else:
                 data = exp.render(routing)
-                self._rendered[spec.name] = (inputs, data)
+                digest = hashlib.sha256(data).hexdigest()
+                self._rendered[spec.name] = (inputs, data, digest)
             outputs.append(
                 commit.Output(
                     name=spec.name,
@@ -113,6 +114,7 @@ class Pipeline:
                     owner=spec.owner,
                     group=spec.group,
                     sensitive=exp.sensitive,
+                    sha256=digest,
                 )
             )
         return outputs, report
@@ -217,7 +219,7 @@ class Pipeline:
             duration=time.monotonic() - started,
             rejected=len(report.rejections),
             counts=counts,
-            hashes={o.name: hashlib.sha256(o.data).hexdigest() for o in outputs},
+            hashes={o.name: o.digest() for o in outputs},
             generation=result.generation or self.state.current_id(),
             held=None,
         )
@@ -234,7 +236,8 @@ class Pipeline:
         record: bool = True,
     ) -> Result:
         data = {o.name: o.data for o in outputs}
-        gid = self.state.new_generation_id(data)
+        hashes = {o.name: o.digest() for o in outputs}
+        gid = self.state.new_generation_id(data, hashes)
         changed = commit.install(
             outputs,
             postmap=self.postmap(),
@@ -251,7 +254,7 @@ class Pipeline:
         same = (
             current is not None
             and current.meta.get("snapshot_digest") == snapshot.digest()
-            and current.meta.get("hashes") == {n: hashlib.sha256(d).hexdigest() for n, d in data.items()}
+            and current.meta.get("hashes") == hashes
         )
         if same and current is not None and current.id not in self._verified:
             try:  # a damaged last-known-good must not survive just because LDAP did not change
@@ -269,7 +272,7 @@ class Pipeline:
                 "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
                 "config": str(self.config.path),
             }
-            generation = self.state.record(gid, snapshot, data, meta, self.config.keep_generations).id
+            generation = self.state.record(gid, snapshot, data, meta, self.config.keep_generations, hashes).id
         elif not record and changed:
             generation = gid
         return Result("installed" if changed else "unchanged", [o.name for o in changed], generation)
@@ -376,7 +379,7 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
     outputs, _ = pipeline.render(snapshot, log_problems=False)
     saved: Mapping[str, str] = target.meta.get("hashes", {})
     for o in outputs:
-        if o.name in saved and hashlib.sha256(o.data).hexdigest() != saved[o.name]:
+        if o.name in saved and o.digest() != saved[o.name]:
             log.warning(
                 "output differs from when the generation was made (config or static file changed)", output=o.name
             )
