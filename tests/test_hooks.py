@@ -233,3 +233,75 @@ def test_check_canary_skips_outputs_that_did_not_change(tmp_path: Path) -> None:
 def test_check_canary_refuses_to_run_outside_a_check_phase() -> None:
     proc = run_hook("check-canary", "alias=postmaster@example.org", LDAPSYNC_PHASE="reload")
     assert proc.returncode == 2 and "check hook" in proc.stderr
+
+
+def _sleepers(tag: str) -> list[int]:
+    """Pids of live `sleep <tag>` processes (the tag is a unique duration)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmdline[:2] == [b"sleep", tag.encode()] and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _unique_sleep() -> str:
+    return f"{60 + (os.getpid() % 1000) / 1000 + time.monotonic_ns() % 997 / 1_000_000:.6f}"
+
+
+@pytest.mark.parametrize("detach", ["setsid ", ""])
+def test_a_child_holding_the_output_pipe_does_not_stall_a_hook_that_exited(detach: str) -> None:
+    """The hook's own exit status counts; what it left behind is killed when it exits."""
+    tag = _unique_sleep()
+    started = time.monotonic()
+    hooks.run([["sh", "-c", f"{detach}sleep {tag} & echo hi"]], {}, 1, phase="reload")
+    elapsed = time.monotonic() - started
+    assert elapsed < 1 + hooks.DRAIN_GRACE + 2, f"waited {elapsed:.1f}s on a leftover child"
+    deadline = time.monotonic() + 5
+    while _sleepers(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sleepers(tag), "the hook's leftover child survived"
+    res = hooks.run_one(["sh", "-c", f"{detach}sleep {tag} & echo hi; exit 4"], dict(os.environ), 1)
+    assert (res.returncode, res.text) == (4, "hi")
+    assert res.killed == (1 if detach else 0)  # the setsid one is found through the pipe it holds
+
+
+def test_timeout_holds_when_a_detached_child_keeps_the_pipe_open() -> None:
+    tag = _unique_sleep()
+    started = time.monotonic()
+    with pytest.raises(HookError, match=r"check hook .* timed out after 1s: hi"):
+        hooks.run([["sh", "-c", f"setsid sleep {tag} & echo hi; sleep {tag}"]], {}, 1, phase="check")
+    elapsed = time.monotonic() - started
+    assert elapsed < 1 + hooks.DRAIN_GRACE + 2, f"the 1 s timeout took {elapsed:.1f}s"
+    deadline = time.monotonic() + 5
+    while _sleepers(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sleepers(tag), "a process of the timed-out hook survived"
+
+
+def test_output_of_a_flooding_hook_is_capped_to_its_tail() -> None:
+    flood = [sys.executable, "-c", "import sys\nfor i in range(400_000): sys.stdout.write(f'{i:09d}\\n')\nprint('END')"]
+    res = hooks.run_one(flood, dict(os.environ), 60)
+    assert res.returncode == 0
+    assert len(res.output) == hooks.OUTPUT_CAP
+    assert res.dropped == 400_000 * 10 + 4 - hooks.OUTPUT_CAP
+    assert res.output.endswith(b"000399999\nEND\n"), "the tail (where errors are) must be kept"
+    with pytest.raises(HookError, match=r"(?s)exited 3: .*\(\d+ earlier bytes of output dropped\)"):
+        hooks.run([["sh", "-c", "yes | head -c 1000000; exit 3"]], {}, 60, phase="check")
+
+
+def test_a_hook_flooding_its_output_keeps_memory_bounded() -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(HookError) as err:
+        hooks.run([["sh", "-c", "yes | head -c 200000000; exit 1"]], {}, 60, phase="check")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert "(199934464 earlier bytes of output dropped)" in str(err.value)
+    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB while reading a flooding hook"
