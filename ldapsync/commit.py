@@ -4,18 +4,35 @@ Until the renames, nothing an admin or Postfix/Dovecot can see has changed, so a
 (postmap, a check hook, a full disk) leaves every installed file byte-identical. Each
 output is then swapped by rename(2): compiled map first, then its source, so a reader sees
 either the whole old or the whole new version, never a mix or a partial file.
+
+ldapsync runs as root over directories other software touches, so staging cannot be
+redirected: files are staged in a private (0700, unpredictable name) directory created inside
+the destination directory (same filesystem, so the rename stays atomic), created with
+O_EXCL|O_NOFOLLOW, and chmod/chown go through the open descriptor. rename(2) replaces a
+symlink planted at the final path instead of writing through it. A destination directory (or
+an ancestor) that another user could write to is refused.
+
+A compiled map and its source are installed with the same mtime (to the nanosecond). A crash
+between the two renames leaves a pair whose mtimes differ; the next sync sees that and
+rebuilds the pair, even though the source text is already what LDAP says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import glob
+import grp
 import hashlib
 import os
+import pwd
 import re
+import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,24 +97,41 @@ class _Staged:
     promoted: bool = False
 
 
+STAGING_PREFIX = ".ldapsync-staging."  # private staging directories inside a destination directory
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def needs_install(out: Output) -> bool:
-    """True if content, compiled map, owner or mode differ from what is installed."""
+    """True if content, compiled map, owner or mode differ from what is installed.
+
+    A compiled map whose mtime differs from its source's was not installed together with it
+    (a crash between the renames, or someone ran postmap by hand): it is rebuilt.
+    """
     try:
-        st = out.path.stat()
-        if out.path.read_bytes() != out.data:
-            return True
+        st = os.lstat(out.path)
     except FileNotFoundError:
         return True
     except OSError as e:
         raise CommitError(f"{out.name}: cannot read {out.path}: {e.strerror}") from e
-    if not _attrs_ok(out, st):
+    if not stat.S_ISREG(st.st_mode):  # a symlink (or anything else) planted at the output path
+        return True
+    if _read_installed(out) != out.data or not _attrs_ok(out, st):
         return True
     if out.compiled is not None:
         try:
-            cst = out.compiled.stat()
+            cst = os.lstat(out.compiled)
         except FileNotFoundError:
             return True
-        if not _attrs_ok(out, cst):
+        except OSError as e:
+            raise CommitError(f"{out.name}: cannot read {out.compiled}: {e.strerror}") from e
+        if not stat.S_ISREG(cst.st_mode) or not _attrs_ok(out, cst):
+            return True
+        if cst.st_mtime_ns != st.st_mtime_ns:
+            log.warning(
+                "compiled map was not installed together with its source (an interrupted install?): rebuilding",
+                output=out.name,
+                path=str(out.compiled),
+            )
             return True
     return False
 
@@ -110,18 +144,29 @@ def _attrs_ok(out: Output, st: os.stat_result) -> bool:
     )
 
 
-def installed_bytes(out: Output) -> bytes:
+def _read_installed(out: Output) -> bytes | None:
+    """The installed file's bytes; None if absent or not a regular file (never follows a symlink)."""
     try:
-        return out.path.read_bytes()
+        fd = os.open(out.path, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        return b""
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symlink: not ldapsync's file
+            return None
+        raise CommitError(f"{out.name}: cannot read {out.path}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read()
+
+
+def installed_bytes(out: Output) -> bytes:
+    """What is installed at the output path (b"" if nothing, or a symlink: never followed)."""
+    return _read_installed(out) or b""
 
 
 def installed_text(out: Output) -> str:
-    try:
-        return out.path.read_bytes().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
+    return installed_bytes(out).decode("utf-8", "replace")
 
 
 def diff(out: Output, redact: Callable[[str], str]) -> str:
@@ -131,7 +176,7 @@ def diff(out: Output, redact: Callable[[str], str]) -> str:
     if out.sensitive:
         old = [redact(line.rstrip("\n")) + "\n" for line in old]
         new = [redact(line.rstrip("\n")) + "\n" for line in new]
-    exists = out.path.exists()
+    exists = _read_installed(out) is not None
     return "".join(
         difflib.unified_diff(old, new, fromfile=str(out.path) if exists else "/dev/null", tofile=str(out.path))
     )
@@ -147,15 +192,16 @@ def install(
     extra_env: Mapping[str, str] | None = None,
 ) -> list[Output]:
     """Install every output whose bytes or attributes changed; return those."""
-    for out in outputs:
-        _remove_stale_staging(out)
+    for directory in sorted({o.path.parent for o in outputs}):
+        _remove_stale_staging(directory, [o for o in outputs if o.path.parent == directory])
     changed = [o for o in outputs if needs_install(o)]
     if not changed:
         return []
     staged: list[_Staged] = []
+    private: dict[Path, Path] = {}  # destination directory -> its private staging directory
     try:
         for out in changed:
-            _stage(out, postmap, staged)
+            _stage(out, postmap, staged, private)
         env = {
             **(extra_env or {}),
             "LDAPSYNC_GENERATION": generation,
@@ -171,49 +217,124 @@ def install(
             hooks.run(hook_config.check, env, hook_config.timeout, phase="check")
         if before_rename is not None:
             before_rename()
-        dirs: set[Path] = set()
         for s in staged:
             _promote(s)
-            dirs.add(s.output.path.parent)
-        for d in sorted(dirs):
+        for d in sorted(private):
             fsync_dir(d)
     finally:
-        for s in staged:
-            if not s.promoted:
-                for p in (s.compiled, s.source):
-                    if p is not None:
-                        with contextlib.suppress(FileNotFoundError):
-                            p.unlink()
+        for d in private.values():  # whatever was not promoted goes with it
+            shutil.rmtree(d, ignore_errors=True)
     return changed
 
 
-def _remove_stale_staging(out: Output) -> None:
-    """Remove staging files a killed ldapsync left behind (the caller holds the state lock)."""
+def check_directory(directory: Path) -> None:
+    """Refuse a destination that a user other than root or us could redirect.
+
+    Whoever can write to the output directory or one of its ancestors (without the sticky
+    bit) can swap files or directories under ldapsync's feet, and so make root write where
+    they choose; a symlink on the way owned by such a user is the same. Checks the path as
+    given and as resolved: a few lstat calls.
+    """
+    me = os.geteuid()
+    trusted_uids = {0, me}
+    trusted_gids = {0, os.getegid()}
+    lexical = Path(os.path.abspath(directory))
+    paths = [lexical, *lexical.parents]
+    resolved = Path(os.path.realpath(directory))
+    paths += [p for p in [resolved, *resolved.parents] if p not in paths]
+    for path in paths:
+        try:
+            lst = os.lstat(path)
+            st = os.stat(path) if stat.S_ISLNK(lst.st_mode) else lst
+        except FileNotFoundError:
+            continue  # created below by ldapsync itself, with a safe mode
+        except OSError as e:
+            raise CommitError(f"cannot check the output directory {path}: {e.strerror}") from e
+        problem = None
+        if stat.S_ISLNK(lst.st_mode) and lst.st_uid not in trusted_uids:
+            problem = f"is a symlink owned by {_user(lst.st_uid)}"
+        elif st.st_uid not in trusted_uids:
+            problem = f"is owned by {_user(st.st_uid)}"
+        elif not st.st_mode & stat.S_ISVTX:
+            if st.st_mode & stat.S_IWOTH:
+                problem = "is writable by every user"
+            elif st.st_mode & stat.S_IWGRP and st.st_gid not in trusted_gids:
+                problem = f"is writable by group {_group(st.st_gid)}"
+        if problem:
+            raise CommitError(
+                f"refusing to install into {directory}: {path} {problem} "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {_user(st.st_uid)}, group {_group(st.st_gid)}); "
+                "that user could redirect ldapsync's writes. Make it owned by root (or the user ldapsync runs "
+                "as) and not writable by others, e.g. chmod go-w"
+            )
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return str(gid)
+
+
+def _remove_stale_staging(directory: Path, outputs: Sequence[Output]) -> None:
+    """Remove what a killed ldapsync left behind (the caller holds the state lock).
+
+    That is private staging directories, and from older versions staging files next to the
+    destination, including Berkeley DB's `__db.<staged>.db` temporaries of a killed postmap.
+    """
+    patterns = [f"{glob.escape(STAGING_PREFIX)}*"]
+    for out in outputs:
+        base = glob.escape(out.path.name)
+        patterns += [f".{base}.*.ldapsync-staged*", f"__db..{base}.*.ldapsync-staged*"]
     with contextlib.suppress(OSError):
-        for stale in out.path.parent.glob(f".{glob.escape(out.path.name)}.*.ldapsync-staged*"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-                log.warning("removed a staging file left by an interrupted sync", path=str(stale))
+        for pattern in patterns:
+            for stale in directory.glob(pattern):
+                with contextlib.suppress(OSError):
+                    st = os.lstat(stale)
+                    if stat.S_ISDIR(st.st_mode):
+                        if st.st_uid != os.geteuid():
+                            continue  # not ours: leave it to whoever made it
+                        shutil.rmtree(stale)
+                    else:
+                        stale.unlink()
+                    log.warning("removed staging files left by an interrupted sync", path=str(stale))
 
 
-def _stage(out: Output, postmap: Postmap, staged: list[_Staged]) -> None:
-    directory = out.path.parent
+def _private_dir(directory: Path, private: dict[Path, Path]) -> Path:
+    """The private staging directory in `directory`: made once per install, mode 0700."""
+    if directory not in private:
+        try:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
+            check_directory(directory)
+            private[directory] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+        except OSError as e:
+            raise CommitError(f"cannot create a staging file in {directory}: {e.strerror}") from e
+    return private[directory]
+
+
+def _stage(out: Output, postmap: Postmap, staged: list[_Staged], private: dict[Path, Path]) -> None:
     try:
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.path.name}.", suffix=".ldapsync-staged", dir=directory)
-    except OSError as e:
-        raise CommitError(f"{out.name}: cannot create a staging file in {directory}: {e.strerror}") from e
-    s = _Staged(out, Path(tmp))
-    staged.append(s)  # registered first, so a failure below still removes it
+        stage_dir = _private_dir(out.path.parent, private)
+    except CommitError as e:
+        raise CommitError(f"{out.name}: {e}") from e
+    s = _Staged(out, stage_dir / out.path.name)
+    staged.append(s)
     try:
+        fd = os.open(s.source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(out.data)
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
-        raise CommitError(f"{out.name}: cannot write {tmp}: {e.strerror}") from e
-    if out.compiled is None:  # Postfix warns when a .db is older than its source: leave those alone
-        _ensure_mtime_moves(out.path, s.source)
+        raise CommitError(f"{out.name}: cannot write {s.source}: {e.strerror}") from e
+    files = [s.source]
     if out.compiled is not None and out.map_type:
         argv = postmap.argv(out.map_type, s.source)
         s.compiled = s.source.with_name(s.source.name + COMPILED_SUFFIX[out.map_type])
@@ -223,36 +344,61 @@ def _stage(out: Output, postmap: Postmap, staged: list[_Staged]) -> None:
             raise CommitError(f"{out.name}: cannot run {argv[0]}: {e}") from e
         if proc.returncode != 0 or not s.compiled.exists():
             raise CommitError(f"{out.name}: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-        with contextlib.suppress(OSError):
-            fd2 = os.open(s.compiled, os.O_RDONLY)
-            try:
-                os.fsync(fd2)
-            finally:
-                os.close(fd2)
-    for p in (s.source, s.compiled):
-        if p is None:
-            continue
+        files.append(s.compiled)
+    mtime = _new_mtime(out)
+    for p in files:
         try:
+            fd = os.open(p, os.O_RDONLY | _NOFOLLOW)
+        except OSError as e:
+            raise CommitError(f"{out.name}: cannot open {p}: {e.strerror}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CommitError(f"{out.name}: {p} is not a regular file")
+            if p != s.source:
+                os.fsync(fd)
             if out.owner is not None or out.group is not None:
-                os.chown(p, -1 if out.owner is None else out.owner, -1 if out.group is None else out.group)
-            os.chmod(p, out.mode)
+                os.fchown(fd, -1 if out.owner is None else out.owner, -1 if out.group is None else out.group)
+            os.fchmod(fd, out.mode)
+            if mtime is not None:
+                os.utime(fd, ns=(mtime, mtime))
         except OSError as e:
             raise CommitError(f"{out.name}: cannot set owner/mode of {p}: {e.strerror}") from e
+        finally:
+            os.close(fd)
+    if mtime is not None and os.lstat(s.source).st_mtime_ns <= _installed_mtime(out):  # a coarse-grained fs
+        mtime = _installed_mtime(out) + 1_000_000_000
+        for p in files:
+            os.utime(p, ns=(mtime, mtime), follow_symlinks=False)
 
 
-def _ensure_mtime_moves(installed: Path, staged: Path) -> None:
-    """Dovecot reloads a passwd-file only if mtime (whole seconds) or size changed."""
-    try:
-        old = installed.stat()
-    except FileNotFoundError:
-        return
-    new = staged.stat()
-    if int(new.st_mtime) <= int(old.st_mtime):
-        when = int(old.st_mtime) + 1
-        os.utime(staged, (when, when))
+def _installed_mtime(out: Output) -> int:
+    newest = 0
+    for p in (out.path, out.compiled):
+        if p is not None:
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(p).st_mtime_ns)
+    return newest
+
+
+def _new_mtime(out: Output) -> int | None:
+    """The mtime for the staged files, or None to keep the one writing gave them.
+
+    A compiled map and its source get the same, strictly newer than what is installed: the
+    pair is recognisable as installed together. Dovecot reloads a passwd-file only if its
+    mtime (whole seconds) or size changed, so a file without a compiled map moves by a whole
+    second when needed.
+    """
+    installed = _installed_mtime(out)
+    now = time.time_ns()
+    if out.compiled is not None:
+        return max(now, installed + 1)
+    if installed and now // 1_000_000_000 <= installed // 1_000_000_000:
+        return (installed // 1_000_000_000 + 1) * 1_000_000_000
+    return None
 
 
 def _promote(s: _Staged) -> None:
+    """Rename into place (rename(2) replaces a symlink at the target, never follows it)."""
     out = s.output
     try:
         if s.compiled is not None and out.compiled is not None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -130,7 +132,7 @@ def install(
 
 def assert_no_staging_litter(*dirs: Path) -> None:
     for d in dirs:
-        litter = [p.name for p in d.iterdir() if "ldapsync-staged" in p.name]
+        litter = [p.name for p in d.iterdir() if "ldapsync-stag" in p.name or p.name.startswith("__db.")]
         assert not litter, f"staged files left in {d}: {litter}"
 
 
@@ -368,8 +370,9 @@ def test_check_hook_sees_staged_compiled_files(tmp_path: Path) -> None:
     for name, info in staged.items():
         path = Path(env[f"LDAPSYNC_STAGED_{name}"])
         assert info["exists"], f"{name}: staged file missing while the check hook ran"
-        assert path.name.endswith(".ldapsync-staged") and path.name.startswith("."), path
-        assert not path.exists(), "staged file left after the commit"
+        # staged under the output's own name, in a private directory beside the destination
+        assert path.parent.name.startswith(".ldapsync-staging."), path
+        assert not path.parent.exists(), "staging directory left after the commit"
         if env[f"LDAPSYNC_MAPTYPE_{name}"] == "hash":
             assert info["siblings"] == [path.name + ".db"], f"{name}: staged map not compiled"
             assert info["query"][0] in (0, 1) and not info["query"][2], info
@@ -377,9 +380,10 @@ def test_check_hook_sees_staged_compiled_files(tmp_path: Path) -> None:
             assert name == "DOVECOT_PASSWD" and env[f"LDAPSYNC_MAPTYPE_{name}"] == "none"
     assert staged["ALIAS"]["query"][:2] == [0, "bob@elsewhere.example"]
     assert set(env["LDAPSYNC_STAGED_FILES"].split("\n")) == {env[f"LDAPSYNC_STAGED_{n}"] for n in staged}
-    # staged in the destination directory, so the rename is atomic
-    assert Path(env["LDAPSYNC_STAGED_ALIAS"]).parent == tmp_path / "out" / "maps"
-    assert Path(env["LDAPSYNC_STAGED_DOVECOT_PASSWD"]).parent == tmp_path / "out" / "dovecot"
+    # staged inside the destination directory (same filesystem), so the rename is atomic
+    assert Path(env["LDAPSYNC_STAGED_ALIAS"]).parent.parent == tmp_path / "out" / "maps"
+    assert Path(env["LDAPSYNC_STAGED_ALIAS"]).name == "alias"
+    assert Path(env["LDAPSYNC_STAGED_DOVECOT_PASSWD"]).parent.parent == tmp_path / "out" / "dovecot"
 
 
 def test_hanging_check_hook_is_killed_at_timeout(tmp_path: Path, pfconf: Path) -> None:
@@ -421,3 +425,119 @@ def test_stale_staging_files_of_a_killed_sync_are_removed(tmp_path: Path, pfconf
     install([output(maps / "m", b"k\tv\n")], pfconf)
     assert not any(s.exists() for s in stale)
     assert unrelated.exists(), "only the staging files of outputs being installed are cleaned"
+
+
+def test_berkeley_db_temporaries_of_a_killed_postmap_are_removed(tmp_path: Path, pfconf: Path) -> None:
+    """postmap builds a hash map as `__db.<name>.db` and renames it: a kill leaves that behind."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    legacy = maps / "__db..m.abc123.ldapsync-staged.db"  # staged beside the destination
+    legacy.write_bytes(b"half")
+    private = maps / ".ldapsync-staging.k2j4x9"  # staged in a private directory
+    private.mkdir(mode=0o700)
+    for name in ("m", "__db.m.db"):
+        (private / name).write_bytes(b"half")
+    install([output(maps / "m", b"k\tv\n")], pfconf)
+    assert sorted(p.name for p in maps.iterdir()) == ["m", "m.db"]
+
+
+VICTIM = b"root:x:0:0:a file outside the output directory\n"
+
+
+def _plant_symlinks(directory: Path, victim: Path, stop: threading.Event, planted: list[str]) -> None:
+    """Another user's loop: a symlink to the victim at every name ldapsync may write next.
+
+    It only creates names in the shared directory (it can neither enter a private 0700
+    directory nor remove root's files), the way a local user in a sticky directory would.
+    """
+    suffixes = ("", ".db", ".lmdb", ".cdb", ".tmp", ".lock", "-lock")
+    while not stop.is_set():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("__db.") or name == victim.name:
+                continue
+            for target in [name + s for s in suffixes] + [f"__db.{name}.db", f"__db.{name}"]:
+                try:
+                    os.symlink(victim, directory / target)
+                    planted.append(target)
+                except OSError:
+                    pass
+
+
+def test_symlinks_planted_at_staged_and_final_names_never_redirect_a_write(tmp_path: Path, pfconf: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: anyone may create names, only owners remove them
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM)
+    victim.chmod(0o600)
+    kinds = {"alias": "hash", "recipients": "lmdb", "transport": "cdb", "passwd": None}
+    for name in kinds:  # planted before the first install: rename must replace, not follow
+        for suffix in ("", ".db", ".lmdb", ".cdb"):
+            os.symlink(victim, shared / (name + suffix))
+    stop = threading.Event()
+    planted: list[str] = []
+    planter = threading.Thread(target=_plant_symlinks, args=(shared, victim, stop, planted), daemon=True)
+    planter.start()
+    try:
+        for i in range(25):
+            outs = [output(shared / n, f"k{i}@example.org\tv{i}\n".encode(), map_type=t) for n, t in kinds.items()]
+            assert install(outs, pfconf) == list(kinds), i
+    finally:
+        stop.set()
+        planter.join()
+    assert victim.read_bytes() == VICTIM and stat.S_IMODE(victim.stat().st_mode) == 0o600, "write redirected"
+    assert any(".db" in p for p in planted), "the planter never raced a sync: the test proves nothing"
+    suffix = {"hash": ".db", "lmdb": ".lmdb", "cdb": ".cdb"}
+    for name, map_type in kinds.items():
+        paths = [shared / name] + ([shared / (name + suffix[map_type])] if map_type else [])
+        for p in paths:
+            assert stat.S_ISREG(os.lstat(p).st_mode), f"{p} is not a regular file"
+        if map_type:
+            assert postmap_q("k24@example.org", map_type, shared / name, pfconf) == "v24"
+
+
+@pytest.mark.parametrize(
+    ("unsafe", "message"),
+    [
+        ("dir-world-writable", r"maps is writable by every user \(mode 0777"),
+        ("parent-group-writable", r"shared is writable by group .*\(mode 0775"),
+        ("dir-owned-by-another-user", r"maps is owned by 4242 \(mode 0755, owner 4242"),
+        ("symlink-owned-by-another-user", r"maps is a symlink owned by 4242"),
+    ],
+)
+def test_an_output_directory_another_user_can_write_is_refused(
+    tmp_path: Path, pfconf: Path, unsafe: str, message: str
+) -> None:
+    shared = tmp_path / "shared"
+    maps = shared / "maps"
+    if unsafe == "symlink-owned-by-another-user":
+        (shared / "real").mkdir(parents=True)
+        maps.symlink_to(shared / "real")
+    else:
+        maps.mkdir(parents=True)
+    install([output(maps / "m", b"k\tv1\n")], pfconf)
+    before = tree(maps)
+    if "owned-by-another-user" in unsafe:
+        if os.geteuid() != 0:
+            reason = "not root: cannot give a directory to another user"
+            print(reason)
+            pytest.skip(reason)
+        os.lchown(maps, 4242, -1)
+    elif unsafe == "dir-world-writable":
+        maps.chmod(0o777)
+    else:
+        os.chown(shared, -1, 4343)
+        shared.chmod(0o775)
+    with pytest.raises(CommitError, match=f"refusing to install into {maps}: .*{message}"):
+        install([output(maps / "m", b"k\tv2\n")], pfconf)
+    assert tree(maps) == before, "files changed in an unsafe directory"
+    # sticky world-writable (like /tmp) is safe: others cannot rename or remove our files
+    shared.chmod(0o1777)
+    if unsafe == "dir-world-writable":
+        maps.chmod(0o1777)
+    if "owned-by-another-user" not in unsafe:
+        assert install([output(maps / "m", b"k\tv2\n")], pfconf) == ["m"]

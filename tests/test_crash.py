@@ -1,7 +1,8 @@
-"""Fault tests (issue 4): whatever happens mid-commit, every installed file is a whole version.
+"""Fault tests: whatever happens mid-commit, every installed file is a whole version.
 
 - `kill -9` of `ldapsync --once` at random points, many times, alternating two directory
   versions that change every output;
+- a crash between the compiled map's rename and its source's, repaired by the next sync;
 - the disk filling up while staging (a 64 KiB tmpfs; root only).
 LDAP dropping the connection mid-read is in test_ldapsource.py (it needs the recording proxy).
 """
@@ -167,7 +168,8 @@ def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
     state = State(site / "state")
     lkg = state.last_good()
     assert lkg is not None and lkg.id == state.current_id()
-    assert not [p.name for p in (site / "out").iterdir() if "ldapsync-staged" in p.name]
+    litter = [p.name for p in (site / "out").iterdir() if p.name.startswith((".", "__db."))]
+    assert not litter, f"staging litter (a killed postmap's Berkeley DB temporaries too): {litter}"
     assert not [p.name for p in (site / "state" / "generations").iterdir() if p.name.startswith(".")]
 
 
@@ -205,3 +207,36 @@ def test_disk_full_while_staging_leaves_old_files(tmp_path: Path) -> None:
         assert query(tmp_path, exporters[0], "bob@example.org") == "bob@elsewhere.example"
     finally:
         subprocess.run(["umount", str(out)], check=False)
+
+
+def test_a_compiled_map_left_newer_than_its_source_by_a_crash_is_rebuilt(tmp_path: Path) -> None:
+    """kill -9 between the two renames: the .db is the new version, the text the old one.
+
+    LDAP then goes back to the old version (or the sync that follows renders the old text):
+    the text matches, but Postfix answers from the other version's .db until it is rebuilt.
+    """
+    exporters = [EXPORTERS[0], EXPORTERS[1]]  # hash and lmdb
+    v1, v2 = DEMO_LDIF.read_text(), version2()
+    ref, site = tmp_path / "ref", tmp_path / "site"
+    for root, text in ((ref, v2), (site, v1)):
+        root.mkdir()
+        (root / "users.ldif").write_text(text)
+        assert once(write_config(root, root / "users.ldif", exporters=exporters)).returncode == 0
+    assert query(site, exporters[0], "bob@example.org") == "bob@elsewhere.example"
+    for e in exporters:  # the crash: only the compiled maps of v2 were renamed into place
+        suffix = COMPILED[e.get("map_type", "hash")]
+        os.replace(ref / (e["path"] + suffix), site / (e["path"] + suffix))
+    assert query(site, exporters[0], "bob@example.org") == "bob@v2.example"
+
+    result = once(write_config(site, site / "users.ldif", exporters=exporters))
+
+    assert result.returncode == 0, result.stderr
+    assert query(site, exporters[0], "bob@example.org") == "bob@elsewhere.example"
+    transport_keys = first_keys((site / exporters[1]["path"]).read_bytes())
+    want = answers((site / exporters[1]["path"]).read_bytes(), transport_keys)
+    assert {k: query(site, exporters[1], k) for k in transport_keys} == want
+    assert query(site, exporters[1], "zed@example.org") is None, "the lmdb map still answers for v2's new user"
+    assert "not installed together with its source" in result.stdout + result.stderr
+    # and the repaired pair is stable: the next sync has nothing to do
+    again = once(write_config(site, site / "users.ldif", exporters=exporters))
+    assert again.returncode == 0 and "rebuilding" not in again.stdout + again.stderr
