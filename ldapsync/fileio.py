@@ -19,14 +19,14 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data`: readers see the old or the new file, never a partial one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # O_EXCL, unpredictable name
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+            os.fchmod(fh.fileno(), mode)  # the descriptor, not a path someone could swap
+        os.replace(tmp, path)  # replaces a symlink at `path`, never writes through it
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

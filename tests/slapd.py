@@ -32,6 +32,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from ldapsync.testing.ports import free_port as _free_port  # noqa: F401 - tests import it from here
+from ldapsync.testing.ports import free_ports
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures" / "ldif"
 BASE_LDIF = FIXTURES / "base.ldif"
@@ -181,12 +184,6 @@ def _accepts_unix(path: Path) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -291,9 +288,10 @@ class Slapd:
         self._rootpw_file = self._secret_file("rootpw.secret", self.rootpw)
         self._socket_dir: Path | None = None
         self.socket_path = self._pick_socket_path()
-        self.port = _free_port()
+        ports = free_ports(2 if tls else 1)  # chosen together: never the same twice
+        self.port = ports[0]
         self.tls = tls
-        self.tls_port = _free_port() if tls else None
+        self.tls_port = ports[1] if tls else None
         self.ca_file: Path | None = None
         self._tls_cert: tuple[Path, Path] | None = None
         if tls:
@@ -473,10 +471,11 @@ class Slapd:
             return
         last_error = ""
         for attempt in range(5):
-            if attempt and tcp:
-                self.port = _free_port()
+            if attempt and tcp:  # another process took the port: retry on new ones
+                ports = free_ports(1 if self.tls_port is None else 2)
+                self.port = ports[0]
                 if self.tls_port is not None:
-                    self.tls_port = _free_port()
+                    self.tls_port = ports[1]
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
             err = self._spawn_and_wait(timeout, tcp=tcp)

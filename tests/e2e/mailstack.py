@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from ldapsync.testing.ports import free_port, free_ports
+
 REPO = Path(__file__).resolve().parents[2]
 SNIPPETS = REPO / "docs" / "snippets"
 # the console script next to the running interpreter (the venv), unless LDAPSYNC_BIN says otherwise
@@ -78,12 +80,6 @@ def missing() -> str | None:
     if not LDAPSYNC.exists():
         return f"ldapsync console script not found at {LDAPSYNC} (pip install -e .)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path | None = None) -> None:
@@ -557,7 +553,7 @@ class MailStack:
         self.roles: dict[str, Role] = {}
         self.postfix: dict[str, Postfix] = {}
         names = ("srs", "mx", "submission")
-        ports = {n: free_port() for n in names}
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         for name in names:
             rdir = workdir / name
             (rdir / "maps").mkdir(parents=True)
