@@ -131,14 +131,16 @@ def _read_until(fd: int, tail: _Tail, deadline: float, done: Callable[[], bool])
             try:
                 chunk = os.read(fd, _READ_CHUNK)
             except BlockingIOError:
-                continue
-            if not chunk:
+                chunk = None
+            if chunk == b"":
                 return True
-            tail.add(chunk)
-            continue
+            if chunk:
+                tail.add(chunk)
         if done():
             # the hook exited: take what is buffered, then stop waiting on its descendants
-            while True:
+            # (briefly: a leftover child may go on writing as fast as we read)
+            stop = min(deadline, time.monotonic() + 0.1)
+            while time.monotonic() < stop:
                 try:
                     chunk = os.read(fd, _READ_CHUNK)
                 except BlockingIOError:
@@ -146,6 +148,7 @@ def _read_until(fd: int, tail: _Tail, deadline: float, done: Callable[[], bool])
                 if not chunk:
                     return True
                 tail.add(chunk)
+            return False
 
 
 def _kill_leftovers(pgid: int, pipe_fd: int | None) -> int:

@@ -235,7 +235,7 @@ def test_check_canary_refuses_to_run_outside_a_check_phase() -> None:
     assert proc.returncode == 2 and "check hook" in proc.stderr
 
 
-def _sleepers(tag: str) -> list[int]:
+def _sleepers(tag: str, command: bytes = b"sleep") -> list[int]:
     """Pids of live `sleep <tag>` processes (the tag is a unique duration)."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -246,7 +246,7 @@ def _sleepers(tag: str) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if cmdline[:2] == [b"sleep", tag.encode()] and state not in ("Z", "X"):
+        if cmdline[:2] == [command, tag.encode()] and state not in ("Z", "X"):
             found.append(int(entry.name))
     return found
 
@@ -269,7 +269,23 @@ def test_a_child_holding_the_output_pipe_does_not_stall_a_hook_that_exited(detac
     assert not _sleepers(tag), "the hook's leftover child survived"
     res = hooks.run_one(["sh", "-c", f"{detach}sleep {tag} & echo hi; exit 4"], dict(os.environ), 1)
     assert (res.returncode, res.text) == (4, "hi")
-    assert res.killed == (1 if detach else 0)  # the setsid one is found through the pipe it holds
+    deadline = time.monotonic() + 5
+    while _sleepers(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sleepers(tag), "the hook's leftover child survived"
+
+
+def test_a_leftover_child_flooding_the_pipe_does_not_stall_a_hook_that_exited() -> None:
+    tag = _unique_sleep()
+    started = time.monotonic()
+    res = hooks.run_one(["sh", "-c", f"setsid yes {tag} & echo started >&2"], dict(os.environ), 30)
+    assert res.returncode == 0
+    assert time.monotonic() - started < 10, "kept reading a leftover child's output"
+    assert len(res.output) <= hooks.OUTPUT_CAP
+    deadline = time.monotonic() + 5
+    while _sleepers(tag, b"yes") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sleepers(tag, b"yes"), "the hook's leftover child survived"
 
 
 def test_timeout_holds_when_a_detached_child_keeps_the_pipe_open() -> None:
