@@ -289,6 +289,10 @@ def _remove_stale_staging(directory: Path, outputs: Sequence[Output]) -> None:
     That is private staging directories, and from older versions staging files next to the
     destination, including Berkeley DB's `__db.<staged>.db` temporaries of a killed postmap.
     """
+    try:
+        check_directory(directory)
+    except CommitError:
+        return  # refused when something must be staged there; do nothing in it until then
     patterns = [f"{glob.escape(STAGING_PREFIX)}*"]
     for out in outputs:
         base = glob.escape(out.path.name)
@@ -311,8 +315,9 @@ def _private_dir(directory: Path, private: dict[Path, Path]) -> Path:
     """The private staging directory in `directory`: made once per install, mode 0700."""
     if directory not in private:
         try:
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
             check_directory(directory)
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
+            check_directory(directory)  # what now exists, as created (umask) or as found
             private[directory] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         except OSError as e:
             raise CommitError(f"cannot create a staging file in {directory}: {e.strerror}") from e
