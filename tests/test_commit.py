@@ -541,3 +541,23 @@ def test_an_output_directory_another_user_can_write_is_refused(
         maps.chmod(0o1777)
     if "owned-by-another-user" not in unsafe:
         assert install([output(maps / "m", b"k\tv2\n")], pfconf) == ["m"]
+
+
+@pytest.mark.parametrize("map_type", ["hash", "lmdb", "cdb"])
+def test_a_compiled_map_not_installed_with_its_source_is_rebuilt(tmp_path: Path, pfconf: Path, map_type: str) -> None:
+    """Source and compiled map share one mtime; a pair that does not was split (crash, manual postmap)."""
+    maps = tmp_path / "maps"
+    m = output(maps / "m", b"k\tv1\n", map_type=map_type)
+    compiled = m.compiled
+    assert compiled is not None
+    assert install([m], pfconf) == ["m"]
+    assert (maps / "m").stat().st_mtime_ns == compiled.stat().st_mtime_ns
+    assert install([m], pfconf) == [], "a pair installed together must stay unchanged"
+    # another version's compiled map renamed into place, the text left as it was
+    other = tmp_path / "other"
+    install([output(other / "m", b"k\tv2\n", map_type=map_type)], pfconf)
+    os.replace(other / compiled.name, compiled)
+    assert postmap_q("k", map_type, maps / "m", pfconf) == "v2"
+    assert install([m], pfconf) == ["m"]
+    assert postmap_q("k", map_type, maps / "m", pfconf) == "v1"
+    assert install([m], pfconf) == []
