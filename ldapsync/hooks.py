@@ -54,11 +54,12 @@ def run(commands: Sequence[Sequence[str]], env: Mapping[str, str], timeout: floa
         full_env = {**os.environ, **env, "LDAPSYNC_PHASE": phase}
         res = run_one(argv, full_env, timeout, phase=phase)
         name = " ".join(argv)
+        output = f": {res.text[-500:]}" if res.text else ""
         dropped = f" ({res.dropped} earlier bytes of output dropped)" if res.dropped else ""
         if res.returncode is None:
-            raise HookError(f"{phase} hook {name} timed out after {timeout:g}s: {res.text[-500:]}{dropped}")
+            raise HookError(f"{phase} hook {name} timed out after {timeout:g}s{output}{dropped}")
         if res.returncode != 0:
-            raise HookError(f"{phase} hook {name} exited {res.returncode}: {res.text[-500:]}{dropped}")
+            raise HookError(f"{phase} hook {name} exited {res.returncode}{output}{dropped}")
         log.info(
             "hook ok",
             phase=phase,
