@@ -75,6 +75,9 @@ class Safety:
     max_deletions: int = 500
     max_deletion_ratio: float = 0.2
     allow_empty: bool = False
+    max_changes: int = 1000
+    max_change_ratio: float = 0.2
+    window: float = 6 * 3600.0  # seconds over which deletions and changes are summed; 0: per sync only
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +218,14 @@ def parse(data: object, path: Path) -> Config:
     max_del = safety_s.get("max_deletions", int, 500)
     if max_del < 0:
         raise safety_s.error("max_deletions", "must be >= 0")
-    safety = Safety(max_del, ratio, safety_s.get("allow_empty", bool, False))
+    change_ratio = safety_s.get("max_change_ratio", float, 0.2)
+    if not 0 <= change_ratio <= 1:
+        raise safety_s.error("max_change_ratio", "must be between 0 and 1")
+    max_changes = safety_s.get("max_changes", int, 1000)
+    if max_changes < 0:
+        raise safety_s.error("max_changes", "must be >= 0")
+    window = _positive(safety_s, "window", 6 * 3600.0, allow_zero=True)
+    safety = Safety(max_del, ratio, safety_s.get("allow_empty", bool, False), max_changes, change_ratio, window)
     safety_s.done()
 
     agent_s = top.sub("agent")

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
+from ldapsync import guard as guards
 from ldapsync.config import Config, ExporterSpec, LdapSource
 from ldapsync.directory import Snapshot
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
@@ -58,6 +59,7 @@ class Pipeline:
         self._cache_day: date | None = None
         self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
+        self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
 
     # -- reading ------------------------------------------------------------------------
     def read_source(self) -> Snapshot:
@@ -147,28 +149,42 @@ class Pipeline:
 
     # -- guards -------------------------------------------------------------------------
     def guard(self, snapshot: Snapshot, outputs: list[commit.Output], report: model.BuildReport) -> str | None:
-        """Why this change must be held for review, or None."""
-        safety = self.config.safety
-        accounts = len(snapshot.entries) - report.skipped
-        if accounts <= 0 and not safety.allow_empty:
-            return f"the directory returned no mail accounts ({len(snapshot.entries)} entries)"
+        """Why this change must be held for review, or None (the rules: ldapsync.guard)."""
+        deltas = self.deltas(outputs)
+        return guards.check(
+            deltas,
+            self.state.guard_window(),
+            self.config.safety,
+            time.time(),
+            accounts=len(snapshot.entries) - report.skipped,
+            entries=len(snapshot.entries),
+        )
+
+    def deltas(self, outputs: list[commit.Output]) -> list[guards.Delta]:
+        """Each output against what is installed, parsed by its exporter (kept for record_guard)."""
+        exporters = {spec.name: exp for spec, exp in self.exporters}
+        deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
             if installed == out.data:
-                continue  # unchanged: nothing deleted, no need to parse 100k lines
-            old = _keys(installed.decode("utf-8", "replace"), out)
-            if not old:
+                deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
                 continue
-            removed = len(old - _keys(out.data.decode("utf-8", "replace"), out))
-            if removed > safety.max_deletions:
-                limit = safety.max_deletions
-                return f"{out.name}: {removed} of {len(old)} entries would be deleted (max_deletions {limit})"
-            if removed > RATIO_FLOOR and removed / len(old) > safety.max_deletion_ratio:
-                return (
-                    f"{out.name}: {removed} of {len(old)} entries ({removed / len(old):.0%}) would be deleted "
-                    f"(max_deletion_ratio {safety.max_deletion_ratio:g})"
-                )
-        return None
+            exp = exporters[out.name]
+            deltas.append(guards.delta(out.name, exp.parse(installed), exp.parse(out.data), values=exp.guarded_values))
+        self._deltas = ([o.digest() for o in outputs], deltas)
+        return deltas
+
+    def record_guard(self, outputs: list[commit.Output], *, force: bool) -> None:
+        """Count an install in the guards' window; a forced (or approved) one starts a new window."""
+        before = self.state.guard_window()
+        if force:
+            after = guards.Window()
+        else:
+            deltas = self._deltas[1] if self._deltas and self._deltas[0] == [o.digest() for o in outputs] else []
+            after = before.record(deltas, time.time(), self.config.safety.window)
+        self._deltas = None
+        if after != before:
+            self.state.save_guard_window(after)
 
     # -- the sync -----------------------------------------------------------------------
     def run(
@@ -209,6 +225,7 @@ class Pipeline:
             metrics.write(self.config, self.state)
             return Result("held", held_reason=held, counts=counts)
         result = self.install(snapshot, outputs, before_rename=before_rename, report=report)
+        self.record_guard(outputs, force=force)
         if result.status != "unchanged" or self.state.held() is not None:
             self.state.clear_held()
         self._note(
@@ -350,14 +367,6 @@ class Pipeline:
         log.error("sync failed", error=error)
         self._note(result="error", error=error, ldap_reachable=ldap_reachable)
         metrics.write(self.config, self.state)
-
-
-RATIO_FLOOR = 10  # the ratio guard ignores tiny changes: 2 of 5 users is not a mass deletion
-
-
-def _keys(text: str, out: commit.Output) -> set[str]:
-    sep = ":" if out.sensitive else "\t"
-    return {line.split(sep, 1)[0] for line in text.splitlines() if line}
 
 
 def rollback(pipeline: Pipeline, gid: str | None) -> Result:

@@ -25,6 +25,9 @@ class Exporter(ABC):
     kind: ClassVar[str]
     postfix_map: ClassVar[bool] = True  # has a map_type and is compiled with postmap
     sensitive: ClassVar[bool] = False  # holds secrets: diffs are redacted
+    # Values are secrets or routing targets: the guards hold a sync that rewrites many of them.
+    guarded_values: ClassVar[bool] = False
+    separator: ClassVar[str] = "\t"  # between key and value in every line render() writes
     default_mode: ClassVar[int] = 0o644
     options: ClassVar[Mapping[str, type]] = {}
 
@@ -60,6 +63,16 @@ class Exporter(ABC):
     def redact(self, line: str) -> str:
         """A line as it may be shown in a diff or log."""
         return line
+
+    def parse(self, data: bytes) -> dict[str, str]:
+        """Key -> value of each line of this exporter's output: what the guards compare."""
+        sep = self.separator
+        out: dict[str, str] = {}
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line:
+                key, _, value = line.partition(sep)
+                out[key] = value
+        return out
 
 
 @cache

@@ -15,13 +15,15 @@ class PasswdExporter(Exporter):
     kind = "dovecot-passwd"
     postfix_map = False
     sensitive = True
+    guarded_values = True
+    separator = ":"
     default_mode = 0o640
 
     def inputs(self, model: RoutingModel) -> object:
         return model.passwords
 
     def render(self, model: RoutingModel) -> bytes:
-        return lines(model.passwords, sep=":")
+        return lines(model.passwords, sep=self.separator)
 
     def redact(self, line: str) -> str:
         login, sep, secret = line.partition(":")

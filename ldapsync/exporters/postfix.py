@@ -21,6 +21,7 @@ class VirtualExporter(Exporter):
     """virtual_alias_maps: aliases (incl. alias-domain rewrites) and/or forwards."""
 
     kind = "postfix-virtual"
+    guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"include": list}
 
     @classmethod
@@ -49,6 +50,7 @@ class TransportExporter(Exporter):
     """transport_maps on an MX: forwarded addresses leave through the SRS relay."""
 
     kind = "postfix-transport"
+    guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"nexthop": str}
 
     @classmethod
