@@ -244,7 +244,8 @@ class Agent:
                 reuse = None
                 if result.generation:
                     reuse = self.pipeline.state.generations_dir / result.generation / "snapshot.json"
-                watch.save_follow_state(self.pipeline.state, self.config, snapshot, cookie, reuse=reuse)
+                stored = self.pipeline.redacted(snapshot)  # no refused secret on disk
+                watch.save_follow_state(self.pipeline.state, self.config, stored, cookie, reuse=reuse)
             except OSError as e:
                 log.error("cannot save sync state; a restart will do a full read", error=str(e))
         self._mark_ready()

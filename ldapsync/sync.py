@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -21,7 +22,7 @@ import structlog
 from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
 from ldapsync import guard as guards
 from ldapsync.config import Config, ExporterSpec, LdapSource
-from ldapsync.directory import Snapshot
+from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.state import Generation, State
@@ -59,6 +60,7 @@ class Pipeline:
         self._cache_day: date | None = None
         self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
+        self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
         self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
 
     # -- reading ------------------------------------------------------------------------
@@ -120,6 +122,20 @@ class Pipeline:
                 )
             )
         return outputs, report
+
+    def redacted(self, snapshot: Snapshot, report: model.BuildReport | None = None) -> Snapshot:
+        """`snapshot` as it may be stored: mail passwords the model refused (plaintext, unknown
+        scheme) replaced by markers that it refuses as well, so outputs stay the same."""
+        if self._redacted is not None and self._redacted[0]() is snapshot:
+            return self._redacted[1] or snapshot
+        if report is None:
+            _, report = self.render(snapshot, log_problems=False)
+        attr = (self.config.attributes.mail_password or "").lower()
+        refused = {r.dn for r in report.rejections if r.attribute.lower() == attr} if attr else set()
+        stored = without_secrets(snapshot, attr, refused)
+        # a weak reference: an agent's 100k-entry snapshot must not outlive its sync
+        self._redacted = (weakref.ref(snapshot), stored if stored is not snapshot else None)
+        return stored
 
     def postmap(self) -> commit.Postmap:
         cfg = self.config
@@ -207,6 +223,7 @@ class Pipeline:
                 self._note_failure(str(e), ldap_reachable=False)
                 return self.fallback(str(e))
         outputs, report = self.render(snapshot)
+        snapshot = self.redacted(snapshot, report)
         counts = {o.name: o.data.count(b"\n") for o in outputs}
         held = None if force else self.guard(snapshot, outputs, report)
         if dry_run:

@@ -167,7 +167,9 @@ def save_follow_state(
 
 
 def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | None] | None:
-    """The persisted mirror and cookie, or None if absent, damaged or for another search."""
+    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search."""
+    if not state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):
+        return None
     doc = state.read_json(FOLLOW_FILE)
     if not doc:
         return None
