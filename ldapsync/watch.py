@@ -142,7 +142,8 @@ def save_follow_state(
     digest = snapshot.digest()
     saved = state.read_json(FOLLOW_FILE)
     target = state.root / FOLLOW_SNAPSHOT
-    if saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists():
+    unchanged = saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists()
+    if unchanged and state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):  # else rewrite what is not ours
         sha = str(saved.get("snapshot_sha256"))
     else:
         data = snapshot.to_json()
