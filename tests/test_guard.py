@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from slapd import generate_users_ldif, generated_user_hash, ssha
 
+from ldapsync import config as config_mod
 from ldapsync import guard
 from ldapsync.config import Safety
+from ldapsync.errors import ConfigError
 from ldapsync.exporters.dovecot import PasswdExporter
 from ldapsync.exporters.postfix import AccessExporter, RecipientsExporter, TransportExporter, VirtualExporter
 from ldapsync.guard import Delta, Window
@@ -285,3 +287,26 @@ def test_rewriting_password_hashes_or_forwards_is_held(tmp_path: Path, change: d
     assert site.out() == good
     site.run("approve", check=0)
     assert site.out() != good
+
+
+def test_safety_keys_are_read_and_checked(tmp_path: Path) -> None:
+    def parse(**safety: Any) -> Safety:
+        doc = {
+            "domain": "example.org",
+            "source": {"ldif": str(tmp_path / "x.ldif")},
+            "state_dir": "state",
+            "exporters": [{"kind": "dovecot-passwd", "path": "passwd"}],
+            "safety": safety,
+        }
+        return config_mod.parse(doc, tmp_path / "ldapsync.yaml").safety
+
+    assert parse() == Safety(500, 0.2, False, 1000, 0.2, 21600.0)
+    assert parse(max_changes=5, max_change_ratio=0.5, window=0) == Safety(max_changes=5, max_change_ratio=0.5, window=0)
+    for key, value, message in [
+        ("max_change_ratio", 1.5, "between 0 and 1"),
+        ("max_changes", -1, ">= 0"),
+        ("window", -5, ">= 0"),
+        ("window", "6h", "must be of type float"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"ldapsync.yaml: safety.{key}: .*{message}"):
+            parse(**{key: value})
