@@ -130,6 +130,8 @@ def test_quiet_directory_keeps_one_stream_and_a_change_is_fast(slapd: Slapd, age
 def test_burst_of_modifications_causes_few_rebuilds(big_slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
     """Agent defaults (debounce 0.1 s, max_delay 2 s): 200 modifications, one or a few installs."""
     setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=None)
+    setup.doc["safety"] = {"max_change_ratio": 1.0}  # rewriting most forwards is deliberate here
+    setup.write_config()
     agent = start_ready(agents, setup)
     assert setup.reloads() == 1
     mark = agent.mark()
