@@ -186,7 +186,7 @@ class Pipeline:
                 deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
                 continue
             exp = exporters[out.name]
-            deltas.append(guards.delta(out.name, exp.parse(installed), exp.parse(out.data), values=exp.guarded_values))
+            deltas.append(guards.diff(out.name, installed, out.data, exp.parse, values=exp.guarded_values))
         self._deltas = ([o.digest() for o in outputs], deltas)
         return deltas
 

@@ -310,3 +310,17 @@ def test_safety_keys_are_read_and_checked(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=rf"ldapsync.yaml: safety.{key}: .*{message}"):
             parse(**{key: value})
+
+
+def test_diff_parses_only_the_lines_that_differ() -> None:
+    installed = b"".join(b"u%03d:{SSHA}h%03d\n" % (i, i) for i in range(100))
+    new = installed.replace(b"u001:{SSHA}h001\n", b"").replace(b"{SSHA}h002", b"{SSHA}x") + b"u999:{SSHA}n\n"
+    seen: list[int] = []
+
+    def parse(data: bytes) -> dict[str, str]:
+        seen.append(data.count(b"\n") + 1)
+        return PasswdExporter({}).parse(data)
+
+    assert guard.diff("p", installed, new, parse, values=True) == Delta("p", 100, deleted=1, changed=1, added=1)
+    assert max(seen) <= 3
+    assert guard.diff("p", installed, installed, parse, values=True) == Delta("p", 100)
