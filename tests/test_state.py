@@ -332,3 +332,27 @@ def test_refused_passwords_are_not_stored_verbatim(tmp_path: Path, slapd: Slapd)
         wait_until(lambda: (setup.state / "follow-snapshot.json").exists(), 30)
         agent.terminate()
     assert _stored_secrets(setup.state) == []
+
+
+def test_once_refuses_a_foreign_state_dir_and_installs_nothing(tmp_path: Path) -> None:
+    demo = Path(__file__).resolve().parent.parent / "fixtures" / "ldif" / "demo.ldif"
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": {"path": str(demo), "base_dn": "ou=users,dc=example,dc=org"}},
+        "state_dir": "state",
+        "exporters": [{"kind": "dovecot-passwd", "path": "passwd"}],
+    }
+    config = tmp_path / "ldapsync.yaml"
+    config.write_text(json.dumps(doc))
+
+    def once() -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "ldapsync", "-c", str(config), "--once"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    assert once().returncode == 0
+    (tmp_path / "passwd").unlink()
+    os.chown(tmp_path / "state", NOBODY.pw_uid, NOBODY.pw_gid)
+    proc = once()
+    assert proc.returncode == 1
+    assert f"state_dir {tmp_path / 'state'} is owned by nobody" in proc.stderr
+    assert not (tmp_path / "passwd").exists(), "a sync ran on a state dir another user controls"
