@@ -438,3 +438,26 @@ def test_once_against_only_a_non_ldap_uri_is_a_clear_error(tmp_path: Path, slapd
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"no LDAP server could be used: {web.uri}: the answer is not LDAP" in proc.stderr
+
+
+@pytest.mark.parametrize("syncprov", [True, False])
+def test_root_dse_is_read_with_the_connection(
+    tmp_path: Path, slapd_factory: Callable[..., Slapd], syncprov: bool
+) -> None:
+    """One read gives the follower both its method (supportedControl) and polling's suffix."""
+    server = slapd_factory(syncprov=syncprov)
+    cfg = load(tmp_path, server)
+    assert isinstance(cfg.source, LdapSource)
+    connected = ldapsource.connect(cfg.source, root_dse=True)
+    try:
+        assert connected.root_dse is not None
+        assert ("1.3.6.1.4.1.4203.1.9.1.1" in connected.root_dse.controls) == syncprov
+        assert connected.root_dse.suffix_of(server.users_dn) == server.suffix
+        csn = ldapsource.context_csn(connected, cfg.source.base_dn)
+        assert (csn is not None) == syncprov
+        ldapsource.alive(connected)
+    finally:
+        connected.close()
+    plain = ldapsource.connect(cfg.source)
+    plain.close()
+    assert plain.root_dse is None  # --once does not need it
