@@ -19,7 +19,7 @@ from typing import Any
 
 import ldap3
 import structlog
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPException, LDAPSessionTerminatedByServerError, LDAPSocketSendError
 from ldap3.core.results import RESULT_CODES
 from ldap3.operation.search import search_operation
 from ldap3.utils.asn1 import encode as asn1_encode
@@ -213,15 +213,24 @@ def _read_root_dse(conn: ldap3.Connection) -> RootDse:
     return RootDse(frozenset(texts("supportedcontrol")), tuple(texts("namingcontexts")))
 
 
-def alive(connected: Connected) -> None:
-    """A cheap read (the root DSE, no attributes): SourceError unless answered within the timeout."""
+def alive(connected: Connected) -> bool:
+    """A cheap read on `connected`: the root DSE, base scope, no attributes.
+
+    True: answered. False: the server had closed this connection (its idle timeout, say):
+    open another and ask again. SourceError: no answer within the timeout, or not LDAP.
+    """
     conn = connected.conn
+    if conn.closed:
+        return False
     try:
         ok = conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["1.1"])
+    except (LDAPSessionTerminatedByServerError, LDAPSocketSendError):
+        return False
     except (LDAPException, OSError, *MALFORMED) as e:
         raise SourceError(f"{connected.uri}: no answer to a liveness check: {e}") from e
     if not ok and (conn.result or {}).get("result") != 0:
         raise SourceError(f"{connected.uri}: liveness check failed: {(conn.result or {}).get('description')}")
+    return True
 
 
 def context_csn(connected: Connected, base_dn: str) -> str | None:

@@ -238,6 +238,7 @@ class Follower(threading.Thread):
         self._halt = threading.Event()
         self._forced_method = method
         self._conn: ldap3.Connection | None = None
+        self._check: ldapsource.Connected | None = None  # the synchronous connection beside the stream
         self._up: bool | None = None  # None: no attempt yet
         self._worked = False  # this connection completed a refresh: the backoff starts over
 
@@ -312,7 +313,7 @@ class Follower(threading.Thread):
     # -- methods --------------------------------------------------------------------------
     def _follow_ldap(self, src: LdapSource) -> None:
         self.beat()
-        check = ldapsource.connect(src, root_dse=True)
+        check = self._check = ldapsource.connect(src, root_dse=True)
         try:
             method = self._forced_method or src.watch
             if method == "auto":
@@ -325,7 +326,9 @@ class Follower(threading.Thread):
             else:
                 self._follow_poll(src, check)
         finally:
-            check.close()
+            if self._check is not None:
+                self._check.close()
+                self._check = None
 
     @contextlib.contextmanager
     def _stream(self, src: LdapSource, check: ldapsource.Connected) -> Iterator[ldap3.Connection]:
@@ -340,7 +343,7 @@ class Follower(threading.Thread):
             self._conn = None
             stream.close()
 
-    def _items(self, ps: Any, conn: ldap3.Connection, check: ldapsource.Connected) -> Iterator[dict[str, Any]]:
+    def _items(self, ps: Any, conn: ldap3.Connection, uri: str) -> Iterator[dict[str, Any]]:
         """Messages of a streaming search, forever; a dead connection ends it with ConnectionLost.
 
         Wakes at least every second to beat (the agent's watchdog, and stop()) and to notice a
@@ -357,14 +360,29 @@ class Follower(threading.Thread):
                 heard = now
                 yield item
             elif conn.closed or not _receiver_alive(conn):
-                raise ConnectionLost(f"{check.uri}: connection closed")
+                raise ConnectionLost(f"{uri}: connection closed")
             # a busy stream proves the server alive, but the check connection must not idle out
             if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX:
-                try:
-                    ldapsource.alive(check)
-                except SourceError as e:
-                    raise ConnectionLost(str(e)) from e
+                self._check_alive()
                 checked = time.monotonic()
+
+    def _check_alive(self) -> None:
+        """ConnectionLost unless the server answers a liveness read within `timeout`.
+
+        A check connection the server closed (an idle timeout shorter than ours) is replaced
+        by a new one to the same server, which must answer.
+        """
+        check = self._check
+        assert check is not None and isinstance(self.config.source, LdapSource)
+        try:
+            if ldapsource.alive(check):
+                return
+            check.close()
+            self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
+            if not ldapsource.alive(check):
+                raise SourceError(f"{check.uri}: the server closed a new connection at once")
+        except SourceError as e:
+            raise ConnectionLost(str(e)) from e
 
     def _follow_syncrepl(self, src: LdapSource, check: ldapsource.Connected) -> None:
         uri = check.uri
@@ -382,12 +400,12 @@ class Follower(threading.Thread):
                 changes_only=False,
                 streaming=False,
             )
-            self._following(uri)
+            self.status.server = uri
             resumed = consumer.cookie is not None
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
             refreshing, received = True, 0
-            for item in self._items(ps, conn, check):
+            for item in self._items(ps, conn, uri):
                 message = _to_syncrepl(item)
                 try:
                     events = consumer.receive(message)
@@ -405,6 +423,7 @@ class Follower(threading.Thread):
                         self.mirror.set_cookie(ev.cookie)
                     elif isinstance(ev, syncrepl.RefreshComplete):
                         refreshing = False
+                        self._following(uri)
                         self._worked = True
                         log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
                         self.notify("synced")
@@ -450,7 +469,7 @@ class Follower(threading.Thread):
             self._worked = True
             log.info("following the directory", method="psearch", server=uri, entries=len(snapshot.entries))
             self.notify("synced" if not changed else "changed")
-            for item in self._items(ps, conn, check):
+            for item in self._items(ps, conn, uri):
                 for ev in consumer.receive(psearch.from_ldap3(item)):
                     if isinstance(ev, psearch.Upsert):
                         if ev.previous_dn:
@@ -475,6 +494,7 @@ class Follower(threading.Thread):
         connected: ldapsource.Connected | None = check
         while True:
             if connected is None:
+                self.beat()
                 connected = ldapsource.connect(src, root_dse=True)
             try:
                 csn = ldapsource.context_csn(connected, src.base_dn)
@@ -483,17 +503,15 @@ class Follower(threading.Thread):
                     changed = self.mirror.replace_all(snapshot)
                     self.mirror.source = snapshot.source
                     self._following(connected.uri)
-                    self._worked = True
                     if changed:
                         self.status.last_change = time.time()
                         log.info("directory changed", method="poll", entries=len(snapshot.entries))
                     self.notify("changed" if changed else "synced")
                     last_csn = csn
-                else:
-                    self._following(connected.uri)
+                self._following(connected.uri)
+                self._worked = True
             finally:
-                if connected is not check:
-                    connected.close()
+                connected.close()
                 connected = None
             self.sleep(src.poll_interval)
 

@@ -410,3 +410,22 @@ def test_first_uri_answering_http_is_skipped(slapd: Slapd, followers: FollowerFa
         assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     finally:
         web.close()
+
+
+@pytest.mark.slapd
+def test_check_connection_closed_by_the_server_idle_timeout_is_replaced_quietly(
+    slapd: Slapd, followers: FollowerFactory
+) -> None:
+    """slapd closes idle connections but not one with a persistent search: the stream stays."""
+    slapd.modify_config("dn: cn=config\nchangetype: modify\nreplace: olcIdleTimeout\nolcIdleTimeout: 1\n")
+    with capture_logs() as logs:
+        follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=4)
+        following(follower, slapd.uri, timeout=20)
+        time.sleep(8)  # idle timeout 1 s, liveness read every 2 s: the check connection is closed each time
+        slapd.modify(
+            "dn: uid=bob,ou=users,dc=example,dc=org\nchangetype: modify\n"
+            "replace: emailForward\nemailForward: bob@after-idle.example\n"
+        )
+        notes.wait("changed", timeout=10)
+    assert notes.seen.count("up") == 1 and "down" not in notes.seen, notes.seen
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
