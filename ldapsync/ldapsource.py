@@ -213,21 +213,27 @@ def _read_root_dse(conn: ldap3.Connection) -> RootDse:
     return RootDse(frozenset(texts("supportedcontrol")), tuple(texts("namingcontexts")))
 
 
-def alive(connected: Connected) -> bool:
+def alive(connected: Connected, within: float) -> bool:
     """A cheap read on `connected`: the root DSE, base scope, no attributes.
 
     True: answered. False: the server had closed this connection (its idle timeout, say):
-    open another and ask again. SourceError: no answer within the timeout, or not LDAP.
+    open another and ask again. SourceError: no answer within `within` seconds, or not LDAP.
     """
     conn = connected.conn
-    if conn.closed:
+    sock = getattr(conn, "socket", None)
+    if conn.closed or sock is None:
         return False
+    previous = sock.gettimeout()
     try:
+        sock.settimeout(within)  # shorter than the connection's receive timeout, for this read only
         ok = conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["1.1"])
     except (LDAPSessionTerminatedByServerError, LDAPSocketSendError):
         return False
     except (LDAPException, OSError, *MALFORMED) as e:
-        raise SourceError(f"{connected.uri}: no answer to a liveness check: {e}") from e
+        raise SourceError(f"{connected.uri}: no answer to a liveness check within {within:g} s: {e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
     if not ok and (conn.result or {}).get("result") != 0:
         raise SourceError(f"{connected.uri}: liveness check failed: {(conn.result or {}).get('description')}")
     return True

@@ -225,8 +225,8 @@ class Follower(threading.Thread):
     Each connection is a pair on one server: a synchronous check connection (StartTLS, bind,
     the root DSE, full reads, and a liveness read whenever the stream has been quiet for half
     of `timeout`) and, for syncrepl and psearch, the stream. A server that stops answering (a
-    stopped process keeps its TCP connections open) fails the liveness read within `timeout`;
-    the next attempt tries the URIs in order again.
+    stopped process keeps its TCP connections open) fails the liveness read, so it is noticed
+    within about `timeout`; the next attempt tries the URIs in order again.
     """
 
     def __init__(self, config: Config, mirror: Mirror, notify: Notify, *, method: str | None = None):
@@ -239,6 +239,7 @@ class Follower(threading.Thread):
         self._forced_method = method
         self._conn: ldap3.Connection | None = None
         self._check: ldapsource.Connected | None = None  # the synchronous connection beside the stream
+        self._lost: str | None = None  # the server of the connection that failed last
         self._up: bool | None = None  # None: no attempt yet
         self._worked = False  # this connection completed a refresh: the backoff starts over
 
@@ -313,7 +314,12 @@ class Follower(threading.Thread):
     # -- methods --------------------------------------------------------------------------
     def _follow_ldap(self, src: LdapSource) -> None:
         self.beat()
-        check = self._check = ldapsource.connect(src, root_dse=True)
+        uris = src.uris
+        if self._lost in uris and len(uris) > 1:  # the server just lost is tried last, not first
+            uris = (*(u for u in uris if u != self._lost), self._lost)
+        self._lost = None
+        check = self._check = ldapsource.connect(src, uris=uris, root_dse=True)
+        self._lost = check.uri  # until it works out: a failure from here on is this server's
         try:
             method = self._forced_method or src.watch
             if method == "auto":
@@ -348,7 +354,8 @@ class Follower(threading.Thread):
 
         Wakes at least every second to beat (the agent's watchdog, and stop()) and to notice a
         receiver thread that died without a message. When nothing arrived for half of
-        `timeout`, a liveness read on the check connection must be answered within `timeout`.
+        `timeout`, a liveness read on the check connection must be answered within the other
+        half: a frozen server is noticed within about `timeout`.
         """
         quiet = max(0.5, check_timeout(self.config) / 2)
         heard = checked = time.monotonic()
@@ -367,19 +374,20 @@ class Follower(threading.Thread):
                 checked = time.monotonic()
 
     def _check_alive(self) -> None:
-        """ConnectionLost unless the server answers a liveness read within `timeout`.
+        """ConnectionLost unless the server answers a liveness read within half of `timeout`.
 
         A check connection the server closed (an idle timeout shorter than ours) is replaced
         by a new one to the same server, which must answer.
         """
         check = self._check
         assert check is not None and isinstance(self.config.source, LdapSource)
+        within = max(0.5, self.config.source.timeout / 2)
         try:
-            if ldapsource.alive(check):
+            if ldapsource.alive(check, within):
                 return
             check.close()
             self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
-            if not ldapsource.alive(check):
+            if not ldapsource.alive(check, within):
                 raise SourceError(f"{check.uri}: the server closed a new connection at once")
         except SourceError as e:
             raise ConnectionLost(str(e)) from e

@@ -455,7 +455,7 @@ def test_root_dse_is_read_with_the_connection(
         assert connected.root_dse.suffix_of(server.users_dn) == server.suffix
         csn = ldapsource.context_csn(connected, cfg.source.base_dn)
         assert (csn is not None) == syncprov
-        ldapsource.alive(connected)
+        assert ldapsource.alive(connected, 2.0)
     finally:
         connected.close()
     plain = ldapsource.connect(cfg.source)
