@@ -1,4 +1,5 @@
-"""The follower's in-memory Mirror and the persisted follow state (cookie + snapshot).
+"""The follower: its in-memory Mirror, the persisted follow state, and the Follower thread
+against real slapd (outages, a frozen server, a URI that is not LDAP).
 
 A restart resumes by cookie only if the saved snapshot is exactly the directory state that
 cookie describes; anything doubtful must fall back to a full read (None), never to a
