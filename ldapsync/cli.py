@@ -13,7 +13,7 @@ import structlog
 from ldapsync import __version__
 from ldapsync import config as config_mod
 from ldapsync import log as log_mod
-from ldapsync.errors import ConfigError, HeldError, LdapsyncError, SourceError, StateError
+from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 
@@ -71,9 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         log.error("configuration error", error=str(e))
         return EXIT_CONFIG
-    except HeldError as e:
-        log.error("held", reason=str(e))
-        return EXIT_HELD
     except (LdapsyncError, OSError) as e:
         log.error("failed", error=str(e))
         return EXIT_CONFIG if args.dry_run else EXIT_FAIL

@@ -2,6 +2,11 @@
 
 Relative paths are resolved against the config file's directory, so a config is portable
 with the files it names. Unknown keys are errors: a typo must not silently disable a guard.
+
+Each default is written once, on its dataclass field. To add a key: give the dataclass a
+field with its default, read the key with ``section.get(name, type)`` (no default: an absent
+key reads as None) and pass it to ``_build``, which leaves None out so the field default
+applies. Validators (``_positive``, ``_choice``, ``_ratio``) pass None through.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import os
 import pwd
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,9 +99,9 @@ class Config:
     domain_aliases: tuple[str, ...]
     source: LdapSource | LdifSource
     attributes: schema.AttributeMap
-    static: Path | None
     state_dir: Path
     exporters: tuple[ExporterSpec, ...]
+    static: Path | None = None
     hooks: Hooks = field(default_factory=Hooks)
     safety: Safety = field(default_factory=Safety)
     agent: Agent = field(default_factory=Agent)
@@ -128,6 +133,7 @@ class _Section:
         return ConfigError(message, file=self.file, key=self.key(name))
 
     def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = None) -> Any:
+        """The value of `name`, type-checked; `default` only for values no dataclass holds."""
         self.used.add(name)
         value = self.data.get(name, default)
         if value is None:
@@ -147,8 +153,8 @@ class _Section:
             raise self.error(name, "is required")
         return value
 
-    def path(self, name: str, default: str | None = None) -> Path | None:
-        value = self.get(name, str, default)
+    def path(self, name: str) -> Path | None:
+        value = self.get(name, str)
         if value is None:
             return None
         p = Path(value).expanduser()
@@ -204,40 +210,37 @@ def parse(data: object, path: Path) -> Config:
             raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
 
     hooks_s = top.sub("hooks")
-    hooks = Hooks(
+    hooks = _build(
+        Hooks,
         check=_commands(hooks_s, "check"),
         reload=_commands(hooks_s, "reload"),
-        timeout=_positive(hooks_s, "timeout", 60.0),
+        timeout=_positive(hooks_s, "timeout"),
     )
     hooks_s.done()
 
     safety_s = top.sub("safety")
-    ratio = safety_s.get("max_deletion_ratio", float, 0.2)
-    if not 0 <= ratio <= 1:
-        raise safety_s.error("max_deletion_ratio", "must be between 0 and 1")
-    max_del = safety_s.get("max_deletions", int, 500)
-    if max_del < 0:
-        raise safety_s.error("max_deletions", "must be >= 0")
-    change_ratio = safety_s.get("max_change_ratio", float, 0.2)
-    if not 0 <= change_ratio <= 1:
-        raise safety_s.error("max_change_ratio", "must be between 0 and 1")
-    max_changes = safety_s.get("max_changes", int, 1000)
-    if max_changes < 0:
-        raise safety_s.error("max_changes", "must be >= 0")
-    window = _positive(safety_s, "window", 6 * 3600.0, allow_zero=True)
-    safety = Safety(max_del, ratio, safety_s.get("allow_empty", bool, False), max_changes, change_ratio, window)
+    safety = _build(
+        Safety,
+        max_deletions=_count(safety_s, "max_deletions"),
+        max_deletion_ratio=_ratio(safety_s, "max_deletion_ratio"),
+        allow_empty=safety_s.get("allow_empty", bool),
+        max_changes=_count(safety_s, "max_changes"),
+        max_change_ratio=_ratio(safety_s, "max_change_ratio"),
+        window=_positive(safety_s, "window", allow_zero=True),
+    )
     safety_s.done()
 
     agent_s = top.sub("agent")
-    agent = Agent(
-        debounce=_positive(agent_s, "debounce", 0.1, allow_zero=True),
-        max_delay=_positive(agent_s, "max_delay", 2.0),
-        reconnect_max=_positive(agent_s, "reconnect_max", 60.0),
+    agent = _build(
+        Agent,
+        debounce=_positive(agent_s, "debounce", allow_zero=True),
+        max_delay=_positive(agent_s, "max_delay"),
+        reconnect_max=_positive(agent_s, "reconnect_max"),
     )
     agent_s.done()
 
     postfix_s = top.sub("postfix")
-    postmap = postfix_s.get("postmap", str, "postmap")
+    postmap = postfix_s.get("postmap", str)
     postfix_dir = postfix_s.path("config_dir")
     postfix_s.done()
 
@@ -246,21 +249,18 @@ def parse(data: object, path: Path) -> Config:
     metrics_s.done()
 
     log_s = top.sub("log")
-    log_format = log_s.get("format", str, "auto")
-    if log_format not in ("auto", "console", "json"):
-        raise log_s.error("format", "must be auto, console or json")
-    log_level = log_s.get("level", str, "info").lower()
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise log_s.error("level", "must be debug, info, warning or error")
+    log_format = _choice(log_s, "format", ("auto", "console", "json"))
+    log_level = _choice(log_s, "level", ("debug", "info", "warning", "error"), fold=True)
     log_s.done()
 
-    keep = top.get("keep_generations", int, 10)
-    if keep < 1:
+    keep = top.get("keep_generations", int)
+    if keep is not None and keep < 1:
         raise top.error("keep_generations", "must be >= 1")
     state_dir = top.path("state_dir")
     if state_dir is None:
         raise top.error("state_dir", "is required")
-    config = Config(
+    config = _build(
+        Config,
         path=path,
         domain=domain,
         domain_aliases=domain_aliases,
@@ -291,10 +291,47 @@ def _domain(section: _Section, key: str, value: object) -> str:
     return value.lower()
 
 
-def _positive(s: _Section, name: str, default: float, *, allow_zero: bool = False) -> float:
-    value: float = s.get(name, float, default)
-    if value < 0 or (value == 0 and not allow_zero):
+def _build(cls: type[T], **values: Any) -> T:
+    """`cls` from the keys the file sets; a key it leaves out (None) takes the field default.
+
+    Only fields that have a default may be left out; a required one is a bug here, not in
+    the file, so it fails loudly.
+    """
+    unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]}")
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def _positive(s: _Section, name: str, *, allow_zero: bool = False) -> float | None:
+    value: float | None = s.get(name, float)
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
         raise s.error(name, f"must be {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+def _count(s: _Section, name: str) -> int | None:
+    value: int | None = s.get(name, int)
+    if value is not None and value < 0:
+        raise s.error(name, "must be >= 0")
+    return value
+
+
+def _ratio(s: _Section, name: str) -> float | None:
+    value: float | None = s.get(name, float)
+    if value is not None and not 0 <= value <= 1:
+        raise s.error(name, "must be between 0 and 1")
+    return value
+
+
+def _choice(s: _Section, name: str, choices: tuple[str, ...], *, fold: bool = False) -> str | None:
+    value: str | None = s.get(name, str)
+    if value is None:
+        return None
+    if fold:
+        value = value.lower()
+    if value not in choices:
+        raise s.error(name, "must be one of " + ", ".join(choices[:-1]) + f" or {choices[-1]}")
     return value
 
 
@@ -309,7 +346,7 @@ def _source(s: _Section) -> LdapSource | LdifSource:
             s.done()
             return LdifSource(path=s.path("ldif") or Path(raw))
         ls = s.sub("ldif")
-        result = LdifSource(path=_required_path(ls, "path"), base_dn=ls.get("base_dn", str))
+        result = _build(LdifSource, path=_required_path(ls, "path"), base_dn=ls.get("base_dn", str))
         ls.done()
         s.done()
         return result
@@ -328,32 +365,27 @@ def _source(s: _Section) -> LdapSource | LdifSource:
     pw_file = ls.path("bind_password_file")
     if bind_dn and pw_file is None:
         raise ls.error("bind_password_file", "is required with bind_dn")
-    scope = ls.get("scope", str, "sub")
-    if scope not in ("sub", "one", "base"):
-        raise ls.error("scope", "must be sub, one or base")
-    watch = ls.get("watch", str, "auto")
-    if watch not in WATCH_MODES:
-        raise ls.error("watch", f"must be one of {', '.join(WATCH_MODES)}")
-    page_size = ls.get("page_size", int, 500)
-    if not 1 <= page_size <= 100000:
+    page_size = ls.get("page_size", int)
+    if page_size is not None and not 1 <= page_size <= 100000:
         raise ls.error("page_size", "must be between 1 and 100000")
-    filt = ls.get("filter", str, "(objectClass=*)")
-    if not (filt.startswith("(") and filt.endswith(")")):
+    filt = ls.get("filter", str)
+    if filt is not None and not (filt.startswith("(") and filt.endswith(")")):
         raise ls.error("filter", "must be an LDAP filter in parentheses")
-    ldap = LdapSource(
+    ldap = _build(
+        LdapSource,
         uris=uris,
         base_dn=ls.require("base_dn", str),
         filter=filt,
-        scope=scope,
-        start_tls=ls.get("start_tls", bool, False),
-        tls_verify=ls.get("tls_verify", bool, True),
+        scope=_choice(ls, "scope", ("sub", "one", "base")),
+        start_tls=ls.get("start_tls", bool),
+        tls_verify=ls.get("tls_verify", bool),
         ca_file=ls.path("ca_file"),
         bind_dn=bind_dn,
         bind_password_file=pw_file,
         page_size=page_size,
-        timeout=_positive(ls, "timeout", 10.0),
-        watch=watch,
-        poll_interval=_positive(ls, "poll_interval", 60.0),
+        timeout=_positive(ls, "timeout"),
+        watch=_choice(ls, "watch", WATCH_MODES),
+        poll_interval=_positive(ls, "poll_interval"),
     )
     ls.done()
     s.done()

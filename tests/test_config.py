@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +344,43 @@ def test_single_uri_and_defaults_of_ldap_source(tmp_path: Path) -> None:
         10.0,
     )
     assert (src.bind_dn, src.bind_password_file, src.watch, src.poll_interval) == (None, None, "auto", 60.0)
+
+
+SECTIONS = [(config.Hooks, "hooks"), (config.Safety, "safety"), (config.Agent, "agent")]
+
+
+def test_an_absent_key_takes_the_field_default(tmp_path: Path) -> None:
+    cfg = load(tmp_path, ldap())
+    for cls, attr in [*SECTIONS, (config.LdapSource, "source"), (config.Config, None)]:
+        parsed = getattr(cfg, attr) if attr else cfg
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                assert getattr(parsed, f.name) == f.default, f"{cls.__name__}.{f.name}"
+
+
+def _other_defaults(cls: type) -> type:
+    """`cls` with every number and flag default changed, built the way config builds its own."""
+    spec = []
+    for f in dataclasses.fields(cls):
+        d = f.default
+        if isinstance(d, bool):
+            spec.append((f.name, f.type, dataclasses.field(default=not d)))
+        elif isinstance(d, int | float):
+            spec.append((f.name, f.type, dataclasses.field(default=d * 3 + 1)))
+        elif d is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            spec.append((f.name, f.type))
+        else:
+            spec.append((f.name, f.type, dataclasses.field(default=d, default_factory=f.default_factory)))
+    return dataclasses.make_dataclass(cls.__name__, spec, frozen=True, slots=True)
+
+
+@pytest.mark.parametrize("cls, attr", [*SECTIONS, (config.LdapSource, "source")])
+def test_each_default_is_written_once_on_its_dataclass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: type, attr: str
+) -> None:
+    """Changing a field default changes what an absent key reads as: no second copy in the parser."""
+    other = _other_defaults(cls)
+    monkeypatch.setattr(config, cls.__name__, other)
+    parsed = getattr(load(tmp_path, ldap()), attr)
+    required = {f.name for f in dataclasses.fields(other) if f.default is dataclasses.MISSING}
+    assert parsed == other(**{name: getattr(parsed, name) for name in required})

@@ -9,14 +9,18 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator
 from datetime import date
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ldapsync import config, model, schema
+from ldapsync import config, exporters, model, schema
 from ldapsync.directory import Entry, Snapshot
+from ldapsync.errors import ConfigError
 from ldapsync.exporters import exporter_class
 from ldapsync.exporters.dovecot import PasswdExporter
 from ldapsync.static import Static
@@ -289,3 +293,118 @@ def test_rebuild_renders_again_exactly_the_outputs_whose_inputs_changed(tmp_path
     assert b"alice@example.org\t" not in fourth["postfix-recipients"]
     assert b"alice@example.org\tREJECT gone" in fourth["postfix-access"]
     assert not fourth["dovecot-passwd"].startswith(b"alice:")
+
+
+# -- the registry: built-ins always, plugins through entry points ------------------------------
+BUILTIN_KINDS = {
+    "postfix-virtual",
+    "postfix-transport",
+    "postfix-recipients",
+    "postfix-sender-login",
+    "postfix-access",
+    "dovecot-passwd",
+}
+PLUGIN_MODULE = """
+from ldapsync.exporters import Exporter
+
+class Good(Exporter):
+    kind = "site-good"
+
+    def render(self, model):
+        return b""
+
+class NotAnExporter:
+    kind = "site-notexporter"
+"""
+PLUGINS = """
+[ldapsync.exporters]
+site-good = site_exporters:Good
+site-notexporter = site_exporters:NotAnExporter
+site-broken = site_broken:Thing
+site-renamed = site_exporters:Good
+"""
+
+
+def install_plugins(root: Path, entry_points: str, name: str = "site-plugins") -> Path:
+    """A real (if tiny) installed distribution: a dist-info with entry_points.txt, on sys.path."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "site_exporters.py").write_text(PLUGIN_MODULE)
+    (root / "site_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Site plugins on sys.path, the registry re-read before and after."""
+    monkeypatch.syspath_prepend(str(install_plugins(tmp_path / "site", PLUGINS)))
+    exporters._registry.cache_clear()
+    yield tmp_path
+    exporters._registry.cache_clear()
+
+
+def kind_error(kind: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        exporter_class(kind, file=Path("/etc/ldapsync/ldapsync.yaml"), key="exporters[0].kind")
+    text = str(err.value)
+    assert "/etc/ldapsync/ldapsync.yaml: exporters[0].kind" in text
+    return text
+
+
+def test_plugin_kind_is_found_beside_the_builtins(registry: Path) -> None:
+    assert exporter_class("site-good").__name__ == "Good"
+    assert set(exporters._registry()) >= BUILTIN_KINDS
+
+
+def test_plugin_that_fails_to_import_is_named(registry: Path) -> None:
+    text = kind_error("site-broken")
+    assert "site-broken" in text and "site_broken:Thing" in text and "from site-plugins" in text
+    assert "RuntimeError: boom at import" in text
+
+
+def test_plugin_that_is_not_an_exporter_is_refused(registry: Path) -> None:
+    text = kind_error("site-notexporter")
+    assert "site_exporters:NotAnExporter" in text and "not a subclass" in text
+
+
+def test_plugin_registered_under_another_kind_is_refused(registry: Path) -> None:
+    assert "declares kind 'site-good'" in kind_error("site-renamed")
+
+
+def test_a_broken_plugin_nobody_uses_does_not_stop_a_config(registry: Path) -> None:
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": "dir.ldif"},
+        "state_dir": "state",
+        "exporters": [{"kind": "postfix-virtual", "path": "maps/alias"}],
+    }
+    assert config.parse(doc, registry / "ldapsync.yaml").exporters[0].kind == "postfix-virtual"
+
+
+def test_a_plugin_reusing_a_builtin_kind_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clash = "[ldapsync.exporters]\npostfix-virtual = site_exporters:Good\n"
+    monkeypatch.syspath_prepend(str(install_plugins(tmp_path / "site", clash, name="clash")))
+    exporters._registry.cache_clear()
+    try:
+        text = kind_error("postfix-virtual")
+    finally:
+        exporters._registry.cache_clear()
+    assert "registered more than once" in text
+    assert (
+        "ldapsync.exporters.postfix:VirtualExporter (built in)" in text and "site_exporters:Good (from clash)" in text
+    )
+
+
+def test_builtins_are_there_without_their_metadata_even_beside_a_plugin(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source tree that was never installed has no ldapsync entry points, but a site plugin may."""
+    without = [p for p in sys.path if not list(Path(p or ".").glob("ldapsync*-info"))]  # dist-info, egg-info
+    monkeypatch.setattr(sys, "path", without)
+    exporters._registry.cache_clear()
+    assert {ep.value for ep in entry_points(group=exporters.GROUP) if ep.value.startswith("ldapsync.")} == set()
+    assert BUILTIN_KINDS | {"site-good"} <= set(exporters._registry())
+    assert exporter_class("dovecot-passwd") is PasswdExporter
