@@ -390,3 +390,59 @@ def test_output_is_byte_identical_whatever_the_entry_and_value_order() -> None:
 def test_counts() -> None:
     m, _ = build(entry("a", mailPassword=SSHA, emailForward="x@y.example"), entry("d", mailDisableMessage="x"))
     assert m.counts() == {"users": 1, "aliases": 0, "forwards": 1, "passwords": 1, "disabled": 1}
+
+
+# -- the reference outputs: features added since must not change a byte of existing configs -----
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_config_outputs_are_byte_identical_to_the_reference(tmp_path: Path) -> None:
+    """examples/demo.yaml (one domain, two alias domains, static file) renders what it always did."""
+    import yaml
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    demo = REPO / "examples" / "demo.yaml"
+    data = yaml.safe_load(demo.read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    cfg = config.parse(data, demo)
+    pipeline = Pipeline(cfg)
+    outputs, _ = pipeline.render(pipeline.read_source(), log_problems=False)
+    assert len(outputs) == 6
+    for out in outputs:
+        assert out.data == (GOLDEN / "demo" / out.path.name).read_bytes(), out.name
+
+
+def test_fixture_directory_outputs_are_byte_identical_to_the_reference() -> None:
+    """demo.ldif + hostile.ldif with every logical field of the ud-ldap preset and mailLocalAddress."""
+    from ldapsync import config, ldifsource
+
+    attrs = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
+    entries: list[Entry] = []
+    rejections: list[Rejection] = []
+    for name in ("demo.ldif", "hostile.ldif"):
+        snap = ldifsource.read(config.LdifSource(REPO / "fixtures" / "ldif" / name), attrs)
+        entries += snap.entries
+        rejections += snap.rejections
+    static = Static(
+        Path("/etc/ldapsync/mail.yaml"),
+        (
+            StaticEntry(
+                "postmaster@example.org", ("alice@example.org", "root@elsewhere.example"), "aliases.postmaster"
+            ),
+            StaticEntry("abuse@example.org", ("postmaster@example.org",), "aliases.abuse"),
+        ),
+        (StaticEntry("bounces@example.org", ("bounces@lists.example.net",), "forwards.bounces"),),
+    )
+    m, _ = model.build(
+        Snapshot(tuple(entries), "fixtures", tuple(rejections)),
+        static,
+        domain=DOMAIN,
+        domain_aliases=ALIASES,
+        attributes=attrs,
+        today=TODAY,
+    )
+    for kind, data in render_all(m).items():
+        assert data == (GOLDEN / "fixtures" / kind).read_bytes(), kind
