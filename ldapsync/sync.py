@@ -54,7 +54,7 @@ class Pipeline:
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
-        self.static = static.load(config.static, config.domain, config.domain_aliases)
+        self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
@@ -84,6 +84,9 @@ class Pipeline:
             attributes=cfg.attributes,
             today=today,
             cache=self._entry_cache,
+            hosted=cfg.hosted,
+            groups=cfg.groups,
+            mailbox=cfg.mailbox,
         )
         if log_problems:
             current: set[object] = {*report.warnings, *report.rejections}
