@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -775,3 +776,113 @@ def test_account_without_a_mailbox_is_not_delivered_locally() -> None:
     assert m.local == {"bob@example.org": "bob"}
     assert set(m.mailboxes) == {"bob"}
     assert reasons(report) == [(dn("alice"), "uidNumber", "no value and no default in mailbox settings; no mailbox")]
+
+
+# -- against a real slapd: groups and hosted domains read over LDAP --------------------------------
+def slapd_config(tmp_path: Path, server: object, **extra: object) -> Path:
+    import yaml
+
+    doc = {
+        "domain": "example.org",
+        "domain_aliases": ["example.net"],
+        "source": {
+            "ldap": {
+                "uri": server.uri,  # type: ignore[attr-defined]
+                "bind_dn": server.service_dn,  # type: ignore[attr-defined]
+                "bind_password_file": str(server.service_password_file),  # type: ignore[attr-defined]
+                "base_dn": "dc=example,dc=org",
+                "timeout": 5,
+            }
+        },
+        "state_dir": "state",
+        "exporters": [
+            {"kind": "postfix-virtual", "path": "out/virtual", "map_type": "none"},
+            {"kind": "postfix-recipients", "path": "out/recipients", "map_type": "none"},
+            {"kind": "postfix-sender-login", "path": "out/sender_login", "map_type": "none"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "ldapsync.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.slapd
+def test_groups_read_from_slapd(tmp_path: Path, slapd_factory: Any) -> None:
+    from slapd import BASE_LDIF, DEMO_LDIF, FIXTURES
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "groups.ldif"))
+    cfg = config.load(slapd_config(tmp_path, server, groups={"members_send_as_group": True}))
+    assert cfg.groups is not None and "member" in cfg.attributes.ldap_attributes()
+    pipeline = Pipeline(cfg)
+    outputs, report = pipeline.render(pipeline.read_source(), log_problems=False)
+    virtual = {o.name: o.data.decode() for o in outputs}["postfix-virtual"]
+    assert "staff@example.org\talice@example.org,bob@example.org,frank@example.org,grace@example.org\n" in virtual
+    assert "admins@example.org\tbob@example.org,grace@example.org\n" in virtual
+    assert "ops@example.org\tbob@example.org,grace@example.org\n" in virtual
+    assert "announce@example.org\tcarol@example.org,someone@outside.example\n" in virtual
+    assert "staff@example.net\tstaff@example.org\n" in virtual
+    assert "alice@example.org\t" not in virtual  # the account alice wins over the group alice
+    sender = {o.name: o.data.decode() for o in outputs}["postfix-sender-login"]
+    assert "staff@example.org\talice,bob,frank,grace\n" in sender
+    got = {(r.dn.split(",")[0], r.attribute, r.reason) for r in report.rejections if "ou=groups" in r.dn}
+    staff = "cn=staff"
+    assert (staff, "member", "member 'uid=dora,ou=users,dc=example,dc=org' is disabled; skipped") in got
+    assert (staff, "member", "member 'uid=oscar,ou=users,dc=example,dc=org' is retired; skipped") in got
+    ghost = "member 'uid=ghost,ou=users,dc=example,dc=org' is not a mail account or group; skipped"
+    assert (staff, "member", ghost) in got
+    cycles = {g for g, _, reason in got if "group cycle through" in reason}
+    assert cycles == {"cn=admins", "cn=ops"}
+    assert any(g == "cn=alice" and "the account wins" in reason for g, _, reason in got)
+    assert any(g == "cn=announce" and a == "rfc822MailMember" and "|/bin/sh" in reason for g, a, reason in got)
+    assert any(g == "cn=Mail Team" and a == "cn" for g, a, _ in got)
+
+
+@pytest.mark.slapd
+def test_hosted_domains_and_mailboxes_read_from_slapd(tmp_path: Path, slapd_factory: Any) -> None:
+    from slapd import BASE_LDIF, DEMO_LDIF, FIXTURES
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "domains.ldif"))
+    path = slapd_config(
+        tmp_path,
+        server,
+        domains={"example.com": ["example.info"], "other.example": []},
+        attributes={"address": "mail", "uid_number": "uidNumber", "gid_number": "gidNumber", "home": "homeDirectory"},
+        mailbox={"home_root": "/var/vmail", "gid": 5000, "uid": 5000},
+    )
+    cfg = config.load(path)
+    pipeline = Pipeline(cfg)
+    outputs, report = pipeline.render(pipeline.read_source(), log_problems=False)
+    text = {o.name: o.data.decode() for o in outputs}
+    assert "bob@other.example\tbob.smith@example.com\n" in text["postfix-virtual"]
+    assert "bob.smith@example.info\tbob.smith@example.com\n" in text["postfix-virtual"]
+    assert "bob.smith@example.info\tOK\n" in text["postfix-recipients"]
+    assert "eve@example.org\tOK\n" in text["postfix-recipients"]
+    assert "alice@example.net\tOK\n" in text["postfix-recipients"]
+    assert "alice@example.info" not in text["postfix-recipients"]
+    got = {(r.dn.split(",")[0], r.attribute, r.reason) for r in report.rejections if "ou=people" in r.dn}
+    assert got == {
+        ("uid=eve", "mail", "'eve@outside.example' is not in a hosted domain; value dropped"),
+        ("uid=mallory", "homeDirectory", "'/etc' is not under /var/vmail; no mailbox"),
+    }
+    routing, _ = model.build(
+        pipeline.read_source(),
+        Static(),
+        domain=cfg.domain,
+        domain_aliases=cfg.domain_aliases,
+        attributes=cfg.attributes,
+        today=TODAY,
+        hosted=cfg.hosted,
+        mailbox=cfg.mailbox,
+    )
+    assert routing.mailboxes["bsmith"] == model.Mailbox(
+        "bsmith", "bob.smith@example.com", 5001, 5000, "/var/vmail/example.com/bsmith"
+    )
+    assert routing.mailboxes["alice"].home == "/var/vmail/example.org/alice"
+    assert "mallory" not in routing.mailboxes and "mallory@example.com" not in routing.local
