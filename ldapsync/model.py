@@ -190,8 +190,9 @@ def build(
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
-        if parsed.group:
+        if parsed.group:  # not a mail account: the empty-directory guard must not count it
             group_entries.append(entry)
+            report.skipped += 1
             continue
         rej.extend(parsed.rejections)
         dn_key = _dn_key(entry.dn) if group_test is not None else ""

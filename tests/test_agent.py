@@ -412,3 +412,21 @@ def test_follows_389_ds_via_persistent_search(ds389: Ds389, agents: Agents, tmp_
     wait_until(lambda: "renamed" not in setup.passwd_users() and "user000003" in setup.passwd_users(), 5,
                what="passwd-file follows the delete")
     no_errors(agent)
+
+
+def test_follows_group_membership_changes(slapd_factory: Callable[..., Slapd], agents: Agents, tmp_path: Path) -> None:
+    """Groups come through the same syncrepl stream as accounts: a new member is installed live."""
+    from slapd import DEMO_LDIF, FIXTURES, SUFFIX
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "groups.ldif"))
+    setup = AgentSetup.for_slapd(tmp_path / "a", server, agent=FAST, base_dn="dc=example,dc=org")
+    setup.doc["groups"] = {"base_dn": "ou=groups,dc=example,dc=org"}
+    setup.write_config()
+    agent = start_ready(agents, setup)
+    setup.wait_map("ops@example.org", "bob@example.org,grace@example.org", timeout=5)
+    server.modify(f"dn: cn=ops,ou=groups,{SUFFIX}\nchangetype: modify\nadd: member\nmember: uid=carol,{USERS}\n")
+    setup.wait_map("ops@example.org", "bob@example.org,carol@example.org,grace@example.org", timeout=5)
+    # the nested group follows: admins and ops are on one cycle and share their members
+    everyone = "alice@example.org,bob@example.org,carol@example.org,frank@example.org,grace@example.org"
+    setup.wait_map("staff@example.org", everyone, timeout=5)
+    assert agent.alive

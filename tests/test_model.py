@@ -484,6 +484,7 @@ def test_group_of_names_delivers_to_its_members_addresses() -> None:
     assert m.aliases == {"staff@example.org": ("alice@example.org", "bob@example.org")}
     assert m.groups == {"staff@example.org": f"cn=staff,{GOU}"}
     assert reasons(report) == []
+    assert report.skipped == 1  # a group is not an account (the empty-directory guard counts accounts)
     maps = render_all(m)
     assert b"staff@example.net\tstaff@example.org\n" in maps["postfix-virtual"]  # alias domains follow
     assert b"staff@example.org\tOK\n" in maps["postfix-recipients"]
