@@ -230,16 +230,18 @@ def build(
         if dn_key:
             member_state[dn_key] = ("account", addr)
         users[addr] = login
-        records[login] = (addr, entry.dn, parsed)
+        if mailbox is not None:
+            records[login] = (addr, entry.dn, parsed)
         if parsed.targets:
             forwards[addr] = list(parsed.targets)
-        for attr, values in ((attributes.address or "", parsed.addresses[1:]), (alias_attr, parsed.aliases)):
-            for alias in values:
-                if alias != addr:
-                    ldap_aliases.setdefault(alias, addr)
-                    alias_source.setdefault(alias, attr)
-                    if ldap_aliases[alias] != addr:
-                        rej.append(Rejection(entry.dn, attr, f"{alias} already claimed; value dropped"))
+        if parsed.aliases or len(parsed.addresses) > 1:
+            for attr, values in ((attributes.address or "", parsed.addresses[1:]), (alias_attr, parsed.aliases)):
+                for alias in values:
+                    if alias != addr:
+                        ldap_aliases.setdefault(alias, addr)
+                        alias_source.setdefault(alias, attr)
+                        if ldap_aliases[alias] != addr:
+                            rej.append(Rejection(entry.dn, attr, f"{alias} already claimed; value dropped"))
         if parsed.password is not None:
             passwords[login] = parsed.password
     if cache is not None and len(cache) > len(seen):
@@ -374,7 +376,7 @@ def _parse_entry(
                 rej.append(Rejection(entry.dn, addr_attr, f"{_show(value)} is not in a hosted domain; value dropped"))
                 continue
             own.append(canonical(address))
-    addresses = tuple(sorted(set(own)))  # LDAP values are unordered: the lowest is the primary
+    addresses = tuple(sorted(set(own))) if len(own) > 1 else tuple(own)  # unordered in LDAP: lowest is primary
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
         messages = tuple(sorted(messages))  # LDAP values are unordered
@@ -420,10 +422,12 @@ def _parse_entry(
             password = validate.password(hashes[0])
         except validate.Invalid as e:
             rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
-    uid = _single(entry, attributes.uid_number, names["uid_number"], validate.numeric_id, rej)
-    gid = _single(entry, attributes.gid_number, names["gid_number"], validate.numeric_id, rej)
-    home = _single(entry, attributes.home, names["home"], validate.home, rej)
-    quota = _single(entry, attributes.quota, names["quota"], validate.quota, rej)
+    uid = gid = home = quota = None
+    if names["uid_number"] or names["gid_number"] or names["home"] or names["quota"]:  # a mailbox host
+        uid = _single(entry, attributes.uid_number, names["uid_number"], validate.numeric_id, rej)
+        gid = _single(entry, attributes.gid_number, names["gid_number"], validate.numeric_id, rej)
+        home = _single(entry, attributes.home, names["home"], validate.home, rej)
+        quota = _single(entry, attributes.quota, names["quota"], validate.quota, rej)
     return _Parsed(
         login=login,
         targets=tuple(targets) if len(targets) < 2 else tuple(sorted(set(targets))),  # unordered in LDAP
