@@ -412,6 +412,13 @@ def test_hosted_domains_groups_and_mailbox(tmp_path: Path) -> None:
     assert cfg.mailbox.id_range == (1000, 60000)
 
 
+def test_empty_groups_section_turns_groups_on_with_the_defaults(tmp_path: Path) -> None:
+    from ldapsync.model import GroupSettings
+
+    assert load(tmp_path, base(groups={})).groups == GroupSettings()
+    assert load(tmp_path, base(groups=None)).groups is None
+
+
 def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
     cfg = load(tmp_path, base())
     assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
