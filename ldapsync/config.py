@@ -24,7 +24,7 @@ import yaml
 
 from ldapsync import schema
 from ldapsync.errors import ConfigError
-from ldapsync.model import GROUP_CLASSES, GroupSettings, MailboxSettings
+from ldapsync.model import GroupSettings, MailboxSettings
 
 T = TypeVar("T")
 
@@ -324,8 +324,15 @@ def _hosted(top: _Section, domain: str, domain_aliases: tuple[str, ...]) -> dict
     return out
 
 
-def _attr_names(s: _Section, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = s.get(name, (list, str), list(default))
+def _field_default(cls: type, name: str) -> Any:
+    """A dataclass field's default: each default is written once, on its field."""
+    return {f.name: f.default for f in fields(cls)}[name]
+
+
+def _attr_names(s: _Section, name: str, cls: type) -> tuple[str, ...]:
+    raw = s.get(name, (list, str))
+    if raw is None:
+        return tuple(_field_default(cls, name))
     values = [raw] if isinstance(raw, str) else raw
     for i, v in enumerate(values):
         if not isinstance(v, str) or not schema._is_attr_name(v):
@@ -338,14 +345,16 @@ def _groups(top: _Section) -> GroupSettings | None:
         top.used.add("groups")
         return None
     g = top.sub("groups")
-    classes = _attr_names(g, "object_classes", GROUP_CLASSES)
+    classes = _attr_names(g, "object_classes", GroupSettings)
     if not classes:
         raise g.error("object_classes", "at least one object class is required")
-    name_attr = g.get("name_attribute", str, "cn")
+    name_attr = g.get("name_attribute", str)
+    if name_attr is None:
+        name_attr = _field_default(GroupSettings, "name_attribute")
     if not schema._is_attr_name(name_attr):
         raise g.error("name_attribute", f"{name_attr!r} is not an LDAP attribute name")
-    member = _attr_names(g, "member_attributes", ("member", "uniqueMember"))
-    address = _attr_names(g, "address_attributes", ("rfc822MailMember",))
+    member = _attr_names(g, "member_attributes", GroupSettings)
+    address = _attr_names(g, "address_attributes", GroupSettings)
     if not member and not address:
         raise g.error("member_attributes", "groups need member_attributes or address_attributes")
     settings = GroupSettings(
@@ -354,7 +363,7 @@ def _groups(top: _Section) -> GroupSettings | None:
         member_attributes=member,
         address_attributes=address,
         base_dn=g.get("base_dn", str),
-        members_send_as_group=g.get("members_send_as_group", bool, False),
+        members_send_as_group=bool(g.get("members_send_as_group", bool)),
     )
     g.done()
     return settings
@@ -383,7 +392,9 @@ def _mailbox(top: _Section, *, file_key: str = "mailbox") -> MailboxSettings | N
         raise m.error("home", f"{template!r} {e}") from e
     if not sample.startswith(root.rstrip("/") + "/"):
         raise m.error("home", f"{template!r} is not under home_root {root}")
-    range_raw = m.get("id_range", list, [1000, 60000])
+    range_raw = m.get("id_range", list)
+    if range_raw is None:
+        range_raw = list(_field_default(MailboxSettings, "id_range"))
     if (
         len(range_raw) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in range_raw)

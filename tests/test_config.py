@@ -453,6 +453,8 @@ def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
         ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/{login} x"}}, "mailbox.home", "absolute"),
         ({"mailbox": {"home_root": "/v", "id_range": [0, 10]}}, "mailbox.id_range", "root never owns mail"),
         ({"mailbox": {"home_root": "/v", "id_range": [10, 5]}}, "mailbox.id_range", "first <= last"),
+        ({"mailbox": {"home_root": "/v", "id_range": []}}, "mailbox.id_range", "first <= last"),
+        ({"groups": {"name_attribute": ""}}, "groups.name_attribute", "not an LDAP attribute name"),
         ({"mailbox": {"home_root": "/v", "uid": 0}}, "mailbox.uid", "outside id_range"),
         ({"mailbox": {"home_root": "/v", "gid": 99999}}, "mailbox.gid", "outside id_range"),
         (
