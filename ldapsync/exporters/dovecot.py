@@ -56,6 +56,8 @@ class UserdbExporter(Exporter):
     kind = "dovecot-userdb"
     postfix_map = False
     default_mode = 0o640
+    separator = ":"  # login, then the fields: a changed home or uid is a changed value, not a new key
+    guarded_values = True  # many homes or ids rewritten at once would move every mailbox
     options: ClassVar[Mapping[str, type]] = {"fields": dict, "address_keys": bool}
 
     @classmethod

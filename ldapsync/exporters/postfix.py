@@ -129,6 +129,7 @@ class VirtualMailboxExporter(Exporter):
     """
 
     kind = "postfix-virtual-mailbox"
+    guarded_values = True  # many paths rewritten at once would move every mailbox
     options: ClassVar[Mapping[str, type]] = {"path_template": str}
 
     @classmethod
