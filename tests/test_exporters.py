@@ -570,3 +570,39 @@ def test_userdb_is_read_by_dovecot_field_for_field(dovecot_userdb: tuple[Path, P
     erin = doveadm_user(conf, "erin.e@example.com")  # what LMTP looks up: the recipient address
     assert erin is not None and erin["user"] == "erin" and erin["home"] == "/var/vmail/example.com/erin"
     assert doveadm_user(conf, "dora") is None  # disabled: no mailbox
+
+
+def test_mailbox_outputs_install_atomically_and_roll_back(tmp_path: Path, postfix_conf: Path) -> None:
+    """The new outputs take the ordinary path: staged, postmap'd, installed, kept in generations."""
+    from ldapsync import sync
+
+    ldif = tmp_path / "dir.ldif"
+    ldif.write_text(DEMO_LDIF.read_text())
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": {"path": str(ldif), "base_dn": "ou=users,dc=example,dc=org"}},
+        "state_dir": str(tmp_path / "state"),
+        "postfix": {"config_dir": str(postfix_conf)},
+        "mailbox": {"home_root": "/var/vmail", "uid": 5000, "gid": 5000},
+        "exporters": [
+            {"kind": "postfix-virtual-mailbox", "path": str(tmp_path / "out" / "vmailbox")},
+            {"kind": "dovecot-userdb", "path": str(tmp_path / "out" / "userdb")},
+        ],
+    }
+    (tmp_path / "ldapsync.yaml").write_text(yaml.safe_dump(doc))
+    cfg = config.load(tmp_path / "ldapsync.yaml")
+    assert Pipeline(cfg).run().status == "installed"
+    userdb, vmailbox = tmp_path / "out" / "userdb", tmp_path / "out" / "vmailbox"
+    first = (userdb.read_bytes(), vmailbox.read_bytes())
+    assert userdb.stat().st_mode & 0o777 == 0o640
+    assert b"alice::5000:5000::/var/vmail/example.org/alice::\n" in first[0]
+    assert postmap_query(postfix_conf, "hash", vmailbox, "alice@example.org") == "example.org/alice/Maildir/"
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") is None  # forwards only
+
+    ldif.write_text(DEMO_LDIF.read_text().replace("emailForward: bob@elsewhere.example\n", ""))
+    assert Pipeline(cfg).run().status == "installed"
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") == "example.org/bob/Maildir/"
+
+    assert sync.rollback(Pipeline(cfg), None).status == "installed"
+    assert (userdb.read_bytes(), vmailbox.read_bytes()) == first
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") is None
