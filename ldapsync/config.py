@@ -324,15 +324,11 @@ def _hosted(top: _Section, domain: str, domain_aliases: tuple[str, ...]) -> dict
     return out
 
 
-def _field_default(cls: type, name: str) -> Any:
-    """A dataclass field's default: each default is written once, on its field."""
-    return {f.name: f.default for f in fields(cls)}[name]
-
-
-def _attr_names(s: _Section, name: str, cls: type) -> tuple[str, ...]:
+def _attr_names(s: _Section, name: str) -> tuple[str, ...] | None:
+    """A list of LDAP attribute names (one name may be written alone); None if absent."""
     raw = s.get(name, (list, str))
     if raw is None:
-        return tuple(_field_default(cls, name))
+        return None
     values = [raw] if isinstance(raw, str) else raw
     for i, v in enumerate(values):
         if not isinstance(v, str) or not schema._is_attr_name(v):
@@ -345,26 +341,22 @@ def _groups(top: _Section) -> GroupSettings | None:
         top.used.add("groups")
         return None
     g = top.sub("groups")
-    classes = _attr_names(g, "object_classes", GroupSettings)
-    if not classes:
-        raise g.error("object_classes", "at least one object class is required")
     name_attr = g.get("name_attribute", str)
-    if name_attr is None:
-        name_attr = _field_default(GroupSettings, "name_attribute")
-    if not schema._is_attr_name(name_attr):
+    if name_attr is not None and not schema._is_attr_name(name_attr):
         raise g.error("name_attribute", f"{name_attr!r} is not an LDAP attribute name")
-    member = _attr_names(g, "member_attributes", GroupSettings)
-    address = _attr_names(g, "address_attributes", GroupSettings)
-    if not member and not address:
-        raise g.error("member_attributes", "groups need member_attributes or address_attributes")
-    settings = GroupSettings(
-        object_classes=classes,
+    settings = _build(
+        GroupSettings,
+        object_classes=_attr_names(g, "object_classes"),
         name_attribute=name_attr,
-        member_attributes=member,
-        address_attributes=address,
+        member_attributes=_attr_names(g, "member_attributes"),
+        address_attributes=_attr_names(g, "address_attributes"),
         base_dn=g.get("base_dn", str),
-        members_send_as_group=bool(g.get("members_send_as_group", bool)),
+        members_send_as_group=g.get("members_send_as_group", bool),
     )
+    if not settings.object_classes:
+        raise g.error("object_classes", "at least one object class is required")
+    if not settings.member_attributes and not settings.address_attributes:
+        raise g.error("member_attributes", "groups need member_attributes or address_attributes")
     g.done()
     return settings
 
@@ -393,22 +385,24 @@ def _mailbox(top: _Section, *, file_key: str = "mailbox") -> MailboxSettings | N
     if not sample.startswith(root.rstrip("/") + "/"):
         raise m.error("home", f"{template!r} is not under home_root {root}")
     range_raw = m.get("id_range", list)
-    if range_raw is None:
-        range_raw = list(_field_default(MailboxSettings, "id_range"))
-    if (
+    if range_raw is not None and (
         len(range_raw) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) for v in range_raw)
         or not 1 <= range_raw[0] <= range_raw[1] <= validate.MAX_ID
     ):
         raise m.error("id_range", "must be [first, last] with 1 <= first <= last (root never owns mail)")
-    lo, hi = range_raw
-    ids: list[int | None] = []
-    for name in ("uid", "gid"):
-        value = m.get(name, int)
+    settings = _build(
+        MailboxSettings,
+        home=template,
+        home_root=root.rstrip("/"),
+        uid=m.get("uid", int),
+        gid=m.get("gid", int),
+        id_range=tuple(range_raw) if range_raw is not None else None,
+    )
+    lo, hi = settings.id_range
+    for name, value in (("uid", settings.uid), ("gid", settings.gid)):
         if value is not None and not lo <= value <= hi:
             raise m.error(name, f"{value} is outside id_range {lo}-{hi}")
-        ids.append(value)
-    settings = MailboxSettings(home=template, home_root=root.rstrip("/"), uid=ids[0], gid=ids[1], id_range=(lo, hi))
     m.done()
     return settings
 
