@@ -606,3 +606,14 @@ def test_mailbox_outputs_install_atomically_and_roll_back(tmp_path: Path, postfi
     assert sync.rollback(Pipeline(cfg), None).status == "installed"
     assert (userdb.read_bytes(), vmailbox.read_bytes()) == first
     assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") is None
+
+
+def test_mailbox_outputs_parse_into_keys_and_values_for_the_guards() -> None:
+    userdb = exporter_class("dovecot-userdb")({"address_keys": True})
+    parsed = userdb.parse(userdb.render(mailbox_model()))
+    assert parsed["alice"] == ":5000:5000::/var/vmail/example.org/alice::"  # after the empty password field
+    assert parsed["erin.e@example.com"] == ":5001:5000::/var/vmail/example.com/erin::userdb_user=erin"
+    assert userdb.guarded_values
+    vmailbox = exporter_class("postfix-virtual-mailbox")({})
+    assert vmailbox.parse(vmailbox.render(mailbox_model()))["alice@example.org"] == "example.org/alice/Maildir/"
+    assert vmailbox.guarded_values
