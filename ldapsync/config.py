@@ -91,6 +91,8 @@ class Agent:
     debounce: float = 0.1
     max_delay: float = 2.0
     reconnect_max: float = 60.0
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +254,11 @@ def parse(data: object, path: Path) -> Config:
         debounce=_positive(agent_s, "debounce", allow_zero=True),
         max_delay=_positive(agent_s, "max_delay"),
         reconnect_max=_positive(agent_s, "reconnect_max"),
+        retry_initial=_positive(agent_s, "retry_initial"),
+        retry_max=_positive(agent_s, "retry_max"),
     )
+    if agent.retry_max < agent.retry_initial:
+        raise agent_s.error("retry_max", f"must be >= retry_initial ({agent.retry_initial:g})")
     agent_s.done()
 
     postfix_s = top.sub("postfix")

@@ -383,6 +383,19 @@ class Pipeline:
         status.update(fields)
         self.state.write_json("status.json", status)
 
+    def note_follower(self, connected: bool, error: str | None) -> None:
+        """The agent's follower reached the directory, or lost it (error cleared on success)."""
+        self._note_fields(ldap_reachable=connected, ldap_error=None if connected else error)
+
+    def note_confirmed(self) -> None:
+        """The installed outputs were confirmed to match LDAP now (connected, nothing pending)."""
+        self._note_fields(last_confirmed=time.time())
+
+    def _note_fields(self, **fields: Any) -> None:
+        status = self.state.read_json("status.json")
+        status.update(fields)
+        self.state.write_json("status.json", status)
+
     def _note_failure(self, error: str, *, ldap_reachable: bool) -> None:
         log.error("sync failed", error=error)
         self._note(result="error", error=error, ldap_reachable=ldap_reachable)
