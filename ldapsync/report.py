@@ -41,7 +41,7 @@ def _collect(cfg: Config) -> dict[str, Any]:
         "error": status.get("error"),
         "source": status.get("source"),
         "ldap_reachable": status.get("ldap_reachable"),
-        "ldap_error": status.get("ldap_error"),
+        "follower_error": status.get("follower_error"),
         "generation": state.current_id(),
         "held": None if held is None else held[1].get("reason"),
         "reload_pending": status.get("reload_pending") or [],
@@ -70,7 +70,7 @@ def status(cfg: Config, *, as_json: bool) -> int:
     age = info["last_success_age"]
     print(f"agent:          {_agent_line(info['agent'])}")
     print(f"last success:   {'never' if age is None else f'{age:.0f}s ago'} ({info['result'] or 'no attempt yet'})")
-    away = f", {info['ldap_error']}" if info["ldap_error"] and not info["ldap_reachable"] else ""
+    away = f", {info['follower_error']}" if info["follower_error"] and not info["ldap_reachable"] else ""
     print(f"source:         {info['source'] or '-'} (LDAP reachable: {info['ldap_reachable']}{away})")
     print(f"generation:     {info['generation'] or '-'}")
     if info["error"] and info["result"] not in ("installed", "unchanged"):

@@ -385,7 +385,7 @@ class Pipeline:
 
     def note_follower(self, connected: bool, error: str | None) -> None:
         """The agent's follower reached the directory, or lost it (error cleared on success)."""
-        self._note_fields(ldap_reachable=connected, ldap_error=None if connected else error)
+        self._note_fields(ldap_reachable=connected, follower_error=None if connected else error)
 
     def note_confirmed(self) -> None:
         """The installed outputs were confirmed to match LDAP now (connected, nothing pending)."""
