@@ -9,7 +9,7 @@ backoff, the config settle time, readiness, stop) is tested with invented timest
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ class Scheduler:
                 self._resync_after_reload = True
                 out.append(ReloadConfig())
             case ConfigLoaded(timing=timing, search_changed=search_changed):
-                self.timing = replace(timing)
+                self.timing = timing
                 self._failures, self._retry_at = 0, None  # a new config deserves a prompt try
                 if self._resync_after_reload or search_changed:
                     out += self._resync()

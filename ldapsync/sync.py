@@ -395,6 +395,7 @@ class Pipeline:
         status = self.state.read_json("status.json")
         status.update(fields)
         self.state.write_json("status.json", status)
+        metrics.write(self.config, self.state)
 
     def _note_failure(self, error: str, *, ldap_reachable: bool) -> None:
         log.error("sync failed", error=error)

@@ -541,8 +541,15 @@ def test_read_only_commands_neither_wait_for_the_lock_nor_write(
 def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
     """status.json and `ldapsync status` say the directory is away within ~timeout, and clear it after."""
     setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST, timeout=1)
+    prom = setup.root / "ldapsync.prom"
+    setup.doc["metrics"] = {"textfile": str(prom)}
+    setup.write_config()
     agent = start_ready(agents, setup)
     status_file = setup.state / "status.json"
+
+    def metric() -> float | None:
+        found = re.search(r"^ldapsync_ldap_reachable(?:\{[^}]*\})? (\S+)$", prom.read_text(), re.MULTILINE)
+        return float(found.group(1)) if found else None
 
     def status() -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(status_file.read_text())
@@ -557,6 +564,7 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     down = json.loads(cli(setup.config, "status", "--json").stdout)
     assert down["ldap_reachable"] is False
     assert down["follower_error"], f"no error recorded: {down}"
+    wait_until(lambda: metric() == 0, 5, what="ldapsync_ldap_reachable 0")
     assert agent.alive and agent.find("directory connection failed; retrying", since=mark)
 
     slapd.start()
@@ -565,3 +573,4 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     up = json.loads(cli(setup.config, "status", "--json").stdout)
     assert up["ldap_reachable"] is True
     assert not up["follower_error"] and not up["error"], f"error not cleared: {up}"
+    wait_until(lambda: metric() == 1, 5, what="ldapsync_ldap_reachable 1")
