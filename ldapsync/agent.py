@@ -151,13 +151,15 @@ class Agent:
 
         def notify(what: str) -> None:
             now = time.monotonic()
-            if what == "error":
+            if what in ("down", "error"):  # "error": each failed attempt (the LDIF source has no "down")
                 error = (follower.status.error if follower else None) or "directory unreachable"
                 self.events.put((follower, sched.FollowerDown(now, error)))
-                return
-            # a change or a complete refresh means the follower reached the directory
-            self.events.put((follower, sched.FollowerUp(now)))
-            self.events.put((follower, sched.Refreshed(now) if what == "synced" else sched.Changed(now)))
+            elif what == "up":
+                self.events.put((follower, sched.FollowerUp(now)))
+            elif what in ("changed", "synced"):
+                # a change or a complete refresh also means the source was reached (LDIF has no "up")
+                self.events.put((follower, sched.FollowerUp(now)))
+                self.events.put((follower, sched.Refreshed(now) if what == "synced" else sched.Changed(now)))
 
         follower = watch.Follower(self.config, self.mirror, notify)
         self.follower = follower
