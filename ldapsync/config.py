@@ -11,6 +11,7 @@ applies. Validators (``_positive``, ``_choice``, ``_ratio``) pass None through.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import os
 import pwd
@@ -150,15 +151,22 @@ class _Section:
     def require(self, name: str, kind: type[T]) -> T:
         value: T | None = self.get(name, kind)
         if value is None:
-            raise self.error(name, "is required")
+            raise self.missing(name)
         return value
+
+    def missing(self, name: str) -> ConfigError:
+        """`name is required`, naming a misspelt key present in its place (`statedir:`)."""
+        near = difflib.get_close_matches(name, [k for k in self.data if isinstance(k, str) and k != name], 1, 0.75)
+        hint = f" (found {self.key(near[0])!r}: a misspelling of {name!r}?)" if near else ""
+        return self.error(name, "is required" + hint)
 
     def path(self, name: str) -> Path | None:
         value = self.get(name, str)
         if value is None:
             return None
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.file.parent / p)
+        # Lexically normalised, so messages and status show /etc/postfix/maps, not etc/../postfix/maps.
+        return Path(os.path.normpath(p if p.is_absolute() else (self.file.parent / p)))
 
     def sub(self, name: str) -> _Section:
         self.used.add(name)
@@ -167,7 +175,9 @@ class _Section:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise self.error(unknown[0], "unknown key (check the spelling; see docs/configuration.md)")
+            near = difflib.get_close_matches(str(unknown[0]), sorted(self.used), 1, 0.75)
+            hint = f"did you mean {near[0]!r}?" if near else "check the spelling"
+            raise self.error(unknown[0], f"unknown key ({hint}; see docs/configuration.md)")
 
 
 def load(path: Path) -> Config:
@@ -258,7 +268,7 @@ def parse(data: object, path: Path) -> Config:
         raise top.error("keep_generations", "must be >= 1")
     state_dir = top.path("state_dir")
     if state_dir is None:
-        raise top.error("state_dir", "is required")
+        raise top.missing("state_dir")
     config = _build(
         Config,
         path=path,
