@@ -74,6 +74,13 @@ class Hooks:
     check: tuple[tuple[str, ...], ...] = ()
     reload: tuple[tuple[str, ...], ...] = ()
     timeout: float = 60.0
+    # per reload command: the output names it serves; None (or a missing entry) = every output
+    reload_outputs: tuple[tuple[str, ...] | None, ...] = ()
+
+    def reload_serves(self, index: int, output: str) -> bool:
+        """Whether reload command `index` is run when `output` changed."""
+        names = self.reload_outputs[index] if index < len(self.reload_outputs) else None
+        return names is None or output in names
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,11 +227,13 @@ def parse(data: object, path: Path) -> Config:
             raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
 
     hooks_s = top.sub("hooks")
+    reload, reload_outputs = _reload_hooks(hooks_s, names)
     hooks = _build(
         Hooks,
         check=_commands(hooks_s, "check"),
-        reload=_commands(hooks_s, "reload"),
+        reload=reload,
         timeout=_positive(hooks_s, "timeout"),
+        reload_outputs=reload_outputs,
     )
     hooks_s.done()
 
@@ -463,15 +472,48 @@ def _group(s: _Section, name: str) -> int | None:
 
 def _commands(s: _Section, name: str) -> tuple[tuple[str, ...], ...]:
     raw = s.get(name, list, [])
-    out = []
-    for i, cmd in enumerate(raw):
-        if isinstance(cmd, str):
-            argv = shlex.split(cmd)
-        elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
-            argv = list(cmd)
-        else:
-            raise s.error(f"{name}[{i}]", "must be a command string or a list of strings")
-        if not argv:
-            raise s.error(f"{name}[{i}]", "is empty")
-        out.append(tuple(argv))
-    return tuple(out)
+    return tuple(_argv(s, f"{name}[{i}]", cmd) for i, cmd in enumerate(raw))
+
+
+def _argv(s: _Section, key: str, cmd: object) -> tuple[str, ...]:
+    if isinstance(cmd, str):
+        argv = shlex.split(cmd)
+    elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
+        argv = list(cmd)
+    else:
+        raise s.error(key, "must be a command string or a list of strings")
+    if not argv:
+        raise s.error(key, "is empty")
+    return tuple(argv)
+
+
+def _reload_hooks(
+    s: _Section, outputs: list[str]
+) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...] | None, ...]]:
+    """`reload:` items are commands (run for every output) or `{command: ..., outputs: [names]}`."""
+    commands: list[tuple[str, ...]] = []
+    serves: list[tuple[str, ...] | None] = []
+    for i, item in enumerate(s.get("reload", list, [])):
+        key = f"reload[{i}]"
+        if not isinstance(item, dict):
+            commands.append(_argv(s, key, item))
+            serves.append(None)
+            continue
+        hook = _Section(item, s.file, s.key(key))
+        if "command" not in item:
+            raise hook.missing("command")
+        hook.used.add("command")
+        commands.append(_argv(s, f"{key}.command", item["command"]))
+        names = hook.get("outputs", list)
+        if names is not None:
+            if not names:
+                raise hook.error("outputs", "is empty (leave it out to reload for every output)")
+            for j, n in enumerate(names):
+                if n not in outputs:
+                    near = difflib.get_close_matches(str(n), outputs, 1)
+                    hint = f"; did you mean {near[0]!r}?" if near else f" (outputs: {', '.join(outputs)})"
+                    raise hook.error(f"outputs[{j}]", f"{n!r} is not an exporter name{hint}")
+            names = tuple(names)
+        serves.append(names)
+        hook.done()
+    return tuple(commands), tuple(serves)

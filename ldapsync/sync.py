@@ -6,6 +6,7 @@ the checks, hooks and bookkeeping are the same whichever way a change arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -332,8 +333,12 @@ class Pipeline:
             for spec, _ in self.exporters
             if spec.name in pending
         ]
+        hooks = self.config.hooks
         try:
-            commit.reload(self.config.hooks, outs, generation)
+            for i, command in enumerate(hooks.reload):
+                served = [o for o in outs if hooks.reload_serves(i, o.name)]
+                if served:  # `postfix-reload` does not run when only the passwd-file changed
+                    commit.reload(dataclasses.replace(hooks, reload=(command,)), served, generation)
         except HookError as e:
             log.error("reload hook failed; installed files stay, reload retried next sync", error=str(e))
             self._note(reload_error=str(e))

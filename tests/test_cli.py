@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +295,106 @@ def test_misspelt_required_key_suggests_the_near_miss(tmp_path: Path) -> None:
     cfg.write_text(cfg.read_text().replace("state_dir:", "statedir:"))
     proc = ldapsync_cli("-c", cfg, "--once", check=2)
     assert "state_dir: is required (found 'statedir'" in proc.stderr, proc.stderr
+
+
+RECORD_HOOK = """#!/bin/sh
+printf '%s %s\\n' "$1" "$LDAPSYNC_CHANGED_NAMES" >> "$(dirname "$0")/reloads.log"
+"""
+
+
+def test_reload_hooks_run_only_for_the_outputs_they_serve(tmp_path: Path) -> None:
+    hook = tmp_path / "record-reload"
+    hook.write_text(RECORD_HOOK)
+    hook.chmod(0o755)
+    ldif = tmp_path / "users.ldif"
+    ldif.write_bytes(DEMO_LDIF.read_bytes())
+    cfg = write_config(
+        tmp_path,
+        ldif,
+        hooks={
+            "reload": [
+                {"command": [str(hook), "postfix"], "outputs": ["alias", "postfix-transport", "postfix-recipients"]},
+                {"command": f"{hook} dovecot", "outputs": ["dovecot-passwd"]},
+                [str(hook), "every-output"],  # the list-of-commands form: every output
+            ]
+        },
+    )
+    reloads = tmp_path / "reloads.log"
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    first = reloads.read_text().splitlines()
+    assert [line.split()[0] for line in first] == ["postfix", "dovecot", "every-output"]
+    assert first[0] == "postfix alias postfix-transport postfix-recipients", "a hook sees only its outputs"
+    assert first[1] == "dovecot dovecot-passwd"
+
+    # only a password changed: the Postfix reload does not run
+    bob_hash = next(h for h in DEMO_HASHES if "TWKJVx9bKUmSW7m0" in h)
+    alice_hash = next(h for h in DEMO_HASHES if "Mwbjj2JAVj1UcS5G" in h)
+    ldif.write_text(ldif.read_text().replace(f"mailPassword: {alice_hash}", f"mailPassword: {bob_hash}"))
+    reloads.unlink()
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    assert reloads.read_text().splitlines() == ["dovecot dovecot-passwd", "every-output dovecot-passwd"]
+
+    # nothing changed: no reload at all
+    reloads.unlink()
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    assert not reloads.exists()
+
+
+def test_reload_hook_naming_an_unknown_output_is_a_config_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, hooks={"reload": [{"command": ["true"], "outputs": ["dovecot-paswd"]}]})
+    proc = ldapsync_cli("-c", cfg, "--once", check=2)
+    assert "hooks.reload[0].outputs[0]: 'dovecot-paswd' is not an exporter name; did you mean 'dovecot-passwd'?" in (
+        proc.stderr
+    )
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A temp dir other users can traverse (pytest's tmp_path sits below a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="ldapsync-cli-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_output_directories_are_created_traversable_for_the_exporters_group(open_dir: Path) -> None:
+    """Under the unit's UMask=0077 a new directory would be 0700 root: Dovecot could not read the passwd-file."""
+    import grp
+
+    tmp_path = open_dir
+
+    try:
+        grp.getgrnam("dovecot")
+    except KeyError:
+        pytest.skip("no dovecot group (apt-get install dovecot-core)")
+    if os.geteuid() != 0:
+        pytest.skip("chown to the dovecot group needs root")
+    etc = tmp_path / "etc-dovecot"
+    etc.mkdir(mode=0o755)
+    (etc / "private").mkdir(mode=0o700)  # stock Debian: 0700 root:root
+    exporters = [
+        {"kind": "postfix-recipients", "path": "maps/new/recipients", "map_type": "texthash"},
+        {"kind": "dovecot-passwd", "path": f"{etc}/ldapsync/passwd", "group": "dovecot", "mode": "0640"},
+    ]
+    cfg = siteconfig.write_config(tmp_path, exporters=exporters)
+    proc = subprocess.run(
+        ["sh", "-c", 'umask 077 && exec "$0" -m ldapsync -c "$1" --once', sys.executable, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    d = (etc / "ldapsync").stat()
+    assert (oct(d.st_mode & 0o7777), d.st_uid, grp.getgrgid(d.st_gid).gr_name) == ("0o750", 0, "dovecot")
+    assert oct((tmp_path / "maps").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "maps" / "new").stat().st_mode & 0o777) == "0o755"
+    # the dovecot user itself can read the file (what Dovecot's auth process does)
+    read = subprocess.run(
+        ["runuser", "-u", "dovecot", "--", "head", "-c", "5", str(etc / "ldapsync" / "passwd")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert read.returncode == 0 and read.stdout, read.stderr

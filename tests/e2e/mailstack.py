@@ -44,7 +44,7 @@ OUTSIDE = "someone@outside.example"  # an Internet sender/recipient
 # Placeholders in docs/snippets/ and what a test host needs instead (documented in
 # docs/deployment.md, "How the snippets are tested").
 MAPS_DIR = "/etc/postfix/ldapsync"
-PASSWD_DIR = "/etc/dovecot/private"
+DOVECOT_ETC = "/etc/dovecot"  # the passwd-file goes to /etc/dovecot/ldapsync/, which ldapsync creates
 POSTFIX_SPOOL = "/var/spool/postfix"
 STATE_DIR = "/var/lib/ldapsync"
 ETC_DIR = "/etc/ldapsync"
@@ -545,9 +545,13 @@ class MailStack:
         secret = self.etc / "bind.secret"
         shutil.copy(bind_password_file, secret)
         secret.chmod(0o600)
-        self.passwd_dir = workdir / "dovecot-private"
-        self.passwd_dir.mkdir(mode=0o750)
-        shutil.chown(self.passwd_dir, "root", "dovecot")
+        # /etc/dovecot as dovecot-core ships it: 0755 root:root, with private/ 0700 root:root.
+        # The passwd-file directory below it is created by ldapsync, as on a real host.
+        self.dovecot_etc = workdir / "etc-dovecot"
+        self.dovecot_etc.mkdir()
+        self.dovecot_etc.chmod(0o755)
+        (self.dovecot_etc / "private").mkdir(mode=0o700)
+        self.passwd_dir = self.dovecot_etc / "ldapsync"
         cert, key = self_signed_cert(workdir)
 
         self.roles: dict[str, Role] = {}
@@ -561,7 +565,7 @@ class MailStack:
                 {
                     MAPS_DIR: str(rdir / "maps"),
                     STATE_DIR: str(rdir / "state"),
-                    PASSWD_DIR: str(self.passwd_dir),
+                    DOVECOT_ETC: str(self.dovecot_etc),
                     ETC_DIR: str(self.etc),
                     CERT_FILE: str(cert),
                     KEY_FILE: str(key),
