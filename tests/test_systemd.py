@@ -92,9 +92,9 @@ def _documented_configs() -> dict[str, dict[str, object]]:
         configs[str(path.relative_to(REPO))] = yaml.safe_load(path.read_text())
     for doc in sorted((REPO / "docs").glob("*.md")):
         for i, block in enumerate(re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)):
-            data = yaml.safe_load(block)
-            if isinstance(data, dict) and ("exporters" in data or "state_dir" in data):
-                configs[f"{doc.name} block {i}"] = data
+            for j, data in enumerate(yaml.safe_load_all(block)):
+                if isinstance(data, dict) and ("exporters" in data or "state_dir" in data):
+                    configs[f"{doc.name} block {i}.{j}"] = data
     return configs
 
 
