@@ -38,6 +38,7 @@ SNIPPETS = REPO / "docs" / "snippets"
 LDAPSYNC = Path(os.environ.get("LDAPSYNC_BIN") or Path(sys.executable).parent / "ldapsync")
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 START_TIMEOUT = 20.0
+UNIT_UMASK = 0o077  # ldapsync runs with the umask of systemd/ldapsync.service (UMask=0077)
 DELIVERY_WAIT = 20.0
 OUTSIDE = "someone@outside.example"  # an Internet sender/recipient
 
@@ -172,7 +173,12 @@ def ldapsync_config(
 
 def run_ldapsync(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LDAPSYNC), "-c", str(config), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(LDAPSYNC), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        umask=UNIT_UMASK,
     )
 
 
@@ -616,6 +622,7 @@ class MailStack:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                umask=UNIT_UMASK,
             )
             for name, role in self.roles.items()
         }
