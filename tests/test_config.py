@@ -384,3 +384,42 @@ def test_each_default_is_written_once_on_its_dataclass(
     parsed = getattr(load(tmp_path, ldap()), attr)
     required = {f.name for f in dataclasses.fields(other) if f.default is dataclasses.MISSING}
     assert parsed == other(**{name: getattr(parsed, name) for name in required})
+
+
+def test_reload_hooks_name_their_outputs_or_serve_every_output(tmp_path: Path) -> None:
+    two = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "dovecot/passwd"}]
+    reload = [
+        {"command": ["postfix", "reload"], "outputs": ["postfix-virtual"]},
+        {"command": "doveadm reload", "outputs": ["dovecot-passwd"]},
+        "/usr/bin/logger synced",
+        {"command": ["true"]},
+    ]
+    hooks = load(tmp_path, base(exporters=two, hooks={"reload": reload})).hooks
+    assert hooks.reload == (("postfix", "reload"), ("doveadm", "reload"), ("/usr/bin/logger", "synced"), ("true",))
+    served = {i: [o for o in ("postfix-virtual", "dovecot-passwd") if hooks.reload_serves(i, o)] for i in range(4)}
+    assert served == {
+        0: ["postfix-virtual"],
+        1: ["dovecot-passwd"],
+        2: ["postfix-virtual", "dovecot-passwd"],
+        3: ["postfix-virtual", "dovecot-passwd"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("reload", "key", "message"),
+    [
+        ([{"outputs": ["postfix-virtual"]}], "hooks.reload[0].command", "is required"),
+        ([{"command": ["x"], "outputs": []}], "hooks.reload[0].outputs", "is empty"),
+        ([{"command": ["x"], "outputs": ["postfix-virtua"]}], "hooks.reload[0].outputs[0]", "did you mean"),
+        ([{"command": ["x"], "output": ["postfix-virtual"]}], "hooks.reload[0].output", "did you mean 'outputs'"),
+        ([{"command": 3}], "hooks.reload[0].command", "command string or a list"),
+    ],
+)
+def test_reload_hook_errors_name_the_key(tmp_path: Path, reload: list[Any], key: str, message: str) -> None:
+    err = error(tmp_path, base(hooks={"reload": reload}))
+    assert err.key == key and message in str(err), str(err)
+
+
+def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
+    err = error(tmp_path, base(keep_generation=3))
+    assert err.key == "keep_generation" and "did you mean 'keep_generations'?" in str(err)
