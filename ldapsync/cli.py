@@ -107,7 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as e:
         if e.code == EXIT_CONFIG and _command_word(argv) == "check":
-            return EXIT_CHECK_UNKNOWN  # argparse printed the usage; monitoring must not read CRITICAL
+            # argparse printed the usage on stderr; monitoring reads one line on stdout, never CRITICAL
+            print("LDAPSYNC UNKNOWN - usage error (see ldapsync check --help)")
+            return EXIT_CHECK_UNKNOWN
         raise
     try:
         code = _main(args)

@@ -176,6 +176,7 @@ def test_check_usage_error_is_unknown_not_critical(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     proc = ldapsync_cli("-c", cfg, "check", check=3)  # --max-age missing
     assert "--max-age" in proc.stderr
+    assert proc.stdout.startswith("LDAPSYNC UNKNOWN - usage error"), "monitoring reads the status line on stdout"
     ldapsync_cli("check", "--max-age", "x", check=3)
     ldapsync_cli("-c", cfg, "check", "--max-age", "60", "--bogus", check=3)
     # a usage error of any other command stays 2
