@@ -32,6 +32,16 @@ def _build(tmp: Path, python: Path | str, what: str) -> Path:
     return tmp / "out" / proc.stdout.strip().splitlines()[-1]
 
 
+def test_every_subpackage_is_listed_for_the_wheel() -> None:
+    """pyproject.toml lists packages explicitly (hooks/, systemd/, examples/ are mapped in): a new
+    subpackage missing from the list would be missing from the wheel and the .deb."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "ldapsync").rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
 def test_sdist_has_the_license_and_no_tests_without_their_fixtures(tmp_path: Path) -> None:
     sdist = _build(tmp_path, sys.executable, "sdist")
     with tarfile.open(sdist) as tf:
