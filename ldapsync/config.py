@@ -11,6 +11,7 @@ applies. Validators (``_positive``, ``_choice``, ``_ratio``) pass None through.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import os
 import pwd
@@ -74,6 +75,13 @@ class Hooks:
     check: tuple[tuple[str, ...], ...] = ()
     reload: tuple[tuple[str, ...], ...] = ()
     timeout: float = 60.0
+    # per reload command: the output names it serves; None (or a missing entry) = every output
+    reload_outputs: tuple[tuple[str, ...] | None, ...] = ()
+
+    def reload_serves(self, index: int, output: str) -> bool:
+        """Whether reload command `index` is run when `output` changed."""
+        names = self.reload_outputs[index] if index < len(self.reload_outputs) else None
+        return names is None or output in names
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,15 +168,22 @@ class _Section:
     def require(self, name: str, kind: type[T]) -> T:
         value: T | None = self.get(name, kind)
         if value is None:
-            raise self.error(name, "is required")
+            raise self.missing(name)
         return value
+
+    def missing(self, name: str) -> ConfigError:
+        """`name is required`, naming a misspelt key present in its place (`statedir:`)."""
+        near = difflib.get_close_matches(name, [k for k in self.data if isinstance(k, str) and k != name], 1, 0.75)
+        hint = f" (found {self.key(near[0])!r}: a misspelling of {name!r}?)" if near else ""
+        return self.error(name, "is required" + hint)
 
     def path(self, name: str) -> Path | None:
         value = self.get(name, str)
         if value is None:
             return None
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.file.parent / p)
+        # Lexically normalised, so messages and status show /etc/postfix/maps, not etc/../postfix/maps.
+        return Path(os.path.normpath(p if p.is_absolute() else (self.file.parent / p)))
 
     def sub(self, name: str) -> _Section:
         self.used.add(name)
@@ -177,7 +192,9 @@ class _Section:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise self.error(unknown[0], "unknown key (check the spelling; see docs/configuration.md)")
+            near = difflib.get_close_matches(str(unknown[0]), sorted(self.used), 1, 0.75)
+            hint = f"did you mean {near[0]!r}?" if near else "check the spelling"
+            raise self.error(unknown[0], f"unknown key ({hint}; see docs/configuration.md)")
 
 
 def load(path: Path) -> Config:
@@ -228,11 +245,13 @@ def parse(data: object, path: Path) -> Config:
             raise ConfigError("dovecot-userdb needs a mailbox: section (home, home_root)", file=path, key=e.key)
 
     hooks_s = top.sub("hooks")
+    reload, reload_outputs = _reload_hooks(hooks_s, names)
     hooks = _build(
         Hooks,
         check=_commands(hooks_s, "check"),
-        reload=_commands(hooks_s, "reload"),
+        reload=reload,
         timeout=_positive(hooks_s, "timeout"),
+        reload_outputs=reload_outputs,
     )
     hooks_s.done()
 
@@ -280,7 +299,7 @@ def parse(data: object, path: Path) -> Config:
         raise top.error("keep_generations", "must be >= 1")
     state_dir = top.path("state_dir")
     if state_dir is None:
-        raise top.error("state_dir", "is required")
+        raise top.missing("state_dir")
     config = _build(
         Config,
         path=path,
@@ -599,15 +618,48 @@ def _group(s: _Section, name: str) -> int | None:
 
 def _commands(s: _Section, name: str) -> tuple[tuple[str, ...], ...]:
     raw = s.get(name, list, [])
-    out = []
-    for i, cmd in enumerate(raw):
-        if isinstance(cmd, str):
-            argv = shlex.split(cmd)
-        elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
-            argv = list(cmd)
-        else:
-            raise s.error(f"{name}[{i}]", "must be a command string or a list of strings")
-        if not argv:
-            raise s.error(f"{name}[{i}]", "is empty")
-        out.append(tuple(argv))
-    return tuple(out)
+    return tuple(_argv(s, f"{name}[{i}]", cmd) for i, cmd in enumerate(raw))
+
+
+def _argv(s: _Section, key: str, cmd: object) -> tuple[str, ...]:
+    if isinstance(cmd, str):
+        argv = shlex.split(cmd)
+    elif isinstance(cmd, list) and all(isinstance(a, str) for a in cmd):
+        argv = list(cmd)
+    else:
+        raise s.error(key, "must be a command string or a list of strings")
+    if not argv:
+        raise s.error(key, "is empty")
+    return tuple(argv)
+
+
+def _reload_hooks(
+    s: _Section, outputs: list[str]
+) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...] | None, ...]]:
+    """`reload:` items are commands (run for every output) or `{command: ..., outputs: [names]}`."""
+    commands: list[tuple[str, ...]] = []
+    serves: list[tuple[str, ...] | None] = []
+    for i, item in enumerate(s.get("reload", list, [])):
+        key = f"reload[{i}]"
+        if not isinstance(item, dict):
+            commands.append(_argv(s, key, item))
+            serves.append(None)
+            continue
+        hook = _Section(item, s.file, s.key(key))
+        if "command" not in item:
+            raise hook.missing("command")
+        hook.used.add("command")
+        commands.append(_argv(s, f"{key}.command", item["command"]))
+        names = hook.get("outputs", list)
+        if names is not None:
+            if not names:
+                raise hook.error("outputs", "is empty (leave it out to reload for every output)")
+            for j, n in enumerate(names):
+                if n not in outputs:
+                    near = difflib.get_close_matches(str(n), outputs, 1)
+                    hint = f"; did you mean {near[0]!r}?" if near else f" (outputs: {', '.join(outputs)})"
+                    raise hook.error(f"outputs[{j}]", f"{n!r} is not an exporter name{hint}")
+            names = tuple(names)
+        serves.append(names)
+        hook.done()
+    return tuple(commands), tuple(serves)

@@ -76,6 +76,8 @@ def status(cfg: Config, *, as_json: bool) -> int:
     if info["error"] and info["result"] not in ("installed", "unchanged"):
         print(f"last error:     {info['error']}")
     print(f"held change:    {info['held'] or 'none'}")
+    rejected = info["rejected"]
+    print(f"rejected:       {'-' if rejected is None else rejected}" + (" (see the log)" if rejected else ""))
     if info["reload_pending"]:
         print(f"reload pending: {', '.join(info['reload_pending'])}")
     for name, o in info["outputs"].items():

@@ -6,6 +6,7 @@ the checks, hooks and bookkeeping are the same whichever way a change arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -55,13 +56,22 @@ class Pipeline:
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
         self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
-        self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
+        self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
         self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
         self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
+
+    def reported_keys(self) -> list[str]:
+        """Opaque keys of the problems logged so far (no LDAP values), to carry across runs."""
+        return sorted(self._reported)
+
+    def restore_reported(self, keys: object) -> None:
+        """Problems a previous run reported are not logged again (cron `--once --quiet`)."""
+        if isinstance(keys, list):
+            self._reported = {k for k in keys if isinstance(k, str)}
 
     # -- reading ------------------------------------------------------------------------
     def read_source(self) -> Snapshot:
@@ -89,12 +99,12 @@ class Pipeline:
             mailbox=cfg.mailbox,
         )
         if log_problems:
-            current: set[object] = {*report.warnings, *report.rejections}
+            current = {_problem_key(p) for p in (*report.warnings, *report.rejections)}
             for w in report.warnings:
-                if w not in self._reported:
+                if _problem_key(w) not in self._reported:
                     log.warning("static entry overrides LDAP", detail=w)
             for r in report.rejections:
-                if r not in self._reported:
+                if _problem_key(r) not in self._reported:
                     log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
             if report.rejections:
                 log.info("rejected LDAP values in this sync", count=len(report.rejections))
@@ -326,8 +336,12 @@ class Pipeline:
             for spec, _ in self.exporters
             if spec.name in pending
         ]
+        hooks = self.config.hooks
         try:
-            commit.reload(self.config.hooks, outs, generation)
+            for i, command in enumerate(hooks.reload):
+                served = [o for o in outs if hooks.reload_serves(i, o.name)]
+                if served:  # `postfix-reload` does not run when only the passwd-file changed
+                    commit.reload(dataclasses.replace(hooks, reload=(command,)), served, generation)
         except HookError as e:
             log.error("reload hook failed; installed files stay, reload retried next sync", error=str(e))
             self._note(reload_error=str(e))
@@ -401,6 +415,11 @@ class Pipeline:
         log.error("sync failed", error=error)
         self._note(result="error", error=error, ldap_reachable=ldap_reachable)
         metrics.write(self.config, self.state)
+
+
+def _problem_key(problem: object) -> str:
+    """A stable digest of a warning or rejection: stored in state without the rejected value."""
+    return hashlib.sha256(repr(problem).encode("utf-8", "replace")).hexdigest()[:24]
 
 
 def rollback(pipeline: Pipeline, gid: str | None) -> Result:

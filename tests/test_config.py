@@ -56,7 +56,7 @@ def test_example_demo_config_loads() -> None:
     assert cfg.domain == "example.org"
     assert cfg.domain_aliases == ("host1.example.org", "example.net")
     assert isinstance(cfg.source, config.LdifSource)
-    assert cfg.source.path == REPO / "examples" / ".." / "fixtures" / "ldif" / "demo.ldif"
+    assert cfg.source.path == REPO / "fixtures" / "ldif" / "demo.ldif", "paths are shown without ../"
     assert cfg.source.path.exists()
     assert [e.kind for e in cfg.exporters] == [
         "postfix-virtual",
@@ -474,3 +474,40 @@ def test_new_section_errors_name_file_and_key(tmp_path: Path, over: dict[str, An
     err = error(tmp_path, base(**over))
     assert err.key == key, str(err)
     assert message in err.message, str(err)
+def test_reload_hooks_name_their_outputs_or_serve_every_output(tmp_path: Path) -> None:
+    two = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "dovecot/passwd"}]
+    reload = [
+        {"command": ["postfix", "reload"], "outputs": ["postfix-virtual"]},
+        {"command": "doveadm reload", "outputs": ["dovecot-passwd"]},
+        "/usr/bin/logger synced",
+        {"command": ["true"]},
+    ]
+    hooks = load(tmp_path, base(exporters=two, hooks={"reload": reload})).hooks
+    assert hooks.reload == (("postfix", "reload"), ("doveadm", "reload"), ("/usr/bin/logger", "synced"), ("true",))
+    served = {i: [o for o in ("postfix-virtual", "dovecot-passwd") if hooks.reload_serves(i, o)] for i in range(4)}
+    assert served == {
+        0: ["postfix-virtual"],
+        1: ["dovecot-passwd"],
+        2: ["postfix-virtual", "dovecot-passwd"],
+        3: ["postfix-virtual", "dovecot-passwd"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("reload", "key", "message"),
+    [
+        ([{"outputs": ["postfix-virtual"]}], "hooks.reload[0].command", "is required"),
+        ([{"command": ["x"], "outputs": []}], "hooks.reload[0].outputs", "is empty"),
+        ([{"command": ["x"], "outputs": ["postfix-virtua"]}], "hooks.reload[0].outputs[0]", "did you mean"),
+        ([{"command": ["x"], "output": ["postfix-virtual"]}], "hooks.reload[0].output", "did you mean 'outputs'"),
+        ([{"command": 3}], "hooks.reload[0].command", "command string or a list"),
+    ],
+)
+def test_reload_hook_errors_name_the_key(tmp_path: Path, reload: list[Any], key: str, message: str) -> None:
+    err = error(tmp_path, base(hooks={"reload": reload}))
+    assert err.key == key and message in str(err), str(err)
+
+
+def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
+    err = error(tmp_path, base(keep_generation=3))
+    assert err.key == "keep_generation" and "did you mean 'keep_generations'?" in str(err)

@@ -250,12 +250,12 @@ def test_full_read_matches_the_ldif_it_was_loaded_from(tmp_path: Path, slapd: Sl
 
 def _classes(ldif_path: Path) -> dict[str, set[str]]:
     """objectClass values per lower-cased DN of an LDIF file."""
-    import ldif
+    from ldapsync import ldifsource
 
     with ldif_path.open("rb") as fh:
         return {
             dn.lower(): {v.decode().lower() for k, vs in raw.items() if k.lower() == "objectclass" for v in vs}
-            for dn, raw in ldif.LDIFParser(fh, encoding=None).parse()
+            for dn, raw in ldifsource.parse(fh)
         }
 
 

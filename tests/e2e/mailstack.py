@@ -38,13 +38,14 @@ SNIPPETS = REPO / "docs" / "snippets"
 LDAPSYNC = Path(os.environ.get("LDAPSYNC_BIN") or Path(sys.executable).parent / "ldapsync")
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 START_TIMEOUT = 20.0
+UNIT_UMASK = 0o077  # ldapsync runs with the umask of systemd/ldapsync.service (UMask=0077)
 DELIVERY_WAIT = 20.0
 OUTSIDE = "someone@outside.example"  # an Internet sender/recipient
 
 # Placeholders in docs/snippets/ and what a test host needs instead (documented in
 # docs/deployment.md, "How the snippets are tested").
 MAPS_DIR = "/etc/postfix/ldapsync"
-PASSWD_DIR = "/etc/dovecot/private"
+DOVECOT_ETC = "/etc/dovecot"  # the passwd-file goes to /etc/dovecot/ldapsync/, which ldapsync creates
 POSTFIX_SPOOL = "/var/spool/postfix"
 STATE_DIR = "/var/lib/ldapsync"
 ETC_DIR = "/etc/ldapsync"
@@ -172,7 +173,12 @@ def ldapsync_config(
 
 def run_ldapsync(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LDAPSYNC), "-c", str(config), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(LDAPSYNC), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        umask=UNIT_UMASK,
     )
 
 
@@ -546,9 +552,13 @@ class MailStack:
         secret = self.etc / "bind.secret"
         shutil.copy(bind_password_file, secret)
         secret.chmod(0o600)
-        self.passwd_dir = workdir / "dovecot-private"
-        self.passwd_dir.mkdir(mode=0o750)
-        shutil.chown(self.passwd_dir, "root", "dovecot")
+        # /etc/dovecot as dovecot-core ships it: 0755 root:root, with private/ 0700 root:root.
+        # The passwd-file directory below it is created by ldapsync, as on a real host.
+        self.dovecot_etc = workdir / "etc-dovecot"
+        self.dovecot_etc.mkdir()
+        self.dovecot_etc.chmod(0o755)
+        (self.dovecot_etc / "private").mkdir(mode=0o700)
+        self.passwd_dir = self.dovecot_etc / "ldapsync"
         cert, key = self_signed_cert(workdir)
 
         self.roles: dict[str, Role] = {}
@@ -562,7 +572,7 @@ class MailStack:
                 {
                     MAPS_DIR: str(rdir / "maps"),
                     STATE_DIR: str(rdir / "state"),
-                    PASSWD_DIR: str(self.passwd_dir),
+                    DOVECOT_ETC: str(self.dovecot_etc),
                     ETC_DIR: str(self.etc),
                     CERT_FILE: str(cert),
                     KEY_FILE: str(key),
@@ -613,6 +623,7 @@ class MailStack:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                umask=UNIT_UMASK,
             )
             for name, role in self.roles.items()
         }
