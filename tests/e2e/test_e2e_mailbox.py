@@ -17,7 +17,7 @@ from mailstack import (
     ETC_DIR,
     MAPS_DIR,
     OUTSIDE,
-    PASSWD_DIR,
+    DOVECOT_ETC,
     POSTFIX_SPOOL,
     SNIPPETS,
     STATE_DIR,
@@ -57,9 +57,11 @@ class MailboxHost:
         secret = self.etc / "bind.secret"
         shutil.copy(ldap.service_password_file, secret)
         secret.chmod(0o600)
-        self.private = workdir / "dovecot-private"
-        self.private.mkdir(mode=0o750)
-        shutil.chown(self.private, "root", "dovecot")
+        # /etc/dovecot as dovecot-core ships it; ldapsync creates ldapsync/ in it, as on a real host
+        self.dovecot_etc = workdir / "etc-dovecot"
+        self.dovecot_etc.mkdir()
+        self.dovecot_etc.chmod(0o755)
+        (self.dovecot_etc / "private").mkdir(mode=0o700)
         self.vmail = workdir / "vmail"
         self.vmail.mkdir()
         os.chown(self.vmail, VMAIL_ID, VMAIL_ID)  # what `install -d -o vmail -g vmail /var/vmail` does
@@ -67,7 +69,7 @@ class MailboxHost:
             {
                 MAPS_DIR: str(self.maps),
                 STATE_DIR: str(workdir / "state"),
-                PASSWD_DIR: str(self.private),
+                DOVECOT_ETC: str(self.dovecot_etc),
                 ETC_DIR: str(self.etc),
                 VMAIL_ROOT: str(self.vmail),
             }
