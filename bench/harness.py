@@ -4,7 +4,7 @@
     python -m bench --sizes 1000 --reps 1 # quick run
     python -m bench --profile             # also cProfile `ldapsync --once` at the largest size
 
-Every size gets its own throwaway slapd (tests/slapd.py) loaded with `slapadd -q`; ldapsync
+Every size gets its own throwaway slapd (ldapsync/testing/slapd.py) loaded with `slapadd -q`; ldapsync
 binds as the non-root service account. Times are wall clock; peak RSS is the largest
 process's ru_maxrss from wait4() (for a pipeline: its largest member). The baseline runs in
 the same process loop, interleaved with ldapsync, so machine load hits both alike.
@@ -35,7 +35,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 from bench import generate  # noqa: E402
-from tests.slapd import BASE_LDIF, Slapd  # noqa: E402
+from ldapsync.testing.slapd import BASE_LDIF, Slapd  # noqa: E402
 
 AGENT_PY = REPO / "ldapsync" / "agent.py"
 PY = sys.executable

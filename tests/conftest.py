@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. The throwaway slapd lives in tests/slapd.py."""
+"""Shared pytest fixtures. The throwaway slapd lives in ldapsync/testing/slapd.py (imported here as `slapd`)."""
 
 from __future__ import annotations
 

@@ -135,3 +135,11 @@ def test_syncprov_flag(slapd_factory: Callable[..., Slapd], syncprov: bool) -> N
 
 def _base_plus_users(n: int) -> str:
     return BASE_LDIF.read_text() + "\n" + generate_users_ldif(n)
+
+
+def test_database_size_is_a_parameter(slapd_factory: Callable[..., Slapd]) -> None:
+    users = generate_users_ldif(2000)
+    with pytest.raises(SlapdError, match="size limit reached"):
+        slapd_factory(ldif_files=[BASE_LDIF], extra_ldif=users, db_max_size=1 << 20)
+    slapd = slapd_factory(ldif_files=[BASE_LDIF], extra_ldif=users, db_max_size=16 << 20)
+    assert [e["uid"] for e in slapd.search("(uid=user001999)", ["uid"])] == [["user001999"]]

@@ -9,7 +9,7 @@ submission service). This allocator
   whole stack cannot collide with itself.
 
 Another process can still take a port between release and the server's bind: a server that
-cannot bind should be retried on a new port (tests/slapd.py does).
+cannot bind should be retried on a new port (ldapsync/testing/slapd.py does).
 """
 
 from __future__ import annotations
