@@ -44,10 +44,10 @@ def uid(i: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Directory:
-    ldif: str  # users only (load after fixtures/ldif/base.ldif)
-    static_yaml: str  # aliases for ldapsync's `static:` file
-    static_lines: str  # the same aliases as virtual-map lines, for the baseline pipeline
-    expected_virtual: str  # the postfix-virtual map ldapsync must produce (sorted lines)
+    ldif: Path  # users only (load after fixtures/ldif/base.ldif)
+    static_yaml: Path  # aliases for ldapsync's `static:` file
+    static_lines: Path  # the same aliases as virtual-map lines, for the baseline pipeline
+    expected_virtual: Path  # the postfix-virtual map ldapsync must produce (sorted lines)
     users: int
     forwards: int
     retired: int
@@ -55,86 +55,92 @@ class Directory:
     roles: int
 
 
-def generate(n: int) -> Directory:
-    chunks: list[str] = []
-    virtual: dict[str, str] = {}
-    forwards = retired = disabled = roles = 0
-    for i in range(n):
-        name = uid(i)
-        first, last = FIRST[i % len(FIRST)], LAST[i % len(LAST)]
-        lines = [
-            f"dn: uid={name},{USERS_DN}",
-            "objectClass: inetOrgPerson",
-            "objectClass: ldapsyncMailAccount",
-            f"uid: {name}",
-            f"cn: {first} {last} {i}",
-            f"sn: {last}",
-            f"givenName: {first}",
-            f"telephoneNumber: +1 555 {i:07d}",
-            f"description: benchmark user {i} of {n}",
-        ]
-        fwd: list[str] = []
-        r = i % 100
-        if r == 8 and i >= 8:  # role account: no password, forwards to a user and a team list
-            lines[1] = "objectClass: account"
-            lines[4:9] = [f"description: role account {i}"]
-            fwd = [f"{uid(i - 8)}@{DOMAIN}", f"team{i}@lists.example.net"]
+def user_entry(i: int, n: int) -> tuple[str, list[str], str]:
+    """(LDIF record, forward targets if it has a virtual-map line, status) of user i of n."""
+    name = uid(i)
+    first, last = FIRST[i % len(FIRST)], LAST[i % len(LAST)]
+    lines = [
+        f"dn: uid={name},{USERS_DN}",
+        "objectClass: inetOrgPerson",
+        "objectClass: ldapsyncMailAccount",
+        f"uid: {name}",
+        f"cn: {first} {last} {i}",
+        f"sn: {last}",
+        f"givenName: {first}",
+        f"telephoneNumber: +1 555 {i:07d}",
+        f"description: benchmark user {i} of {n}",
+    ]
+    fwd: list[str] = []
+    status = ""
+    r = i % 100
+    if r == 8 and i >= 8:  # role account: no password, forwards to a user and a team list
+        lines[1] = "objectClass: account"
+        lines[4:9] = [f"description: role account {i}"]
+        fwd = [f"{uid(i - 8)}@{DOMAIN}", f"team{i}@lists.example.net"]
+        lines += [f"emailForward: {a}" for a in fwd]
+        status = "role"
+    else:
+        if i % 10 == 1:  # one value holding a comma list (userdir-ldap style)
+            fwd = [f"{name}@one.example", f"{name}.backup@two.example"]
+            lines.append(f"emailForward: {fwd[0]}, {fwd[1]}")
+        elif i % 10 == 3:  # two values
+            fwd = [f"{name}@mobile.example", f"{name}@home.example"]
             lines += [f"emailForward: {a}" for a in fwd]
-            roles += 1
-        else:
-            if i % 10 == 1:  # one value holding a comma list (userdir-ldap style)
-                fwd = [f"{name}@one.example", f"{name}.backup@two.example"]
-                lines.append(f"emailForward: {fwd[0]}, {fwd[1]}")
-            elif i % 10 == 3:  # two values
-                fwd = [f"{name}@mobile.example", f"{name}@home.example"]
-                lines += [f"emailForward: {a}" for a in fwd]
-            elif i % 10 == 5 and i >= 5:  # forward to another local user
-                fwd = [f"{uid(i - 5)}@{DOMAIN}"]
-                lines.append(f"emailForward: {fwd[0]}")
-            elif i % 2:  # one external forward
-                fwd = [f"{name}@elsewhere.example"]
-                lines.append(f"emailForward: {fwd[0]}")
-            lines.append(f"mailPassword: {HASHES[(i * 7) % len(HASHES)]}")
-            if i % 200 == 2:
-                lines.append("accountStatus: " + ("inactive" if i % 400 == 2 else "memorial"))
-                retired += 1
-                fwd = []
-            elif i % 200 == 4:
-                lines.append(f"mailDisableMessage: {name} has left; contact hr@{DOMAIN}")
-                disabled += 1
-                fwd = []
-            elif i % 100 == 6:
-                lines.append("accountStatus: retiring 2099-01-01")
-        if fwd:
-            virtual[f"{name}@{DOMAIN}"] = ",".join(sorted(fwd))  # ldapsync sorts (LDAP values are unordered)
-            forwards += 1
-        chunks.append("\n".join(lines) + "\n")
-    yaml_lines = ["aliases:"]
-    static_lines: list[str] = []
-    for k in range(0, n, 100):  # targets: users with i % 100 == 10 (active, no forward)
-        target = k + 10 if k + 10 < n else 0
-        yaml_lines.append(f"  alias{k // 100:05d}: [{uid(target)}]")
-        static_lines.append(f"alias{k // 100:05d}@{DOMAIN}\t{uid(target)}@{DOMAIN}")
-        virtual[f"alias{k // 100:05d}@{DOMAIN}"] = f"{uid(target)}@{DOMAIN}"
-    expected = "".join(f"{k}\t{v}\n" for k, v in sorted(virtual.items()))
-    return Directory(
-        ldif="\n".join(chunks),
-        static_yaml="\n".join(yaml_lines) + "\n",
-        static_lines="\n".join(static_lines) + "\n",
-        expected_virtual=expected,
-        users=n,
-        forwards=forwards,
-        retired=retired,
-        disabled=disabled,
-        roles=roles,
-    )
+        elif i % 10 == 5 and i >= 5:  # forward to another local user
+            fwd = [f"{uid(i - 5)}@{DOMAIN}"]
+            lines.append(f"emailForward: {fwd[0]}")
+        elif i % 2:  # one external forward
+            fwd = [f"{name}@elsewhere.example"]
+            lines.append(f"emailForward: {fwd[0]}")
+        lines.append(f"mailPassword: {HASHES[(i * 7) % len(HASHES)]}")
+        if i % 200 == 2:
+            lines.append("accountStatus: " + ("inactive" if i % 400 == 2 else "memorial"))
+            status, fwd = "retired", []
+        elif i % 200 == 4:
+            lines.append(f"mailDisableMessage: {name} has left; contact hr@{DOMAIN}")
+            status, fwd = "disabled", []
+        elif i % 100 == 6:
+            lines.append("accountStatus: retiring 2099-01-01")
+    return "\n".join(lines) + "\n", fwd, status
 
 
 def write(n: int, directory: Path) -> Directory:
-    d = generate(n)
+    """Write the directory's files, streaming: memory stays flat whatever n is.
+
+    The expected map is written in key order without collecting it: alias* keys sort before
+    user* keys, and user keys (zero-padded uids) sort in index order.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "users.ldif").write_text(d.ldif)
-    (directory / "static.yaml").write_text(d.static_yaml)
-    (directory / "static.lines").write_text(d.static_lines)
-    (directory / "expected-virtual").write_text(d.expected_virtual)
-    return d
+    paths = {name: directory / name for name in ("users.ldif", "static.yaml", "static.lines", "expected-virtual")}
+    counts = {"forwards": 0, "retired": 0, "disabled": 0, "role": 0}
+    with (
+        paths["static.yaml"].open("w") as yaml,
+        paths["static.lines"].open("w") as lines,
+        paths["expected-virtual"].open("w") as expected,
+    ):
+        yaml.write("aliases:\n")
+        for k in range(0, n, 100):  # targets: users with i % 100 == 10 (active, no forward)
+            target = k + 10 if k + 10 < n else 0
+            yaml.write(f"  alias{k // 100:05d}: [{uid(target)}]\n")
+            lines.write(f"alias{k // 100:05d}@{DOMAIN}\t{uid(target)}@{DOMAIN}\n")
+            expected.write(f"alias{k // 100:05d}@{DOMAIN}\t{uid(target)}@{DOMAIN}\n")
+        with paths["users.ldif"].open("w") as ldif:
+            for i in range(n):
+                record, fwd, status = user_entry(i, n)
+                ldif.write(record if i == 0 else "\n" + record)
+                if status:
+                    counts[status] += 1
+                if fwd:  # ldapsync sorts the targets (LDAP values are unordered)
+                    expected.write(f"{uid(i)}@{DOMAIN}\t{','.join(sorted(fwd))}\n")
+                    counts["forwards"] += 1
+    return Directory(
+        ldif=paths["users.ldif"],
+        static_yaml=paths["static.yaml"],
+        static_lines=paths["static.lines"],
+        expected_virtual=paths["expected-virtual"],
+        users=n,
+        forwards=counts["forwards"],
+        retired=counts["retired"],
+        disabled=counts["disabled"],
+        roles=counts["role"],
+    )

@@ -2,7 +2,7 @@
 
     python -m bench                       # 1k, 10k, 100k users, 3 repetitions
     python -m bench --sizes 1000 --reps 1 # quick run
-    python -m bench --profile             # also cProfile `ldapsync --once` at the largest size
+    python -m bench --profile             # also cProfile `--once` and one agent rebuild at the largest size
 
 Every size gets its own throwaway slapd (ldapsync/testing/slapd.py) loaded with `slapadd -q`; ldapsync
 binds as the non-root service account. Times are wall clock; peak RSS is the largest
@@ -35,7 +35,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 from bench import generate  # noqa: E402
-from ldapsync.testing.slapd import BASE_LDIF, Slapd  # noqa: E402
+from ldapsync.testing.slapd import BASE_LDIF, DEFAULT_DB_MAX_SIZE, Slapd  # noqa: E402
 
 AGENT_PY = REPO / "ldapsync" / "agent.py"
 PY = sys.executable
@@ -195,6 +195,13 @@ class Site:
         return config.parent / "maps" / "alias"
 
 
+def db_max_size(n: int) -> int:
+    """slapd's mdb map size for n users: ~1.2 KiB each once loaded, 4 KiB leaves room for the
+    copy-on-write pages of the agent runs' modifications (the file is sparse: only used pages
+    take disk)."""
+    return max(DEFAULT_DB_MAX_SIZE, n * 4096)
+
+
 @contextlib.contextmanager
 def site(n: int, root: Path) -> Iterator[Site]:
     root.mkdir(parents=True, exist_ok=True)
@@ -203,9 +210,8 @@ def site(n: int, root: Path) -> Iterator[Site]:
     postfix_dir.mkdir(exist_ok=True)
     (postfix_dir / "main.cf").touch()
     t0 = time.perf_counter()
-    slapd = Slapd(root / "slapd", ldif_files=[BASE_LDIF], extra_ldif=data.ldif)
+    slapd = Slapd(root / "slapd", ldif_files=[BASE_LDIF, data.ldif], db_max_size=db_max_size(n))
     load = time.perf_counter() - t0
-    (root / "slapd" / "extra-0.ldif").unlink(missing_ok=True)  # a copy of users.ldif
     with slapd:
         yield Site(n, root, slapd, data, load, postfix_dir)
 
@@ -257,7 +263,7 @@ def full_sync(s: Site, reps: int, log: Path) -> FullSync:
         r.all_rss.add(rss)
     theirs = sorted(_sorted_targets(line) for line in base_map.read_text().splitlines())
     mine = ours.splitlines()
-    if mine == theirs == s.data.expected_virtual.splitlines():
+    if mine == theirs == s.data.expected_virtual.read_text().splitlines():
         r.equivalent = f"yes ({len(mine)} lines, identical)"
     else:
         only_b = len(set(theirs) - set(mine))
@@ -272,25 +278,73 @@ def _sorted_targets(line: str) -> str:
     return f"{k}\t{','.join(sorted(v.split(',')))}"
 
 
+def _top(prof: Path, limit: int = 25) -> str:
+    """The top functions of a cProfile dump, by own time and by cumulative time."""
+    buf = io.StringIO()
+    stats = pstats.Stats(str(prof), stream=buf)
+    stats.sort_stats("tottime").print_stats(limit)
+    stats.sort_stats("cumulative").print_stats(limit)
+    return buf.getvalue()
+
+
 def profile_once(s: Site, out: Path, log: Path) -> str:
     """cProfile one `ldapsync --once` (alias map only); the top functions as text."""
     cfg = s.config("profile", all_outputs=False)
     prof = out.with_suffix(".prof")
     timed([PY, "-m", "cProfile", "-o", str(prof), "-m", "ldapsync", "-c", str(cfg), "--once"], cwd=REPO, log=log)
-    buf = io.StringIO()
-    stats = pstats.Stats(str(prof), stream=buf)
-    stats.sort_stats("tottime").print_stats(25)
-    text = buf.getvalue()
+    text = _top(prof)
     out.write_text(text)
     return text
+
+
+def profile_rebuild(s: Site, out: Path, log: Path) -> str:
+    """cProfile the agent (all outputs) from one forward changed until it is installed and the
+    rebuild has finished; start-up is not in it (bench/profiled.py switches on SIGUSR1/2)."""
+    cfg = s.config("profile-agent", all_outputs=True)
+    prof = out.with_suffix(".prof")
+    agent = Agent(s, cfg, log, argv_prefix=["-m", "bench.profiled", str(prof)])
+    probe = candidates(s.n)[1]
+    try:
+        want = stale_probe(s, probe)
+        t0 = agent.start()
+        agent.wait_for(want, t0, timeout=300 * scale(s.n))
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        value = f"{generate.uid(probe)}@profiled.example"
+        modify_forwards(s, [(probe, value)])
+        seconds = agent.wait_for({key(probe): value}, time.perf_counter(), timeout=60 * scale(s.n))
+        time.sleep(max(2.0, seconds))  # the generation record and state write after the install
+        agent.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 60
+        while not prof.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        agent.stop()
+    text = f"change -> installed: {seconds:.3f} s (under the profiler)\n\n" + _top(prof)
+    out.write_text(text)
+    return text
+
+
+def stale_probe(s: Site, probe: int) -> dict[str, str]:
+    """A change made before the agent starts, to wait for: its first install is done then."""
+    value = f"{generate.uid(probe)}@before-start-{time.monotonic_ns()}.example"
+    modify_forwards(s, [(probe, value)])
+    return {key(probe): value}
+
+
+def scale(n: int) -> float:
+    """Timeouts grow with the directory (a 1M agent start takes minutes on a busy machine)."""
+    return max(1.0, n / 100_000)
 
 
 # ------------------------------------------------------------------------------ (2)-(5) agent
 class Agent:
     """A running `ldapsync -c CONFIG` (the live agent) and ways to watch its output."""
 
-    def __init__(self, s: Site, config: Path, log: Path):
+    def __init__(self, s: Site, config: Path, log: Path, argv_prefix: Sequence[str] = ("-m", "ldapsync")):
         self.site, self.config, self.log = s, config, log
+        self.argv_prefix = list(argv_prefix)
         self.map = s.map_path(config)
         self.db = self.map.with_name(self.map.name + ".db")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -299,7 +353,7 @@ class Agent:
         out = open(self.log, "ab")  # noqa: SIM115 - handed to the child
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            [PY, "-m", "ldapsync", "-c", str(self.config)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+            [PY, *self.argv_prefix, "-c", str(self.config)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
         out.close()
         return t0
@@ -310,7 +364,7 @@ class Agent:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(30 * scale(self.site.n))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -412,7 +466,7 @@ def latency_run(s: Site, agent: Agent, changes: int, tag: str) -> list[float]:
         value = f"{generate.uid(i)}@{tag}{k}.example"
         modify_forwards(s, [(i, value)])
         t0 = time.perf_counter()
-        out.append(agent.wait_for({key(i): value}, t0, timeout=30))
+        out.append(agent.wait_for({key(i): value}, t0, timeout=30 * scale(s.n)))
     return out
 
 
@@ -427,10 +481,13 @@ def agent_bench(s: Site, reps: int, changes: int, idle_seconds: float, log: Path
             probe = pool[0]
             modify_forwards(s, [(probe, f"{generate.uid(probe)}@start-{label}.example")])  # earlier runs changed it
             t0 = agent.start()
-            r.initial.add(agent.wait_for({key(probe): f"{generate.uid(probe)}@start-{label}.example"}, t0, timeout=300))
+            r.initial.add(
+                agent.wait_for({key(probe): f"{generate.uid(probe)}@start-{label}.example"}, t0, 300 * scale(s.n))
+            )
             # warm-up: the first live change proves the persist phase is running
             modify_forwards(s, [(probe, f"{generate.uid(probe)}@warm-{label}.example")])
-            agent.wait_for({key(probe): f"{generate.uid(probe)}@warm-{label}.example"}, time.perf_counter(), 60)
+            warm = {key(probe): f"{generate.uid(probe)}@warm-{label}.example"}
+            agent.wait_for(warm, time.perf_counter(), 60 * scale(s.n))
             r.latency[label] = latency_run(s, agent, changes, f"lat-{label}-")
             if label != "default":
                 continue
@@ -443,7 +500,7 @@ def agent_bench(s: Site, reps: int, changes: int, idle_seconds: float, log: Path
                 before = reloads.read_text().count("\n") if reloads.exists() else 0
                 modify_forwards(s, burst)
                 t0 = time.perf_counter()
-                r.burst_wall.add(agent.wait_for(final, t0, timeout=600))
+                r.burst_wall.add(agent.wait_for(final, t0, timeout=600 * scale(s.n)))
                 time.sleep(max(1.0, 3 * (debounce or 0.1)))  # let trailing rebuilds show
                 r.burst_rebuilds.add(reloads.read_text().count("\n") - before)
                 rss, hwm = agent.rss()
@@ -458,7 +515,7 @@ def agent_bench(s: Site, reps: int, changes: int, idle_seconds: float, log: Path
                 value = f"{generate.uid(i)}@restart{rep}.example"
                 modify_forwards(s, [(i, value)])
                 t0 = agent.start()
-                r.restart.add(agent.wait_for({key(i): value}, t0, timeout=300))
+                r.restart.add(agent.wait_for({key(i): value}, t0, timeout=300 * scale(s.n)))
         finally:
             agent.stop()
     return r
@@ -565,7 +622,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--changes", type=int, default=50, help="single changes per propagation run (default %(default)s)")
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling (default %(default)s)")
     p.add_argument("--no-agent", action="store_true", help="skip (2)-(5)")
-    p.add_argument("--profile", action="store_true", help="cProfile `ldapsync --once` at the largest size")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile `ldapsync --once` and one agent rebuild at the largest size (RESULTS/DATE-profile.md)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory (default bench/results)")
     args = p.parse_args(argv)
@@ -575,17 +636,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     started = datetime.now(UTC)
     results: list[tuple[Site, FullSync, AgentResults | None, str | None]] = []
-    profile_text = ""
+    profiles: list[str] = []
+    phases: list[str] = []
+
+    def phase(what: str, since: float) -> None:
+        line = f"{what}: {time.perf_counter() - since:.1f} s"
+        phases.append(line)
+        print(f"#   {line}", file=sys.stderr, flush=True)
+
     try:
         for n in args.sizes:
             print(f"# {n:,} users: generating and loading ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
             with site(n, work / f"n{n}") as s:
-                print(
-                    f"#   slapadd -q: {s.load_seconds:.1f} s; full sync x{args.reps} ...", file=sys.stderr, flush=True
-                )
+                phase(f"{n:,} users: generate + slapadd -q (slapadd alone {s.load_seconds:.1f} s)", t)
+                t = time.perf_counter()
                 fs = full_sync(s, args.reps, log)
+                phase(f"{n:,} users: full sync x{args.reps}", t)
                 if args.profile and n == max(args.sizes):
-                    profile_text = profile_once(s, work / "profile.txt", log)
+                    t = time.perf_counter()
+                    profiles.append(f"## cProfile of `ldapsync --once` (virtual map), {n:,} users\n")
+                    profiles.append("```\n" + profile_once(s, work / "profile-once.txt", log).strip() + "\n```\n")
+                    profiles.append(f"## cProfile of one agent rebuild after one change (all outputs), {n:,} users\n")
+                    profiles.append("```\n" + profile_rebuild(s, work / "profile-rebuild.txt", log).strip() + "\n```\n")
+                    phase(f"{n:,} users: profiles", t)
                 ag: AgentResults | None = None
                 skipped = None
                 if args.no_agent:
@@ -594,11 +668,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     skipped = "agent missing"
                 else:
                     print("#   agent ...", file=sys.stderr, flush=True)
+                    t = time.perf_counter()
                     try:
                         ag = agent_bench(s, args.reps, args.changes, args.idle, log)
                     except (RuntimeError, TimeoutError, OSError) as e:
                         ag = AgentResults(error=str(e).splitlines()[0][:200])
                         print(f"#   agent failed: {e}", file=sys.stderr)
+                    phase(f"{n:,} users: agent", t)
                 results.append((s, fs, ag, skipped))
     finally:
         if args.keep:
@@ -620,19 +696,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         body,
         "",
     ]
-    if profile_text:
-        doc += [
-            "## cProfile of `ldapsync --once` (virtual map) at the largest size",
-            "",
-            "```",
-            profile_text.strip(),
-            "```",
-            "",
-        ]
+    doc += ["Durations: " + "; ".join(phases), ""]
     text = "\n".join(doc)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{started:%Y-%m-%d}.md"
     out.write_text(text)
     print(f"# written to {out}", file=sys.stderr)
+    if profiles:
+        prof_out = args.out / f"{started:%Y-%m-%d}-profile.md"
+        prof_out.write_text(f"# ldapsync profiles {started:%Y-%m-%d %H:%M} UTC\n\n" + "\n".join(profiles))
+        print(f"# profiles written to {prof_out}", file=sys.stderr)
     return 0
