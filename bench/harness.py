@@ -210,7 +210,9 @@ def site(n: int, root: Path) -> Iterator[Site]:
     postfix_dir.mkdir(exist_ok=True)
     (postfix_dir / "main.cf").touch()
     t0 = time.perf_counter()
-    slapd = Slapd(root / "slapd", ldif_files=[BASE_LDIF, data.ldif], db_max_size=db_max_size(n))
+    slapd = Slapd(
+        root / "slapd", ldif_files=[BASE_LDIF, data.ldif], db_max_size=db_max_size(n), load_timeout=60 * scale(n) * 5
+    )
     load = time.perf_counter() - t0
     with slapd:
         yield Site(n, root, slapd, data, load, postfix_dir)

@@ -257,6 +257,7 @@ class Slapd:
         openssl; StartTLS then works on ``uri`` and slapd also listens on ``ldaps_uri``.
     db_max_size: the mdb map size in bytes (olcDbMaxSize); slapadd fails with MDB_MAP_FULL
         once the data outgrows it. It is a sparse file's size, not memory.
+    load_timeout: seconds each slapadd of the data may take (a million entries take minutes).
     """
 
     suffix = SUFFIX
@@ -276,6 +277,7 @@ class Slapd:
         size_limit: int | None = None,
         tls: bool = False,
         db_max_size: int = DEFAULT_DB_MAX_SIZE,
+        load_timeout: float = _CMD_TIMEOUT,
     ) -> None:
         reason = missing_tools()
         if reason is not None:
@@ -318,7 +320,9 @@ class Slapd:
             path.write_text(text)
             files += (path,)
         for path in files:
-            self._run(["slapadd", "-q", "-b", self.suffix, "-F", str(self.config_dir), "-l", str(path)])
+            self._run(
+                ["slapadd", "-q", "-b", self.suffix, "-F", str(self.config_dir), "-l", str(path)], timeout=load_timeout
+            )
 
     # ------------------------------------------------------------------ setup
     def _secret_file(self, name: str, secret: str) -> Path:
@@ -422,7 +426,7 @@ class Slapd:
         self._run(["slapadd", "-n0", "-F", str(self.config_dir), "-l", str(config)])
 
     def _run(
-        self, argv: list[str], *, input: bytes | None = None, check: bool = True
+        self, argv: list[str], *, input: bytes | None = None, check: bool = True, timeout: float = _CMD_TIMEOUT
     ) -> subprocess.CompletedProcess[bytes]:
         exe = _which(argv[0])
         if exe is None:
@@ -432,7 +436,7 @@ class Slapd:
             input=input,
             capture_output=True,
             env=self._env,
-            timeout=_CMD_TIMEOUT,
+            timeout=timeout,
             check=False,
         )
         if check and proc.returncode != 0:
