@@ -96,7 +96,8 @@ class Generation:
     def verify(self) -> None:
         """Raise StateError unless snapshot and outputs are complete and match meta.json."""
         snap = self.snapshot()
-        if snap.digest() != self.meta.get("snapshot_digest"):
+        want = self.meta.get("snapshot_digest")
+        if snap.digest() != want and snap.legacy_digest() != want:
             raise StateError(f"generation {self.id}: snapshot does not match its digest")
         for name in self.meta.get("hashes", {}):
             try:

@@ -11,17 +11,12 @@ of its thread.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import json
-import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ldap3
@@ -30,16 +25,18 @@ from ldap3.core.exceptions import LDAPException
 
 from ldapsync import ldapsource, ldifsource, psearch, syncrepl
 from ldapsync.config import Config, LdapSource, LdifSource
-from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
 from ldapsync.errors import LdapsyncError, SourceError
-from ldapsync.fileio import fsync_dir, write_atomic
-from ldapsync.state import State, sha256
+from ldapsync.mirror import FOLLOW_FILE as FOLLOW_FILE  # re-exported: the agent and tests use them from here
+from ldapsync.mirror import FOLLOW_SNAPSHOT as FOLLOW_SNAPSHOT
+from ldapsync.mirror import Mirror as Mirror
+from ldapsync.mirror import fingerprint as fingerprint
+from ldapsync.mirror import follow_state_path as follow_state_path
+from ldapsync.mirror import load_follow_state as load_follow_state
+from ldapsync.mirror import save_follow_state as save_follow_state
 
 log = structlog.get_logger(__name__)
 
 PSEARCH_OID = "2.16.840.1.113730.3.4.3"
-FOLLOW_FILE = "follow.json"
-FOLLOW_SNAPSHOT = "follow-snapshot.json"
 CHECK_IDLE_MAX = 60.0  # seconds the check connection may idle while the stream is busy
 
 
@@ -49,141 +46,6 @@ class Stopped(Exception):
 
 class ConnectionLost(SourceError):
     """The stream ended or the connection died; reconnect."""
-
-
-class Mirror:
-    """The directory as last seen, plus the sync cookie that goes with exactly this state."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[str, Entry] = {}
-        self._rejections: dict[str, list[Rejection]] = {}
-        self.cookie: bytes | None = None
-        self.source = "ldap"
-
-    def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
-        with self._lock:
-            self._entries = {(e.uuid or e.dn): e for e in snapshot.entries}
-            self._rejections = {}
-            for r in snapshot.rejections:
-                key = next((k for k, e in self._entries.items() if e.dn == r.dn), r.dn)
-                self._rejections.setdefault(key, []).append(r)
-            self.cookie = cookie
-            self.source = snapshot.source
-
-    def replace_all(self, snapshot: Snapshot) -> bool:
-        """Install a full read; True if the content differs from what was mirrored."""
-        with self._lock:
-            before = Snapshot(sort_entries(self._entries.values()), self.source).digest()
-        changed = before != snapshot.digest()
-        self.load(snapshot, None)
-        return changed
-
-    def keys(self) -> set[str]:
-        with self._lock:
-            return set(self._entries)
-
-    def upsert(self, key: str, dn: str, raw: Mapping[str, Iterable[bytes]], wanted: Iterable[str]) -> None:
-        rejections: list[Rejection] = []
-        entry = make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key)
-        with self._lock:
-            self._entries[key] = entry
-            self._rejections[key] = rejections
-
-    def delete(self, key: str) -> bool:
-        with self._lock:
-            self._rejections.pop(key, None)
-            return self._entries.pop(key, None) is not None
-
-    def delete_dn(self, dn: str) -> bool:
-        with self._lock:
-            key = next((k for k, e in self._entries.items() if e.dn.lower() == dn.lower()), None)
-        return self.delete(key) if key is not None else False
-
-    def set_cookie(self, cookie: bytes | None) -> None:
-        """None forgets the cookie: the next connection does a full refresh."""
-        with self._lock:
-            self.cookie = cookie
-
-    def snapshot(self) -> tuple[Snapshot, bytes | None]:
-        """A consistent (snapshot, cookie) pair: persisting both lets a restart resume."""
-        with self._lock:
-            rejections = tuple(r for rs in self._rejections.values() for r in rs)
-            return Snapshot(sort_entries(self._entries.values()), self.source, rejections), self.cookie
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def fingerprint(config: Config) -> str:
-    """What the cookie is valid for: another base, filter or attribute set needs a full read."""
-    src = config.source
-    doc = [
-        getattr(src, "base_dn", None),
-        getattr(src, "filter", None),
-        getattr(src, "scope", None),
-        config.attributes.ldap_attributes(),
-    ]
-    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
-
-
-def save_follow_state(
-    state: State, config: Config, snapshot: Snapshot, cookie: bytes | None, *, reuse: Path | None = None
-) -> None:
-    """Persist (snapshot, cookie) so a restart resumes; the cheap cases avoid a 15 MB write.
-
-    Unchanged directory: only the cookie moves. `reuse`: a generation's snapshot.json with
-    these exact bytes (state.record writes snapshot.to_json()), hard-linked instead of copied.
-    """
-    fp = fingerprint(config)
-    digest = snapshot.digest()
-    saved = state.read_json(FOLLOW_FILE)
-    target = state.root / FOLLOW_SNAPSHOT
-    unchanged = saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists()
-    if unchanged and state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):  # else rewrite what is not ours
-        sha = str(saved.get("snapshot_sha256"))
-    else:
-        data = snapshot.to_json()
-        sha = sha256(data)
-        if reuse is not None and reuse.is_file():
-            tmp = target.with_name(f".{target.name}.link")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(reuse, tmp)
-            os.replace(tmp, target)
-            fsync_dir(state.root)
-        else:
-            write_atomic(target, data)
-    doc = {
-        "fingerprint": fp,
-        "cookie": base64.b64encode(cookie).decode() if cookie else None,
-        "snapshot_sha256": sha,
-        "snapshot_digest": digest,
-        "time": time.time(),
-    }
-    state.write_json(FOLLOW_FILE, doc)
-
-
-def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | None] | None:
-    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search."""
-    if not state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):
-        return None
-    doc = state.read_json(FOLLOW_FILE)
-    if not doc:
-        return None
-    if doc.get("fingerprint") != fingerprint(config):
-        log.info("search changed since the cookie was saved; starting with a full read")
-        return None
-    try:
-        data = (state.root / FOLLOW_SNAPSHOT).read_bytes()
-        if sha256(data) != doc.get("snapshot_sha256"):
-            raise ValueError("snapshot does not match its hash")
-        snapshot = Snapshot.from_json(data)
-        cookie = base64.b64decode(doc["cookie"]) if doc.get("cookie") else None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.error("saved sync state unusable; starting with a full read", error=str(e))
-        return None
-    return snapshot, cookie
 
 
 @dataclass(slots=True)
@@ -593,7 +455,3 @@ def _uuid_of(attributes: Mapping[str, Iterable[bytes]]) -> str | None:
             for v in values:
                 return v.decode("ascii", "replace")
     return None
-
-
-def follow_state_path(state: State) -> Path:
-    return state.root / FOLLOW_FILE

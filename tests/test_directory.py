@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 
 from ldapsync import validate
-from ldapsync.directory import REFUSED_PREFIX, Entry, Rejection, Snapshot, make_entry, sort_entries, without_secrets
+from ldapsync.directory import (
+    REFUSED_PREFIX,
+    Attributes,
+    Entry,
+    Rejection,
+    Snapshot,
+    make_entry,
+    sort_entries,
+    without_secrets,
+)
 
 
 def test_make_entry_decodes_filters_and_lowercases_names() -> None:
@@ -66,3 +75,22 @@ def test_without_secrets_replaces_values_with_a_stable_marker() -> None:
     assert Snapshot.from_json(once.to_json()).digest() == once.digest()
     with pytest.raises(validate.Invalid):
         validate.password(marker)
+
+
+def test_compact_attributes_read_like_the_dict_they_replace() -> None:
+    plain = {"uid": ("a",), "emailforward": ("x@y", "z@y"), "cn": ()}
+    compact = Attributes.of(plain)
+    assert compact == plain and plain == compact and dict(compact.items()) == plain
+    assert list(compact) == ["cn", "emailforward", "uid"]  # sorted names
+    assert compact["emailforward"] == ("x@y", "z@y") and compact.get("uid") == ("a",)
+    assert compact.get("missing") == () and "missing" not in compact and "uid" in compact
+    with pytest.raises(KeyError):
+        compact["missing"]
+    assert Attributes.of(compact) is compact
+    assert Attributes.of({"uid": ("b",), "cn": (), "emailforward": ("q@r",)})._shape is not compact._shape
+    assert Attributes.of({"uid": ("b",), "cn": (), "emailforward": ("q@r", "s@t")})._shape is compact._shape  # shared
+    e = Entry("uid=a,dc=x", compact, "u")
+    assert e == Entry("uid=a,dc=x", plain, "u") and e.get("EmailForward") == ("x@y", "z@y")
+    snap = Snapshot((e,), "x")
+    assert Snapshot.from_json(snap.to_json()) == snap
+    assert snap.digest() == Snapshot((Entry("uid=a,dc=x", plain, "u"),), "y").digest()

@@ -389,3 +389,21 @@ def test_once_refuses_a_foreign_state_dir_and_installs_nothing(tmp_path: Path) -
     assert proc.returncode == 1
     assert f"state_dir {tmp_path / 'state'} is owned by nobody" in proc.stderr
     assert not (tmp_path / "passwd").exists(), "a sync ran on a state dir another user controls"
+
+
+def test_a_generation_recorded_with_the_previous_digest_still_verifies(state: State) -> None:
+    """Before the digest became a sum of entry hashes it was the sha256 of the snapshot JSON."""
+    gid = record(state, 3)
+    meta_path = state.generations_dir / gid / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["snapshot_digest"] = snap(3).legacy_digest()
+    meta_path.write_text(json.dumps(meta))
+    generation = state.get()
+    assert generation is not None
+    generation.verify()
+    meta["snapshot_digest"] = snap(4).legacy_digest()
+    meta_path.write_text(json.dumps(meta))
+    generation = state.get()
+    assert generation is not None
+    with pytest.raises(StateError, match="does not match its digest"):
+        generation.verify()

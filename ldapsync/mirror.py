@@ -1,0 +1,210 @@
+"""The agent's in-memory copy of the directory, and the files that let a restart resume it.
+
+The Mirror holds each entry once, compactly (directory.Attributes: no dict per entry), keyed
+by entryUUID, with the directory digest kept up to date per change (directory.EntrySum): a
+snapshot for a rebuild shares the mirrored entries and costs no hashing of the whole
+directory. The follow state (follow.json + follow-snapshot.json in the state directory)
+pairs a saved snapshot with the sync cookie that goes with exactly that content.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import structlog
+
+from ldapsync.config import Config
+from ldapsync.directory import Attributes, Entry, EntrySum, Rejection, Snapshot, make_entry, sort_entries
+from ldapsync.fileio import fsync_dir, write_atomic
+from ldapsync.state import State, sha256
+
+log = structlog.get_logger(__name__)
+
+FOLLOW_FILE = "follow.json"
+FOLLOW_SNAPSHOT = "follow-snapshot.json"
+
+
+def compact(entry: Entry) -> Entry:
+    """The entry with its attributes in the compact form (the same object if they are)."""
+    if isinstance(entry.attributes, Attributes):
+        return entry
+    return Entry(entry.dn, Attributes.of(entry.attributes), entry.uuid)
+
+
+class Mirror:
+    """The directory as last seen, plus the sync cookie that goes with exactly this state."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {}
+        self._rejections: dict[str, list[Rejection]] = {}
+        self._sum = EntrySum()
+        self.cookie: bytes | None = None
+        self.source = "ldap"
+
+    def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
+        entries = {(e.uuid or e.dn): compact(e) for e in snapshot.entries}
+        entry_sum = snapshot.entry_sum  # known if the snapshot came from a mirror or the follow state
+        rejections: dict[str, list[Rejection]] = {}
+        if snapshot.rejections:
+            key_of: dict[str, str] = {}
+            for k, e in entries.items():
+                key_of.setdefault(e.dn, k)
+            for r in snapshot.rejections:
+                rejections.setdefault(key_of.get(r.dn, r.dn), []).append(r)
+        with self._lock:
+            self._entries = entries
+            self._rejections = rejections
+            self._sum = entry_sum
+            self.cookie = cookie
+            self.source = snapshot.source
+
+    def replace_all(self, snapshot: Snapshot) -> bool:
+        """Install a full read; True if the content differs from what was mirrored."""
+        with self._lock:
+            before = self._sum
+        self.load(snapshot, None)
+        return before != self._sum
+
+    def keys(self) -> set[str]:
+        with self._lock:
+            return set(self._entries)
+
+    def upsert(self, key: str, dn: str, raw: Mapping[str, Iterable[bytes]], wanted: Iterable[str]) -> None:
+        rejections: list[Rejection] = []
+        entry = compact(make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key))
+        with self._lock:
+            old = self._entries.get(key)
+            entry_sum = self._sum if old is None else self._sum.removed(old)
+            self._sum = entry_sum.added(entry)
+            self._entries[key] = entry
+            self._rejections[key] = rejections
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            self._rejections.pop(key, None)
+            old = self._entries.pop(key, None)
+            if old is None:
+                return False
+            self._sum = self._sum.removed(old)
+            return True
+
+    def delete_dn(self, dn: str) -> bool:
+        with self._lock:
+            key = next((k for k, e in self._entries.items() if e.dn.lower() == dn.lower()), None)
+        return self.delete(key) if key is not None else False
+
+    def set_cookie(self, cookie: bytes | None) -> None:
+        """None forgets the cookie: the next connection does a full refresh."""
+        with self._lock:
+            self.cookie = cookie
+
+    def snapshot(self) -> tuple[Snapshot, bytes | None]:
+        """A consistent (snapshot, cookie) pair: persisting both lets a restart resume.
+
+        The snapshot shares the mirrored entries and carries the running digest."""
+        with self._lock:
+            rejections = tuple(r for rs in self._rejections.values() for r in rs)
+            entries = sort_entries(self._entries.values())
+            return Snapshot.with_sum(entries, self.source, rejections, self._sum), self.cookie
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def fingerprint(config: Config) -> str:
+    """What the cookie is valid for: another base, filter or attribute set needs a full read."""
+    src = config.source
+    doc = [
+        getattr(src, "base_dn", None),
+        getattr(src, "filter", None),
+        getattr(src, "scope", None),
+        config.attributes.ldap_attributes(),
+    ]
+    return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+
+def follow_state_path(state: State) -> Path:
+    return state.root / FOLLOW_FILE
+
+
+def save_follow_state(
+    state: State, config: Config, snapshot: Snapshot, cookie: bytes | None, *, reuse: Path | None = None
+) -> None:
+    """Persist (snapshot, cookie) so a restart resumes; the cheap cases avoid a 15 MB write.
+
+    Unchanged directory: only the cookie moves. `reuse`: a generation's snapshot.json with
+    these exact bytes (state.record writes snapshot.to_json()), hard-linked instead of copied.
+    The digest's running sum is saved too, so a restart does not hash every entry again.
+    """
+    fp = fingerprint(config)
+    digest = snapshot.digest()
+    saved = state.read_json(FOLLOW_FILE)
+    target = state.root / FOLLOW_SNAPSHOT
+    unchanged = saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists()
+    if unchanged and state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):  # else rewrite what is not ours
+        sha = str(saved.get("snapshot_sha256"))
+    else:
+        data = snapshot.to_json()
+        sha = sha256(data)
+        if reuse is not None and reuse.is_file():
+            tmp = target.with_name(f".{target.name}.link")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.link(reuse, tmp)
+            os.replace(tmp, target)
+            fsync_dir(state.root)
+        else:
+            write_atomic(target, data)
+    entry_sum = snapshot.entry_sum
+    doc = {
+        "fingerprint": fp,
+        "cookie": base64.b64encode(cookie).decode() if cookie else None,
+        "snapshot_sha256": sha,
+        "snapshot_digest": digest,
+        "snapshot_sum": [entry_sum.count, f"{entry_sum.total:x}"],
+        "time": time.time(),
+    }
+    state.write_json(FOLLOW_FILE, doc)
+
+
+def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | None] | None:
+    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search."""
+    if not state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):
+        return None
+    doc = state.read_json(FOLLOW_FILE)
+    if not doc:
+        return None
+    if doc.get("fingerprint") != fingerprint(config):
+        log.info("search changed since the cookie was saved; starting with a full read")
+        return None
+    try:
+        data = (state.root / FOLLOW_SNAPSHOT).read_bytes()
+        if sha256(data) != doc.get("snapshot_sha256"):
+            raise ValueError("snapshot does not match its hash")
+        snapshot = Snapshot.from_json(data)
+        cookie = base64.b64decode(doc["cookie"]) if doc.get("cookie") else None
+        saved_sum = _saved_sum(doc)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.error("saved sync state unusable; starting with a full read", error=str(e))
+        return None
+    if saved_sum is not None:  # the file matched its hash, so the sum saved with it is its sum
+        snapshot = Snapshot.with_sum(snapshot.entries, snapshot.source, snapshot.rejections, saved_sum)
+    return snapshot, cookie
+
+
+def _saved_sum(doc: Mapping[str, object]) -> EntrySum | None:
+    """The running digest saved with the snapshot, if it is there and agrees with the digest."""
+    raw = doc.get("snapshot_sum")
+    if not isinstance(raw, list) or len(raw) != 2 or not isinstance(raw[0], int) or not isinstance(raw[1], str):
+        return None  # saved by a version without it: hashed again on load
+    entry_sum = EntrySum(raw[0], int(raw[1], 16))
+    return entry_sum if entry_sum.hexdigest() == doc.get("snapshot_digest") else None

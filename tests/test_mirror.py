@@ -1,0 +1,157 @@
+"""The mirror keeps each entry once, compactly, and its digest current per change.
+
+The digest a mirror maintains incrementally must always equal the digest of a fresh
+snapshot of the same directory (the full computation stays the reference), whatever
+sequence of adds, modifies, renames and deletes led there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ldapsync import config as config_mod
+from ldapsync import mirror
+from ldapsync.directory import Attributes, Entry, EntrySum, Snapshot, make_entry, sort_entries
+from ldapsync.state import State
+
+WANTED = ["uid", "emailForward", "mailPassword", "accountStatus"]
+USERS = "ou=users,dc=example,dc=org"
+
+values = st.text(alphabet=st.sampled_from("ab@.,é\n\x00 "), min_size=0, max_size=6)
+attributes = st.dictionaries(
+    st.sampled_from(["uid", "emailForward", "mailPassword", "accountStatus", "cn", "entryUUID"]),
+    st.lists(values, min_size=0, max_size=3),
+    max_size=5,
+)
+upsert = st.tuples(st.just("upsert"), st.sampled_from("kmnopq"), st.sampled_from(["a", "b", "A", "c"]), attributes)
+delete = st.tuples(st.just("delete"), st.sampled_from("kmnopq"), st.just(""), st.just({}))
+
+
+def fresh_digest(state: dict[str, tuple[str, dict[str, list[str]]]]) -> tuple[Snapshot, str]:
+    """The reference: plain dict entries built from the final state, digested from scratch."""
+    entries = []
+    for key, (dn, attrs) in state.items():
+        raw = {k: [v.encode() for v in vs] for k, vs in attrs.items()}
+        entries.append(make_entry(dn, raw, WANTED, [], uuid=key))
+    snap = Snapshot(sort_entries(entries), "reference")
+    return snap, snap.digest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(upsert, delete), max_size=40))
+def test_incremental_digest_equals_a_fresh_digest(ops: list[tuple[str, str, str, dict[str, list[str]]]]) -> None:
+    m = mirror.Mirror()
+    state: dict[str, tuple[str, dict[str, list[str]]]] = {}
+    for op, key, rdn, attrs in ops:
+        if op == "upsert":  # add, modify, or (another rdn for the same key) rename
+            dn = f"uid={rdn},{USERS}"
+            m.upsert(key, dn, {k: [v.encode() for v in vs] for k, vs in attrs.items()}, WANTED)
+            state[key] = (dn, attrs)
+        else:
+            assert m.delete(key) == (key in state)
+            state.pop(key, None)
+    snap, _ = m.snapshot()
+    reference, digest = fresh_digest(state)
+    assert snap.entries == reference.entries
+    assert snap.digest() == digest
+    assert Snapshot(snap.entries, "again").digest() == digest  # recomputed from the mirrored entries too
+
+
+def test_a_change_and_its_undo_move_the_digest_away_and_back() -> None:
+    m = mirror.Mirror()
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"], "emailForward": [b"a@far.example"]}, WANTED)
+    m.upsert("m", f"uid=b,{USERS}", {"uid": [b"b"]}, WANTED)
+    before = m.snapshot()[0].digest()
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"], "emailForward": [b"a@near.example"]}, WANTED)
+    changed = m.snapshot()[0].digest()
+    m.delete("m")
+    gone = m.snapshot()[0].digest()
+    m.upsert("m", f"uid=b,{USERS}", {"uid": [b"b"]}, WANTED)
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"], "emailForward": [b"a@far.example"]}, WANTED)
+    assert len({before, changed, gone}) == 3
+    assert m.snapshot()[0].digest() == before
+
+
+def test_the_digest_is_the_same_on_every_host() -> None:
+    """A fixed value: nothing host- or process-dependent (hash seeds, dict order) may enter it."""
+    snap = Snapshot(
+        (
+            Entry("uid=ä,dc=x", {"uid": ("ä",), "emailforward": ("a@x", "b@x")}, "u1"),
+            Entry("uid=b,dc=x", {"uid": ("b",)}),
+        ),
+        "ldap://one",
+    )
+    terms = [
+        '["uid=ä,dc=x","u1","emailforward",["a@x","b@x"],"uid",["ä"]]',
+        '["uid=b,dc=x",null,"uid",["b"]]',
+    ]
+    total = sum(int.from_bytes(hashlib.blake2b(t.encode()).digest(), "big") for t in terms) % 2**512
+    assert snap.digest() == hashlib.sha256(b"2:%x" % total).hexdigest()
+    assert snap.digest() == "fb3a4e5827ae5cd893aaccb824f4b3b4d09646f771e8172da38e6e59c17b6348"
+
+
+def test_mirrored_entries_hold_no_dict() -> None:
+    m = mirror.Mirror()
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"], "cn": [b"not wanted"], "emailForward": [b"x@y", b"z@y"]}, WANTED)
+    m.load(Snapshot((Entry(f"uid=b,{USERS}", {"uid": ("b",)}, "m"),), "ldap"), None)
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"], "emailForward": [b"x@y", b"z@y"]}, WANTED)
+    for e in m.snapshot()[0].entries:
+        assert type(e.attributes) is Attributes
+        assert not hasattr(e, "__dict__") and not hasattr(e.attributes, "__dict__")
+    a = m.snapshot()[0].entries[0]
+    assert a.attributes == {"uid": ("a",), "emailforward": ("x@y", "z@y")}  # only the requested ones
+
+
+def test_a_snapshot_shares_the_mirrored_entries() -> None:
+    m = mirror.Mirror()
+    m.upsert("k", f"uid=a,{USERS}", {"uid": [b"a"]}, WANTED)
+    first, second = m.snapshot()[0], m.snapshot()[0]
+    assert first.entries[0] is second.entries[0]
+
+
+def test_replace_all_says_whether_the_content_changed() -> None:
+    m = mirror.Mirror()
+    entries = (Entry(f"uid=a,{USERS}", {"uid": ("a",)}, "k"), Entry(f"uid=b,{USERS}", {"uid": ("b",)}, "m"))
+    assert m.replace_all(Snapshot(entries, "ldap")) is True
+    assert m.replace_all(Snapshot(entries[::-1], "ldap")) is False  # order is not content
+    assert m.replace_all(Snapshot(entries[:1], "ldap")) is True
+    assert m.snapshot()[0].digest() == Snapshot(entries[:1], "x").digest()
+
+
+def make_config(tmp_path: Path) -> config_mod.Config:
+    doc = {
+        "domain": "example.org",
+        "source": {"ldap": {"uri": "ldap://127.0.0.1:1", "base_dn": USERS}},
+        "state_dir": str(tmp_path / "state"),
+        "exporters": [{"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}],
+    }
+    return config_mod.parse(doc, tmp_path / "ldapsync.yaml")
+
+
+def test_follow_state_carries_the_running_digest(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = mirror.Mirror()
+    for i in range(20):
+        m.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()]}, WANTED)
+    snap, cookie = m.snapshot()
+    mirror.save_follow_state(state, cfg, snap, cookie)
+    loaded = mirror.load_follow_state(state, cfg)
+    assert loaded is not None
+    assert "entry_sum" in vars(loaded[0])  # known without hashing every entry again
+    assert loaded[0].entry_sum == EntrySum.of(snap.entries)
+
+    # A saved sum that does not agree with the saved digest is not trusted: hashed again.
+    path = mirror.follow_state_path(state)
+    doc = json.loads(path.read_text())
+    doc["snapshot_sum"] = [doc["snapshot_sum"][0], "1"]
+    path.write_text(json.dumps(doc))
+    loaded = mirror.load_follow_state(state, cfg)
+    assert loaded is not None and "entry_sum" not in vars(loaded[0])
+    assert loaded[0].digest() == snap.digest()
