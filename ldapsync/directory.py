@@ -88,17 +88,26 @@ class Attributes(Mapping[str, tuple[str, ...]]):
             yield n, self._values[i : i + count]
             i += count
 
+    def as_dict(self) -> dict[str, tuple[str, ...]]:
+        out = {}
+        i = 0
+        values = self._values
+        for n, count in self._shape:
+            out[n] = values[i : i + count]
+            i += count
+        return out
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Attributes):
             return self._shape == other._shape and self._values == other._values
         if isinstance(other, Mapping):
-            return dict(self.pairs()) == dict(other.items())
+            return self.as_dict() == dict(other.items())
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # like the dict it replaces
 
     def __repr__(self) -> str:
-        return repr(dict(self.pairs()))
+        return repr(self.as_dict())
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +186,7 @@ class Snapshot:
 
 
 def _as_dict(attributes: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:
-    return dict(attributes.pairs()) if isinstance(attributes, Attributes) else attributes
+    return attributes.as_dict() if isinstance(attributes, Attributes) else attributes
 
 
 _SUM_MASK = (1 << 512) - 1  # 512-bit terms: a collision built from chosen entries needs ~2^45 work
@@ -290,6 +299,12 @@ def make_entry(
     return Entry(dn, attrs, uuid)
 
 
+def entry_order(e: Entry) -> tuple[str, str, str]:
+    """The sort key of entries: DN case-insensitively first; DNs equal but for case, or equal
+    (a rename not yet matched by a delete), still ordered the same on every host."""
+    return (e.dn.lower(), e.dn, e.uuid or "")
+
+
 def sort_entries(entries: Iterable[Entry]) -> tuple[Entry, ...]:
     """Deterministic order: every host builds byte-identical outputs from the same data."""
-    return tuple(sorted(entries, key=lambda e: (e.dn.lower(), e.dn)))  # DNs equal but for case: still total
+    return tuple(sorted(entries, key=entry_order))

@@ -1,15 +1,16 @@
 """The agent's in-memory copy of the directory, and the files that let a restart resume it.
 
 The Mirror holds each entry once, compactly (directory.Attributes: no dict per entry), keyed
-by entryUUID, with the directory digest kept up to date per change (directory.EntrySum): a
-snapshot for a rebuild shares the mirrored entries and costs no hashing of the whole
-directory. The follow state (follow.json + follow-snapshot.json in the state directory)
+by entryUUID, kept in snapshot order, with the directory digest kept up to date per change
+(directory.EntrySum): a snapshot for a rebuild shares the mirrored entries and costs neither
+a sort nor hashing of the whole directory. The follow state (follow.json + follow-snapshot.json in the state directory)
 pairs a saved snapshot with the sync cookie that goes with exactly that content.
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import json
@@ -22,7 +23,16 @@ from pathlib import Path
 import structlog
 
 from ldapsync.config import Config
-from ldapsync.directory import Attributes, Entry, EntrySum, Rejection, Snapshot, make_entry, sort_entries
+from ldapsync.directory import (
+    Attributes,
+    Entry,
+    EntrySum,
+    Rejection,
+    Snapshot,
+    entry_order,
+    make_entry,
+    sort_entries,
+)
 from ldapsync.fileio import fsync_dir, write_atomic
 from ldapsync.state import State, sha256
 
@@ -45,14 +55,20 @@ class Mirror:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
+        self._sorted: list[Entry] = []  # the same entries in snapshot order
         self._rejections: dict[str, list[Rejection]] = {}
-        self._sum = EntrySum()
+        # The digest's running sum as of the last snapshot, and the changes since: applied at
+        # the next snapshot, or, when they outnumber a quarter of the entries (a refresh
+        # streaming in), dropped for one pass over all entries.
+        self._sum: EntrySum | None = EntrySum()
+        self._pending: list[tuple[Entry | None, Entry | None]] = []
         self.cookie: bytes | None = None
         self.source = "ldap"
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
         entries = {(e.uuid or e.dn): compact(e) for e in snapshot.entries}
-        entry_sum = snapshot.entry_sum  # known if the snapshot came from a mirror or the follow state
+        entry_sum: EntrySum | None = vars(snapshot).get("entry_sum")  # known if computed or saved
+        ordered = sort_entries(entries.values())
         rejections: dict[str, list[Rejection]] = {}
         if snapshot.rejections:
             key_of: dict[str, str] = {}
@@ -62,17 +78,23 @@ class Mirror:
                 rejections.setdefault(key_of.get(r.dn, r.dn), []).append(r)
         with self._lock:
             self._entries = entries
+            self._sorted = list(ordered)
             self._rejections = rejections
             self._sum = entry_sum
+            self._pending = []
             self.cookie = cookie
             self.source = snapshot.source
 
     def replace_all(self, snapshot: Snapshot) -> bool:
         """Install a full read; True if the content differs from what was mirrored."""
         with self._lock:
-            before = self._sum
+            before = self._current_sum()
+        if "entry_sum" not in vars(snapshot):
+            snapshot = Snapshot.with_sum(
+                snapshot.entries, snapshot.source, snapshot.rejections, EntrySum.of(snapshot.entries)
+            )
         self.load(snapshot, None)
-        return before != self._sum
+        return before != snapshot.entry_sum
 
     def keys(self) -> set[str]:
         with self._lock:
@@ -83,8 +105,10 @@ class Mirror:
         entry = compact(make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key))
         with self._lock:
             old = self._entries.get(key)
-            entry_sum = self._sum if old is None else self._sum.removed(old)
-            self._sum = entry_sum.added(entry)
+            if old is not None:
+                self._unsort(old)
+            bisect.insort(self._sorted, entry, key=entry_order)
+            self._changed(old, entry)
             self._entries[key] = entry
             self._rejections[key] = rejections
 
@@ -94,8 +118,33 @@ class Mirror:
             old = self._entries.pop(key, None)
             if old is None:
                 return False
-            self._sum = self._sum.removed(old)
+            self._unsort(old)
+            self._changed(old, None)
             return True
+
+    def _changed(self, old: Entry | None, new: Entry | None) -> None:
+        if self._sum is None:
+            return
+        self._pending.append((old, new))
+        if len(self._pending) > max(16, len(self._entries) // 4):
+            self._sum, self._pending = None, []
+
+    def _unsort(self, entry: Entry) -> None:
+        i = bisect.bisect_left(self._sorted, entry_order(entry), key=entry_order)
+        while self._sorted[i] is not entry:  # equal keys: an identical entry under another key
+            i += 1
+        del self._sorted[i]
+
+    def _current_sum(self) -> EntrySum:
+        if self._sum is None:
+            self._sum = EntrySum.of(self._sorted)
+        for old, new in self._pending:
+            if old is not None:
+                self._sum = self._sum.removed(old)
+            if new is not None:
+                self._sum = self._sum.added(new)
+        self._pending = []
+        return self._sum
 
     def delete_dn(self, dn: str) -> bool:
         with self._lock:
@@ -113,8 +162,7 @@ class Mirror:
         The snapshot shares the mirrored entries and carries the running digest."""
         with self._lock:
             rejections = tuple(r for rs in self._rejections.values() for r in rs)
-            entries = sort_entries(self._entries.values())
-            return Snapshot.with_sum(entries, self.source, rejections, self._sum), self.cookie
+            return Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum()), self.cookie
 
     def __len__(self) -> int:
         return len(self._entries)
