@@ -55,7 +55,7 @@ class Mirror:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
-        self._sorted: list[Entry] = []  # the same entries in snapshot order
+        self._sorted: list[Entry] | None = []  # the same entries in snapshot order; None: sort at the snapshot
         self._rejections: dict[str, list[Rejection]] = {}
         # The digest's running sum as of the last snapshot, and the changes since: applied at
         # the next snapshot, or, when they outnumber a quarter of the entries (a refresh
@@ -105,9 +105,10 @@ class Mirror:
         entry = compact(make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key))
         with self._lock:
             old = self._entries.get(key)
-            if old is not None:
-                self._unsort(old)
-            bisect.insort(self._sorted, entry, key=entry_order)
+            if self._sorted is not None:
+                if old is not None:
+                    self._unsort(self._sorted, old)
+                bisect.insort(self._sorted, entry, key=entry_order)
             self._changed(old, entry)
             self._entries[key] = entry
             self._rejections[key] = rejections
@@ -118,7 +119,8 @@ class Mirror:
             old = self._entries.pop(key, None)
             if old is None:
                 return False
-            self._unsort(old)
+            if self._sorted is not None:
+                self._unsort(self._sorted, old)
             self._changed(old, None)
             return True
 
@@ -126,18 +128,19 @@ class Mirror:
         if self._sum is None:
             return
         self._pending.append((old, new))
-        if len(self._pending) > max(16, len(self._entries) // 4):
-            self._sum, self._pending = None, []
+        if len(self._pending) > max(16, len(self._entries) // 4):  # a refresh: one pass each at the snapshot
+            self._sum, self._pending, self._sorted = None, [], None
 
-    def _unsort(self, entry: Entry) -> None:
-        i = bisect.bisect_left(self._sorted, entry_order(entry), key=entry_order)
-        while self._sorted[i] is not entry:  # equal keys: an identical entry under another key
+    @staticmethod
+    def _unsort(ordered: list[Entry], entry: Entry) -> None:
+        i = bisect.bisect_left(ordered, entry_order(entry), key=entry_order)
+        while ordered[i] is not entry:  # equal keys: an identical entry under another key
             i += 1
-        del self._sorted[i]
+        del ordered[i]
 
     def _current_sum(self) -> EntrySum:
         if self._sum is None:
-            self._sum = EntrySum.of(self._sorted)
+            self._sum = EntrySum.of(self._entries.values())
         for old, new in self._pending:
             if old is not None:
                 self._sum = self._sum.removed(old)
@@ -162,6 +165,8 @@ class Mirror:
         The snapshot shares the mirrored entries and carries the running digest."""
         with self._lock:
             rejections = tuple(r for rs in self._rejections.values() for r in rs)
+            if self._sorted is None:
+                self._sorted = list(sort_entries(self._entries.values()))
             return Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum()), self.cookie
 
     def __len__(self) -> int:
