@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import require_mail_stack
 from mailstack import (
+    DOVECOT_ETC,
     ETC_DIR,
     MAPS_DIR,
     OUTSIDE,
-    DOVECOT_ETC,
     POSTFIX_SPOOL,
     SNIPPETS,
     STATE_DIR,
