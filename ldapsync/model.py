@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
+from enum import Enum
 
 from ldapsync import validate
 from ldapsync.directory import Entry, Rejection, Snapshot
@@ -17,6 +18,7 @@ from ldapsync.schema import LOGICAL_FIELDS, AttributeMap
 from ldapsync.static import Static
 
 DEFAULT_DISABLED_MESSAGE = "This address is disabled"
+WEAK_POLICIES = ("warn", "refuse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +65,48 @@ class RoutingModel:
 class BuildReport:
     rejections: list[Rejection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notices: list[Rejection] = field(default_factory=list)  # accepted, but the admin should look (DN, attribute)
     retired: int = 0
     skipped: int = 0
+    weak_passwords: int = 0  # accounts whose passwd-file line carries an unsalted digest or DES-CRYPT
+
+
+class Rule(Enum):
+    """Why an address is (or is not) in an output; `ldapsync explain` prints these.
+
+    Adding a rule: one member here, and one `_trace(...)` call where the rule decides.
+    """
+
+    ACCOUNT = "account"  # an LDAP entry's login gives the address
+    FORWARD = "forward"  # the entry's forward field routes it
+    LDAP_ALIAS = "ldap-alias"  # the entry's alias field gives an extra address
+    STATIC = "static"  # a static alias/forward routes it
+    PASSWORD = "password"  # the entry's hash is in the passwd-file
+    STATIC_OVERRIDE = "static-override"  # a static entry replaced the LDAP routing
+    LOOP_BROKEN = "loop-broken"  # LDAP edges of a cycle were dropped
+    ALIAS_CLAIMED = "alias-claimed"  # an older entry holds the alias; this claim was dropped
+    ALIAS_IS_ACCOUNT = "alias-is-account"  # an alias equal to another account's address was dropped
+    LOGIN_CONFLICT = "login-conflict"  # an older entry holds the login; this entry was skipped
+    RETIRED = "retired"  # accountStatus retired the account: in no output
+    DISABLED = "disabled"  # disable message: only in the access map
+    STATUS_UNRECOGNISED = "status-unrecognised"  # a status value not understood: counts as active
+    HASH_REFUSED = "hash-refused"  # no passwd-file line: the value is not an acceptable hash
+    HASH_WEAK = "hash-weak"  # the hash is an unsalted digest or DES-CRYPT
+    VALUE_DROPPED = "value-dropped"  # an invalid forward target or alias was dropped
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One decision about one canonical address: which rule, and who caused it."""
+
+    rule: Rule
+    address: str
+    source: str  # an entry DN, or `file: key` for static data
+    attribute: str = ""
+    detail: str = ""
+
+
+Trace = list[Event]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +119,11 @@ class _Parsed:
     targets: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     password: str | None = None
+    weak: bool = False  # the password is an unsalted digest or DES-CRYPT
     rejections: tuple[Rejection, ...] = ()
+    notices: tuple[Rejection, ...] = ()
     skipped: bool = False  # no login attribute at all
+    created: str = ""  # normalised createTimestamp; "" when absent (sorts first: see _age_key)
 
 
 EntryCache = dict[str, tuple[Entry, _Parsed]]
@@ -93,9 +138,18 @@ def build(
     attributes: AttributeMap,
     today: date,
     cache: EntryCache | None = None,
+    weak_passwords: str = "warn",
+    trace: Trace | None = None,
 ) -> tuple[RoutingModel, BuildReport]:
     """`cache` (per DN, reused while the Entry object is the same) makes an agent's rebuild
-    after a single change cost a lookup per unchanged entry instead of a re-validation."""
+    after a single change cost a lookup per unchanged entry instead of a re-validation.
+
+    `trace`, when given, collects every decision as an Event (for `ldapsync explain`); it
+    bypasses the cache, and costs nothing when absent."""
+    if weak_passwords not in WEAK_POLICIES:
+        raise ValueError(f"weak_passwords must be one of {WEAK_POLICIES}")
+    if trace is not None:
+        cache = None
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
     ours = frozenset({domain, *domain_aliases})
@@ -103,6 +157,7 @@ def build(
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
+    owner_created: dict[str, str] = {}  # DN -> its normalised createTimestamp ("" if unknown)
     forwards: dict[str, list[str]] = {}
     ldap_aliases: dict[str, str] = {}  # alias -> user address
     passwords: dict[str, str] = {}
@@ -111,19 +166,26 @@ def build(
     fwd_attr = attributes.forward or ""
     seen: set[str] = set()
 
-    # Sorted here, not trusted from the source: duplicate logins and contested aliases go to
-    # the first entry, and every host must pick the same one.
-    for entry in sorted(snapshot.entries, key=lambda e: (e.dn.lower(), e.dn)):
+    parsed_entries: list[tuple[Entry, _Parsed]] = []
+    for entry in snapshot.entries:
         hit = cache.get(entry.dn) if cache is not None else None
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
         else:
-            parsed = _parse_entry(entry, attributes, names, domain, ours, today)
+            parsed = _parse_entry(entry, attributes, names, domain, ours, today, weak_passwords, trace)
             if cache is not None:
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
+        parsed_entries.append((entry, parsed))
+    # Sorted here, not trusted from the source: a contested login or alias goes to the OLDER
+    # entry (createTimestamp), then to the first in DN order. Every host picks the same one,
+    # and a new entry cannot take over an address by choosing a DN that sorts first.
+    parsed_entries.sort(key=_age_key)
+
+    for entry, parsed in parsed_entries:
         rej.extend(parsed.rejections)
+        report.notices.extend(parsed.notices)
         if parsed.skipped:
             report.skipped += 1
             continue
@@ -135,26 +197,44 @@ def build(
             continue
         addr = f"{login}@{domain}"
         if addr in owner_dn:
-            rej.append(
-                Rejection(
-                    entry.dn, attributes.login, f"login {login!r} already used by {owner_dn[addr]}; entry skipped"
-                )
-            )
+            holder = owner_dn[addr]
+            why = _precedence(owner_created[holder], parsed.created)
+            reason = f"login {login!r} already used by {holder} ({why}); entry skipped"
+            rej.append(Rejection(entry.dn, attributes.login, reason))
+            if trace is not None:
+                trace.append(Event(Rule.LOGIN_CONFLICT, addr, entry.dn, attributes.login, f"held by {holder} ({why})"))
             continue
         owner_dn[addr] = entry.dn
+        owner_created[entry.dn] = parsed.created
         if parsed.disabled is not None:
             disabled[addr] = parsed.disabled
             continue
         users[addr] = login
+        if trace is not None:
+            trace.append(Event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}"))
         if parsed.targets:
             forwards[addr] = list(parsed.targets)
+            if trace is not None:
+                trace.append(Event(Rule.FORWARD, addr, entry.dn, fwd_attr, ", ".join(parsed.targets)))
         for alias in parsed.aliases:
             if alias != addr:
                 ldap_aliases.setdefault(alias, addr)
                 if ldap_aliases[alias] != addr:
-                    rej.append(Rejection(entry.dn, alias_attr, f"{alias} already claimed; value dropped"))
+                    holder = owner_dn[ldap_aliases[alias]]
+                    why = _precedence(owner_created[holder], parsed.created)
+                    rej.append(
+                        Rejection(entry.dn, alias_attr, f"{alias} already claimed by {holder} ({why}); value dropped")
+                    )
+                    if trace is not None:
+                        trace.append(
+                            Event(Rule.ALIAS_CLAIMED, alias, entry.dn, alias_attr, f"held by {holder} ({why})")
+                        )
         if parsed.password is not None:
             passwords[login] = parsed.password
+            report.weak_passwords += parsed.weak
+            if trace is not None:
+                scheme = parsed.password[1 : parsed.password.index("}")]
+                trace.append(Event(Rule.PASSWORD, addr, entry.dn, attributes.mail_password or "", f"{{{scheme}}}"))
     if cache is not None and len(cache) > len(seen):
         for dn in [d for d in cache if d not in seen]:
             del cache[dn]
@@ -166,9 +246,14 @@ def build(
         if alias in owner_dn:
             reason = f"{alias} is the address of {owner_dn[alias]}; value dropped"
             rej.append(Rejection(owner_dn[user], alias_attr, reason))
+            if trace is not None:
+                detail = f"the address of {owner_dn[alias]}"
+                trace.append(Event(Rule.ALIAS_IS_ACCOUNT, alias, owner_dn[user], alias_attr, detail))
             continue
         aliases[alias] = [user]
         alias_dn[alias] = owner_dn[user]
+        if trace is not None:
+            trace.append(Event(Rule.LDAP_ALIAS, alias, owner_dn[user], alias_attr, f"-> {user}"))
 
     # Static entries win over LDAP, loudly.
     static_keys: dict[str, str] = {}
@@ -183,8 +268,13 @@ def build(
             if s.address in disabled:
                 del disabled[s.address]
             (aliases if kind == "alias" else forwards)[s.address] = list(s.targets)
+            if trace is not None:
+                origin = f"{static.file}: {s.key}"
+                trace.append(Event(Rule.STATIC, s.address, origin, "", f"{kind} -> {', '.join(s.targets)}"))
+                if clash:
+                    trace.append(Event(Rule.STATIC_OVERRIDE, s.address, origin, "", f"replaces LDAP entry {clash}"))
 
-    _break_loops(aliases, forwards, static_keys, owner_dn, alias_dn, static.file, rej, fwd_attr, alias_attr)
+    _break_loops(aliases, forwards, static_keys, owner_dn, alias_dn, static.file, rej, fwd_attr, alias_attr, trace)
 
     sender = _sender_logins(users, aliases)
     model = RoutingModel(
@@ -200,15 +290,42 @@ def build(
     return model, report
 
 
+def _age_key(item: tuple[Entry, _Parsed]) -> tuple[str, str, str]:
+    """Older first; an entry without createTimestamp (LDIF, or cached from before it was read)
+    counts as oldest; ties fall back to DN order, case-insensitive and then exact (total)."""
+    entry, parsed = item
+    return (parsed.created, entry.dn.lower(), entry.dn)
+
+
+def _precedence(holder_created: str, created: str) -> str:
+    if holder_created == created:
+        return "first in DN order: " + ("same createTimestamp" if created else "no createTimestamp")
+    if not holder_created:
+        return "it has no createTimestamp, which counts as oldest"
+    return "older by createTimestamp"
+
+
 def _lower_names(attributes: AttributeMap) -> dict[str, str]:
     """Logical field -> lower-cased attribute name ('' if unmapped), computed once per build."""
     return {f: (getattr(attributes, f) or "").lower() for f in LOGICAL_FIELDS}
 
 
+CREATE_TIMESTAMP = "createtimestamp"
+_UNKNOWN_AGE = "~"  # sorts after every valid timestamp: a malformed one never wins a conflict
+
+
 def _parse_entry(
-    entry: Entry, attributes: AttributeMap, names: dict[str, str], domain: str, ours: frozenset[str], today: date
+    entry: Entry,
+    attributes: AttributeMap,
+    names: dict[str, str],
+    domain: str,
+    ours: frozenset[str],
+    today: date,
+    weak_policy: str = "warn",
+    trace: Trace | None = None,
 ) -> _Parsed:
     rej: list[Rejection] = []
+    notes: list[Rejection] = []
     attrs = entry.attributes
     logins = attrs.get(names["login"], ())
     if not logins:
@@ -219,8 +336,28 @@ def _parse_entry(
         login = validate.login(logins[0])
     except validate.Invalid as e:
         return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
-    if any(validate.is_retired(s, today) for s in attrs.get(names["status"], ())):
-        return _Parsed(login=login, retired=True)
+    me = f"{login}@{domain}"
+    created = ""
+    stamps = attrs.get(CREATE_TIMESTAMP, ())
+    if stamps:
+        created = (validate.generalized_time(stamps[0]) if len(stamps) == 1 else None) or _UNKNOWN_AGE
+        if created == _UNKNOWN_AGE:
+            notes.append(Rejection(entry.dn, "createTimestamp", "malformed; the entry counts as newest"))
+    status_attr = attributes.status or ""
+    retired = False
+    for status in attrs.get(names["status"], ()):
+        problem = validate.status_problem(status)
+        if problem is not None:
+            reason = f"{_show(status)}: {problem}; the account stays active"
+            notes.append(Rejection(entry.dn, status_attr, reason))
+            if trace is not None:
+                trace.append(Event(Rule.STATUS_UNRECOGNISED, me, entry.dn, status_attr, reason))
+        if validate.is_retired(status, today):
+            retired = True
+            if trace is not None:
+                trace.append(Event(Rule.RETIRED, me, entry.dn, status_attr, _show(status)))
+    if retired:
+        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created)
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
         messages = tuple(sorted(messages))  # LDAP values are unordered
@@ -230,11 +367,18 @@ def _parse_entry(
         except validate.Invalid as e:
             rej.append(Rejection(entry.dn, attributes.disable_message or "", f"{e}; default text used"))
             message = DEFAULT_DISABLED_MESSAGE
-        return _Parsed(login=login, disabled=message, rejections=tuple(rej))
+        if trace is not None:
+            trace.append(Event(Rule.DISABLED, me, entry.dn, attributes.disable_message or "", message))
+        return _Parsed(login=login, disabled=message, rejections=tuple(rej), notices=tuple(notes), created=created)
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")
         return f"{local.lower()}@{domain}" if dom in ours else addr
+
+    def dropped(attribute: str, address: str, reason: str) -> None:
+        rej.append(Rejection(entry.dn, attribute, reason))
+        if trace is not None:
+            trace.append(Event(Rule.VALUE_DROPPED, address, entry.dn, attribute, reason))
 
     fwd_attr = attributes.forward or ""
     alias_attr = attributes.alias or ""
@@ -248,33 +392,54 @@ def _parse_entry(
             try:
                 targets.append(canonical(validate.address(candidate)))
             except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
+                dropped(fwd_attr, me, f"{_show(part)} {e}; value dropped")
     aliases: list[str] = []
     for value in attrs.get(names["alias"], ()):
         try:
             alias = validate.address(value)
         except validate.Invalid as e:
-            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} {e}; value dropped"))
+            dropped(alias_attr, me, f"{_show(value)} {e}; value dropped")
             continue
         if alias.rpartition("@")[2] not in ours:
-            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} is not in {domain}; value dropped"))
+            dropped(alias_attr, alias, f"{_show(value)} is not in {domain}; value dropped")
             continue
         aliases.append(canonical(alias))
     password = None
+    weak = False
+    pw_attr = attributes.mail_password or ""
     hashes = attrs.get(names["mail_password"], ())
+    refused = None
     if len(hashes) > 1:
-        rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
+        refused = "multi-valued; no password"
     elif hashes:
         try:
-            password = validate.password(hashes[0])
+            checked = validate.check_password(hashes[0])
         except validate.Invalid as e:
-            rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
+            refused = f"{e}; no password"
+        else:
+            if not checked.weak:
+                password = checked.text
+            elif weak_policy == "refuse":
+                refused = f"weak hash ({checked.scheme}) refused by passwords.weak: refuse; no password"
+            else:
+                password, weak = checked.text, True
+                reason = f"weak hash ({checked.scheme}): accepted (passwords.weak: warn); rehash it"
+                notes.append(Rejection(entry.dn, pw_attr, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.HASH_WEAK, me, entry.dn, pw_attr, reason))
+    if refused is not None:
+        rej.append(Rejection(entry.dn, pw_attr, refused))
+        if trace is not None:
+            trace.append(Event(Rule.HASH_REFUSED, me, entry.dn, pw_attr, refused))
     return _Parsed(
         login=login,
         targets=tuple(targets) if len(targets) < 2 else tuple(sorted(set(targets))),  # unordered in LDAP
         aliases=tuple(aliases),
         password=password,
+        weak=weak,
         rejections=tuple(rej),
+        notices=tuple(notes),
+        created=created,
     )
 
 
@@ -293,8 +458,12 @@ def _break_loops(
     rej: list[Rejection],
     fwd_attr: str,
     alias_attr: str,
+    trace: Trace | None = None,
 ) -> None:
-    """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one."""
+    """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one.
+
+    Only the edges inside the cycle go: a forward `k -> y, k@elsewhere` with `y -> k` keeps
+    `k@elsewhere`, so the copy that leaves the loop is still delivered."""
     while True:
         merged = {**forwards, **aliases}
         # Only addresses that route to another known address can be on a cycle; most
@@ -306,19 +475,33 @@ def _break_loops(
             return
         for cycle in cycles:
             members = sorted(cycle)
+            inside = frozenset(cycle)
             from_ldap = [a for a in members if a not in static_keys]
             if not from_ldap:
                 keys = ", ".join(static_keys[a] for a in members)
                 raise ConfigError(f"alias loop: {' -> '.join(members)}", file=str(static_file), key=keys)
+            dns = sorted({(owner_dn if a in forwards else alias_dn)[a] for a in from_ldap})
             for a in from_ldap:
-                if a in forwards:
-                    reason = f"forward loop through {', '.join(members)}; forward dropped"
-                    rej.append(Rejection(owner_dn[a], fwd_attr, reason))
-                    del forwards[a]
+                is_forward = a in forwards
+                table = forwards if is_forward else aliases
+                dn = (owner_dn if is_forward else alias_dn)[a]
+                cut = [t for t in table[a] if t in inside and t != a]
+                kept = [t for t in table[a] if t not in cut]
+                others = [d for d in dns if d != dn]
+                kind = "forward" if is_forward else "alias"
+                reason = f"{kind} loop through {', '.join(members)}"
+                if others:
+                    reason += f" (with {'; '.join(others)})"
+                reason += f"; {kind} to {', '.join(cut)} dropped"
+                if kept:
+                    reason += f", {', '.join(kept)} kept"
+                rej.append(Rejection(dn, fwd_attr if is_forward else alias_attr, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.LOOP_BROKEN, a, dn, fwd_attr if is_forward else alias_attr, reason))
+                if kept:
+                    table[a] = kept
                 else:
-                    reason = f"alias loop through {', '.join(members)}; alias dropped"
-                    rej.append(Rejection(alias_dn[a], alias_attr, reason))
-                    del aliases[a]
+                    del table[a]
 
 
 def _strongly_connected(routes: Mapping[str, Iterable[str]]) -> list[list[str]]:

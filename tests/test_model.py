@@ -234,7 +234,8 @@ def test_ldap_aliases_with_inetlocalmailrecipient() -> None:
     assert sorted(str(r) for r in report.rejections) == sorted(
         [
             f"{mallory}: mailLocalAddress: 'x@other.example' is not in example.org; value dropped",
-            f"{mallory}: mailLocalAddress: frank.smith@example.org already claimed; value dropped",
+            f"{mallory}: mailLocalAddress: frank.smith@example.org already claimed by uid=frank,{OU}"
+            " (first in DN order: no createTimestamp); value dropped",
             f"{mallory}: mailLocalAddress: frank@example.org is the address of uid=frank,ou=users,dc=example,dc=org;"
             " value dropped",
         ]
@@ -390,3 +391,150 @@ def test_output_is_byte_identical_whatever_the_entry_and_value_order() -> None:
 def test_counts() -> None:
     m, _ = build(entry("a", mailPassword=SSHA, emailForward="x@y.example"), entry("d", mailDisableMessage="x"))
     assert m.counts() == {"users": 1, "aliases": 0, "forwards": 1, "passwords": 1, "disabled": 1}
+
+
+def test_loop_drops_only_the_edges_in_the_cycle_and_keeps_the_external_copy() -> None:
+    m, report = build(
+        entry("k", emailForward="y@example.org, k@external.example"),
+        entry("y", emailForward="k@example.net"),
+    )
+    assert m.forwards == {"k@example.org": ("k@external.example",)}, "the copy leaving the loop must stay"
+    assert "y@example.org" in m.users and "y@example.org" not in m.forwards
+    loops = {r.dn: r.reason for r in report.rejections if "loop" in r.reason}
+    k_dn, y_dn = f"uid=k,{OU}", f"uid=y,{OU}"
+    assert set(loops) == {k_dn, y_dn}
+    assert f"(with {y_dn})" in loops[k_dn] and "y@example.org dropped, k@external.example kept" in loops[k_dn]
+    assert f"(with {k_dn})" in loops[y_dn] and "forward to k@example.org dropped" in loops[y_dn]
+
+
+def test_loop_through_an_ldap_alias_keeps_the_forwards_other_targets() -> None:
+    m, report = build(
+        entry("frank", mailLocalAddress="team@example.org", mailRoutingAddress="gina@example.org"),
+        entry("gina", mailRoutingAddress=["team@example.org", "gina@far.example"]),
+        attributes=ILMR,
+    )
+    # team -> frank -> gina -> team: every LDAP edge inside the cycle goes, nothing else.
+    assert m.forwards == {"gina@example.org": ("gina@far.example",)}
+    assert "team@example.org" not in m.aliases
+    assert sorted(r.attribute for r in report.rejections if "loop" in r.reason) == [
+        "mailLocalAddress",
+        "mailRoutingAddress",
+        "mailRoutingAddress",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [
+        ("Inactive", "case-sensitive: 'Inactive' is not 'inactive'"),
+        ("MEMORIAL", "case-sensitive"),
+        ("disabled", "unrecognised status word 'disabled'"),
+        ("retiring", "'retiring' without a YYYY-MM-DD date"),
+        ("retiring soon", "'retiring' without a YYYY-MM-DD date"),
+        ("   ", "empty status"),
+    ],
+)
+def test_unrecognised_status_keeps_the_account_and_warns_with_dn_and_value(status: str, problem: str) -> None:
+    m, report = build(entry("ivy", accountStatus=status, mailPassword=SSHA))
+    assert m.users == {"ivy@example.org": "ivy"} and report.retired == 0
+    assert [(n.dn, n.attribute) for n in report.notices] == [(f"uid=ivy,{OU}", "accountStatus")]
+    assert problem in report.notices[0].reason and repr(status) in report.notices[0].reason
+    assert "stays active" in report.notices[0].reason
+
+
+@pytest.mark.parametrize("status", ["active", "locked 2026-01-02", "retiring 2099-01-01", "inactive", "memorial 2001"])
+def test_recognised_status_words_are_silent(status: str) -> None:
+    _, report = build(entry("ivy", accountStatus=status))
+    assert report.notices == [] and report.rejections == []
+
+
+def test_bad_status_beside_a_retiring_one_is_still_reported() -> None:
+    m, report = build(entry("ivy", accountStatus=["Active", "inactive"]))
+    assert m.users == {} and report.retired == 1
+    assert len(report.notices) == 1 and "'Active'" in report.notices[0].reason
+
+
+def aged(dn: str, uid: str, created: str | None, **attrs: str) -> Entry:
+    raw = {"uid": (uid,), **{k.lower(): (v,) for k, v in attrs.items()}}
+    if created is not None:
+        raw["createtimestamp"] = (created,)
+    return Entry(dn, raw)
+
+
+def test_an_older_entry_keeps_its_login_whatever_the_new_entrys_dn() -> None:
+    old = aged(f"uid=sam,{OU}", "sam", "20240101120000Z", mailPassword=SSHA)
+    new = aged(f"cn=aaa-sam,{OU}", "sam", "20261201080000Z", emailForward="evil@x.example")
+    for order in ((old, new), (new, old)):
+        m, report = build(*order)
+        assert m.users == {"sam@example.org": "sam"} and m.passwords == {"sam": SSHA}
+        assert m.forwards == {}, "the newer entry must not route the older one's address"
+        assert [(r.dn, r.attribute) for r in report.rejections] == [(new.dn, "uid")]
+        assert f"already used by {old.dn} (older by createTimestamp)" in report.rejections[0].reason
+
+
+def test_creation_times_compare_across_time_zones_and_fractions() -> None:
+    # 12:00+0200 is 10:00Z: older than 11:00Z although it sorts later as text.
+    east = aged(f"uid=zed,{OU}", "zed", "20260101120000+0200")
+    west = aged(f"cn=aaa,{OU}", "zed", "20260101110000.5Z")
+    _, report = build(west, east)
+    assert [r.dn for r in report.rejections] == [west.dn]
+
+
+def test_ownership_without_create_timestamps_falls_back_to_dn_order() -> None:
+    a = aged(f"cn=aaa,{OU}", "sam", None)
+    b = aged(f"uid=sam,{OU}", "sam", None)
+    _, report = build(b, a)
+    assert [r.dn for r in report.rejections] == [b.dn]
+    assert "first in DN order: no createTimestamp" in report.rejections[0].reason
+
+
+def test_an_entry_without_create_timestamp_counts_as_oldest_and_a_malformed_one_as_newest() -> None:
+    cached = aged(f"uid=sam,{OU}", "sam", None)  # read before createTimestamp was requested
+    new = aged(f"cn=aaa,{OU}", "sam", "20261201080000Z")
+    forged = aged(f"cn=000,{OU}", "sam", "yesterday")
+    _, report = build(new, forged, cached)
+    assert sorted(r.dn for r in report.rejections) == sorted([new.dn, forged.dn])
+    assert [(n.dn, n.attribute) for n in report.notices] == [(forged.dn, "createTimestamp")]
+
+
+def test_an_older_entry_keeps_a_contested_alias() -> None:
+    old = aged(f"uid=frank,{OU}", "frank", "20200101000000Z", mailLocalAddress="sales@example.org")
+    new = aged(f"cn=aaa,{OU}", "mallory", "20260101000000Z", mailLocalAddress="sales@example.org")
+    m, report = build(new, old, attributes=ILMR)
+    assert m.aliases == {"sales@example.org": ("frank@example.org",)}
+    assert [r.dn for r in report.rejections] == [new.dn] and old.dn in report.rejections[0].reason
+
+
+WEAK = {
+    "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=": "SHA",
+    "{MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ==": "LDAP-MD5",
+    "{CRYPT}kTGe9g4av0mAE": "DES-CRYPT",
+}
+
+
+def test_weak_hashes_are_accepted_counted_and_reported_by_dn_by_default() -> None:
+    users = [entry(f"w{i}", mailPassword=h) for i, h in enumerate(WEAK)]
+    m, report = build(*users, entry("strong", mailPassword=SSHA))
+    assert report.weak_passwords == 3 and report.rejections == []
+    assert m.passwords["w1"] == "{LDAP-MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ=="
+    assert sorted(n.dn for n in report.notices) == [f"uid=w{i},{OU}" for i in range(3)]
+    for n in report.notices:
+        assert "weak hash" in n.reason and n.attribute == "mailPassword"
+        assert not any(h.split("}")[1] in n.reason for h in WEAK), "a warning never quotes the hash"
+
+
+def test_weak_hashes_are_refused_by_policy_and_plaintext_always() -> None:
+    users = [entry(f"w{i}", mailPassword=h) for i, h in enumerate(WEAK)]
+    m, report = model.build(
+        Snapshot((*users, entry("p", mailPassword="{PLAIN}hunter2")), "test"),
+        Static(),
+        domain=DOMAIN,
+        domain_aliases=ALIASES,
+        attributes=UD,
+        today=TODAY,
+        weak_passwords="refuse",
+    )
+    assert m.passwords == {} and report.weak_passwords == 0 and len(m.users) == 4
+    reasons = [r.reason for r in report.rejections]
+    assert sum("refused by passwords.weak: refuse" in r for r in reasons) == 3
+    assert any("plaintext" in r for r in reasons)

@@ -145,7 +145,7 @@ def test_scheme_prefix_is_case_insensitive() -> None:
         ("$6$salt$short", "malformed"),
         ("{SSHA}not-base64!!", "malformed"),
         ("{FOO}hunter2", "unknown"),
-        ("{MD5}hunter2", "unknown"),
+        ("{MD5}hunter2", "malformed LDAP-MD5"),
         ("{}hunter2", "malformed"),
         ("{CRYPT}hunter2", "unknown or malformed"),
         ("{MD5-CRYPT}" + SHA512, "unknown or malformed"),  # scheme and body disagree

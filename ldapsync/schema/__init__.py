@@ -28,9 +28,12 @@ class AttributeMap:
     disable_message: str | None = None
 
     def ldap_attributes(self) -> list[str]:
-        """The attributes a search must request, nothing more (speed, and least privilege)."""
+        """The attributes a search must request, nothing more (speed, and least privilege).
+
+        entryUUID follows deletes; createTimestamp (operational: only sent when asked for)
+        decides which of two entries claiming one login or alias keeps it."""
         names = [getattr(self, f.name) for f in fields(self)]
-        return sorted({n for n in names if n} | {"entryUUID"}, key=str.lower)
+        return sorted({n for n in names if n} | {"entryUUID", "createTimestamp"}, key=str.lower)
 
 
 PRESETS: dict[str, AttributeMap] = {
