@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import random
+import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from ldapsync import model, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
@@ -538,3 +542,51 @@ def test_weak_hashes_are_refused_by_policy_and_plaintext_always() -> None:
     reasons = [r.reason for r in report.rejections]
     assert sum("refused by passwords.weak: refuse" in r for r in reasons) == 3
     assert any("plaintext" in r for r in reasons)
+
+
+@pytest.mark.slapd
+def test_real_slapd_the_entry_created_first_keeps_its_login(slapd: Any, tmp_path: Path) -> None:
+    """slapd stamps createTimestamp itself; a later entry whose DN sorts first gets nothing."""
+    from ldapsync import config as config_mod
+    from ldapsync import ldapsource
+
+    old_hash, new_hash = SSHA, "{SSHA}" + base64.b64encode(b"n" * 24).decode()
+
+    def account(rdn: str, password: str, forward: str = "") -> str:
+        extra = f"emailForward: {forward}\n" if forward else ""
+        return (
+            f"dn: {rdn},ou=users,dc=example,dc=org\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+            f"uid: owner\ncn: x\nsn: x\nmailPassword: {password}\n{extra}"
+        )
+
+    slapd.modify(account("uid=owner", old_hash), add=True)
+    time.sleep(1.1)  # createTimestamp has a one-second resolution
+    slapd.modify(account("cn=aaa-owner", new_hash, "thief@far.example"), add=True)
+    (tmp_path / "ldapsync.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "domain": DOMAIN,
+                "source": {
+                    "ldap": {
+                        "uri": slapd.uri,
+                        "bind_dn": slapd.service_dn,
+                        "bind_password_file": str(slapd.service_password_file),
+                        "base_dn": slapd.users_dn,
+                        "filter": "(objectClass=inetOrgPerson)",
+                    }
+                },
+                "state_dir": "state",
+                "exporters": [{"kind": "dovecot-passwd", "path": "out/passwd"}],
+            }
+        )
+    )
+    cfg = config_mod.load(tmp_path / "ldapsync.yaml")
+    assert isinstance(cfg.source, config_mod.LdapSource)
+    snap = ldapsource.read(cfg.source, cfg.attributes)
+    stamps = {e.dn.split(",")[0]: e.attributes.get("createtimestamp") for e in snap.entries}
+    assert stamps["uid=owner"] and stamps["cn=aaa-owner"], "createTimestamp must be requested explicitly"
+    m, report = model.build(snap, Static(), domain=DOMAIN, domain_aliases=(), attributes=cfg.attributes, today=TODAY)
+    assert m.passwords["owner"] == old_hash and "owner@example.org" not in m.forwards
+    conflict = [r for r in report.rejections if "owner" in r.reason]
+    assert [r.dn for r in conflict] == ["cn=aaa-owner,ou=users,dc=example,dc=org"]
+    assert "uid=owner,ou=users,dc=example,dc=org (older by createTimestamp)" in conflict[0].reason
