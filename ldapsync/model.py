@@ -123,7 +123,8 @@ class _Parsed:
     rejections: tuple[Rejection, ...] = ()
     notices: tuple[Rejection, ...] = ()
     skipped: bool = False  # no login attribute at all
-    created: str = ""  # normalised createTimestamp; "" when absent (sorts first: see _age_key)
+    created: str = ""  # normalised createTimestamp; "" when absent: counts as oldest
+    order: tuple[str, str, str] = ("", "", "")  # (created, dn.lower(), dn): older first, then DN order
 
 
 EntryCache = dict[str, tuple[Entry, _Parsed]]
@@ -166,8 +167,8 @@ def build(
     fwd_attr = attributes.forward or ""
     seen: set[str] = set()
 
-    parsed_entries: list[tuple[Entry, _Parsed]] = []
-    for entry in snapshot.entries:
+    parsed_entries: list[tuple[tuple[str, str, str], int, Entry, _Parsed]] = []
+    for i, entry in enumerate(snapshot.entries):
         hit = cache.get(entry.dn) if cache is not None else None
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
@@ -177,15 +178,18 @@ def build(
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
-        parsed_entries.append((entry, parsed))
+        parsed_entries.append((parsed.order, i, entry, parsed))
     # Sorted here, not trusted from the source: a contested login or alias goes to the OLDER
     # entry (createTimestamp), then to the first in DN order. Every host picks the same one,
-    # and a new entry cannot take over an address by choosing a DN that sorts first.
-    parsed_entries.sort(key=_age_key)
+    # and a new entry cannot take over an address by choosing a DN that sorts first. (The
+    # index keeps tuples from ever comparing two entries.)
+    parsed_entries.sort()
 
-    for entry, parsed in parsed_entries:
-        rej.extend(parsed.rejections)
-        report.notices.extend(parsed.notices)
+    for _, _, entry, parsed in parsed_entries:
+        if parsed.rejections:
+            rej.extend(parsed.rejections)
+        if parsed.notices:
+            report.notices.extend(parsed.notices)
         if parsed.skipped:
             report.skipped += 1
             continue
@@ -231,7 +235,8 @@ def build(
                         )
         if parsed.password is not None:
             passwords[login] = parsed.password
-            report.weak_passwords += parsed.weak
+            if parsed.weak:
+                report.weak_passwords += 1
             if trace is not None:
                 scheme = parsed.password[1 : parsed.password.index("}")]
                 trace.append(Event(Rule.PASSWORD, addr, entry.dn, attributes.mail_password or "", f"{{{scheme}}}"))
@@ -290,13 +295,6 @@ def build(
     return model, report
 
 
-def _age_key(item: tuple[Entry, _Parsed]) -> tuple[str, str, str]:
-    """Older first; an entry without createTimestamp (LDIF, or cached from before it was read)
-    counts as oldest; ties fall back to DN order, case-insensitive and then exact (total)."""
-    entry, parsed = item
-    return (parsed.created, entry.dn.lower(), entry.dn)
-
-
 def _precedence(holder_created: str, created: str) -> str:
     if holder_created == created:
         return "first in DN order: " + ("same createTimestamp" if created else "no createTimestamp")
@@ -324,18 +322,22 @@ def _parse_entry(
     weak_policy: str = "warn",
     trace: Trace | None = None,
 ) -> _Parsed:
+    dn_order = (entry.dn.lower(), entry.dn)
     rej: list[Rejection] = []
     notes: list[Rejection] = []
     attrs = entry.attributes
     logins = attrs.get(names["login"], ())
     if not logins:
-        return _Parsed(skipped=True)
+        return _Parsed(skipped=True, order=("", *dn_order))
     if len(logins) > 1:
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, "multi-valued login; entry skipped"),))
+        reason = "multi-valued login; entry skipped"
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),), order=("", *dn_order))
     try:
         login = validate.login(logins[0])
     except validate.Invalid as e:
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
+        return _Parsed(
+            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),), order=("", *dn_order)
+        )
     me = f"{login}@{domain}"
     created = ""
     stamps = attrs.get(CREATE_TIMESTAMP, ())
@@ -357,7 +359,7 @@ def _parse_entry(
             if trace is not None:
                 trace.append(Event(Rule.RETIRED, me, entry.dn, status_attr, _show(status)))
     if retired:
-        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created)
+        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created, order=(created, *dn_order))
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
         messages = tuple(sorted(messages))  # LDAP values are unordered
@@ -369,7 +371,14 @@ def _parse_entry(
             message = DEFAULT_DISABLED_MESSAGE
         if trace is not None:
             trace.append(Event(Rule.DISABLED, me, entry.dn, attributes.disable_message or "", message))
-        return _Parsed(login=login, disabled=message, rejections=tuple(rej), notices=tuple(notes), created=created)
+        return _Parsed(
+            login=login,
+            disabled=message,
+            rejections=tuple(rej),
+            notices=tuple(notes),
+            created=created,
+            order=(created, *dn_order),
+        )
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")
@@ -440,6 +449,7 @@ def _parse_entry(
         rejections=tuple(rej),
         notices=tuple(notes),
         created=created,
+        order=(created, *dn_order),
     )
 
 

@@ -12,7 +12,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from passlib import hash as ph
 
@@ -317,7 +317,10 @@ def _retiring_date(text: str) -> date | None:
         return None
 
 
-_GENERALIZED_TIME_RE = re.compile(r"([0-9]{14})(?:[.,]([0-9]{1,6}))?(Z|[+-][0-9]{4})")
+_GENERALIZED_TIME_RE = re.compile(
+    r"([0-9]{4}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9](?:[0-5][0-9]|60))"
+    r"(?:[.,]([0-9]{1,6}))?(Z|[+-](?:[01][0-9]|2[0-3])[0-5][0-9])"
+)
 
 
 def generalized_time(value: str) -> str | None:
@@ -325,9 +328,13 @@ def generalized_time(value: str) -> str | None:
     m = _GENERALIZED_TIME_RE.fullmatch(value)
     if m is None:
         return None
-    try:
-        when = datetime.strptime(m.group(1) + m.group(3).replace("Z", "+0000"), "%Y%m%d%H%M%S%z")
-    except ValueError:
-        return None
-    fraction = (m.group(2) or "").ljust(6, "0")
-    return when.astimezone(UTC).strftime("%Y%m%d%H%M%S") + "." + fraction
+    stamp, fraction, zone = m.group(1), (m.group(2) or "").ljust(6, "0"), m.group(3)
+    if zone != "Z":  # rare: servers write UTC; only offsets need the calendar
+        try:
+            when = datetime.strptime(stamp[:12] + min(stamp[12:], "59"), "%Y%m%d%H%M%S")
+        except ValueError:
+            return None
+        sign = 1 if zone[0] == "+" else -1
+        when -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5]))
+        stamp = when.strftime("%Y%m%d%H%M%S")
+    return f"{stamp}.{fraction}"
