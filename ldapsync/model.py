@@ -74,7 +74,7 @@ class BuildReport:
 class Rule(Enum):
     """Why an address is (or is not) in an output; `ldapsync explain` prints these.
 
-    Adding a rule: one member here, and one `_trace(...)` call where the rule decides.
+    Adding a rule: one member here, and one `trace.append(Event(...))` where the rule decides.
     """
 
     ACCOUNT = "account"  # an LDAP entry's login gives the address
