@@ -136,7 +136,7 @@ def explain(
 
 def _lines(data: bytes, exp: Exporter, keys: set[str]) -> tuple[tuple[str, str], ...]:
     """The (key, redacted value) pairs of an output whose key is one of `keys`."""
-    sep = ":" if exp.sensitive else "\t"
+    sep = exp.separator  # the exporter parses its own lines (as the guards do)
     found = []
     for raw in data.decode("utf-8", "replace").splitlines():
         key, _, _ = raw.partition(sep)
