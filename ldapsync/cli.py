@@ -16,6 +16,7 @@ from ldapsync import log as log_mod
 from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
+LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,13 +94,13 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "snapshots":
         return report.snapshots(pipeline.state)
     if args.command == "rollback":
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="rollback"):
             result = sync.rollback(pipeline, args.generation)
         print(f"rolled back to {result.generation}; changed: {', '.join(result.changed) or 'nothing'}")
         return EXIT_OK
     if args.command == "approve":
         pipeline.state.ensure()
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="approve"):
             held = pipeline.state.held()
             if held is None:
                 print("no held change")
@@ -112,7 +113,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return _dry_run(pipeline, args.force)
     if args.once:
         pipeline.state.ensure()
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="once"):
             result = pipeline.run(force=args.force)
         if result.status == "held":
             return EXIT_HELD

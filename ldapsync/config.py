@@ -16,7 +16,7 @@ import os
 import pwd
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ import yaml
 
 from ldapsync import schema
 from ldapsync.errors import ConfigError
+from ldapsync.model import GroupSettings, MailboxSettings
 
 T = TypeVar("T")
 
@@ -90,6 +91,8 @@ class Agent:
     debounce: float = 0.1
     max_delay: float = 2.0
     reconnect_max: float = 60.0
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,13 @@ class Config:
     log_format: str = "auto"
     log_level: str = "info"
     weak_passwords: str = "warn"  # passwords.weak: unsalted digests and DES-CRYPT
+    hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # further domains -> alias domains
+    groups: GroupSettings | None = None
+    mailbox: MailboxSettings | None = None
+
+    def all_domains(self) -> tuple[str, ...]:
+        """Every domain mail is accepted for: hosted domains and their alias domains."""
+        return (self.domain, *self.domain_aliases, *(d for h, a in self.hosted.items() for d in (h, *a)))
 
 
 class _Section:
@@ -192,10 +202,16 @@ def parse(data: object, path: Path) -> Config:
     if domain in domain_aliases or len(set(domain_aliases)) != len(domain_aliases):
         raise top.error("domain_aliases", "must not repeat the domain or each other")
 
+    hosted = _hosted(top, domain, domain_aliases)
+
     source = _source(top.sub("source"))
     attrs = top.sub("attributes")
     attributes = schema.resolve(top.get("schema", str, "ud-ldap"), attrs.data, file=path)
     attrs.used.update(attrs.data)
+    groups = _groups(top)
+    if groups is not None:
+        attributes = replace(attributes, extra=groups.ldap_attributes())
+    mailbox = _mailbox(top)
 
     exporters_raw = top.get("exporters", list, [])
     if not exporters_raw:
@@ -209,6 +225,8 @@ def parse(data: object, path: Path) -> Config:
     for e in exporters:
         if paths.count(os.path.normpath(e.path)) > 1:
             raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
+        if e.kind == "dovecot-userdb" and mailbox is None:
+            raise ConfigError("dovecot-userdb needs a mailbox: section (home, home_root)", file=path, key=e.key)
 
     hooks_s = top.sub("hooks")
     hooks = _build(
@@ -237,7 +255,11 @@ def parse(data: object, path: Path) -> Config:
         debounce=_positive(agent_s, "debounce", allow_zero=True),
         max_delay=_positive(agent_s, "max_delay"),
         reconnect_max=_positive(agent_s, "reconnect_max"),
+        retry_initial=_positive(agent_s, "retry_initial"),
+        retry_max=_positive(agent_s, "retry_max"),
     )
+    if agent.retry_max < agent.retry_initial:
+        raise agent_s.error("retry_max", f"must be >= retry_initial ({agent.retry_initial:g})")
     agent_s.done()
 
     postfix_s = top.sub("postfix")
@@ -284,9 +306,133 @@ def parse(data: object, path: Path) -> Config:
         log_format=log_format,
         log_level=log_level,
         weak_passwords=weak_passwords,
+        hosted=hosted,
+        groups=groups,
+        mailbox=mailbox,
     )
     top.done()
     return config
+
+
+def _hosted(top: _Section, domain: str, domain_aliases: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """`domains:`: further hosted domains, each with its own alias domains; no domain twice."""
+    raw = top.get("domains", dict, {})
+    seen = {d: "domain" for d in (domain, *domain_aliases)}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, alias_list in raw.items():
+        key = f"domains.{name}"
+        hosted_domain = _domain(top, key, name)
+        if alias_list is None:
+            alias_list = []
+        if not isinstance(alias_list, list):
+            raise ConfigError("must be a list of alias domains", file=top.file, key=key)
+        alias_domains = tuple(_domain(top, f"{key}[{i}]", d) for i, d in enumerate(alias_list))
+        for i, d in enumerate((hosted_domain, *alias_domains)):
+            if d in seen:
+                where = key if i == 0 else f"{key}[{i - 1}]"
+                raise ConfigError(f"{d} is already configured by {seen[d]}", file=top.file, key=where)
+            seen[d] = key
+        out[hosted_domain] = alias_domains
+    return out
+
+
+def _attr_names(s: _Section, name: str) -> tuple[str, ...] | None:
+    """A list of LDAP attribute names (one name may be written alone); None if absent."""
+    raw = s.get(name, (list, str))
+    if raw is None:
+        return None
+    values = [raw] if isinstance(raw, str) else raw
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not schema._is_attr_name(v):
+            raise s.error(f"{name}[{i}]", f"{v!r} is not an LDAP attribute name")
+    return tuple(values)
+
+
+def _groups(top: _Section) -> GroupSettings | None:
+    if top.data.get("groups") is None:
+        top.used.add("groups")
+        return None
+    g = top.sub("groups")
+    name_attr = g.get("name_attribute", str)
+    if name_attr is not None and not schema._is_attr_name(name_attr):
+        raise g.error("name_attribute", f"{name_attr!r} is not an LDAP attribute name")
+    settings = _build(
+        GroupSettings,
+        object_classes=_attr_names(g, "object_classes"),
+        name_attribute=name_attr,
+        member_attributes=_attr_names(g, "member_attributes"),
+        address_attributes=_attr_names(g, "address_attributes"),
+        base_dn=g.get("base_dn", str),
+        members_send_as_group=g.get("members_send_as_group", bool),
+    )
+    if not settings.object_classes:
+        raise g.error("object_classes", "at least one object class is required")
+    if not settings.member_attributes and not settings.address_attributes:
+        raise g.error("member_attributes", "groups need member_attributes or address_attributes")
+    g.done()
+    return settings
+
+
+_HOME_FIELDS = ("login", "domain")
+
+
+def _mailbox(top: _Section, *, file_key: str = "mailbox") -> MailboxSettings | None:
+    from ldapsync import validate
+
+    if top.data.get(file_key) is None:
+        top.used.add(file_key)
+        return None
+    m = top.sub(file_key)
+    root = m.require("home_root", str)
+    try:
+        validate.home(root.rstrip("/") or "/")
+    except validate.Invalid as e:
+        raise m.error("home_root", f"{root!r} {e}") from e
+    template = m.get("home", str, root.rstrip("/") + "/{domain}/{login}")
+    sample = _template(m, "home", template, _HOME_FIELDS)
+    try:
+        validate.home(sample)
+    except validate.Invalid as e:
+        raise m.error("home", f"{template!r} {e}") from e
+    if not sample.startswith(root.rstrip("/") + "/"):
+        raise m.error("home", f"{template!r} is not under home_root {root}")
+    range_raw = m.get("id_range", list)
+    if range_raw is not None and (
+        len(range_raw) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in range_raw)
+        or not 1 <= range_raw[0] <= range_raw[1] <= validate.MAX_ID
+    ):
+        raise m.error("id_range", "must be [first, last] with 1 <= first <= last (root never owns mail)")
+    settings = _build(
+        MailboxSettings,
+        home=template,
+        home_root=root.rstrip("/"),
+        uid=m.get("uid", int),
+        gid=m.get("gid", int),
+        id_range=tuple(range_raw) if range_raw is not None else None,
+    )
+    lo, hi = settings.id_range
+    for name, value in (("uid", settings.uid), ("gid", settings.gid)):
+        if value is not None and not lo <= value <= hi:
+            raise m.error(name, f"{value} is outside id_range {lo}-{hi}")
+    m.done()
+    return settings
+
+
+def _template(s: _Section, name: str, template: str, allowed: tuple[str, ...]) -> str:
+    """Check a {placeholder} template; return it filled with sample values."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise s.error(name, f"{template!r}: {e}") from e
+    for _, field_name, spec, conv in parts:
+        if field_name is None:
+            continue
+        if field_name not in allowed or spec or conv:
+            raise s.error(name, f"unknown placeholder {{{field_name}}} (allowed: {', '.join(allowed)})")
+    return template.format(**{f: "sample" for f in allowed})
 
 
 def _domain(section: _Section, key: str, value: object) -> str:

@@ -90,10 +90,15 @@ def normalise(address: str, config: Config) -> tuple[str, str, str | None]:
     except validate.Invalid as e:
         raise ExplainError(f"{address!r} {e}") from e
     local, _, domain = checked.rpartition("@")
-    if domain not in (config.domain, *config.domain_aliases):
+    canon = {d: config.domain for d in (config.domain, *config.domain_aliases)}
+    for hosted, alias_domains in config.hosted.items():
+        canon.update({d: hosted for d in (hosted, *alias_domains)})
+    if domain not in canon:
         return checked, checked, None
     local = local.lower()
-    return f"{local}@{domain}", f"{local}@{config.domain}", local
+    # In a further hosted domain the login is whatever account owns the address (see explain).
+    login = local if canon[domain] == config.domain else None
+    return f"{local}@{domain}", f"{local}@{canon[domain]}", login
 
 
 def explain(
@@ -121,8 +126,12 @@ def explain(
         attributes=config.attributes,
         today=today or date.today(),
         weak_passwords=config.weak_passwords,
+        hosted=config.hosted,
+        groups=config.groups,
+        mailbox=config.mailbox,
         trace=trace,
     )
+    login = routing.users.get(canonical, login)
     keys = {asked, canonical} | ({login} if login else set())
     answers = []
     for spec, exp in exporters:

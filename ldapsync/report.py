@@ -10,8 +10,8 @@ from typing import Any
 
 from ldapsync import config as config_mod
 from ldapsync.config import Config
-from ldapsync.errors import ConfigError
-from ldapsync.state import State
+from ldapsync.errors import ConfigError, StateError
+from ldapsync.state import LockHolder, State
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 
@@ -41,12 +41,25 @@ def _collect(cfg: Config) -> dict[str, Any]:
         "error": status.get("error"),
         "source": status.get("source"),
         "ldap_reachable": status.get("ldap_reachable"),
+        "follower_error": status.get("follower_error"),
         "generation": state.current_id(),
         "held": None if held is None else held[1].get("reason"),
         "reload_pending": status.get("reload_pending") or [],
         "rejected": status.get("rejected"),
         "outputs": outputs,
+        "agent": _agent(state),
     }
+
+
+def _agent(state: State) -> dict[str, Any]:
+    """Whether an agent runs on this state_dir (it holds the lock); tested without writing."""
+    try:
+        holder: LockHolder | None = state.lock_holder()
+    except StateError as e:
+        return {"running": None, "pid": None, "lock": None, "error": str(e)}
+    running = holder is not None and holder.role == "agent"
+    lock = None if holder is None else {"pid": holder.pid, "role": holder.role}
+    return {"running": running, "pid": holder.pid if running and holder else None, "lock": lock}
 
 
 def status(cfg: Config, *, as_json: bool) -> int:
@@ -55,8 +68,10 @@ def status(cfg: Config, *, as_json: bool) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     age = info["last_success_age"]
+    print(f"agent:          {_agent_line(info['agent'])}")
     print(f"last success:   {'never' if age is None else f'{age:.0f}s ago'} ({info['result'] or 'no attempt yet'})")
-    print(f"source:         {info['source'] or '-'} (LDAP reachable: {info['ldap_reachable']})")
+    away = f", {info['follower_error']}" if info["follower_error"] and not info["ldap_reachable"] else ""
+    print(f"source:         {info['source'] or '-'} (LDAP reachable: {info['ldap_reachable']}{away})")
     print(f"generation:     {info['generation'] or '-'}")
     if info["error"] and info["result"] not in ("installed", "unchanged"):
         print(f"last error:     {info['error']}")
@@ -69,6 +84,17 @@ def status(cfg: Config, *, as_json: bool) -> int:
         else:
             print(f"  {name:<24} {o['entries']:>8} entries  sha256:{o['sha256'][:16]}  {o['path']}")
     return 0
+
+
+def _agent_line(agent: dict[str, Any]) -> str:
+    if agent["running"]:
+        return f"running (PID {agent['pid']})"
+    if agent["running"] is None:
+        return f"unknown ({agent['error']})"
+    lock = agent["lock"]
+    if lock is not None:
+        return f"not running; ldapsync {lock['role'] or ''} (PID {lock['pid']}) holds the state lock"
+    return "not running"
 
 
 def snapshots(state: State) -> int:

@@ -1,7 +1,7 @@
 """The state directory: generations (last-known-good), held changes, sync cookie, status.
 
 Layout under state_dir (0700, files 0600 -- generations hold password hashes):
-  lock                      flock: one ldapsync per state_dir
+  lock                      flock: one writer per state_dir (the agent for its lifetime); "PID ROLE"
   generations/<id>/         meta.json, snapshot.json, outputs/<name>
   current                   id of the newest installed generation
   held/                     a change a safety guard held back: meta.json, snapshot.json
@@ -77,6 +77,10 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+LOCK_FILE = "lock"
+LOCK_POLL = 0.05  # seconds between attempts while waiting for another holder
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
     id: str
@@ -106,6 +110,41 @@ class Generation:
         if want and hashlib.sha256(data).hexdigest() != want:
             raise StateError(f"generation {self.id}: output {name} does not match its hash")
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """The process holding state_dir/lock, as it wrote itself into the file."""
+
+    pid: int | None
+    role: str | None
+
+    @classmethod
+    def parse(cls, data: bytes) -> LockHolder:
+        fields = data.decode("ascii", "replace").split()
+        pid = int(fields[0]) if fields and fields[0].isdigit() else None
+        return cls(pid, fields[1] if len(fields) > 1 else None)
+
+
+class StateLock:
+    """state_dir/lock, held by this process until release() (or exit: the kernel drops it)."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe(holder: LockHolder | None) -> str:
+    if holder is None or holder.pid is None:
+        return "another ldapsync"
+    if holder.role == "agent":
+        return f"another ldapsync agent (PID {holder.pid})"
+    return f"another ldapsync ({holder.role + ', ' if holder.role else ''}PID {holder.pid})"
 
 
 def sha256(data: bytes) -> str:
@@ -162,14 +201,54 @@ class State:
         return True
 
     @contextlib.contextmanager
-    def lock(self, *, wait: bool = False) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def lock(self, *, wait: bool | float = False, role: str = "sync") -> Iterator[None]:
+        """Hold state_dir/lock for a block; wait=True waits for ever, a number that many seconds."""
+        held = self.acquire(role, wait=None if wait is True else float(wait))
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise StateError(f"another ldapsync holds {self.root / 'lock'}") from None
             yield
+        finally:
+            held.release()
+
+    def acquire(self, role: str, *, wait: float | None = 0.0) -> StateLock:
+        """Take state_dir/lock (flock) and write "PID ROLE" into it; one writer per state dir.
+
+        wait: seconds to wait for another holder (None: for ever); then StateError naming the
+        holder's PID and role. The agent holds it for its lifetime, one-shot commands per run.
+        """
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise StateError(f"{_describe(self.lock_holder())} holds {path}") from None
+                    time.sleep(LOCK_POLL)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return StateLock(fd, path)
+
+    def lock_holder(self) -> LockHolder | None:
+        """Who holds state_dir/lock, or None if nobody; never creates, writes or waits."""
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"{self.root / LOCK_FILE}: {e.strerror}") from e
+        try:
+            try:  # a shared lock is granted only if no writer holds it; released at once
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return LockHolder.parse(os.pread(fd, 256, 0))
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
         finally:
             os.close(fd)
 

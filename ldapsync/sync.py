@@ -54,7 +54,7 @@ class Pipeline:
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
-        self.static = static.load(config.static, config.domain, config.domain_aliases)
+        self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
         self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
@@ -85,6 +85,9 @@ class Pipeline:
             today=today,
             cache=self._entry_cache,
             weak_passwords=cfg.weak_passwords,
+            hosted=cfg.hosted,
+            groups=cfg.groups,
+            mailbox=cfg.mailbox,
         )
         if log_problems:
             current: set[object] = {*report.warnings, *report.rejections, *report.notices}
@@ -383,6 +386,20 @@ class Pipeline:
             status["last_success"] = now
         status.update(fields)
         self.state.write_json("status.json", status)
+
+    def note_follower(self, connected: bool, error: str | None) -> None:
+        """The agent's follower reached the directory, or lost it (error cleared on success)."""
+        self._note_fields(ldap_reachable=connected, follower_error=None if connected else error)
+
+    def note_confirmed(self) -> None:
+        """The installed outputs were confirmed to match LDAP now (connected, nothing pending)."""
+        self._note_fields(last_confirmed=time.time())
+
+    def _note_fields(self, **fields: Any) -> None:
+        status = self.state.read_json("status.json")
+        status.update(fields)
+        self.state.write_json("status.json", status)
+        metrics.write(self.config, self.state)
 
     def _note_failure(self, error: str, *, ldap_reachable: bool) -> None:
         log.error("sync failed", error=error)

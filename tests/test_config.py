@@ -388,3 +388,93 @@ def test_each_default_is_written_once_on_its_dataclass(
     parsed = getattr(load(tmp_path, ldap()), attr)
     required = {f.name for f in dataclasses.fields(other) if f.default is dataclasses.MISSING}
     assert parsed == other(**{name: getattr(parsed, name) for name in required})
+
+
+# -- hosted domains, groups, mailboxes ---------------------------------------------------------------
+def test_hosted_domains_groups_and_mailbox(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        base(
+            domain_aliases=["example.net"],
+            domains={"Example.COM": ["example.info"], "other.example": None},
+            groups={"name_attribute": "mail", "object_classes": "groupOfNames", "members_send_as_group": True},
+            mailbox={"home_root": "/var/vmail/", "home": "/var/vmail/{domain}/{login}", "uid": 5000, "gid": 5000},
+            exporters=[
+                {"kind": "postfix-virtual-mailbox", "path": "maps/vmailbox"},
+                {"kind": "dovecot-userdb", "path": "dovecot/userdb", "fields": {"quota_rule": "*:storage={quota}"}},
+            ],
+        ),
+    )
+    assert cfg.hosted == {"example.com": ("example.info",), "other.example": ()}
+    assert cfg.all_domains() == ("example.org", "example.net", "example.com", "example.info", "other.example")
+    assert cfg.groups is not None and cfg.groups.object_classes == ("groupOfNames",)
+    assert cfg.groups.members_send_as_group and cfg.groups.name_attribute == "mail"
+    assert {"objectClass", "mail", "member", "uniqueMember", "rfc822MailMember"} <= set(
+        cfg.attributes.ldap_attributes()
+    )
+    assert cfg.mailbox is not None and cfg.mailbox.home_root == "/var/vmail"
+    assert cfg.mailbox.id_range == (1000, 60000)
+
+
+def test_empty_groups_section_turns_groups_on_with_the_defaults(tmp_path: Path) -> None:
+    from ldapsync.model import GroupSettings
+
+    assert load(tmp_path, base(groups={})).groups == GroupSettings()
+    assert load(tmp_path, base(groups=None)).groups is None
+
+
+def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
+    cfg = load(tmp_path, base())
+    assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
+    assert cfg.attributes.ldap_attributes() == [
+        "accountStatus",
+        "emailForward",
+        "entryUUID",
+        "mailDisableMessage",
+        "mailPassword",
+        "uid",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("over", "key", "message"),
+    [
+        ({"domains": {"example.org": []}}, "domains.example.org", "already configured by domain"),
+        ({"domains": {"a.example": ["b.example"], "b.example": []}}, "domains.b.example", "already configured by"),
+        ({"domains": {"a.example": ["example.org"]}}, "domains.a.example[0]", "already configured"),
+        ({"domains": {"a.example": "b.example"}}, "domains.a.example", "list of alias domains"),
+        ({"domains": {"not a domain": []}}, "domains.not a domain", "not a domain name"),
+        ({"domains": ["a.example"]}, "domains", "dict"),
+        ({"groups": {"name_attribute": "c n"}}, "groups.name_attribute", "not an LDAP attribute name"),
+        ({"groups": {"object_classes": []}}, "groups.object_classes", "at least one"),
+        ({"groups": {"member_attributes": [], "address_attributes": []}}, "groups.member_attributes", "need"),
+        ({"groups": {"filter": "(cn=*)"}}, "groups.filter", "unknown key"),
+        ({"mailbox": {"home": "/x/{login}"}}, "mailbox.home_root", "is required"),
+        ({"mailbox": {"home_root": "vmail"}}, "mailbox.home_root", "not an absolute path"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/srv/{login}"}}, "mailbox.home", "not under home_root"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/../{login}"}}, "mailbox.home", "'..'"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/{uid}"}}, "mailbox.home", "placeholder"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/{login} x"}}, "mailbox.home", "absolute"),
+        ({"mailbox": {"home_root": "/v", "id_range": [0, 10]}}, "mailbox.id_range", "root never owns mail"),
+        ({"mailbox": {"home_root": "/v", "id_range": [10, 5]}}, "mailbox.id_range", "first <= last"),
+        ({"mailbox": {"home_root": "/v", "id_range": []}}, "mailbox.id_range", "first <= last"),
+        ({"groups": {"name_attribute": ""}}, "groups.name_attribute", "not an LDAP attribute name"),
+        ({"mailbox": {"home_root": "/v", "uid": 0}}, "mailbox.uid", "outside id_range"),
+        ({"mailbox": {"home_root": "/v", "gid": 99999}}, "mailbox.gid", "outside id_range"),
+        (
+            {"exporters": [{"kind": "dovecot-userdb", "path": "userdb"}]},
+            "exporters[0]",
+            "needs a mailbox: section",
+        ),
+        (
+            {"exporters": [{"kind": "postfix-virtual-mailbox", "path": "m", "path_template": "/abs/{login}/"}]},
+            "exporters[0].path_template",
+            "relative",
+        ),
+        ({"attributes": {"home": "home directory"}}, "attributes.home", "not an LDAP attribute name"),
+    ],
+)
+def test_new_section_errors_name_file_and_key(tmp_path: Path, over: dict[str, Any], key: str, message: str) -> None:
+    err = error(tmp_path, base(**over))
+    assert err.key == key, str(err)
+    assert message in err.message, str(err)

@@ -36,7 +36,8 @@ EXPORTERS: list[dict[str, Any]] = [
 def cfg(tmp_path: Path, **top: Any) -> config.Config:
     schema = top.pop("schema", "ud-ldap")
     attributes = top.pop("attributes", {"alias": "mailLocalAddress"})
-    path = siteconfig.write_config(tmp_path, exporters=EXPORTERS, schema=schema, attributes=attributes, **top)
+    exporters = top.pop("exporters", EXPORTERS)
+    path = siteconfig.write_config(tmp_path, exporters=exporters, schema=schema, attributes=attributes, **top)
     return config.load(path)
 
 
@@ -308,3 +309,24 @@ def test_cli_live_reads_the_directory(slapd: Any, tmp_path: Path) -> None:
     unrecognised = [r for r in doc["rules"] if r["rule"] == "status-unrecognised"]
     assert unrecognised and unrecognised[0]["source"] == f"uid=alice,{OU}"
     assert not (tmp_path / "state").exists() or not any((tmp_path / "state").rglob("generations/*"))
+
+
+def test_a_hosted_domain_address_shows_its_mailbox_and_the_owning_login(tmp_path: Path) -> None:
+    c = cfg(
+        tmp_path,
+        attributes={"alias": "mailLocalAddress", "address": "mail"},
+        domains={"example.com": ["example.info"]},
+        mailbox={"home_root": "/var/vmail", "home": "/var/vmail/{domain}/{login}", "uid": 5000, "gid": 5000},
+        exporters=[
+            *EXPORTERS,
+            {"kind": "postfix-virtual-mailbox", "path": "out/vmailbox"},
+            {"kind": "dovecot-userdb", "path": "out/userdb"},
+        ],
+    )
+    answer = ask(c, "Bob.Smith@Example.INFO", user("bsmith", mail="bob.smith@example.com", mailPassword=SSHA))
+    assert (answer.address, answer.canonical) == ("bob.smith@example.info", "bob.smith@example.com")
+    found = present(answer)
+    assert found["postfix-virtual"] == (("bob.smith@example.info", "bob.smith@example.com"),)
+    assert [k for k, _ in found["postfix-virtual-mailbox"]] == ["bob.smith@example.com"]
+    assert [k for k, _ in found["dovecot-userdb"]] == ["bsmith"] and found["dovecot-passwd"][0][0] == "bsmith"
+    assert rules(answer)[model.Rule.ACCOUNT][0].detail == "login bsmith"

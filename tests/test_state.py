@@ -23,7 +23,7 @@ from ldapsync.directory import REFUSED_PREFIX, Entry, Snapshot
 from ldapsync.errors import StateError
 from ldapsync.fileio import write_atomic
 from ldapsync.guard import Window
-from ldapsync.state import State
+from ldapsync.state import LockHolder, State
 from ldapsync.sync import Pipeline
 
 
@@ -145,6 +145,39 @@ def test_lock_is_exclusive(state: State) -> None:
         pass
     with state.lock():  # released
         pass
+
+
+def test_lock_names_its_holder_and_waits_briefly_before_refusing(state: State) -> None:
+    held = state.acquire("agent")
+    try:
+        assert (state.root / "lock").read_text() == f"{os.getpid()} agent\n"
+        assert state.lock_holder() == LockHolder(os.getpid(), "agent")
+        started = time.monotonic()
+        with pytest.raises(StateError, match=rf"another ldapsync agent \(PID {os.getpid()}\) holds .*lock"):
+            state.acquire("once", wait=0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        held.release()
+    assert state.lock_holder() is None
+    with state.lock(role="once"):
+        assert state.lock_holder() == LockHolder(os.getpid(), "once")
+        with pytest.raises(StateError, match=r"another ldapsync \(once, PID \d+\)"):
+            state.acquire("rollback")
+
+
+def test_lock_holder_never_creates_or_writes(tmp_path: Path) -> None:
+    missing = State(tmp_path / "nothing-here")
+    assert missing.lock_holder() is None
+    assert not missing.root.exists()
+    state = State(tmp_path / "state")
+    state.ensure()
+    assert state.lock_holder() is None
+    assert not (state.root / "lock").exists()
+    state.acquire("agent").release()
+    before = (state.root / "lock").stat()
+    assert state.lock_holder() is None
+    after = (state.root / "lock").stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
 def test_write_atomic_and_unreadable_json(state: State) -> None:

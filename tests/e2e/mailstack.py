@@ -268,6 +268,7 @@ flush     unix  n       -       n       1000?   0       flush
 proxymap  unix  -       -       n       -       -       proxymap
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+lmtp      unix  -       -       n       -       -       lmtp
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
@@ -440,7 +441,7 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
 class Dovecot:
     """A Dovecot auth server from the docs' snippet; state, sockets and log under ``root``."""
 
-    def __init__(self, root: Path, snippet_text: str):
+    def __init__(self, root: Path, snippet_text: str, *, protocols: str = ""):
         self.root = root / "dovecot"
         self.base_dir = self.root / "run"
         self.state_dir = self.root / "state"
@@ -454,7 +455,7 @@ class Dovecot:
 base_dir = {self.base_dir}
 state_dir = {self.state_dir}
 log_path = {self.log_path}
-protocols =
+protocols = {protocols}
 ssl = no
 # failed logins answer at once (production keeps the 2 s default)
 auth_failure_delay = 0
