@@ -428,6 +428,7 @@ def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
     assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
     assert cfg.attributes.ldap_attributes() == [
         "accountStatus",
+        "createTimestamp",
         "emailForward",
         "entryUUID",
         "mailDisableMessage",
