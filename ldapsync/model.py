@@ -137,6 +137,11 @@ class Rule(Enum):
     HASH_REFUSED = "hash-refused"  # no passwd-file line: the value is not an acceptable hash
     HASH_WEAK = "hash-weak"  # the hash is an unsalted digest or DES-CRYPT
     VALUE_DROPPED = "value-dropped"  # an invalid forward target or alias was dropped
+    NOT_HOSTED = "not-hosted"  # an address-attribute value outside every hosted domain was dropped
+    GROUP_LOST = "group-lost"  # a group's address is an account's: the account keeps it
+    GROUP_MEMBER_SKIPPED = "group-member-skipped"  # a member is disabled, retired or not a mail account
+    GROUP_CYCLE = "group-cycle"  # nested groups form a cycle: each gets the members of all
+    NO_MAILBOX = "no-mailbox"  # the account has no userdb record, so no local delivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,12 +363,14 @@ def build(
 
     group_dn: dict[str, str] = {}
     if groups is not None and group_entries:
-        resolved = _resolve_groups(group_entries, groups, member_state, domain, canon, rej)
+        resolved = _resolve_groups(group_entries, groups, member_state, domain, canon, rej, trace)
         for address, (dn, targets) in resolved.items():
             claimed = owner_dn.get(address) or alias_dn.get(address)
             if claimed:
                 reason = f"{address} is an address of {claimed}; the account wins, group address dropped"
                 rej.append(Rejection(dn, groups.name_attribute, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.GROUP_LOST, address, dn, groups.name_attribute, reason))
                 continue
             aliases[address] = list(targets)
             alias_dn[address] = group_dn[address] = dn
@@ -409,6 +416,8 @@ def build(
             box = _mailbox(login, addr, dn, parsed, mailbox, attributes, rej)
             if box is not None:
                 mailboxes[login] = box
+            elif trace is not None:
+                trace.append(Event(Rule.NO_MAILBOX, addr, dn, rej[-1].attribute, rej[-1].reason))
         for a in [a for a, login in local.items() if login not in mailboxes]:
             del local[a]
 
@@ -502,7 +511,7 @@ def _parse_entry(
                 reason = f"{_show(value)} is not in a hosted domain; value dropped"
                 address_rej.append(Rejection(entry.dn, addr_attr, reason))
                 if trace is not None:
-                    trace.append(Event(Rule.VALUE_DROPPED, address, entry.dn, addr_attr, reason))
+                    trace.append(Event(Rule.NOT_HOSTED, address, entry.dn, addr_attr, reason))
                 continue
             own.append(canonical(address))
     addresses = tuple(sorted(set(own))) if len(own) > 1 else tuple(own)  # unordered in LDAP: lowest is primary
@@ -723,6 +732,7 @@ def _resolve_groups(
     domain: str,
     canon: Mapping[str, str],
     rej: list[Rejection],
+    trace: Trace | None = None,
 ) -> dict[str, tuple[str, tuple[str, ...]]]:
     """group address -> (DN, every member address, nested groups flattened).
 
@@ -768,10 +778,12 @@ def _resolve_groups(
                 kind, account = member_state.get(member, ("unknown", None))
                 if kind == "account" and account is not None:
                     members.add(account)
-                elif kind == "unknown":
-                    rej.append(Rejection(dn, attr, f"member {_show(value)} is not a mail account or group; skipped"))
                 else:
-                    rej.append(Rejection(dn, attr, f"member {_show(value)} is {kind}; skipped"))
+                    what = "not a mail account or group" if kind == "unknown" else kind
+                    reason = f"member {_show(value)} is {what}; skipped"
+                    rej.append(Rejection(dn, attr, reason))
+                    if trace is not None:
+                        trace.extend(Event(Rule.GROUP_MEMBER_SKIPPED, a, dn, attr, reason) for a in own)
         for attr in settings.address_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
                 try:
@@ -787,6 +799,9 @@ def _resolve_groups(
             for k in sorted(cycle):
                 reason = f"group cycle through {'; '.join(dns)}; each gets the members of all, no loop installed"
                 rej.append(Rejection(by_key[k].dn, settings.member_attributes[0], reason))
+                if trace is not None:
+                    attr = settings.member_attributes[0]
+                    trace.extend(Event(Rule.GROUP_CYCLE, a, by_key[k].dn, attr, reason) for a in names[k])
 
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for key in sorted(by_key, key=lambda k: (by_key[k].dn.lower(), by_key[k].dn)):

@@ -95,6 +95,19 @@ class Case:
 
 
 K, Y = f"uid=k,{OU}", f"uid=y,{OU}"
+GOU = "ou=groups,dc=example,dc=org"
+GROUPS_ON: dict[str, Any] = {"groups": {}}
+MAIL_ADDRESS: dict[str, Any] = {"attributes": {"alias": "mailLocalAddress", "address": "mail"}}
+BOXES: dict[str, Any] = {
+    "attributes": {"alias": "mailLocalAddress", "home": "homeDirectory"},
+    "mailbox": {"home_root": "/var/vmail", "uid": 5000, "gid": 5000},
+}
+
+
+def group(cn: str, *members: str) -> Entry:
+    return Entry(f"cn={cn},{GOU}", {"objectclass": ("groupOfNames",), "cn": (cn,), "member": members})
+
+
 # Every rule, with the smallest directory that triggers it for `address`.
 CASES: dict[model.Rule, Case] = {
     model.Rule.ACCOUNT: Case("alice@example.org", (user("alice"),), source=f"uid=alice,{OU}", detail="login alice"),
@@ -154,6 +167,46 @@ CASES: dict[model.Rule, Case] = {
     model.Rule.HASH_WEAK: Case("wes@example.org", (user("wes", mailPassword="{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="),)),
     model.Rule.VALUE_DROPPED: Case(
         "val@example.org", (user("val", emailForward="|/bin/sh, val@far.example"),), detail="command"
+    ),
+    model.Rule.NOT_HOSTED: Case(
+        "eve@outside.example",
+        (user("eve", mail="eve@outside.example"),),
+        top=MAIL_ADDRESS,
+        source=f"uid=eve,{OU}",
+        detail="not in a hosted domain",
+    ),
+    model.Rule.GROUP_LOST: Case(
+        "alice@example.org",
+        (user("alice"), user("bob"), group("alice", f"uid=bob,{OU}")),
+        top=GROUPS_ON,
+        source=f"cn=alice,{GOU}",
+        detail="the account wins",
+    ),
+    model.Rule.GROUP_MEMBER_SKIPPED: Case(
+        "staff@example.org",
+        (user("alice"), user("dora", mailDisableMessage="gone"), group("staff", f"uid=alice,{OU}", f"uid=dora,{OU}")),
+        top=GROUPS_ON,
+        source=f"cn=staff,{GOU}",
+        detail="is disabled",
+    ),
+    model.Rule.GROUP_CYCLE: Case(
+        "ops@example.org",
+        (
+            user("alice"),
+            user("bob"),
+            group("ops", f"uid=alice,{OU}", f"cn=admins,{GOU}"),
+            group("admins", f"uid=bob,{OU}", f"cn=ops,{GOU}"),
+        ),
+        top=GROUPS_ON,
+        source=f"cn=ops,{GOU}",
+        detail="group cycle through",
+    ),
+    model.Rule.NO_MAILBOX: Case(
+        "mal@example.org",
+        (user("mal", homeDirectory="/etc"),),
+        top=BOXES,
+        source=f"uid=mal,{OU}",
+        detail="is not under /var/vmail; no mailbox",
     ),
 }
 
