@@ -86,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
         "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
     )
     ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
+    ex = sub.add_parser(
+        "explain", help="where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)"
+    )
+    ex.add_argument("address", help="an address, or a bare login (login@domain)")
+    ex.add_argument("--json", action="store_true", help="machine-readable output")
+    ex.add_argument("--live", action="store_true", help="read the directory instead of the installed generation")
     return p
 
 
@@ -174,6 +180,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "status":
         return report.status(cfg, as_json=args.json)
     pipeline = sync.Pipeline(cfg)
+    if args.command == "explain":
+        return _explain(pipeline, args.address, as_json=args.json, live=args.live)
     if args.command == "snapshots":
         return report.snapshots(pipeline.state)
     if args.command == "rollback":
@@ -212,6 +220,45 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from ldapsync import agent
 
     return agent.run(cfg, force_first=args.force)
+
+
+def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> int:
+    """Read-only: answers from the installed generation (or the directory), never writes."""
+    from ldapsync import explain
+    from ldapsync.sync import Pipeline
+
+    assert isinstance(pipeline, Pipeline)
+    try:
+        installed: dict[str, bytes] | None = None
+        if live:
+            snapshot = pipeline.read_source()
+            origin = f"live {snapshot.source}"
+        else:
+            gen = pipeline.state.get()
+            if gen is None:
+                raise explain.ExplainError("nothing installed yet: run `ldapsync --once`, or use --live")
+            snapshot = gen.snapshot()
+            origin = f"generation {gen.id}"
+            installed = {}
+            for name in gen.meta.get("hashes", {}):
+                try:
+                    installed[name] = gen.output(name)
+                except (OSError, LdapsyncError):
+                    continue  # rendered from the snapshot instead
+        answer = explain.explain(
+            snapshot,
+            address,
+            config=pipeline.config,
+            static=pipeline.static,
+            exporters=pipeline.exporters,
+            origin=origin,
+            installed=installed,
+        )
+    except LdapsyncError as e:
+        print(f"ldapsync: explain: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(explain.dumps(answer) if as_json else answer.render())
+    return EXIT_OK if answer.found else EXIT_FAIL
 
 
 REPORTED_FILE = "reported.json"

@@ -122,6 +122,7 @@ class Config:
     metrics_textfile: Path | None = None
     log_format: str = "auto"
     log_level: str = "info"
+    weak_passwords: str = "warn"  # passwords.weak: unsalted digests and DES-CRYPT
     hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # further domains -> alias domains
     groups: GroupSettings | None = None
     mailbox: MailboxSettings | None = None
@@ -294,6 +295,10 @@ def parse(data: object, path: Path) -> Config:
     log_level = _choice(log_s, "level", ("debug", "info", "warning", "error"), fold=True)
     log_s.done()
 
+    passwords_s = top.sub("passwords")
+    weak_passwords = _choice(passwords_s, "weak", ("warn", "refuse"))
+    passwords_s.done()
+
     keep = top.get("keep_generations", int)
     if keep is not None and keep < 1:
         raise top.error("keep_generations", "must be >= 1")
@@ -319,6 +324,7 @@ def parse(data: object, path: Path) -> Config:
         metrics_textfile=metrics_textfile,
         log_format=log_format,
         log_level=log_level,
+        weak_passwords=weak_passwords,
         hosted=hosted,
         groups=groups,
         mailbox=mailbox,

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
+from enum import Enum
 
 from ldapsync import validate
 from ldapsync.directory import Entry, Rejection, Snapshot
@@ -18,6 +19,7 @@ from ldapsync.schema import LOGICAL_FIELDS, AttributeMap
 from ldapsync.static import Static
 
 DEFAULT_DISABLED_MESSAGE = "This address is disabled"
+WEAK_POLICIES = ("warn", "refuse")
 GROUP_CLASSES = ("groupOfNames", "groupOfUniqueNames", "nisMailAlias")
 
 
@@ -107,8 +109,53 @@ class RoutingModel:
 class BuildReport:
     rejections: list[Rejection] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notices: list[Rejection] = field(default_factory=list)  # accepted, but the admin should look (DN, attribute)
     retired: int = 0
     skipped: int = 0
+    weak_passwords: int = 0  # accounts whose passwd-file line carries an unsalted digest or DES-CRYPT
+
+
+class Rule(Enum):
+    """Why an address is (or is not) in an output; `ldapsync explain` prints these.
+
+    Adding a rule: one member here, and one `trace.append(Event(...))` where the rule decides.
+    """
+
+    ACCOUNT = "account"  # an LDAP entry's login gives the address
+    FORWARD = "forward"  # the entry's forward field routes it
+    LDAP_ALIAS = "ldap-alias"  # the entry's alias field gives an extra address
+    STATIC = "static"  # a static alias/forward routes it
+    PASSWORD = "password"  # the entry's hash is in the passwd-file
+    STATIC_OVERRIDE = "static-override"  # a static entry replaced the LDAP routing
+    LOOP_BROKEN = "loop-broken"  # LDAP edges of a cycle were dropped
+    ALIAS_CLAIMED = "alias-claimed"  # an older entry holds the alias; this claim was dropped
+    ALIAS_IS_ACCOUNT = "alias-is-account"  # an alias equal to another account's address was dropped
+    LOGIN_CONFLICT = "login-conflict"  # an older entry holds the login; this entry was skipped
+    RETIRED = "retired"  # accountStatus retired the account: in no output
+    DISABLED = "disabled"  # disable message: only in the access map
+    STATUS_UNRECOGNISED = "status-unrecognised"  # a status value not understood: counts as active
+    HASH_REFUSED = "hash-refused"  # no passwd-file line: the value is not an acceptable hash
+    HASH_WEAK = "hash-weak"  # the hash is an unsalted digest or DES-CRYPT
+    VALUE_DROPPED = "value-dropped"  # an invalid forward target or alias was dropped
+    NOT_HOSTED = "not-hosted"  # an address-attribute value outside every hosted domain was dropped
+    GROUP_LOST = "group-lost"  # a group's address is an account's: the account keeps it
+    GROUP_MEMBER_SKIPPED = "group-member-skipped"  # a member is disabled, retired or not a mail account
+    GROUP_CYCLE = "group-cycle"  # nested groups form a cycle: each gets the members of all
+    NO_MAILBOX = "no-mailbox"  # the account has no userdb record, so no local delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One decision about one canonical address: which rule, and who caused it."""
+
+    rule: Rule
+    address: str
+    source: str  # an entry DN, or `file: key` for static data
+    attribute: str = ""
+    detail: str = ""
+
+
+Trace = list[Event]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +168,12 @@ class _Parsed:
     targets: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     password: str | None = None
+    weak: bool = False  # the password is an unsalted digest or DES-CRYPT
     rejections: tuple[Rejection, ...] = ()
+    notices: tuple[Rejection, ...] = ()
     skipped: bool = False  # no login attribute at all
+    created: str = ""  # normalised createTimestamp; "" when absent: counts as oldest
+    order: tuple[str, str, str] = ("", "", "")  # (created, dn.lower(), dn): older first, then DN order
     addresses: tuple[str, ...] = ()  # own addresses from the address attribute, primary first
     uid: int | None = None
     gid: int | None = None
@@ -143,6 +194,8 @@ def build(
     attributes: AttributeMap,
     today: date,
     cache: EntryCache | None = None,
+    weak_passwords: str = "warn",
+    trace: Trace | None = None,
     hosted: Mapping[str, tuple[str, ...]] | None = None,
     groups: GroupSettings | None = None,
     mailbox: MailboxSettings | None = None,
@@ -152,7 +205,13 @@ def build(
 
     `hosted` adds domains besides `domain` (each with its alias domains), `groups` turns
     group entries into aliases, `mailbox` gives each local account a Dovecot userdb record.
-    """
+
+    `trace`, when given, collects every decision as an Event (for `ldapsync explain`); it
+    bypasses the cache, and costs nothing when absent."""
+    if weak_passwords not in WEAK_POLICIES:
+        raise ValueError(f"weak_passwords must be one of {WEAK_POLICIES}")
+    if trace is not None:
+        cache = None
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
     hosted = dict(hosted or {})
@@ -162,6 +221,7 @@ def build(
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
+    owner_created: dict[str, str] = {}  # DN -> its normalised createTimestamp ("" if unknown)
     login_dn: dict[str, str] = {}  # login -> DN that claimed it
     forwards: dict[str, list[str]] = {}
     ldap_aliases: dict[str, str] = {}  # alias -> user address
@@ -175,26 +235,36 @@ def build(
     fwd_attr = attributes.forward or ""
     seen: set[str] = set()
 
-    # Sorted here, not trusted from the source: duplicate logins and contested aliases go to
-    # the first entry, and every host must pick the same one.
-    for entry in sorted(snapshot.entries, key=lambda e: (e.dn.lower(), e.dn)):
+    parsed_entries: list[tuple[tuple[str, str, str], int, Entry, _Parsed]] = []
+    for i, entry in enumerate(snapshot.entries):
         hit = cache.get(entry.dn) if cache is not None else None
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
         else:
             if group_test is not None and group_test(entry):
-                parsed = _Parsed(group=True)
+                parsed = _Parsed(group=True, order=("", entry.dn.lower(), entry.dn))
             else:
-                parsed = _parse_entry(entry, attributes, names, domain, canon, today)
+                parsed = _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
             if cache is not None:
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
+        parsed_entries.append((parsed.order, i, entry, parsed))
+    # Sorted here, not trusted from the source: a contested login, address or alias goes to
+    # the OLDER entry (createTimestamp), then to the first in DN order. Every host picks the
+    # same one, and a new entry cannot take over an address by choosing a DN that sorts
+    # first. (The index keeps tuples from ever comparing two entries.)
+    parsed_entries.sort()
+
+    for _, _, entry, parsed in parsed_entries:
         if parsed.group:  # not a mail account: the empty-directory guard must not count it
             group_entries.append(entry)
             report.skipped += 1
             continue
-        rej.extend(parsed.rejections)
+        if parsed.rejections:
+            rej.extend(parsed.rejections)
+        if parsed.notices:
+            report.notices.extend(parsed.notices)
         dn_key = _dn_key(entry.dn) if group_test is not None else ""
         if parsed.skipped:
             report.skipped += 1
@@ -209,11 +279,21 @@ def build(
             continue
         addr = parsed.addresses[0] if parsed.addresses else f"{login}@{domain}"
         if login in login_dn:
-            rej.append(
-                Rejection(
-                    entry.dn, attributes.login, f"login {login!r} already used by {login_dn[login]}; entry skipped"
-                )
-            )
+            holder = login_dn[login]
+            why = _precedence(owner_created[holder], parsed.created)
+            reason = f"login {login!r} already used by {holder} ({why}); entry skipped"
+            rej.append(Rejection(entry.dn, attributes.login, reason))
+            if trace is not None:
+                trace.append(Event(Rule.LOGIN_CONFLICT, addr, entry.dn, attributes.login, f"held by {holder} ({why})"))
+            continue
+        if addr in owner_dn:
+            holder = owner_dn[addr]
+            why = _precedence(owner_created[holder], parsed.created)
+            reason = f"address {addr} already used by {holder} ({why}); entry skipped"
+            rej.append(Rejection(entry.dn, attributes.address or "", reason))
+            if trace is not None:
+                detail = f"address held by {holder} ({why})"
+                trace.append(Event(Rule.LOGIN_CONFLICT, addr, entry.dn, attributes.address or "", detail))
             continue
         if addr in owner_dn:
             reason = f"address {addr} already used by {owner_dn[addr]}; entry skipped"
@@ -221,6 +301,7 @@ def build(
             continue
         login_dn[login] = entry.dn
         owner_dn[addr] = entry.dn
+        owner_created[entry.dn] = parsed.created
         if parsed.disabled is not None:
             for a in parsed.addresses or (addr,):
                 disabled.setdefault(a, parsed.disabled)
@@ -230,20 +311,36 @@ def build(
         if dn_key:
             member_state[dn_key] = ("account", addr)
         users[addr] = login
+        if trace is not None:
+            trace.append(Event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}"))
         if mailbox is not None:
             records[login] = (addr, entry.dn, parsed)
         if parsed.targets:
             forwards[addr] = list(parsed.targets)
+            if trace is not None:
+                trace.append(Event(Rule.FORWARD, addr, entry.dn, fwd_attr, ", ".join(parsed.targets)))
         if parsed.aliases or len(parsed.addresses) > 1:
             for attr, values in ((attributes.address or "", parsed.addresses[1:]), (alias_attr, parsed.aliases)):
                 for alias in values:
-                    if alias != addr:
-                        ldap_aliases.setdefault(alias, addr)
-                        alias_source.setdefault(alias, attr)
-                        if ldap_aliases[alias] != addr:
-                            rej.append(Rejection(entry.dn, attr, f"{alias} already claimed; value dropped"))
+                    if alias == addr:
+                        continue
+                    ldap_aliases.setdefault(alias, addr)
+                    alias_source.setdefault(alias, attr)
+                    if ldap_aliases[alias] != addr:
+                        holder = owner_dn[ldap_aliases[alias]]
+                        why = _precedence(owner_created[holder], parsed.created)
+                        reason = f"{alias} already claimed by {holder} ({why}); value dropped"
+                        rej.append(Rejection(entry.dn, attr, reason))
+                        if trace is not None:
+                            detail = f"held by {holder} ({why})"
+                            trace.append(Event(Rule.ALIAS_CLAIMED, alias, entry.dn, attr, detail))
         if parsed.password is not None:
             passwords[login] = parsed.password
+            if parsed.weak:
+                report.weak_passwords += 1
+            if trace is not None:
+                scheme = parsed.password[1 : parsed.password.index("}")]
+                trace.append(Event(Rule.PASSWORD, addr, entry.dn, attributes.mail_password or "", f"{{{scheme}}}"))
     if cache is not None and len(cache) > len(seen):
         for dn in [d for d in cache if d not in seen]:
             del cache[dn]
@@ -255,18 +352,25 @@ def build(
         if alias in owner_dn:
             reason = f"{alias} is the address of {owner_dn[alias]}; value dropped"
             rej.append(Rejection(owner_dn[user], alias_source[alias], reason))
+            if trace is not None:
+                detail = f"the address of {owner_dn[alias]}"
+                trace.append(Event(Rule.ALIAS_IS_ACCOUNT, alias, owner_dn[user], alias_source[alias], detail))
             continue
         aliases[alias] = [user]
         alias_dn[alias] = owner_dn[user]
+        if trace is not None:
+            trace.append(Event(Rule.LDAP_ALIAS, alias, owner_dn[user], alias_source[alias], f"-> {user}"))
 
     group_dn: dict[str, str] = {}
     if groups is not None and group_entries:
-        resolved = _resolve_groups(group_entries, groups, member_state, domain, canon, rej)
+        resolved = _resolve_groups(group_entries, groups, member_state, domain, canon, rej, trace)
         for address, (dn, targets) in resolved.items():
             claimed = owner_dn.get(address) or alias_dn.get(address)
             if claimed:
                 reason = f"{address} is an address of {claimed}; the account wins, group address dropped"
                 rej.append(Rejection(dn, groups.name_attribute, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.GROUP_LOST, address, dn, groups.name_attribute, reason))
                 continue
             aliases[address] = list(targets)
             alias_dn[address] = group_dn[address] = dn
@@ -285,8 +389,13 @@ def build(
             if s.address in disabled:
                 del disabled[s.address]
             (aliases if kind == "alias" else forwards)[s.address] = list(s.targets)
+            if trace is not None:
+                origin = f"{static.file}: {s.key}"
+                trace.append(Event(Rule.STATIC, s.address, origin, "", f"{kind} -> {', '.join(s.targets)}"))
+                if clash:
+                    trace.append(Event(Rule.STATIC_OVERRIDE, s.address, origin, "", f"replaces LDAP entry {clash}"))
 
-    _break_loops(aliases, forwards, static_keys, owner_dn, alias_dn, static.file, rej, fwd_attr, alias_attr)
+    _break_loops(aliases, forwards, static_keys, owner_dn, alias_dn, static.file, rej, fwd_attr, alias_attr, trace)
     for address in [a for a in group_dn if a not in aliases]:  # a group edge closed a loop
         del group_dn[address]
 
@@ -307,6 +416,8 @@ def build(
             box = _mailbox(login, addr, dn, parsed, mailbox, attributes, rej)
             if box is not None:
                 mailboxes[login] = box
+            elif trace is not None:
+                trace.append(Event(Rule.NO_MAILBOX, addr, dn, rej[-1].attribute, rej[-1].reason))
         for a in [a for a, login in local.items() if login not in mailboxes]:
             del local[a]
 
@@ -327,6 +438,14 @@ def build(
     return model, report
 
 
+def _precedence(holder_created: str, created: str) -> str:
+    if holder_created == created:
+        return "first in DN order: " + ("same createTimestamp" if created else "no createTimestamp")
+    if not holder_created:
+        return "it has no createTimestamp, which counts as oldest"
+    return "older by createTimestamp"
+
+
 def _canonical_domains(
     domain: str, domain_aliases: tuple[str, ...], hosted: Mapping[str, tuple[str, ...]]
 ) -> dict[str, str]:
@@ -342,41 +461,83 @@ def _lower_names(attributes: AttributeMap) -> dict[str, str]:
     return {f: (getattr(attributes, f) or "").lower() for f in LOGICAL_FIELDS}
 
 
+CREATE_TIMESTAMP = "createtimestamp"
+_UNKNOWN_AGE = "~"  # sorts after every valid timestamp: a malformed one never wins a conflict
+
+
 def _parse_entry(
-    entry: Entry, attributes: AttributeMap, names: dict[str, str], domain: str, canon: Mapping[str, str], today: date
+    entry: Entry,
+    attributes: AttributeMap,
+    names: dict[str, str],
+    domain: str,
+    canon: Mapping[str, str],
+    today: date,
+    weak_policy: str = "warn",
+    trace: Trace | None = None,
 ) -> _Parsed:
+    dn_order = (entry.dn.lower(), entry.dn)
     rej: list[Rejection] = []
+    notes: list[Rejection] = []
     attrs = entry.attributes
     logins = attrs.get(names["login"], ())
     if not logins:
-        return _Parsed(skipped=True)
+        return _Parsed(skipped=True, order=("", *dn_order))
     if len(logins) > 1:
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, "multi-valued login; entry skipped"),))
+        reason = "multi-valued login; entry skipped"
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),), order=("", *dn_order))
     try:
         login = validate.login(logins[0])
     except validate.Invalid as e:
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
-    if any(validate.is_retired(s, today) for s in attrs.get(names["status"], ())):
-        return _Parsed(login=login, retired=True)
+        return _Parsed(
+            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),), order=("", *dn_order)
+        )
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")
         return f"{local.lower()}@{canon[dom]}" if dom in canon else addr
 
+    # The account's own addresses come first: every later decision is traced at the primary one.
     own: list[str] = []
+    address_rej: list[Rejection] = []  # dropped with the entry if it is retired
     if names["address"]:
         addr_attr = attributes.address or ""
         for value in attrs.get(names["address"], ()):
             try:
                 address = validate.address(value)
             except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, addr_attr, f"{_show(value)} {e}; value dropped"))
+                address_rej.append(Rejection(entry.dn, addr_attr, f"{_show(value)} {e}; value dropped"))
                 continue
             if address.rpartition("@")[2] not in canon:
-                rej.append(Rejection(entry.dn, addr_attr, f"{_show(value)} is not in a hosted domain; value dropped"))
+                reason = f"{_show(value)} is not in a hosted domain; value dropped"
+                address_rej.append(Rejection(entry.dn, addr_attr, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.NOT_HOSTED, address, entry.dn, addr_attr, reason))
                 continue
             own.append(canonical(address))
     addresses = tuple(sorted(set(own))) if len(own) > 1 else tuple(own)  # unordered in LDAP: lowest is primary
+    me = addresses[0] if addresses else f"{login}@{domain}"
+    created = ""
+    stamps = attrs.get(CREATE_TIMESTAMP, ())
+    if stamps:
+        created = (validate.generalized_time(stamps[0]) if len(stamps) == 1 else None) or _UNKNOWN_AGE
+        if created == _UNKNOWN_AGE:
+            notes.append(Rejection(entry.dn, "createTimestamp", "malformed; the entry counts as newest"))
+    status_attr = attributes.status or ""
+    retired = False
+    for status in attrs.get(names["status"], ()):
+        problem = validate.status_problem(status)
+        if problem is not None:
+            reason = f"{_show(status)}: {problem}; the account stays active"
+            notes.append(Rejection(entry.dn, status_attr, reason))
+            if trace is not None:
+                trace.append(Event(Rule.STATUS_UNRECOGNISED, me, entry.dn, status_attr, reason))
+        if validate.is_retired(status, today):
+            retired = True
+            if trace is not None:
+                trace.append(Event(Rule.RETIRED, me, entry.dn, status_attr, _show(status)))
+    if retired:
+        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created, order=(created, *dn_order))
+    rej.extend(address_rej)
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
         messages = tuple(sorted(messages))  # LDAP values are unordered
@@ -386,7 +547,22 @@ def _parse_entry(
         except validate.Invalid as e:
             rej.append(Rejection(entry.dn, attributes.disable_message or "", f"{e}; default text used"))
             message = DEFAULT_DISABLED_MESSAGE
-        return _Parsed(login=login, disabled=message, rejections=tuple(rej), addresses=addresses)
+        if trace is not None:
+            trace.append(Event(Rule.DISABLED, me, entry.dn, attributes.disable_message or "", message))
+        return _Parsed(
+            login=login,
+            disabled=message,
+            rejections=tuple(rej),
+            notices=tuple(notes),
+            created=created,
+            order=(created, *dn_order),
+            addresses=addresses,
+        )
+
+    def dropped(attribute: str, address: str, reason: str) -> None:
+        rej.append(Rejection(entry.dn, attribute, reason))
+        if trace is not None:
+            trace.append(Event(Rule.VALUE_DROPPED, address, entry.dn, attribute, reason))
 
     fwd_attr = attributes.forward or ""
     alias_attr = attributes.alias or ""
@@ -400,28 +576,46 @@ def _parse_entry(
             try:
                 targets.append(canonical(validate.address(candidate)))
             except validate.Invalid as e:
-                rej.append(Rejection(entry.dn, fwd_attr, f"{_show(part)} {e}; value dropped"))
+                dropped(fwd_attr, me, f"{_show(part)} {e}; value dropped")
     aliases: list[str] = []
     for value in attrs.get(names["alias"], ()):
         try:
             alias = validate.address(value)
         except validate.Invalid as e:
-            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} {e}; value dropped"))
+            dropped(alias_attr, me, f"{_show(value)} {e}; value dropped")
             continue
         if alias.rpartition("@")[2] not in canon:
             where = domain if len(set(canon.values())) == 1 else "a hosted domain"
-            rej.append(Rejection(entry.dn, alias_attr, f"{_show(value)} is not in {where}; value dropped"))
+            dropped(alias_attr, alias, f"{_show(value)} is not in {where}; value dropped")
             continue
         aliases.append(canonical(alias))
     password = None
+    weak = False
+    pw_attr = attributes.mail_password or ""
     hashes = attrs.get(names["mail_password"], ())
+    refused = None
     if len(hashes) > 1:
-        rej.append(Rejection(entry.dn, attributes.mail_password or "", "multi-valued; no password"))
+        refused = "multi-valued; no password"
     elif hashes:
         try:
-            password = validate.password(hashes[0])
+            checked = validate.check_password(hashes[0])
         except validate.Invalid as e:
-            rej.append(Rejection(entry.dn, attributes.mail_password or "", f"{e}; no password"))
+            refused = f"{e}; no password"
+        else:
+            if not checked.weak:
+                password = checked.text
+            elif weak_policy == "refuse":
+                refused = f"weak hash ({checked.scheme}) refused by passwords.weak: refuse; no password"
+            else:
+                password, weak = checked.text, True
+                reason = f"weak hash ({checked.scheme}): accepted (passwords.weak: warn); rehash it"
+                notes.append(Rejection(entry.dn, pw_attr, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.HASH_WEAK, me, entry.dn, pw_attr, reason))
+    if refused is not None:
+        rej.append(Rejection(entry.dn, pw_attr, refused))
+        if trace is not None:
+            trace.append(Event(Rule.HASH_REFUSED, me, entry.dn, pw_attr, refused))
     uid = gid = home = quota = None
     if names["uid_number"] or names["gid_number"] or names["home"] or names["quota"]:  # a mailbox host
         uid = _single(entry, attributes.uid_number, names["uid_number"], validate.numeric_id, rej)
@@ -433,7 +627,11 @@ def _parse_entry(
         targets=tuple(targets) if len(targets) < 2 else tuple(sorted(set(targets))),  # unordered in LDAP
         aliases=tuple(aliases),
         password=password,
+        weak=weak,
         rejections=tuple(rej),
+        notices=tuple(notes),
+        created=created,
+        order=(created, *dn_order),
         addresses=addresses,
         uid=int(uid) if uid is not None else None,
         gid=int(gid) if gid is not None else None,
@@ -534,6 +732,7 @@ def _resolve_groups(
     domain: str,
     canon: Mapping[str, str],
     rej: list[Rejection],
+    trace: Trace | None = None,
 ) -> dict[str, tuple[str, tuple[str, ...]]]:
     """group address -> (DN, every member address, nested groups flattened).
 
@@ -579,10 +778,12 @@ def _resolve_groups(
                 kind, account = member_state.get(member, ("unknown", None))
                 if kind == "account" and account is not None:
                     members.add(account)
-                elif kind == "unknown":
-                    rej.append(Rejection(dn, attr, f"member {_show(value)} is not a mail account or group; skipped"))
                 else:
-                    rej.append(Rejection(dn, attr, f"member {_show(value)} is {kind}; skipped"))
+                    what = "not a mail account or group" if kind == "unknown" else kind
+                    reason = f"member {_show(value)} is {what}; skipped"
+                    rej.append(Rejection(dn, attr, reason))
+                    if trace is not None:
+                        trace.extend(Event(Rule.GROUP_MEMBER_SKIPPED, a, dn, attr, reason) for a in own)
         for attr in settings.address_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
                 try:
@@ -598,6 +799,9 @@ def _resolve_groups(
             for k in sorted(cycle):
                 reason = f"group cycle through {'; '.join(dns)}; each gets the members of all, no loop installed"
                 rej.append(Rejection(by_key[k].dn, settings.member_attributes[0], reason))
+                if trace is not None:
+                    attr = settings.member_attributes[0]
+                    trace.extend(Event(Rule.GROUP_CYCLE, a, by_key[k].dn, attr, reason) for a in names[k])
 
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for key in sorted(by_key, key=lambda k: (by_key[k].dn.lower(), by_key[k].dn)):
@@ -640,8 +844,12 @@ def _break_loops(
     rej: list[Rejection],
     fwd_attr: str,
     alias_attr: str,
+    trace: Trace | None = None,
 ) -> None:
-    """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one."""
+    """Postfix defers mail caught in an alias loop; drop the LDAP edges that close one.
+
+    Only the edges inside the cycle go: a forward `k -> y, k@elsewhere` with `y -> k` keeps
+    `k@elsewhere`, so the copy that leaves the loop is still delivered."""
     while True:
         merged = {**forwards, **aliases}
         # Only addresses that route to another known address can be on a cycle; most
@@ -653,19 +861,33 @@ def _break_loops(
             return
         for cycle in cycles:
             members = sorted(cycle)
+            inside = frozenset(cycle)
             from_ldap = [a for a in members if a not in static_keys]
             if not from_ldap:
                 keys = ", ".join(static_keys[a] for a in members)
                 raise ConfigError(f"alias loop: {' -> '.join(members)}", file=str(static_file), key=keys)
+            dns = sorted({(owner_dn if a in forwards else alias_dn)[a] for a in from_ldap})
             for a in from_ldap:
-                if a in forwards:
-                    reason = f"forward loop through {', '.join(members)}; forward dropped"
-                    rej.append(Rejection(owner_dn[a], fwd_attr, reason))
-                    del forwards[a]
+                is_forward = a in forwards
+                table = forwards if is_forward else aliases
+                dn = (owner_dn if is_forward else alias_dn)[a]
+                cut = [t for t in table[a] if t in inside and t != a]
+                kept = [t for t in table[a] if t not in cut]
+                others = [d for d in dns if d != dn]
+                kind = "forward" if is_forward else "alias"
+                reason = f"{kind} loop through {', '.join(members)}"
+                if others:
+                    reason += f" (with {'; '.join(others)})"
+                reason += f"; {kind} to {', '.join(cut)} dropped"
+                if kept:
+                    reason += f", {', '.join(kept)} kept"
+                rej.append(Rejection(dn, fwd_attr if is_forward else alias_attr, reason))
+                if trace is not None:
+                    trace.append(Event(Rule.LOOP_BROKEN, a, dn, fwd_attr if is_forward else alias_attr, reason))
+                if kept:
+                    table[a] = kept
                 else:
-                    reason = f"alias loop through {', '.join(members)}; alias dropped"
-                    rej.append(Rejection(alias_dn[a], alias_attr, reason))
-                    del aliases[a]
+                    del table[a]
 
 
 def _strongly_connected(routes: Mapping[str, Iterable[str]]) -> list[list[str]]:

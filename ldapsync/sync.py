@@ -94,18 +94,22 @@ class Pipeline:
             attributes=cfg.attributes,
             today=today,
             cache=self._entry_cache,
+            weak_passwords=cfg.weak_passwords,
             hosted=cfg.hosted,
             groups=cfg.groups,
             mailbox=cfg.mailbox,
         )
         if log_problems:
-            current = {_problem_key(p) for p in (*report.warnings, *report.rejections)}
+            current = {_problem_key(p) for p in (*report.warnings, *report.rejections, *report.notices)}
             for w in report.warnings:
                 if _problem_key(w) not in self._reported:
                     log.warning("static entry overrides LDAP", detail=w)
             for r in report.rejections:
                 if _problem_key(r) not in self._reported:
                     log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
+            for n in report.notices:
+                if _problem_key(n) not in self._reported:
+                    log.warning("LDAP value accepted with a warning", dn=n.dn, attribute=n.attribute, reason=n.reason)
             if report.rejections:
                 log.info("rejected LDAP values in this sync", count=len(report.rejections))
             self._reported = current

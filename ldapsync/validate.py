@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from passlib import hash as ph
@@ -86,6 +87,15 @@ def disable_message(value: str) -> str:
     return text
 
 
+@dataclass(frozen=True, slots=True)
+class Hash:
+    """A stored hash as Dovecot verifies it: `{SCHEME}body`, and whether the scheme is weak."""
+
+    text: str
+    scheme: str  # the Dovecot scheme name
+    weak: bool = False  # unsalted digest or DES-CRYPT: one GPU-hour cracks most of them
+
+
 # Accepted password schemes: (passlib handler, Dovecot scheme name).
 _CRYPT_HANDLERS: tuple[tuple[str, object, str], ...] = (
     ("$1$", ph.md5_crypt, "MD5-CRYPT"),
@@ -95,22 +105,46 @@ _CRYPT_HANDLERS: tuple[tuple[str, object, str], ...] = (
     ("$2y$", ph.bcrypt, "BLF-CRYPT"),
     ("$2a$", ph.bcrypt, "BLF-CRYPT"),
 )
-_LDAP_SCHEMES: dict[str, tuple[object, str]] = {
-    "SSHA": (ph.ldap_salted_sha1, "SSHA"),
-    "SSHA256": (ph.ldap_salted_sha256, "SSHA256"),
-    "SSHA512": (ph.ldap_salted_sha512, "SSHA512"),
+# RFC 2307-style digests, base64 of digest (+ salt): stored scheme -> (Dovecot scheme, digest
+# bytes, salted). The names differ: LDAP's {MD5} is Dovecot's LDAP-MD5 (Dovecot's own {MD5}
+# means MD5-CRYPT), so the prefix is translated, never copied.
+_DIGESTS: dict[str, tuple[str, int, bool]] = {
+    "MD5": ("LDAP-MD5", 16, False),
+    "LDAP-MD5": ("LDAP-MD5", 16, False),
+    "SHA": ("SHA", 20, False),
+    "SHA1": ("SHA", 20, False),
+    "SHA256": ("SHA256", 32, False),
+    "SHA512": ("SHA512", 64, False),
+    "SMD5": ("SMD5", 16, True),
+    "SSHA": ("SSHA", 20, True),
+    "SSHA256": ("SSHA256", 32, True),
+    "SSHA512": ("SSHA512", 64, True),
 }
+SALT_BYTES = (4, 16)  # what slappasswd, Dovecot and 389-ds write (4 or 8); libpass's bounds
 _B64CRYPT = "./0-9A-Za-z"
 # yescrypt: libpass has no handler; check the crypt(3) shape strictly instead.
 _YESCRYPT_RE = re.compile(rf"\$y\$[{_B64CRYPT}]+\$[{_B64CRYPT}]{{1,86}}\$[{_B64CRYPT}]{{43}}")
 _ARGON2_RE = re.compile(
     r"\$argon2(id|i)\$v=19\$m=[0-9]{1,8},t=[0-9]{1,4},p=[0-9]{1,3}\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}"
 )
+_DES_RE = re.compile(rf"[{_B64CRYPT}]{{13}}")
+_HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")
+# As `doveadm pw -s PBKDF2` writes it: $1$salt$rounds$hex(PBKDF2-HMAC-SHA1, 20 bytes).
+_PBKDF2_RE = re.compile(r"\$1\$[A-Za-z0-9./+=_-]{1,64}\$[1-9][0-9]{0,8}\$[0-9a-fA-F]{40}")
+# As `doveadm pw -s SCRAM-SHA-256` writes it: iterations,salt,StoredKey,ServerKey (base64).
+_SCRAM = {"SCRAM-SHA-1": 20, "SCRAM-SHA-256": 32}
+SCRAM_ITERATIONS = (4096, 2**31 - 1)  # Dovecot refuses fewer than 4096
 _PLAIN = {"PLAIN", "CLEARTEXT", "CLEAR", "PLAIN-TRUNC", "PLAINTEXT"}
+_CRYPT_NAMES = ("MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT", "DES-CRYPT")
 
 
 def password(value: str) -> str:
     """Normalise a stored hash to Dovecot's `{SCHEME}hash`; refuse plaintext and unknowns."""
+    return check_password(value).text
+
+
+def check_password(value: str) -> Hash:
+    """The stored hash, checked structurally and named as the Dovecot scheme that verifies it."""
     if _PW_BAD_RE.search(value):
         raise Invalid("contains whitespace, a control character or ':'")
     if not value.isascii() or "\x7f" in value:
@@ -120,17 +154,64 @@ def password(value: str) -> str:
         raise Invalid("plaintext passwords are refused")
     if scheme in ("CRYPT", None):
         return _crypt(body, explicit=scheme == "CRYPT")
-    if scheme in _LDAP_SCHEMES:
-        handler, name = _LDAP_SCHEMES[scheme]
-        _parse(handler, "{" + scheme + "}" + body)
-        return f"{{{name}}}{body}"
+    if scheme == "MD5" and body.startswith("$1$"):
+        return _crypt(body, explicit=True, expect="MD5-CRYPT")  # Dovecot's own {MD5}
+    if scheme in _DIGESTS:
+        name, size, salted = _DIGESTS[scheme]
+        _digest(body, name, size, salted)
+        return Hash(f"{{{name}}}{body}", name, weak=not salted)
+    if scheme == "PLAIN-MD5":
+        if _HEX32_RE.fullmatch(body) is None:
+            raise Invalid("malformed PLAIN-MD5 hash (not 32 hex digits)")
+        return Hash(f"{{PLAIN-MD5}}{body}", "PLAIN-MD5", weak=True)
+    if scheme == "PBKDF2":
+        if _PBKDF2_RE.fullmatch(body) is None:
+            raise Invalid("malformed PBKDF2 hash (not $1$salt$rounds$40-hex-digits)")
+        return Hash(f"{{PBKDF2}}{body}", "PBKDF2")
+    if scheme in _SCRAM:
+        _scram(body, scheme, _SCRAM[scheme])
+        return Hash(f"{{{scheme}}}{body}", scheme)
     if scheme in ("ARGON2ID", "ARGON2I"):
         if _ARGON2_RE.fullmatch(body) is None:
             raise Invalid(f"malformed {scheme} hash")
-        return f"{{{scheme}}}{body}"
-    if scheme in ("MD5-CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "BLF-CRYPT"):
+        return Hash(f"{{{scheme}}}{body}", scheme)
+    if scheme in _CRYPT_NAMES:
         return _crypt(body, explicit=True, expect=scheme)
     raise Invalid("unknown or unsupported password scheme")
+
+
+def _b64(text: str) -> bytes | None:
+    """Strict base64: padded, canonical (no stray bits), or None."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return raw if base64.b64encode(raw).decode() == text else None
+
+
+def _digest(body: str, name: str, size: int, salted: bool) -> None:
+    raw = _b64(body)
+    if raw is None:
+        raise Invalid(f"malformed {name} hash (not base64)")
+    if not salted and len(raw) != size:
+        raise Invalid(f"malformed {name} hash (wrong length for a {size}-byte digest)")
+    if salted and not size + SALT_BYTES[0] <= len(raw) <= size + SALT_BYTES[1]:
+        raise Invalid(f"malformed {name} hash (wrong length: {size}-byte digest and a 4 to 16-byte salt)")
+
+
+def _scram(body: str, name: str, size: int) -> None:
+    fields = body.split(",")
+    if len(fields) != 4 or not fields[0].isdigit() or len(fields[0]) > 10:
+        raise Invalid(f"malformed {name} hash (not iterations,salt,StoredKey,ServerKey)")
+    if not SCRAM_ITERATIONS[0] <= int(fields[0]) <= SCRAM_ITERATIONS[1]:
+        raise Invalid(f"malformed {name} hash (iterations out of {SCRAM_ITERATIONS[0]}..{SCRAM_ITERATIONS[1]})")
+    salt = _b64(fields[1])
+    if not salt:
+        raise Invalid(f"malformed {name} hash (salt missing or not base64)")
+    for key in fields[2:]:
+        raw = _b64(key)
+        if raw is None or len(raw) != size:
+            raise Invalid(f"malformed {name} hash (keys must be base64 of {size} bytes)")
 
 
 def _split_scheme(value: str) -> tuple[str | None, str]:
@@ -142,21 +223,25 @@ def _split_scheme(value: str) -> tuple[str | None, str]:
     return None, value
 
 
-def _crypt(body: str, *, explicit: bool, expect: str | None = None) -> str:
+def _crypt(body: str, *, explicit: bool, expect: str | None = None) -> Hash:
     for prefix, handler, name in _CRYPT_HANDLERS:
         if body.startswith(prefix):
             if expect and expect != name:
                 break
             _parse(handler, body)
-            return f"{{{name}}}{body}"
+            return Hash(f"{{{name}}}{body}", name)
     else:
         if body.startswith("$y$") and expect is None:
             if _YESCRYPT_RE.fullmatch(body) is None:
                 raise Invalid("malformed yescrypt hash")
-            return f"{{CRYPT}}{body}"
+            return Hash(f"{{CRYPT}}{body}", "CRYPT")
         m = _ARGON2_RE.fullmatch(body)
         if m and expect is None:
-            return f"{{ARGON2{m.group(1).upper()}}}{body}"
+            name = f"ARGON2{m.group(1).upper()}"
+            return Hash(f"{{{name}}}{body}", name)
+        # DES only with an explicit prefix: a bare 13-character word may be a plaintext password.
+        if explicit and expect in (None, "DES-CRYPT") and _DES_RE.fullmatch(body):
+            return Hash(f"{{DES-CRYPT}}{body}", "DES-CRYPT", weak=True)
     if explicit:
         raise Invalid("unknown or malformed crypt hash")
     raise Invalid("not a recognised password hash (plaintext?)")
@@ -171,8 +256,6 @@ _CRYPT_SHAPES = {
     "sha512_crypt": re.compile(rf"\$6\$(?:rounds=[0-9]{{1,9}}\$)?{_H64}{{0,16}}\${_H64}{{86}}"),
     "bcrypt": re.compile(rf"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\${_H64}{{53}}"),
 }
-# {SSHA*}: base64 of digest + salt (passlib's salt bounds: 4 to 16 bytes).
-_SALTED_DIGEST = {"ldap_salted_sha1": 20, "ldap_salted_sha256": 32, "ldap_salted_sha512": 64}
 
 
 def _parse(handler: object, value: str) -> None:
@@ -185,15 +268,6 @@ def _parse(handler: object, value: str) -> None:
         if shape.fullmatch(value) is None:
             raise Invalid(f"malformed {name} hash (no checksum, or not a complete hash)")
         return
-    digest = _SALTED_DIGEST.get(name)
-    if digest is not None:
-        try:
-            raw = base64.b64decode(value[value.index("}") + 1 :], validate=True)
-        except (ValueError, binascii.Error) as e:
-            raise Invalid(f"malformed {name} hash") from e
-        if not digest + 4 <= len(raw) <= digest + 16:
-            raise Invalid(f"malformed {name} hash (wrong length)")
-        return
     try:
         parsed = handler.from_string(value)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as e:
@@ -203,6 +277,8 @@ def _parse(handler: object, value: str) -> None:
 
 
 RETIRED_STATES = ("inactive", "memorial")
+# Every first word userdir-ldap writes; anything else is kept active but reported.
+STATUS_WORDS = ("active", "inactive", "memorial", "retiring", "locked")
 RETIRING_GRACE = timedelta(days=6 * 31)
 
 
@@ -214,12 +290,54 @@ def is_retired(status: str, today: date) -> bool:
     if words[0] in RETIRED_STATES:
         return True
     if words[0] == "retiring" and len(words) > 1:
-        try:
-            when = datetime.strptime(words[1], "%Y-%m-%d").date()
-        except ValueError:
-            return False
-        return today - when > RETIRING_GRACE
+        when = _retiring_date(words[1])
+        return when is not None and today - when > RETIRING_GRACE
     return False
+
+
+def status_problem(status: str) -> str | None:
+    """Why a status value is not one userdir-ldap understands (it then counts as active), or None."""
+    words = status.split()
+    if not words:
+        return "empty status"
+    first = words[0]
+    if first not in STATUS_WORDS:
+        if first.lower() in STATUS_WORDS:
+            return f"status words are case-sensitive: {first!r} is not {first.lower()!r}"
+        return f"unrecognised status word {first[:40]!r}"
+    if first == "retiring" and (len(words) < 2 or _retiring_date(words[1]) is None):
+        return "'retiring' without a YYYY-MM-DD date"
+    return None
+
+
+def _retiring_date(text: str) -> date | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").date()
+    except ValueError:
+        return None
+
+
+_GENERALIZED_TIME_RE = re.compile(
+    r"([0-9]{4}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9](?:[0-5][0-9]|60))"
+    r"(?:[.,]([0-9]{1,6}))?(Z|[+-](?:[01][0-9]|2[0-3])[0-5][0-9])"
+)
+
+
+def generalized_time(value: str) -> str | None:
+    """An LDAP GeneralizedTime (createTimestamp) as a sortable UTC string, or None if malformed."""
+    m = _GENERALIZED_TIME_RE.fullmatch(value)
+    if m is None:
+        return None
+    stamp, fraction, zone = m.group(1), (m.group(2) or "").ljust(6, "0"), m.group(3)
+    if zone != "Z":  # rare: servers write UTC; only offsets need the calendar
+        try:
+            when = datetime.strptime(stamp[:12] + min(stamp[12:], "59"), "%Y%m%d%H%M%S")
+        except ValueError:
+            return None
+        sign = 1 if zone[0] == "+" else -1
+        when -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:5]))
+        stamp = when.strftime("%Y%m%d%H%M%S")
+    return f"{stamp}.{fraction}"
 
 
 # Mailbox fields (Dovecot userdb). Dovecot expands %variables in passwd-file fields and splits

@@ -88,6 +88,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.postmap == "postmap" and cfg.postfix_config_dir is None
     assert cfg.metrics_textfile is None
     assert (cfg.log_format, cfg.log_level) == ("auto", "info")
+    assert cfg.weak_passwords == "warn"
+    assert load(tmp_path, base(passwords={"weak": "refuse"})).weak_passwords == "refuse"
 
 
 def test_full_ldap_source(tmp_path: Path) -> None:
@@ -266,6 +268,8 @@ def test_full_ldap_source(tmp_path: Path) -> None:
         (base(log={"format": "xml"}), "log.format", "auto, console or json"),
         (base(log={"level": "trace"}), "log.level", "debug"),
         (base(keep_generations=0), "keep_generations", ">= 1"),
+        (base(passwords={"weak": "allow"}), "passwords.weak", "warn or refuse"),
+        (base(passwords={"weak_hashes": "warn"}), "passwords.weak_hashes", "unknown key"),
         (base(postfix={"config": "/etc/postfix"}), "postfix.config", "unknown key"),
         (base(metrics={"textfile": 3}), "metrics.textfile", "str"),
         (["not", "a", "mapping"], None, "mapping"),
@@ -424,6 +428,7 @@ def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
     assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
     assert cfg.attributes.ldap_attributes() == [
         "accountStatus",
+        "createTimestamp",
         "emailForward",
         "entryUUID",
         "mailDisableMessage",

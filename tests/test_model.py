@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import random
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from ldapsync import model, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
@@ -235,7 +238,8 @@ def test_ldap_aliases_with_inetlocalmailrecipient() -> None:
     assert sorted(str(r) for r in report.rejections) == sorted(
         [
             f"{mallory}: mailLocalAddress: 'x@other.example' is not in example.org; value dropped",
-            f"{mallory}: mailLocalAddress: frank.smith@example.org already claimed; value dropped",
+            f"{mallory}: mailLocalAddress: frank.smith@example.org already claimed by uid=frank,{OU}"
+            " (first in DN order: no createTimestamp); value dropped",
             f"{mallory}: mailLocalAddress: frank@example.org is the address of uid=frank,ou=users,dc=example,dc=org;"
             " value dropped",
         ]
@@ -391,6 +395,201 @@ def test_output_is_byte_identical_whatever_the_entry_and_value_order() -> None:
 def test_counts() -> None:
     m, _ = build(entry("a", mailPassword=SSHA, emailForward="x@y.example"), entry("d", mailDisableMessage="x"))
     assert m.counts() == {"users": 1, "aliases": 0, "forwards": 1, "passwords": 1, "disabled": 1}
+
+
+def test_loop_drops_only_the_edges_in_the_cycle_and_keeps_the_external_copy() -> None:
+    m, report = build(
+        entry("k", emailForward="y@example.org, k@external.example"),
+        entry("y", emailForward="k@example.net"),
+    )
+    assert m.forwards == {"k@example.org": ("k@external.example",)}, "the copy leaving the loop must stay"
+    assert "y@example.org" in m.users and "y@example.org" not in m.forwards
+    loops = {r.dn: r.reason for r in report.rejections if "loop" in r.reason}
+    k_dn, y_dn = f"uid=k,{OU}", f"uid=y,{OU}"
+    assert set(loops) == {k_dn, y_dn}
+    assert f"(with {y_dn})" in loops[k_dn] and "y@example.org dropped, k@external.example kept" in loops[k_dn]
+    assert f"(with {k_dn})" in loops[y_dn] and "forward to k@example.org dropped" in loops[y_dn]
+
+
+def test_loop_through_an_ldap_alias_keeps_the_forwards_other_targets() -> None:
+    m, report = build(
+        entry("frank", mailLocalAddress="team@example.org", mailRoutingAddress="gina@example.org"),
+        entry("gina", mailRoutingAddress=["team@example.org", "gina@far.example"]),
+        attributes=ILMR,
+    )
+    # team -> frank -> gina -> team: every LDAP edge inside the cycle goes, nothing else.
+    assert m.forwards == {"gina@example.org": ("gina@far.example",)}
+    assert "team@example.org" not in m.aliases
+    assert sorted(r.attribute for r in report.rejections if "loop" in r.reason) == [
+        "mailLocalAddress",
+        "mailRoutingAddress",
+        "mailRoutingAddress",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [
+        ("Inactive", "case-sensitive: 'Inactive' is not 'inactive'"),
+        ("MEMORIAL", "case-sensitive"),
+        ("disabled", "unrecognised status word 'disabled'"),
+        ("retiring", "'retiring' without a YYYY-MM-DD date"),
+        ("retiring soon", "'retiring' without a YYYY-MM-DD date"),
+        ("   ", "empty status"),
+    ],
+)
+def test_unrecognised_status_keeps_the_account_and_warns_with_dn_and_value(status: str, problem: str) -> None:
+    m, report = build(entry("ivy", accountStatus=status, mailPassword=SSHA))
+    assert m.users == {"ivy@example.org": "ivy"} and report.retired == 0
+    assert [(n.dn, n.attribute) for n in report.notices] == [(f"uid=ivy,{OU}", "accountStatus")]
+    assert problem in report.notices[0].reason and repr(status) in report.notices[0].reason
+    assert "stays active" in report.notices[0].reason
+
+
+@pytest.mark.parametrize("status", ["active", "locked 2026-01-02", "retiring 2099-01-01", "inactive", "memorial 2001"])
+def test_recognised_status_words_are_silent(status: str) -> None:
+    _, report = build(entry("ivy", accountStatus=status))
+    assert report.notices == [] and report.rejections == []
+
+
+def test_bad_status_beside_a_retiring_one_is_still_reported() -> None:
+    m, report = build(entry("ivy", accountStatus=["Active", "inactive"]))
+    assert m.users == {} and report.retired == 1
+    assert len(report.notices) == 1 and "'Active'" in report.notices[0].reason
+
+
+def aged(dn: str, uid: str, created: str | None, **attrs: str) -> Entry:
+    raw = {"uid": (uid,), **{k.lower(): (v,) for k, v in attrs.items()}}
+    if created is not None:
+        raw["createtimestamp"] = (created,)
+    return Entry(dn, raw)
+
+
+def test_an_older_entry_keeps_its_login_whatever_the_new_entrys_dn() -> None:
+    old = aged(f"uid=sam,{OU}", "sam", "20240101120000Z", mailPassword=SSHA)
+    new = aged(f"cn=aaa-sam,{OU}", "sam", "20261201080000Z", emailForward="evil@x.example")
+    for order in ((old, new), (new, old)):
+        m, report = build(*order)
+        assert m.users == {"sam@example.org": "sam"} and m.passwords == {"sam": SSHA}
+        assert m.forwards == {}, "the newer entry must not route the older one's address"
+        assert [(r.dn, r.attribute) for r in report.rejections] == [(new.dn, "uid")]
+        assert f"already used by {old.dn} (older by createTimestamp)" in report.rejections[0].reason
+
+
+def test_creation_times_compare_across_time_zones_and_fractions() -> None:
+    # 12:00+0200 is 10:00Z: older than 11:00Z although it sorts later as text.
+    east = aged(f"uid=zed,{OU}", "zed", "20260101120000+0200")
+    west = aged(f"cn=aaa,{OU}", "zed", "20260101110000.5Z")
+    _, report = build(west, east)
+    assert [r.dn for r in report.rejections] == [west.dn]
+
+
+def test_ownership_without_create_timestamps_falls_back_to_dn_order() -> None:
+    a = aged(f"cn=aaa,{OU}", "sam", None)
+    b = aged(f"uid=sam,{OU}", "sam", None)
+    _, report = build(b, a)
+    assert [r.dn for r in report.rejections] == [b.dn]
+    assert "first in DN order: no createTimestamp" in report.rejections[0].reason
+
+
+def test_an_entry_without_create_timestamp_counts_as_oldest_and_a_malformed_one_as_newest() -> None:
+    cached = aged(f"uid=sam,{OU}", "sam", None)  # read before createTimestamp was requested
+    new = aged(f"cn=aaa,{OU}", "sam", "20261201080000Z")
+    forged = aged(f"cn=000,{OU}", "sam", "yesterday")
+    _, report = build(new, forged, cached)
+    assert sorted(r.dn for r in report.rejections) == sorted([new.dn, forged.dn])
+    assert [(n.dn, n.attribute) for n in report.notices] == [(forged.dn, "createTimestamp")]
+
+
+def test_an_older_entry_keeps_a_contested_alias() -> None:
+    old = aged(f"uid=frank,{OU}", "frank", "20200101000000Z", mailLocalAddress="sales@example.org")
+    new = aged(f"cn=aaa,{OU}", "mallory", "20260101000000Z", mailLocalAddress="sales@example.org")
+    m, report = build(new, old, attributes=ILMR)
+    assert m.aliases == {"sales@example.org": ("frank@example.org",)}
+    assert [r.dn for r in report.rejections] == [new.dn] and old.dn in report.rejections[0].reason
+
+
+WEAK = {
+    "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=": "SHA",
+    "{MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ==": "LDAP-MD5",
+    "{CRYPT}kTGe9g4av0mAE": "DES-CRYPT",
+}
+
+
+def test_weak_hashes_are_accepted_counted_and_reported_by_dn_by_default() -> None:
+    users = [entry(f"w{i}", mailPassword=h) for i, h in enumerate(WEAK)]
+    m, report = build(*users, entry("strong", mailPassword=SSHA))
+    assert report.weak_passwords == 3 and report.rejections == []
+    assert m.passwords["w1"] == "{LDAP-MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ=="
+    assert sorted(n.dn for n in report.notices) == [f"uid=w{i},{OU}" for i in range(3)]
+    for n in report.notices:
+        assert "weak hash" in n.reason and n.attribute == "mailPassword"
+        assert not any(h.split("}")[1] in n.reason for h in WEAK), "a warning never quotes the hash"
+
+
+def test_weak_hashes_are_refused_by_policy_and_plaintext_always() -> None:
+    users = [entry(f"w{i}", mailPassword=h) for i, h in enumerate(WEAK)]
+    m, report = model.build(
+        Snapshot((*users, entry("p", mailPassword="{PLAIN}hunter2")), "test"),
+        Static(),
+        domain=DOMAIN,
+        domain_aliases=ALIASES,
+        attributes=UD,
+        today=TODAY,
+        weak_passwords="refuse",
+    )
+    assert m.passwords == {} and report.weak_passwords == 0 and len(m.users) == 4
+    reasons = [r.reason for r in report.rejections]
+    assert sum("refused by passwords.weak: refuse" in r for r in reasons) == 3
+    assert any("plaintext" in r for r in reasons)
+
+
+@pytest.mark.slapd
+def test_real_slapd_the_entry_created_first_keeps_its_login(slapd: Any, tmp_path: Path) -> None:
+    """slapd stamps createTimestamp itself; a later entry whose DN sorts first gets nothing."""
+    from ldapsync import config as config_mod
+    from ldapsync import ldapsource
+
+    old_hash, new_hash = SSHA, "{SSHA}" + base64.b64encode(b"n" * 24).decode()
+
+    def account(rdn: str, password: str, forward: str = "") -> str:
+        extra = f"emailForward: {forward}\n" if forward else ""
+        return (
+            f"dn: {rdn},ou=users,dc=example,dc=org\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+            f"uid: owner\ncn: x\nsn: x\nmailPassword: {password}\n{extra}"
+        )
+
+    slapd.modify(account("uid=owner", old_hash), add=True)
+    time.sleep(1.1)  # createTimestamp has a one-second resolution
+    slapd.modify(account("cn=aaa-owner", new_hash, "thief@far.example"), add=True)
+    (tmp_path / "ldapsync.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "domain": DOMAIN,
+                "source": {
+                    "ldap": {
+                        "uri": slapd.uri,
+                        "bind_dn": slapd.service_dn,
+                        "bind_password_file": str(slapd.service_password_file),
+                        "base_dn": slapd.users_dn,
+                        "filter": "(objectClass=inetOrgPerson)",
+                    }
+                },
+                "state_dir": "state",
+                "exporters": [{"kind": "dovecot-passwd", "path": "out/passwd"}],
+            }
+        )
+    )
+    cfg = config_mod.load(tmp_path / "ldapsync.yaml")
+    assert isinstance(cfg.source, config_mod.LdapSource)
+    snap = ldapsource.read(cfg.source, cfg.attributes)
+    stamps = {e.dn.split(",")[0]: e.attributes.get("createtimestamp") for e in snap.entries}
+    assert stamps["uid=owner"] and stamps["cn=aaa-owner"], "createTimestamp must be requested explicitly"
+    m, report = model.build(snap, Static(), domain=DOMAIN, domain_aliases=(), attributes=cfg.attributes, today=TODAY)
+    assert m.passwords["owner"] == old_hash and "owner@example.org" not in m.forwards
+    conflict = [r for r in report.rejections if "owner" in r.reason]
+    assert [r.dn for r in conflict] == ["cn=aaa-owner,ou=users,dc=example,dc=org"]
+    assert "uid=owner,ou=users,dc=example,dc=org (older by createTimestamp)" in conflict[0].reason
 
 
 # -- the reference outputs: features added since must not change a byte of existing configs -----
@@ -675,14 +874,44 @@ def test_address_outside_the_hosted_domains_is_dropped() -> None:
     assert reasons(report) == [(dn("eve"), "mail", "'eve@outside.example' is not in a hosted domain; value dropped")]
 
 
-def test_two_accounts_claiming_one_address_first_dn_wins() -> None:
+def test_two_accounts_claiming_one_address_without_create_timestamps_first_dn_wins() -> None:
     m, report = build_with(
         entry("a1", mail="team@example.com"), entry("a2", mail="team@example.com"), hosted=HOSTED, attributes=MAIL
     )
     assert m.users == {"team@example.com": "a1"}
     assert reasons(report) == [
-        (dn("a2"), "mail", f"address team@example.com already used by {dn('a1')}; entry skipped")
+        (
+            dn("a2"),
+            "mail",
+            f"address team@example.com already used by {dn('a1')} (first in DN order: no createTimestamp);"
+            " entry skipped",
+        )
     ]
+
+
+def test_the_older_account_keeps_a_contested_hosted_address_or_alias() -> None:
+    new = entry("a1", mail="team@example.com", createTimestamp="20261201000000Z")
+    old = entry("a2", mail="team@example.com", createTimestamp="20200101000000Z")
+    older = entry("a3", mail=["a3@example.com", "sales@other.example"], createTimestamp="20190101000000Z")
+    m, report = build_with(new, old, older, hosted=HOSTED, attributes=MAIL)
+    assert m.users == {"team@example.com": "a2", "a3@example.com": "a3"}
+    assert m.aliases == {"sales@other.example": ("a3@example.com",)}
+    assert reasons(report) == [
+        (
+            dn("a1"),
+            "mail",
+            f"address team@example.com already used by {dn('a2')} (older by createTimestamp); entry skipped",
+        )
+    ]
+    m, report = build_with(
+        entry("a4", mail="a4@example.com", mailLocalAddress="sales@other.example", createTimestamp="20261201000000Z"),
+        older,
+        hosted=HOSTED,
+        attributes=MAIL,
+    )
+    assert m.aliases == {"sales@other.example": ("a3@example.com",)}
+    assert [(r.dn, r.attribute) for r in report.rejections] == [(dn("a4"), "mailLocalAddress")]
+    assert f"already claimed by {dn('a3')} (older by createTimestamp)" in report.rejections[0].reason
 
 
 def test_aliases_and_forwards_canonicalise_into_their_own_hosted_domain() -> None:

@@ -31,6 +31,7 @@ def test_overrides_and_custom() -> None:
 def test_only_needed_attributes_are_requested() -> None:
     assert schema.PRESETS["ud-ldap"].ldap_attributes() == [
         "accountStatus",
+        "createTimestamp",
         "emailForward",
         "entryUUID",
         "mailDisableMessage",

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
 from passlib import hash as ph
 
-from ldapsync import validate
+from ldapsync import model, schema, validate
+from ldapsync.directory import Entry, Snapshot
+from ldapsync.exporters.dovecot import PasswdExporter
+from ldapsync.static import Static
 from ldapsync.validate import Invalid
 
 # Real hashes from fixtures/ldif/demo.ldif (each verified there with doveadm pw -t).
@@ -145,7 +158,7 @@ def test_scheme_prefix_is_case_insensitive() -> None:
         ("$6$salt$short", "malformed"),
         ("{SSHA}not-base64!!", "malformed"),
         ("{FOO}hunter2", "unknown"),
-        ("{MD5}hunter2", "unknown"),
+        ("{MD5}hunter2", "malformed LDAP-MD5"),
         ("{}hunter2", "malformed"),
         ("{CRYPT}hunter2", "unknown or malformed"),
         ("{MD5-CRYPT}" + SHA512, "unknown or malformed"),  # scheme and body disagree
@@ -232,3 +245,178 @@ def test_fast_hash_shape_check_agrees_with_libpass(handler: Any, settings: dict[
         except validate.Invalid:
             ours_ok = False
         assert ours_ok == libpass_ok, truncated
+
+
+# -- every scheme Dovecot verifies ------------------------------------------------------------
+SLAPPASSWD = shutil.which("slappasswd") or "/usr/sbin/slappasswd"
+SECRET = "correct horse 9"
+
+
+def slappasswd(scheme: str, *extra: str) -> str:
+    """What OpenLDAP's own tool stores (pw-sha2 is the module slapd loads for the SHA-2 schemes)."""
+    cmd = [SLAPPASSWD, "-o", "module-load=pw-sha2", "-h", scheme, "-s", SECRET, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def openssl_passwd(flag: str) -> str:
+    cmd = ["openssl", "passwd", flag, SECRET]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def doveadm_pw(scheme: str) -> str:
+    cmd = ["doveadm", "pw", "-s", scheme, "-p", SECRET]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def pbkdf2() -> str:
+    salt = base64.b64encode(os.urandom(12), b"./").decode()
+    return f"{{PBKDF2}}$1${salt}$5000${hashlib.pbkdf2_hmac('sha1', SECRET.encode(), salt.encode(), 5000).hex()}"
+
+
+def scram(name: str, digest: str) -> str:
+    """RFC 5802 keys, written as Dovecot writes them: iterations,salt,StoredKey,ServerKey."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac(digest, SECRET.encode(), salt, 4096)
+    stored = hashlib.new(digest, hmac.new(salted, b"Client Key", digest).digest()).digest()
+    server = hmac.new(salted, b"Server Key", digest).digest()
+    b64 = [base64.b64encode(x).decode() for x in (salt, stored, server)]
+    return f"{{{name}}}4096,{','.join(b64)}"
+
+
+# stored value (as the LDAP side writes it) -> the Dovecot scheme ldapsync must write, weak?
+PRODUCERS: dict[str, tuple[Callable[[], str], str, bool]] = {
+    "SMD5": (lambda: slappasswd("{SMD5}"), "SMD5", False),
+    "SSHA": (lambda: slappasswd("{SSHA}"), "SSHA", False),
+    "SSHA256": (lambda: slappasswd("{SSHA256}"), "SSHA256", False),
+    "SSHA512": (lambda: slappasswd("{SSHA512}"), "SSHA512", False),
+    "MD5": (lambda: slappasswd("{MD5}"), "LDAP-MD5", True),
+    "SHA": (lambda: slappasswd("{SHA}"), "SHA", True),
+    "SHA256": (lambda: slappasswd("{SHA256}"), "SHA256", True),
+    "SHA512": (lambda: slappasswd("{SHA512}"), "SHA512", True),
+    "PLAIN-MD5": (lambda: "{PLAIN-MD5}" + hashlib.md5(SECRET.encode()).hexdigest(), "PLAIN-MD5", True),
+    "DES-CRYPT": (lambda: slappasswd("{CRYPT}", "-c", "%.2s"), "DES-CRYPT", True),
+    "MD5-CRYPT": (lambda: "{CRYPT}" + openssl_passwd("-1"), "MD5-CRYPT", False),
+    "SHA256-CRYPT": (lambda: openssl_passwd("-5"), "SHA256-CRYPT", False),
+    "SHA512-CRYPT": (lambda: openssl_passwd("-6"), "SHA512-CRYPT", False),
+    "BLF-CRYPT": (lambda: "{CRYPT}" + doveadm_pw("BLF-CRYPT").split("}", 1)[1], "BLF-CRYPT", False),
+    "PBKDF2": (pbkdf2, "PBKDF2", False),
+    "SCRAM-SHA-1": (lambda: scram("SCRAM-SHA-1", "sha1"), "SCRAM-SHA-1", False),
+    "SCRAM-SHA-256": (lambda: scram("SCRAM-SHA-256", "sha256"), "SCRAM-SHA-256", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRODUCERS))
+def test_each_scheme_is_translated_to_the_dovecot_name_and_flagged_weak_or_not(name: str) -> None:
+    produce, scheme, weak = PRODUCERS[name]
+    stored = produce()
+    checked = validate.check_password(stored)
+    assert (checked.scheme, checked.weak) == (scheme, weak)
+    assert checked.text.startswith("{" + scheme + "}")
+    assert checked.text.endswith(stored.split("}", 1)[-1])
+
+
+@pytest.mark.skipif(shutil.which("dovecot") is None, reason="needs dovecot-core")
+def test_every_accepted_scheme_logs_in_through_a_real_dovecot(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each hash, rendered by the passwd-file exporter, verifies in Dovecot: right yes, wrong no."""
+    stored = {name.lower().replace("-", ""): PRODUCERS[name][0]() for name in PRODUCERS}
+    entries = tuple(
+        Entry(f"uid={login},ou=users,dc=example,dc=org", {"uid": (login,), "mailpassword": (value,)})
+        for login, value in stored.items()
+    )
+    routing, report = model.build(
+        Snapshot(entries, "test"),
+        Static(),
+        domain="example.org",
+        domain_aliases=(),
+        attributes=schema.PRESETS["ud-ldap"],
+        today=TODAY,
+    )
+    assert report.rejections == [] and sorted(routing.passwords) == sorted(stored)
+    assert report.weak_passwords == sum(weak for _, _, weak in PRODUCERS.values())
+    root = Path(tempfile.mkdtemp(prefix="ldapsync-schemes-"))
+    root.chmod(0o755)  # the dovecot user reads the passwd-file
+    try:
+        passwd = root / "passwd"
+        passwd.write_bytes(PasswdExporter({}).render(routing))
+        for d in ("run", "state"):
+            (root / d).mkdir()
+        conf = root / "dovecot.conf"
+        conf.write_text(
+            f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/dovecot.log\n"
+            "protocols =\nssl = no\nauth_failure_delay = 0\n"
+            f"passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
+            "userdb {\n  driver = static\n  args = uid=nobody gid=nogroup home=/nonexistent allow_all_users=yes\n}\n"
+        )
+        proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not (root / "run" / "auth-client").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "dovecot did not start"
+                time.sleep(0.05)
+
+            def auth(user: str, password: str) -> int:
+                cmd = ["doveadm", "-c", str(conf), "auth", "test", "-x", "no-penalty", user, password]
+                return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode
+
+            # The wrong password differs in its first character: DES-CRYPT reads only eight.
+            verdicts = {login: (auth(login, SECRET), auth(login, "x" + SECRET)) for login in stored}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        assert verdicts == dict.fromkeys(stored, (0, 77)), (root / "dovecot.log").read_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("{SHA}" + "e5e9fa1ba31ecd1ae84f75caaa474f3a663f05f4", "wrong length"),  # hex is not RFC 2307
+        ("{SHA}" + base64.b64encode(b"x" * 19).decode(), "wrong length for a 20-byte digest"),
+        ("{SHA256}" + base64.b64encode(b"x" * 20).decode(), "wrong length for a 32-byte digest"),
+        ("{SMD5}" + base64.b64encode(b"x" * 16).decode(), "4 to 16-byte salt"),  # no salt
+        ("{SSHA512}" + base64.b64encode(b"x" * 84).decode(), "4 to 16-byte salt"),
+        ("{MD5}XR4ilOzQ4PCOq3aQ0qbuaR==", "not base64"),  # stray bits: not canonical
+        ("{MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ", "not base64"),  # padding missing
+        ("{PLAIN-MD5}5ebe2294ecd0e0f08eab7690d2a6ee6", "not 32 hex"),
+        ("{PBKDF2}$1$salt$5000$" + "a" * 39, "malformed PBKDF2"),
+        ("{PBKDF2}1$salt$5000$" + "a" * 40, "malformed PBKDF2"),
+        ("{PBKDF2}$1$$5000$" + "a" * 40, "malformed PBKDF2"),  # no salt
+        ("{PBKDF2}$1$salt$0$" + "a" * 40, "malformed PBKDF2"),
+        ("{SCRAM-SHA-1}4096,c2FsdA==,AAAA", "iterations,salt,StoredKey,ServerKey"),
+        ("{SCRAM-SHA-1}1000,c2FsdA==," + "A" * 27 + "=," + "A" * 27 + "=", "iterations out of"),
+        ("{SCRAM-SHA-1}4096,," + "A" * 27 + "=," + "A" * 27 + "=", "salt missing"),
+        ("{SCRAM-SHA-256}4096,c2FsdA==," + "A" * 27 + "=," + "A" * 27 + "=", "base64 of 32 bytes"),
+        ("{DES-CRYPT}kTGe9g4av0mA", "unknown or malformed crypt"),
+        ("kTGe9g4av0mAE", "plaintext?"),  # a bare 13-character word may be a password
+        ("{MD5}$1$salt$short", "malformed md5_crypt"),
+    ],
+)
+def test_malformed_digests_are_refused_without_quoting_them(value: str, reason: str) -> None:
+    with pytest.raises(Invalid) as info:
+        validate.check_password(value)
+    assert reason in str(info.value)
+    body = value.split("}", 1)[-1]
+    assert body[4:20] not in str(info.value) or len(body) < 20
+
+
+def test_dovecot_md5_crypt_under_the_md5_prefix_is_md5_crypt() -> None:
+    """Dovecot's own {MD5} is MD5-CRYPT; RFC 2307's is LDAP-MD5: the body tells them apart."""
+    md5crypt = "$1$NeuqKH2q$RDpcAKsEaEwyzUgBQYR.g0"
+    assert validate.check_password("{MD5}" + md5crypt) == validate.Hash("{MD5-CRYPT}" + md5crypt, "MD5-CRYPT")
+    assert validate.check_password("{MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ==").text == "{LDAP-MD5}Xr4ilOzQ4PCOq3aQ0qbuaQ=="
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("20261202113500Z", "20261202113500.000000"),
+        ("20261202113500.25Z", "20261202113500.250000"),
+        ("20261202133500+0200", "20261202113500.000000"),
+        ("2026120211350Z", None),
+        ("20261302113500Z", None),
+        ("yesterday", None),
+    ],
+)
+def test_generalized_time_sorts_in_utc(value: str, expected: str | None) -> None:
+    assert validate.generalized_time(value) == expected

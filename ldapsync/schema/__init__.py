@@ -35,9 +35,12 @@ class AttributeMap:
     extra: tuple[str, ...] = ()
 
     def ldap_attributes(self) -> list[str]:
-        """The attributes a search must request, nothing more (speed, and least privilege)."""
+        """The attributes a search must request, nothing more (speed, and least privilege).
+
+        entryUUID follows deletes; createTimestamp (operational: only sent when asked for)
+        decides which of two entries claiming one login or alias keeps it."""
         names = [getattr(self, f) for f in LOGICAL_FIELDS]
-        return sorted({n for n in names if n} | set(self.extra) | {"entryUUID"}, key=str.lower)
+        return sorted({n for n in names if n} | set(self.extra) | {"entryUUID", "createTimestamp"}, key=str.lower)
 
 
 PRESETS: dict[str, AttributeMap] = {
