@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,6 +119,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 
 def _dry_run(pipeline: object, force: bool) -> int:
+    """Plan and print; reads the directory and the state dir, writes nothing."""
+    from ldapsync import status as status_mod
     from ldapsync.sync import Pipeline
 
     assert isinstance(pipeline, Pipeline)
@@ -133,15 +134,13 @@ def _dry_run(pipeline: object, force: bool) -> int:
         return EXIT_CONFIG
     for name in result.diffs:
         sys.stdout.write(result.diffs[name])
-    held = pipeline.state.held()
     if result.held_reason:
         print(f"ldapsync: this change would be HELD: {result.held_reason}", file=sys.stderr)
-    elif held is not None:
-        print(
-            f"ldapsync: a change is held since {time.ctime(held[1].get('time', 0))}: {held[1].get('reason')}",
-            file=sys.stderr,
-        )
-    summary = ", ".join(f"{n}" for n in result.diffs) or "no changes"
+    else:
+        held = status_mod.load(pipeline.config.state_dir).held
+        if held:
+            print(f"ldapsync: a change is held for review: {held}", file=sys.stderr)
+    summary = ", ".join(f"{n} {result.counts[n]}" if n in result.counts else n for n in result.diffs) or "no changes"
     print(f"ldapsync: dry run: {summary}", file=sys.stderr)
     return 1 if result.diffs else 0
 

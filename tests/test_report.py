@@ -98,7 +98,7 @@ def test_status_shows_a_held_change_and_an_outage(site: Path) -> None:
     (site / "users.ldif").unlink()
     assert cli(site, "--once").returncode == 1
     info = status_json(site)
-    assert info["result"] == "error" and "users.ldif" in info["error"] and info["ldap_reachable"] is False
+    assert info["result"] == "failed" and "users.ldif" in info["error"] and info["ldap_reachable"] is False
     assert "last error:" in cli(site, "status").stdout
 
 
@@ -113,9 +113,9 @@ def test_check_states(site: Path) -> None:
     assert perf["age"].endswith(";1800;3600") and perf["alias"] == str((site / "out/alias").read_bytes().count(b"\n"))
 
     code, line, _ = check(site, "--max-age", "3600", "--warn-age", "0")
-    assert code == 1 and "last success" in line
+    assert code == 1 and "last confirmed" in line
     code, line, _ = check(site, "--max-age", "0")
-    assert code == 2 and "last success" in line
+    assert code == 2 and "last confirmed" in line
 
     (site / "reload-fails").touch()  # a change whose reload fails: WARNING until retried
     (site / "users.ldif").write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
