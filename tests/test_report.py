@@ -191,7 +191,7 @@ def test_a_quiet_directory_is_confirmed_not_critical(site: Path) -> None:
     assert cli(site, "--once").returncode == 0
     backdate(site, 2000)
     code, line, _ = check(site, "--max-age", "900")
-    assert code == 2 and "last confirmed 2000s ago" in line, line
+    assert code == 2, line
 
     # an agent following a quiet directory: connected, nothing pending
     pipeline = sync.Pipeline(config_mod.load(site / "ldapsync.yaml"))
