@@ -301,7 +301,7 @@ class Pipeline:
             if plan.new_generation:
                 self._record_generation(plan)
         except (LdapsyncError, OSError) as e:
-            self._finish(replace(record, result=SyncResult.FAILED, error=str(e)).counted(SyncResult.FAILED))
+            self._finish(_failed(record, str(e)))
             raise
         self.state.clear_held()  # a successful sync supersedes a held change (and removes a damaged one)
         result = SyncResult.INSTALLED if changed else SyncResult.UNCHANGED
@@ -401,7 +401,13 @@ class Pipeline:
                 if dry_run:  # a dry run changes nothing, not even status.json
                     raise
                 return self.fallback(str(e))
-        plan = self.plan(snapshot, force=force)
+        try:
+            plan = self.plan(snapshot, force=force)
+        except (LdapsyncError, OSError) as e:
+            if not dry_run:  # e.g. an installed file unreadable, a static entry that no longer fits
+                record = replace(status_mod.load(self.config.state_dir), last_attempt=time.time())
+                self._finish(_failed(record, str(e)))
+            raise
         if dry_run:
             diffs = self.diffs(plan)
             return Result(
@@ -502,6 +508,10 @@ class Pipeline:
         return lambda line: line
 
 
+def _failed(record: Status, error: str) -> Status:
+    return replace(record, result=SyncResult.FAILED, error=error).counted(SyncResult.FAILED)
+
+
 def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState]:
     return MappingProxyType({o.name: OutputState(o.data.count(b"\n"), o.digest()) for o in outputs})
 
@@ -559,7 +569,7 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
         record = pipeline._reload(record, changed, target.id)
         pipeline.state.set_current(target.id)
     except (LdapsyncError, OSError) as e:
-        pipeline._finish(replace(record, result=SyncResult.FAILED, error=str(e)).counted(SyncResult.FAILED))
+        pipeline._finish(_failed(record, str(e)))
         raise
     record = replace(
         record,
