@@ -473,7 +473,10 @@ class Pipeline:
 
     # -- what the agent's follower knows ------------------------------------------------
     def note_follower(self, connected: bool, error: str | None) -> None:
-        """Record the follower's connection (and so whether LDAP is reachable); written only on a change."""
+        """Record the follower's connection (and so whether LDAP is reachable); written only on a change.
+
+        Like apply(), call it from the thread that runs syncs: the record is read, changed and rewritten.
+        """
         record = status_mod.load(self.config.state_dir)
         same = record.follower_connected == connected and record.ldap_reachable == connected
         if same and record.follower_error == error:
