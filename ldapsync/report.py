@@ -58,6 +58,12 @@ def _collect(cfg: Config) -> dict[str, Any]:
         "rejected": record.rejected,
         "syncs": dict(record.syncs),
         "outputs": outputs,
+        # installed files whose content is not what the last successful sync installed (edited by hand)
+        "modified": sorted(
+            name
+            for name, o in outputs.items()
+            if name in record.outputs and o["sha256"] is not None and o["sha256"] != record.outputs[name].sha256
+        ),
     }
 
 
@@ -90,7 +96,8 @@ def status(cfg: Config, *, as_json: bool) -> int:
         if o.get("missing"):
             print(f"  {name:<24} MISSING {o['path']}")
         else:
-            print(f"  {name:<24} {o['entries']:>8} entries  sha256:{o['sha256'][:16]}  {o['path']}")
+            mark = "  MODIFIED since installed" if name in info["modified"] else ""
+            print(f"  {name:<24} {o['entries']:>8} entries  sha256:{o['sha256'][:16]}  {o['path']}{mark}")
     return 0
 
 
@@ -136,6 +143,8 @@ def check(config_path: Path, max_age: float, warn_age: float | None) -> int:
         code, text = WARNING, f"change held for review: {info['held']}"
     elif failed:
         code, text = WARNING, f"last sync failed: {info['error'] or info['result']}"
+    elif info["modified"]:
+        code, text = WARNING, f"changed outside ldapsync since installed: {', '.join(info['modified'])}"
     elif age > warn:
         code, text = WARNING, f"installed outputs last confirmed {age:.0f}s ago"
     elif info["reload_pending"]:

@@ -232,3 +232,15 @@ def test_a_successful_sync_clears_the_previous_error(site: Path) -> None:
     assert info["error"] is None and info["ldap_reachable"] is True and info["result"] == "unchanged"
     assert "last error" not in cli(site, "status").stdout
     assert check(site, "--max-age", "900")[0] == 0
+
+
+def test_an_output_edited_by_hand_is_reported_until_the_next_sync(site: Path) -> None:
+    assert cli(site, "--once").returncode == 0
+    with (site / "out/alias").open("a") as fh:
+        fh.write("postmaster@example.org\troot@example.org\n")
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 1 and "changed outside ldapsync" in line and "alias" in line, line
+    assert status_json(site)["modified"] == ["alias"]
+    assert "MODIFIED" in cli(site, "status").stdout
+    assert cli(site, "--once").returncode == 0  # the sync puts back what LDAP says
+    assert check(site, "--max-age", "900")[0] == 0 and status_json(site)["modified"] == []
