@@ -520,19 +520,14 @@ def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState
 
 
 def _delta(installed: bytes, out: commit.Output) -> Delta:
+    """Count keys added, removed and changed, looking only at lines that differ (one line per key)."""
     if installed == out.data:
         return Delta()
-    old, new = _lines_by_key(installed, out), _lines_by_key(out.data, out)
-    return Delta(
-        added=len(new.keys() - old.keys()),
-        removed=len(old.keys() - new.keys()),
-        changed=sum(1 for k in new.keys() & old.keys() if new[k] != old[k]),
-    )
-
-
-def _lines_by_key(data: bytes, out: commit.Output) -> dict[str, str]:
-    sep = ":" if out.sensitive else "\t"
-    return {line.split(sep, 1)[0]: line for line in data.decode("utf-8", "replace").splitlines() if line}
+    old, new = set(installed.split(b"\n")), set(out.data.split(b"\n"))
+    sep = b":" if out.sensitive else b"\t"
+    gone = {line.split(sep, 1)[0] for line in old - new if line}
+    came = {line.split(sep, 1)[0] for line in new - old if line}
+    return Delta(added=len(came - gone), removed=len(gone - came), changed=len(gone & came))
 
 
 RATIO_FLOOR = 10  # the ratio guard ignores tiny changes: 2 of 5 users is not a mass deletion
