@@ -164,6 +164,9 @@ def test_read_only_commands_never_write_not_even_a_damaged_held_change(site: Pat
         assert proc.returncode in (0, 1, 4), f"{args}: {proc.stderr}"
         assert state_tree(site) == before, f"`ldapsync {' '.join(args)}` wrote to the state dir or the outputs"
     assert "no mail accounts" in status_json(site)["held"]
+    proc = cli(site, "approve")  # refuses what it cannot read, and keeps it for the admin to look at
+    assert proc.returncode == 1 and "held change" in proc.stderr and "unreadable" in proc.stderr
+    assert held.exists()
 
     (site / "users.ldif").unlink()  # a failing sync writes its status, and leaves the held change alone
     assert cli(site, "--once").returncode == 1
