@@ -77,7 +77,9 @@ def status(cfg: Config, *, as_json: bool) -> int:
         value = info[key]
         return "never" if value is None else f"{value:.0f}s ago"
 
-    print(f"last attempt:   {info['result'] or 'no attempt yet'}")
+    attempt = info["last_attempt"]
+    when = "" if attempt is None else f", {time.time() - attempt:.0f}s ago"
+    print(f"last attempt:   {info['result'] or 'no attempt yet'}{when}")
     print(f"last success:   {ago('last_success_age')}")
     print(f"confirmed:      {ago('last_confirmed_age')} (installed outputs last known to match the directory)")
     reachable = {True: "yes", False: "NO", None: "unknown"}[info["ldap_reachable"]]
