@@ -488,3 +488,23 @@ def test_plan_holds_what_a_guard_refuses_and_apply_keeps_it(tmp_path: Path) -> N
     held = site.state.held()
     assert held is not None and held[1]["counts"]["postfix-recipients"].startswith("+0 -")
     assert site.status()["held"] == plan.held_reason and site.status()["syncs"] == {"installed": 1, "held": 1}
+
+
+def test_follower_notes_write_only_when_something_changes(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    pipeline = pipeline_for(site)
+    pipeline.note_confirmed()  # nothing installed yet: nothing to confirm
+    assert not (tmp_path / "state" / "status.json").exists()
+    assert pipeline.run().status == SyncResult.INSTALLED
+    path = tmp_path / "state" / "status.json"
+    pipeline.note_follower(True, None)
+    written = path.stat().st_mtime_ns, path.read_bytes()
+    pipeline.note_follower(True, None)
+    t0 = site.status()["last_confirmed"]
+    pipeline.note_confirmed(now=t0 + 10)  # within CONFIRM_REFRESH: the record stays as it is
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == written
+    pipeline.note_confirmed(now=t0 + sync.CONFIRM_REFRESH + 1)
+    assert site.status()["last_confirmed"] == t0 + sync.CONFIRM_REFRESH + 1
+    assert site.status()["last_success"] == t0, "confirming is not syncing"
+    pipeline.note_follower(False, "ldap://ldap-01: timed out")
+    assert site.status()["ldap_reachable"] is False and site.status()["follower_error"] == "ldap://ldap-01: timed out"
