@@ -177,6 +177,7 @@ class Site:
             f"static: {self.root / 'static.yaml'}",
             "state_dir: state",
             "safety:\n  max_deletions: 1000000\n  max_deletion_ratio: 1.0",
+            "  max_changes: 1000000\n  max_change_ratio: 1.0",
             f"postfix:\n  config_dir: {self.postfix_dir}",
             f"log:\n  level: {'info' if debounce is not None or reload_log else 'warning'}\n  format: json",
             "exporters:",

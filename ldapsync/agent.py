@@ -1,14 +1,18 @@
-"""The long-running agent: follow the directory, debounce, rebuild, tell systemd.
+"""The long-running agent: a thin shell around the sans-I/O Scheduler.
 
 One main thread owns every sync (so installs never overlap) and talks to systemd; the
-Follower thread only updates the Mirror and nudges the main thread through a queue. A
-config or static-file edit re-renders from the Mirror without reading LDAP; SIGHUP re-reads
-the config and resyncs from LDAP; SIGTERM finishes the current sync and exits 0. Nothing
-but a broken configuration at start-up stops the agent.
+Follower thread only updates the Mirror and posts events to a queue. The main thread waits
+on that queue until the scheduler's next deadline, feeds what arrived (stamped with
+time.monotonic()) into the Scheduler and carries out its decisions; every timing rule lives
+in `scheduler.py`. A config or static-file edit re-renders from the Mirror without reading
+LDAP; SIGHUP re-reads the config and resyncs from LDAP; SIGTERM finishes the current sync and
+exits 0. The agent holds the state lock for its lifetime: a second one on the same state_dir
+refuses to start. Nothing but a broken configuration at start-up stops the agent.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import os
@@ -33,26 +37,30 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from ldapsync import config as config_mod
+from ldapsync import scheduler as sched
 from ldapsync import sync, watch
 from ldapsync.config import Config, LdapSource
-from ldapsync.errors import ConfigError, LdapsyncError
+from ldapsync.errors import ConfigError, LdapsyncError, StateError
+from ldapsync.state import StateLock
 
 log = structlog.get_logger(__name__)
 
-RETRY_FAILED_SYNC = 30.0  # seconds before a failed install (disk full, postmap) is retried
 FOLLOWER_STALL = 120.0  # no heartbeat for this long: stop pinging the systemd watchdog
-CONFIG_SETTLE = 0.2  # quiet time after a config/static edit before it is read (editors write in steps)
+LOCK_WAIT = 1.0  # a restarting predecessor may still be exiting; then refuse to run beside it
 # Only writes count: reading the file (opened, closed_no_write) must not trigger a reload,
 # or the agent's own read of a file it was told about would trigger the next reload, forever.
 _EDIT_EVENTS = frozenset(
     {EVENT_TYPE_MODIFIED, EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED}
 )
 
+# What the queue carries: (the follower that posted it, or None) and a scheduler event.
+Posted = tuple[watch.Follower | None, sched.Event]
+
 
 class _ConfigWatcher(FileSystemEventHandler):
-    """Posts "config" when the config file or the static file is written or replaced."""
+    """Posts ConfigEdited when the config file or the static file is written or replaced."""
 
-    def __init__(self, events: queue.Queue[tuple[str, Any]], paths: set[Path]):
+    def __init__(self, events: queue.SimpleQueue[Posted], paths: set[Path]):
         self.events = events
         self.paths = {p.resolve() for p in paths}
 
@@ -61,54 +69,71 @@ class _ConfigWatcher(FileSystemEventHandler):
             return
         for raw in (event.src_path, getattr(event, "dest_path", None)):
             if raw and Path(os.fsdecode(raw)).resolve() in self.paths:
-                self.events.put(("config", None))
+                self.events.put((None, sched.ConfigEdited(time.monotonic())))
                 return
+
+
+def _heartbeat() -> float:
+    """Half of systemd's WATCHDOG_USEC, else every 10 s (the STATUS line is refreshed too)."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    return usec / 2e6 if usec > 0 else 10.0
+
+
+def _timing(config: Config) -> sched.Timing:
+    return sched.Timing.of(config.agent, heartbeat=_heartbeat())
 
 
 class Agent:
     def __init__(self, config: Config, *, force_first: bool = False):
         self.config = config
         self.pipeline = sync.Pipeline(config)
-        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # SimpleQueue: put() is reentrant, so the signal handler may post while get() runs
+        self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
         self.notifier = sdnotify.SystemdNotifier()
         self.mirror = watch.Mirror()
+        self.mirror_fingerprint = watch.fingerprint(config)
         self.follower: watch.Follower | None = None
         self.observer: Any = None
         self.watched: set[Path] = set()
-        self.ready = False
-        self.synced = False  # the mirror holds a complete directory
-        self.force_next = force_first
-        self.pending_since: float | None = None
-        self.last_event = 0.0
-        self.retry_at: float | None = None
-        self.config_due: float | None = None  # reload the config files at this time
+        self.scheduler = sched.Scheduler(_timing(config), now=time.monotonic(), force_first=force_first)
         self.rebuilds = 0
         self.last_result: sync.Result | None = None
-        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        self.watchdog_interval = usec / 2e6 if usec > 0 else 10.0
+        self.sync_error: str | None = None  # the last sync failed with this; None after a success
+        self.follower_noted: tuple[bool, str | None] | None = None  # last (connected, error) recorded
+        self.change_received: float | None = None  # wall time of the first change the next sync installs
+        self.lock: StateLock | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
         self.pipeline.state.ensure()
-        self._install_signals()
-        self._restore_mirror()
-        self._start_follower()
-        self._watch_files()
-        self.notifier.notify("STATUS=starting: reading the directory")
         try:
-            self._loop()
+            self.lock = self.pipeline.state.acquire("agent", wait=LOCK_WAIT)
+        except StateError as e:
+            log.error("not starting: another agent runs on this state_dir", error=str(e))
+            return 1
+        try:
+            self._install_signals()
+            self._restore_mirror()
+            self._start_follower()
+            self._watch_files()
+            self.notifier.notify("STATUS=starting: reading the directory")
+            try:
+                self._loop()
+            finally:
+                self.notifier.notify("STOPPING=1")
+                if self.follower is not None:
+                    self.follower.stop()
+                if self.observer is not None:
+                    self.observer.stop()
         finally:
-            self.notifier.notify("STOPPING=1")
-            if self.follower is not None:
-                self.follower.stop()
-            if self.observer is not None:
-                self.observer.stop()
+            self.lock.release()
         log.info("stopped")
         return 0
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.events.put(("hup" if signum == signal.SIGHUP else "term", None))
+            now = time.monotonic()
+            self.events.put((None, sched.Hangup(now) if signum == signal.SIGHUP else sched.Terminate(now)))
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
@@ -123,11 +148,23 @@ class Agent:
             log.info("resuming from saved sync state", entries=len(snapshot.entries), cookie=cookie is not None)
 
     def _start_follower(self) -> None:
-        self.follower = watch.Follower(self.config, self.mirror, self._notify_from_follower)
-        self.follower.start()
+        follower: watch.Follower | None = None
 
-    def _notify_from_follower(self, what: str) -> None:
-        self.events.put((what, None))
+        def notify(what: str) -> None:
+            now = time.monotonic()
+            if what in ("down", "error"):  # "error": each failed attempt (the LDIF source has no "down")
+                error = (follower.status.error if follower else None) or "directory unreachable"
+                self.events.put((follower, sched.FollowerDown(now, error)))
+            elif what == "up":
+                self.events.put((follower, sched.FollowerUp(now)))
+            elif what in ("changed", "synced"):
+                # a change or a complete refresh also means the source was reached (LDIF has no "up")
+                self.events.put((follower, sched.FollowerUp(now)))
+                self.events.put((follower, sched.Refreshed(now) if what == "synced" else sched.Changed(now)))
+
+        follower = watch.Follower(self.config, self.mirror, notify)
+        self.follower = follower
+        follower.start()
 
     def _watch_files(self) -> None:
         paths = {self.config.path}
@@ -149,87 +186,90 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------------
     def _loop(self) -> None:
-        last_ping = 0.0
         while True:
-            now = time.monotonic()
-            timeout = min(self.watchdog_interval, self._time_to_rebuild(now))
-            kinds: list[str] = []
+            deadline = self.scheduler.deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            posted: list[Posted] = []
             try:
-                kinds.append(self.events.get(timeout=max(0.0, timeout))[0])
-                # and whatever else arrived meanwhile: one rebuild serves a whole burst
+                posted.append(self.events.get(timeout=timeout))
+                # and whatever else arrived meanwhile: one sync serves a whole burst
                 while True:
-                    kinds.append(self.events.get_nowait()[0])
+                    posted.append(self.events.get_nowait())
             except queue.Empty:
                 pass
-            for kind in kinds:
-                if kind == "term":
-                    log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
-                    return
-                self._handle(kind)
-            now = time.monotonic()
-            if self.config_due is not None and self.config_due <= now:
-                self.config_due = None
-                self._reload_config(resync=False)
-                now = time.monotonic()
-            if self._time_to_rebuild(now) <= 0:
-                self._rebuild()
-            if now - last_ping >= self.watchdog_interval / 2 or not kinds:
-                self._ping()
-                last_ping = time.monotonic()
+            decisions: list[sched.Decision] = []
+            for source, event in posted:
+                if source is not None and source is not self.follower:
+                    continue  # from a follower stopped by a resync
+                decisions += self._feed(event)
+            decisions += self.scheduler.handle(sched.Tick(time.monotonic()))
+            if any(isinstance(d, sched.Stop) for d in decisions):
+                log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
+                return
+            self._execute(decisions)
 
-    def _time_to_rebuild(self, now: float) -> float:
-        deadlines = []
-        if self.pending_since is not None:
-            agent = self.config.agent
-            deadlines.append(min(self.last_event + agent.debounce, self.pending_since + agent.max_delay))
-        if self.retry_at is not None:
-            deadlines.append(self.retry_at)
-        if self.config_due is not None:
-            deadlines.append(self.config_due)
-        return min(deadlines) - now if deadlines else float("inf")
-
-    def _handle(self, kind: str) -> None:
-        now = time.monotonic()
-        if kind == "changed":
-            self.synced = True
-            self.last_event = now
-            if self.pending_since is None:
-                self.pending_since = now
-        elif kind == "synced":
-            self.synced = True
-            self.last_event = now - self.config.agent.debounce  # a completed refresh: no need to wait
-            if self.pending_since is None:
-                self.pending_since = now
-        elif kind == "error":
-            if not self.ready:
-                self._fallback()
-        elif kind == "config":
-            self.config_due = now + CONFIG_SETTLE  # each write restarts the wait: one reload per edit
-        elif kind == "hup":
+    def _feed(self, event: sched.Event) -> list[sched.Decision]:
+        """Record what the event says about the directory, then let the scheduler decide."""
+        if isinstance(event, sched.FollowerUp):
+            self._note_follower(True, None)
+        elif isinstance(event, sched.FollowerDown):
+            self._note_follower(False, event.error)
+        elif isinstance(event, sched.Changed) and self.change_received is None:
+            # for the propagation histogram: change received (in the follower) to installed
+            self.change_received = time.time() - (time.monotonic() - event.at)
+        elif isinstance(event, sched.Hangup):
             log.info("SIGHUP: re-reading the configuration and resyncing")
-            self.config_due = None
-            self._reload_config(resync=True)
+        return self.scheduler.handle(event)
 
-    def _rebuild(self) -> None:
-        if not self.synced:
-            self.pending_since = None
-            return
-        self.pending_since = None
-        self.retry_at = None
+    def _execute(self, decisions: list[sched.Decision]) -> None:
+        work = collections.deque(decisions)
+        while work:
+            decision = work.popleft()
+            for event in self._do(decision):  # its consequences come before the rest
+                work.extendleft(reversed(self._feed(event)))
+
+    def _do(self, decision: sched.Decision) -> list[sched.Event]:
+        """Carry out one decision; the events it produced (a sync's outcome, a loaded config)."""
+        match decision:
+            case sched.Sync(force=force):
+                return [self._sync(force)]
+            case sched.Fallback(error=error):
+                self._fallback(error)
+            case sched.ReloadConfig():
+                return [self._reload_config()]
+            case sched.Resync():
+                self._resync()
+            case sched.Confirm():
+                self._guarded("cannot record the confirmation", self.pipeline.note_confirmed)
+            case sched.NotifyReady():
+                self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
+                log.info("ready", status=self.status_line())
+            case sched.Heartbeat():
+                self._ping()
+            case sched.Stop():
+                pass
+        return []
+
+    # -- carrying out decisions ---------------------------------------------------------
+    def _sync(self, force: bool) -> sched.SyncFinished:
         snapshot, cookie = self.mirror.snapshot()
         started = time.monotonic()
+        received, self.change_received = self.change_received, None  # later changes: the next sync
         try:
-            with self.pipeline.state.lock(wait=True):
-                result = self.pipeline.run(snapshot=snapshot, force=self.force_next)
-            self.force_next = False
-        except ConfigError as e:
-            log.error("configuration error; installed files stay, fix and save the file", error=str(e))
-            return
+            result = self.pipeline.run(snapshot=snapshot, force=force, received_at=received)
         except (LdapsyncError, OSError) as e:
-            log.error("sync failed; installed files stay; will retry", error=str(e), retry_in=RETRY_FAILED_SYNC)
-            self.retry_at = time.monotonic() + RETRY_FAILED_SYNC
-            self.pending_since = time.monotonic()
-            return
+            if self.change_received is None:
+                self.change_received = received  # still to install: the retry measures from the first change
+            self.sync_error = str(e)
+            retry_in = self.scheduler.timing.backoff(self.scheduler.failures + 1)
+            what = "configuration error" if isinstance(e, ConfigError) else "sync failed"
+            log.error(f"{what}; installed files stay; will retry", error=str(e), retry_in=round(retry_in, 3))
+            return sched.SyncFinished(time.monotonic(), ok=False)
+        finally:
+            if not self.scheduler.connected and self.follower_noted is not None:
+                # a sync from the mirror says nothing about LDAP: keep recording it as away
+                self._note_follower(*self.follower_noted, force=True)
+        self.sync_error = None
         self.rebuilds += 1
         self.last_result = result
         log.info(
@@ -244,53 +284,69 @@ class Agent:
                 reuse = None
                 if result.generation:
                     reuse = self.pipeline.state.generations_dir / result.generation / "snapshot.json"
-                watch.save_follow_state(self.pipeline.state, self.config, snapshot, cookie, reuse=reuse)
+                stored = self.pipeline.redacted(snapshot)  # no refused secret on disk
+                watch.save_follow_state(self.pipeline.state, self.config, stored, cookie, reuse=reuse)
             except OSError as e:
                 log.error("cannot save sync state; a restart will do a full read", error=str(e))
-        self._mark_ready()
         _release_memory()
+        return sched.SyncFinished(time.monotonic(), ok=True, held=result.status == "held")
 
-    def _fallback(self) -> None:
+    def _fallback(self, error: str) -> None:
         """LDAP unreachable before the first sync: make sure last-known-good is installed."""
-        error = self.follower.status.error if self.follower else "directory unreachable"
-        with self.pipeline.state.lock(wait=True):
-            result = self.pipeline.fallback(error or "directory unreachable")
-        if result.status != "failed" or all(spec.path.exists() for spec in self.config.exporters):
-            self._mark_ready()
+        try:
+            result = self.pipeline.fallback(error)
+        except (LdapsyncError, OSError) as e:
+            log.error("last-known-good install failed; installed files stay", error=str(e))
+            self.sync_error = str(e)
+            return
+        if result.status == "failed":
+            self.sync_error = result.error
 
-    def _mark_ready(self) -> None:
-        if not self.ready:
-            self.ready = True
-            self.notifier.notify("READY=1")
-            log.info("ready")
-        self._ping()
-
-    def _reload_config(self, *, resync: bool) -> None:
+    def _reload_config(self) -> sched.Event:
         try:
             new = config_mod.load(self.config.path)
+            if new.state_dir != self.config.state_dir:
+                raise ConfigError(
+                    "cannot change while the agent runs (it holds the old one's lock): restart the agent",
+                    file=new.path,
+                    key="state_dir",
+                )
             pipeline = sync.Pipeline(new)
         except ConfigError as e:
             log.error("new configuration rejected; the running one stays in force", error=str(e))
-            return
+            return sched.ConfigRejected(time.monotonic())
         old = self.config
         self.config, self.pipeline = new, pipeline
         self._watch_files()
-        source_changed = old.source != new.source or watch.fingerprint(old) != watch.fingerprint(new)
-        if resync or source_changed:
-            if self.follower is not None:
-                self.follower.stop()
-                self.follower.join(timeout=10)
-            if watch.fingerprint(old) != watch.fingerprint(new):
-                self.mirror = watch.Mirror()
-            else:
-                self.mirror.cookie = None  # full refresh; the present phase drops what is gone
-            self.synced = False
-            self._start_follower()
-            log.info("configuration reloaded; resyncing from the directory", source_changed=source_changed)
-        else:
+        search_changed = old.source != new.source or watch.fingerprint(old) != watch.fingerprint(new)
+        if not search_changed:
             log.info("configuration reloaded; re-rendering from the directory in memory")
-            if self.synced:
-                self.pending_since = self.last_event = time.monotonic() - self.config.agent.debounce
+        return sched.ConfigLoaded(time.monotonic(), _timing(new), search_changed=search_changed)
+
+    def _resync(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower.join(timeout=10)
+        fingerprint = watch.fingerprint(self.config)
+        if fingerprint != self.mirror_fingerprint:
+            self.mirror, self.mirror_fingerprint = watch.Mirror(), fingerprint
+        else:
+            self.mirror.set_cookie(None)  # full refresh; the present phase drops what is gone
+        self._start_follower()
+        log.info("configuration reloaded; resyncing from the directory")
+
+    def _note_follower(self, connected: bool, error: str | None, *, force: bool = False) -> None:
+        """Record reachability in status.json when it changes (not on every reconnect attempt)."""
+        if not force and self.follower_noted == (connected, error):
+            return
+        self.follower_noted = (connected, error)
+        self._guarded("cannot record the directory's reachability", self.pipeline.note_follower, connected, error)
+
+    def _guarded(self, what: str, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except (LdapsyncError, OSError) as e:
+            log.error(what, error=str(e))
 
     def _ping(self) -> None:
         f = self.follower
@@ -303,10 +359,16 @@ class Agent:
         self.notifier.notify("STATUS=" + self.status_line())
 
     def status_line(self) -> str:
+        """systemd's one-line status: what is wrong first, else what the agent follows."""
+        serving = f"serving generation {self.pipeline.state.current_id() or 'none'}"
+        if self.sync_error is not None:
+            retry = self.scheduler.retry_at
+            when = "" if retry is None else f"; retry in {max(0.0, retry - time.monotonic()):.0f}s"
+            return f"sync FAILED ({self.sync_error}); {serving}{when}"
         f = self.follower.status if self.follower else None
         held = self.last_result.held_reason if self.last_result and self.last_result.status == "held" else None
         if held:
-            return f"change HELD for review ({held}); serving generation {self.pipeline.state.current_id()}"
+            return f"change HELD for review ({held}); {serving}"
         if f is None or not f.connected:
             err = f.error if f else None
             return f"directory unreachable ({err or 'connecting'}); serving installed maps"

@@ -1,8 +1,9 @@
-"""Command line: parse, load config, wire, run. Exit codes are documented in docs/cli.md."""
+"""Command line: parse, load config, wire, run. Exit codes and options: docs/cli.md."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,38 +13,74 @@ import structlog
 from ldapsync import __version__
 from ldapsync import config as config_mod
 from ldapsync import log as log_mod
-from ldapsync.errors import ConfigError, HeldError, LdapsyncError, SourceError, StateError
+from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
+LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
+EXIT_CHECK_UNKNOWN = 3  # the monitoring plugin convention: a plugin that cannot run is UNKNOWN
+COMMANDS = ("status", "snapshots", "rollback", "approve", "check")
+
+
+def _global_options(p: argparse.ArgumentParser, *, default: bool) -> None:
+    """Options valid before and after the subcommand (`ldapsync status -c FILE` works too).
+
+    On subcommands the defaults are suppressed, so a value given before the subcommand is
+    not overwritten by the subcommand's default.
+    """
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=config_mod.DEFAULT_CONFIG if default else argparse.SUPPRESS,
+        help=f"config file (default {config_mod.DEFAULT_CONFIG})",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if default else argparse.SUPPRESS,
+        help="log only warnings and errors, and only problems not reported by an earlier run (for cron)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ldapsync",
-        description="Follow LDAP and atomically install Postfix maps and a Dovecot passwd-file.",
+        description="Follow LDAP and atomically install Postfix maps and a Dovecot passwd-file. "
+        "Without --once, --dry-run or a command it runs as the agent (a systemd Type=notify service).",
+        epilog="Exit codes and examples: docs/cli.md (installed in /usr/share/doc/ldapsync/).",
     )
-    p.add_argument(
-        "-c", "--config", type=Path, default=config_mod.DEFAULT_CONFIG, help="config file (default %(default)s)"
-    )
+    _global_options(p, default=True)
     p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="sync once and exit (0 ok, 1 failed, 2 config error, 4 held)")
     mode.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the diff that would be installed (exit 0 none, 1 changes, 2 error)",
+        help="print a per-output +added -removed summary, then the diff that would be installed "
+        "(exit 0 none, 1 changes, 2 error)",
     )
+    p.add_argument("--stat", action="store_true", help="with --dry-run: print only the per-output summary")
     p.add_argument(
         "--force", action="store_true", help="install even if a safety guard would hold the change (one run)"
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("snapshots", help="list generations (last-known-good snapshots)")
-    rb = sub.add_parser("rollback", help="reinstall a generation through the normal commit path")
-    rb.add_argument("generation", nargs="?", help="generation id (default: the one before the current)")
-    sub.add_parser("approve", help="install the change a safety guard held")
-    st = sub.add_parser("status", help="last sync, source, held changes, outputs and their hashes")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    ck = sub.add_parser("check", help="Nagios/Icinga plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text, description=text)
+        _global_options(cmd, default=False)
+        return cmd
+
+    command("status", "last sync, source, held change, rejected values, outputs and their hashes").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
+    command("snapshots", "list the generations (last-known-good snapshots); * marks the installed one")
+    rb = command("rollback", "reinstall a generation through the normal commit path (postmap, check and reload hooks)")
+    rb.add_argument(
+        "generation", nargs="?", help="generation id from `snapshots` (default: the one before the current)"
+    )
+    command("approve", "install the change a safety guard held (see it first with --dry-run)")
+    ck = command("check", "Nagios/Icinga plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also on a usage error)")
     ck.add_argument(
         "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
     )
@@ -51,8 +88,44 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand in argv, skipping option values (`-c check.yaml` is not the check command)."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-c", "--config"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code == EXIT_CONFIG and _command_word(argv) == "check":
+            # argparse printed the usage on stderr; monitoring reads one line on stdout, never CRITICAL
+            print("LDAPSYNC UNKNOWN - usage error (see ldapsync check --help)")
+            return EXIT_CHECK_UNKNOWN
+        raise
+    try:
+        code = _main(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `ldapsync status | head`: the reader left; nothing to report. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.stat and not args.dry_run:
+        parser().error("--stat needs --dry-run")
     if args.command == "check":
         from ldapsync import report
 
@@ -63,19 +136,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_mod.configure()
         structlog.get_logger("ldapsync").error("configuration error", error=str(e))
         return EXIT_CONFIG
-    log_mod.configure(cfg.log_format, cfg.log_level)
+    level = "warning" if args.quiet and cfg.log_level in ("debug", "info") else cfg.log_level
+    log_mod.configure(cfg.log_format, level)
     log = structlog.get_logger("ldapsync")
     try:
         return _dispatch(args, cfg)
+    except BrokenPipeError:
+        raise
     except ConfigError as e:
-        log.error("configuration error", error=str(e))
+        log.error("configuration error", error=str(_in_file(e, cfg.path)))
         return EXIT_CONFIG
-    except HeldError as e:
-        log.error("held", reason=str(e))
-        return EXIT_HELD
     except (LdapsyncError, OSError) as e:
         log.error("failed", error=str(e))
         return EXIT_CONFIG if args.dry_run else EXIT_FAIL
+
+
+def _in_file(e: ConfigError, path: Path) -> ConfigError:
+    """A config error found after loading (a key's file unreadable) still names the config file."""
+    return e if e.file is not None else ConfigError(e.message, file=path, key=e.key)
+
+
+def _preflight(cfg: config_mod.Config) -> None:
+    """Fail on an unreadable bind password file now, naming the config file, not on the first bind."""
+    if isinstance(cfg.source, config_mod.LdapSource) and cfg.source.bind_password_file is not None:
+        from ldapsync import ldapsource
+
+        try:
+            ldapsource.bind_password(cfg.source)
+        except ConfigError as e:
+            raise _in_file(e, cfg.path) from e
 
 
 def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
@@ -87,13 +176,13 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "snapshots":
         return report.snapshots(pipeline.state)
     if args.command == "rollback":
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="rollback"):
             result = sync.rollback(pipeline, args.generation)
         print(f"rolled back to {result.generation}; changed: {', '.join(result.changed) or 'nothing'}")
         return EXIT_OK
     if args.command == "approve":
         pipeline.state.ensure()
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="approve"):
             held = pipeline.state.held()
             if held is None:
                 print("no held change")
@@ -102,12 +191,18 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             result = pipeline.run(force=True, snapshot=snapshot)
         print(f"approved held change ({meta.get('reason')}); changed: {', '.join(result.changed) or 'nothing'}")
         return EXIT_OK
+    _preflight(cfg)
     if args.dry_run:
-        return _dry_run(pipeline, args.force)
+        return _dry_run(pipeline, args.force, stat_only=args.stat)
     if args.once:
         pipeline.state.ensure()
-        with pipeline.state.lock():
+        with pipeline.state.lock(wait=LOCK_WAIT, role="once"):
+            if args.quiet:
+                # cron: a rejected value is reported once, not by every run until it is fixed
+                pipeline.restore_reported(pipeline.state.read_json(REPORTED_FILE).get("problems", []))
             result = pipeline.run(force=args.force)
+            if args.quiet:
+                pipeline.state.write_json(REPORTED_FILE, {"problems": pipeline.reported_keys()})
         if result.status == "held":
             return EXIT_HELD
         if result.status in ("failed", "last-known-good"):
@@ -118,7 +213,10 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return agent.run(cfg, force_first=args.force)
 
 
-def _dry_run(pipeline: object, force: bool) -> int:
+REPORTED_FILE = "reported.json"
+
+
+def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:
     """Plan and print; reads the directory and the state dir, writes nothing."""
     from ldapsync import status as status_mod
     from ldapsync.sync import Pipeline
@@ -132,15 +230,21 @@ def _dry_run(pipeline: object, force: bool) -> int:
     except StateError as e:
         print(f"ldapsync: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    for name in result.diffs:
-        sys.stdout.write(result.diffs[name])
+    paths = {spec.name: spec.path for spec in pipeline.config.exporters}
+    width = max((len(n) for n in result.diffs), default=0)
+    for name in result.diffs:  # the summary: keys added, removed and changed, as the guards count them
+        counts = result.counts.get(name, "")
+        sys.stdout.write(f"{name:<{width}}  {counts}  {paths.get(name, '')}\n")
+    if not stat_only:
+        for name in result.diffs:
+            sys.stdout.write(result.diffs[name])
     if result.held_reason:
         print(f"ldapsync: this change would be HELD: {result.held_reason}", file=sys.stderr)
     else:
         held = status_mod.load(pipeline.config.state_dir).held
         if held:
             print(f"ldapsync: a change is held for review: {held}", file=sys.stderr)
-    summary = ", ".join(f"{n} {result.counts[n]}" if n in result.counts else n for n in result.diffs) or "no changes"
+    summary = ", ".join(result.diffs) or "no changes"
     print(f"ldapsync: dry run: {summary}", file=sys.stderr)
     return 1 if result.diffs else 0
 

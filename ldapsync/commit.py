@@ -311,12 +311,51 @@ def _remove_stale_staging(directory: Path, outputs: Sequence[Output]) -> None:
                     log.warning("removed staging files left by an interrupted sync", path=str(stale))
 
 
-def _private_dir(directory: Path, private: dict[Path, Path]) -> Path:
-    """The private staging directory in `directory`: made once per install, mode 0700."""
+def output_dir_mode(file_mode: int) -> int:
+    """The mode of a directory ldapsync creates: whoever may read the file may traverse to it.
+
+    0640 -> 0750 (the exporter's group, e.g. dovecot, reaches the passwd-file), 0644 -> 0755,
+    0600 -> 0700. Set explicitly: the unit's UMask=0077 would otherwise make every new
+    directory 0700 root, unreadable to Dovecot's auth process.
+    """
+    mode = 0o700
+    if file_mode & 0o040:
+        mode |= 0o050
+    if file_mode & 0o004:
+        mode |= 0o005
+    return mode
+
+
+def make_output_dir(out: Output) -> None:
+    """Create the missing directories of an output's path; an existing directory is left as it is.
+
+    Missing parents are created 0755; the output's own directory gets the exporter's owner,
+    group and output_dir_mode().
+    """
+    directory = out.path.parent
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process created it meanwhile
+            d.mkdir()
+            if d == directory:
+                if out.owner is not None or out.group is not None:
+                    os.chown(d, -1 if out.owner is None else out.owner, -1 if out.group is None else out.group)
+                os.chmod(d, output_dir_mode(out.mode))
+            else:
+                os.chmod(d, 0o755)
+
+
+def _private_dir(out: Output, private: dict[Path, Path]) -> Path:
+    """The private staging directory in the output's directory: made once per install, mode 0700."""
+    directory = out.path.parent
     if directory not in private:
         try:
             check_directory(directory)
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)  # a new host, or the demo on a fresh clone
+            make_output_dir(out)  # a new host, or the demo on a fresh clone
             check_directory(directory)  # what now exists, as created (umask) or as found
             private[directory] = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         except OSError as e:
@@ -326,7 +365,7 @@ def _private_dir(directory: Path, private: dict[Path, Path]) -> Path:
 
 def _stage(out: Output, postmap: Postmap, staged: list[_Staged], private: dict[Path, Path]) -> None:
     try:
-        stage_dir = _private_dir(out.path.parent, private)
+        stage_dir = _private_dir(out, private)
     except CommitError as e:
         raise CommitError(f"{out.name}: {e}") from e
     s = _Staged(out, stage_dir / out.path.name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -80,6 +80,39 @@ class Snapshot:
     def digest(self) -> str:
         """Content hash independent of the source label: equal directories, equal digest."""
         return self._digest
+
+
+REFUSED_PREFIX = "{REFUSED-SHA256}"  # no password scheme: validate.password refuses it too
+
+
+def refused_marker(value: str) -> str:
+    """What is kept of a refused secret: its sha256 (a change still shows), not the value."""
+    if value.startswith(REFUSED_PREFIX):
+        return value  # already a marker: redacting twice must give the same snapshot
+    return REFUSED_PREFIX + hashlib.sha256(value.encode()).hexdigest()
+
+
+def without_secrets(snapshot: Snapshot, attribute: str, dns: Collection[str]) -> Snapshot:
+    """`snapshot` with the `attribute` values of the entries `dns` replaced by markers.
+
+    For refused secrets (a plaintext mail password): they must not be written verbatim to
+    generations, held changes or the follow cache, and a rebuild must still refuse them.
+    The same object comes back when nothing changes.
+    """
+    name = attribute.lower()
+    if not dns or not name:
+        return snapshot
+    entries = list(snapshot.entries)
+    changed = False
+    for i, e in enumerate(entries):
+        values = e.attributes.get(name)
+        if e.dn not in dns or not values:
+            continue
+        marked = tuple(refused_marker(v) for v in values)
+        if marked != values:
+            entries[i] = Entry(e.dn, {**e.attributes, name: marked}, e.uuid)
+            changed = True
+    return Snapshot(tuple(entries), snapshot.source, snapshot.rejections) if changed else snapshot
 
 
 def make_entry(

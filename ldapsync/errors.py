@@ -32,9 +32,5 @@ class HookError(CommitError):
     """A hook exited non-zero or ran past its timeout."""
 
 
-class HeldError(LdapsyncError):
-    """A safety guard held the change back for review."""
-
-
 class StateError(LdapsyncError):
     """The state directory is unusable (unsafe permissions, corrupt generation)."""

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
 import ssl
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Any
 
 import ldap3
 import structlog
-from ldap3.core.exceptions import LDAPException
+from ldap3.core.exceptions import LDAPException, LDAPSessionTerminatedByServerError, LDAPSocketSendError
 from ldap3.core.results import RESULT_CODES
 from ldap3.operation.search import search_operation
 from ldap3.utils.asn1 import encode as asn1_encode
@@ -25,22 +27,38 @@ from pyasn1.error import PyAsn1Error
 
 from ldapsync import ber
 from ldapsync.config import LdapSource
-from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
+from ldapsync.directory import Entry, Rejection, Snapshot, sort_entries
 from ldapsync.errors import ConfigError, SourceError
 from ldapsync.schema import AttributeMap
 
 log = structlog.get_logger(__name__)
 
-PAGED_RESULTS = "1.2.840.113556.1.4.319"
 SCOPES = {"sub": ldap3.SUBTREE, "one": ldap3.LEVEL, "base": ldap3.BASE}
 SCOPE_CODES = {"base": 0, "one": 1, "sub": 2}
 RECV_SIZE = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
+class RootDse:
+    """What the follower needs from the root DSE, read once per connection."""
+
+    controls: frozenset[str]
+    naming_contexts: tuple[str, ...]
+
+    def suffix_of(self, dn: str) -> str | None:
+        """The naming context holding `dn` (the longest that ends it), or None."""
+        low = dn.lower()
+        return next((c for c in sorted(self.naming_contexts, key=len, reverse=True) if low.endswith(c.lower())), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Connected:
     conn: ldap3.Connection
     uri: str
+    root_dse: RootDse | None = None
+
+    def close(self) -> None:
+        _abandon(self.conn)
 
 
 def bind_password(cfg: LdapSource) -> str | None:
@@ -106,11 +124,34 @@ def _server(uri: str, cfg: LdapSource) -> ldap3.Server:
     return ldap3.Server(uri, get_info=ldap3.NONE, connect_timeout=cfg.timeout, tls=tls)
 
 
-def connect(cfg: LdapSource, **kwargs: Any) -> Connected:
-    """Bind to the first server in `uri` order that answers; name each failure otherwise."""
+# What ldap3's decoders raise on bytes that are not LDAP (an HTTP server on the port, say)
+MALFORMED = (KeyError, IndexError, ValueError, TypeError, PyAsn1Error, struct.error)
+
+
+def connect(
+    cfg: LdapSource,
+    *,
+    uris: tuple[str, ...] | None = None,
+    root_dse: bool = False,
+    stream: bool = False,
+    **kwargs: Any,
+) -> Connected:
+    """Bind to the first server in `uris` (default: the config's, in order) that answers.
+
+    Each failure is logged and named in the SourceError if none works, including a server
+    that answers with something that is not LDAP. `root_dse` reads supportedControl and
+    namingContexts once. `stream` gives the follower's persist connection: ldap3's
+    ASYNC_STREAM strategy on a blocking socket with short TCP keepalive; connect over a
+    synchronous connection first where StartTLS is needed (ldap3's asynchronous StartTLS
+    waits ~20 s for an answer when the server refuses it).
+    """
     password = bind_password(cfg)
+    if stream:
+        kwargs.setdefault("client_strategy", ldap3.ASYNC_STREAM)
+    else:
+        kwargs.setdefault("receive_timeout", math.ceil(cfg.timeout))  # ldap3 packs it as a C long
     failures = []
-    for uri in cfg.uris:
+    for uri in uris or cfg.uris:
         conn = None
         try:
             conn = ldap3.Connection(
@@ -118,25 +159,124 @@ def connect(cfg: LdapSource, **kwargs: Any) -> Connected:
                 user=cfg.bind_dn,
                 password=password,
                 authentication=ldap3.SIMPLE if cfg.bind_dn else ldap3.ANONYMOUS,
-                receive_timeout=math.ceil(cfg.timeout),  # ldap3 packs it as a C long
                 read_only=True,
                 check_names=False,
                 raise_exceptions=False,
                 auto_referrals=False,
                 **kwargs,
             )
-            conn.open()
-            if cfg.start_tls and not uri.lower().startswith(("ldaps://", "ldapi://")) and not conn.start_tls():
-                raise SourceError(f"StartTLS failed: {conn.result.get('description')}")
-            if not conn.bind():
-                raise SourceError(f"bind as {cfg.bind_dn or 'anonymous'} failed: {conn.result.get('description')}")
-            return Connected(conn, uri)
-        except (LDAPException, OSError, SourceError) as e:
+            conn.open(read_server_info=False)
+            # step by step, not auto_bind: an async StartTLS "succeeds" even when the handshake failed
+            if (
+                cfg.start_tls
+                and not uri.lower().startswith(("ldaps://", "ldapi://"))
+                and (not conn.start_tls(read_server_info=False) or not conn.tls_started)
+            ):
+                failure = getattr(conn.server.tls, "failure", None) or (conn.result or {}).get("description")
+                raise SourceError(f"StartTLS failed: {failure or conn.last_error or 'no TLS'}")
+            if not conn.bind(read_server_info=False):
+                raise SourceError(
+                    f"bind as {cfg.bind_dn or 'anonymous'} failed: {(conn.result or {}).get('description')}"
+                )
+            dse = _read_root_dse(conn) if root_dse else None
+            if stream:
+                _stream_socket(conn, cfg.timeout)
+            return Connected(conn, uri, dse)
+        except (LDAPException, OSError, SourceError, *MALFORMED) as e:
             if conn is not None:
                 _abandon(conn)  # no socket left for the GC to find
-            failures.append(f"{uri}: {e}")
-            log.warning("LDAP server unavailable, trying the next", uri=uri, error=str(e))
+            reason = str(e) if isinstance(e, (LDAPException, OSError, SourceError)) else _not_ldap(e)
+            failures.append(f"{uri}: {reason}")
+            log.warning("LDAP server unavailable, trying the next", uri=uri, error=reason)
     raise SourceError("no LDAP server could be used: " + "; ".join(failures))
+
+
+def _not_ldap(e: BaseException) -> str:
+    return f"the answer is not LDAP (is this an LDAP server?): {type(e).__name__}: {e}"
+
+
+def _read_root_dse(conn: ldap3.Connection) -> RootDse:
+    if not conn.search(
+        "", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["supportedControl", "namingContexts"]
+    ):
+        result = conn.result or {}
+        if result.get("result") not in (0, None):
+            raise SourceError(f"reading the root DSE failed: {result.get('description')}")
+    raw: dict[str, list[Any]] = {}
+    for item in conn.response or ():
+        for name, values in (item.get("raw_attributes") or {}).items():
+            raw.setdefault(name.lower(), []).extend(values)
+
+    def texts(name: str) -> list[str]:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in raw.get(name, ())]
+
+    return RootDse(frozenset(texts("supportedcontrol")), tuple(texts("namingcontexts")))
+
+
+def alive(connected: Connected, within: float) -> bool:
+    """A cheap read on `connected`: the root DSE, base scope, no attributes.
+
+    True: answered. False: the server had closed this connection (its idle timeout, say):
+    open another and ask again. SourceError: no answer within `within` seconds, or not LDAP.
+    """
+    conn = connected.conn
+    sock = getattr(conn, "socket", None)
+    if conn.closed or sock is None:
+        return False
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(within)  # shorter than the connection's receive timeout, for this read only
+        ok = conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["1.1"])
+    except (LDAPSessionTerminatedByServerError, LDAPSocketSendError):
+        return False
+    except (LDAPException, OSError, *MALFORMED) as e:
+        raise SourceError(f"{connected.uri}: no answer to a liveness check within {within:g} s: {e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+    if not ok and (conn.result or {}).get("result") != 0:
+        raise SourceError(f"{connected.uri}: liveness check failed: {(conn.result or {}).get('description')}")
+    return True
+
+
+def context_csn(connected: Connected, base_dn: str) -> str | None:
+    """The contextCSN of the suffix holding `base_dn` (syncprov keeps it), or None if it has none."""
+    suffix = connected.root_dse.suffix_of(base_dn) if connected.root_dse else None
+    if suffix is None:
+        return None
+    conn = connected.conn
+    try:
+        conn.search(suffix, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["contextCSN"])
+    except (LDAPException, OSError, *MALFORMED) as e:
+        raise SourceError(f"{connected.uri}: contextCSN check failed: {e}") from e
+    for item in conn.response or ():
+        values = (item.get("raw_attributes") or {}).get("contextCSN", [])
+        if values:
+            return b";".join(sorted(v if isinstance(v, bytes) else str(v).encode() for v in values)).decode()
+    return None
+
+
+def _stream_socket(conn: ldap3.Connection, timeout: float) -> None:
+    """A blocking socket with TCP keepalive after `timeout` idle seconds.
+
+    ldap3 leaves the connect timeout on the socket, and its receiver thread treats a recv
+    timeout as end of stream, so a quiet directory would drop the stream every `timeout`
+    seconds; setting ldap3's receive_timeout instead makes that thread spin on a closed
+    socket. Keepalive finds a peer that vanished without FIN (a rebooted host, a dropped
+    NAT entry); a server process that is stopped but whose kernel still answers is found by
+    the follower's liveness check, not here.
+    """
+    sock = getattr(conn, "socket", None)
+    if sock is None:
+        return
+    idle = max(1, math.ceil(timeout))
+    with contextlib.suppress(OSError):
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def read(cfg: LdapSource, attributes: AttributeMap) -> Snapshot:
@@ -144,17 +284,14 @@ def read(cfg: LdapSource, attributes: AttributeMap) -> Snapshot:
     try:
         return search(connected, cfg, attributes)
     finally:
-        with contextlib.suppress(LDAPException, OSError):
-            connected.conn.unbind()
+        connected.close()
 
 
 def search(connected: Connected, cfg: LdapSource, attributes: AttributeMap) -> Snapshot:
     """Read every entry under base_dn (paged); raise SourceError rather than return a partial read."""
-    wanted = attributes.ldap_attributes()
-    if connected.conn.strategy_type == ldap3.SYNC and not connected.conn.closed:
-        snapshot = _fast_search(connected, cfg, wanted)
-    else:
-        snapshot = _ldap3_search(connected, cfg, wanted)
+    if connected.conn.strategy_type != ldap3.SYNC or connected.conn.closed:
+        raise SourceError(f"{connected.uri}: a directory read needs an open synchronous connection")
+    snapshot = _fast_search(connected, cfg, attributes.ldap_attributes())
     log.debug("read directory", uri=connected.uri, entries=len(snapshot.entries))
     return snapshot
 
@@ -228,7 +365,9 @@ def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Sn
                     f"{uri}: search of {cfg.base_dn} failed after {len(entries) + len(spans)} entries: "
                     f"{RESULT_CODES.get(result.code, 'unknown')} ({result.code}) {result.message}".rstrip()
                 )
-            cookie = ber.paged_cookie(result.controls[PAGED_RESULTS]) if PAGED_RESULTS in result.controls else b""
+            cookie = (
+                ber.paged_cookie(result.controls[ber.PAGED_RESULTS]) if ber.PAGED_RESULTS in result.controls else b""
+            )
             page = bytes(buf[:pos])
             del buf[:pos]
             if cookie:
@@ -283,47 +422,3 @@ def _abandon(conn: ldap3.Connection) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
-
-
-def _ldap3_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Snapshot:
-    """The generic path, for connections whose strategy reads the socket itself (async)."""
-    conn, uri = connected.conn, connected.uri
-    rejections: list[Rejection] = []
-    entries: list[Entry] = []
-    cookie: bytes | None = None
-    pages = 0
-    while True:
-        try:
-            sent = conn.search(
-                cfg.base_dn,
-                cfg.filter,
-                search_scope=SCOPES[cfg.scope],
-                dereference_aliases=ldap3.DEREF_NEVER,
-                attributes=wanted,
-                paged_size=cfg.page_size,
-                paged_cookie=cookie,
-            )
-            if conn.strategy.sync:
-                result, response = conn.result or {}, conn.response or []
-            else:  # async strategies return a message id
-                response, result = conn.get_response(sent)
-        except (LDAPException, OSError) as e:
-            raise SourceError(f"{uri}: search failed after {pages} page(s), {len(entries)} entries: {e}") from e
-        code = result.get("result")
-        if code != 0:
-            raise SourceError(
-                f"{uri}: search of {cfg.base_dn} failed after {len(entries)} entries: "
-                f"{result.get('description')} ({code}) {result.get('message') or ''}".rstrip()
-            )
-        pages += 1
-        for item in response or ():
-            kind = item.get("type")
-            if kind == "searchResEntry":
-                entries.append(make_entry(item["dn"], item["raw_attributes"], wanted, rejections))
-            elif kind == "searchResRef":
-                raise SourceError(f"{uri}: referral to {item.get('uri')} cannot be followed; refusing a partial read")
-        control = (result.get("controls") or {}).get(PAGED_RESULTS)
-        cookie = control["value"]["cookie"] if control else None
-        if not cookie:
-            break
-    return Snapshot(sort_entries(entries), f"ldap:{uri}", tuple(rejections))

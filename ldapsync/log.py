@@ -2,21 +2,45 @@
 
 Libraries (ldap3, watchdog, tenacity) log through the standard `logging` module; their
 records are rendered by the same structlog renderer, so the stream stays one format.
+
+Off a terminal (the journal, cron, a pipe) each line starts with its syslog priority as
+`<N>`: systemd's SyslogLevelPrefix= reads it, so `journalctl -p warning -u ldapsync` works.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Any
 
 import structlog
 
+# syslog(3) priorities, as systemd reads them from a `<N>` line prefix
+PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
 
-def configure(fmt: str = "auto", level: str = "info") -> None:
+
+def wants_priority_prefix() -> bool:
+    """Prefix lines when stderr is the journal or not a terminal (a terminal reader wants none)."""
+    return bool(os.environ.get("JOURNAL_STREAM")) or not sys.stderr.isatty()
+
+
+def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    def render(logger: Any, method_name: str, event_dict: Any) -> Any:
+        level = str(event_dict.get("level", method_name)).lower()
+        line = renderer(logger, method_name, event_dict)
+        return f"<{PRIORITY.get(level, 6)}>{line.decode() if isinstance(line, bytes) else line}"
+
+    return render
+
+
+def configure(fmt: str = "auto", level: str = "info", *, priority_prefix: bool | None = None) -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
     )
+    if wants_priority_prefix() if priority_prefix is None else priority_prefix:
+        renderer = _with_priority(renderer)
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[

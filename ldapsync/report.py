@@ -11,8 +11,8 @@ from typing import Any
 from ldapsync import config as config_mod
 from ldapsync import status as status_mod
 from ldapsync.config import Config
-from ldapsync.errors import ConfigError
-from ldapsync.state import State
+from ldapsync.errors import ConfigError, StateError
+from ldapsync.state import LockHolder, State
 from ldapsync.status import SyncResult
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -64,7 +64,19 @@ def _collect(cfg: Config) -> dict[str, Any]:
             for name, o in outputs.items()
             if name in record.outputs and o["sha256"] is not None and o["sha256"] != record.outputs[name].sha256
         ),
+        "agent": _agent(state),
     }
+
+
+def _agent(state: State) -> dict[str, Any]:
+    """Whether an agent runs on this state_dir (it holds the lock); tested without writing."""
+    try:
+        holder: LockHolder | None = state.lock_holder()
+    except StateError as e:
+        return {"running": None, "pid": None, "lock": None, "error": str(e)}
+    running = holder is not None and holder.role == "agent"
+    lock = None if holder is None else {"pid": holder.pid, "role": holder.role}
+    return {"running": running, "pid": holder.pid if running and holder else None, "lock": lock}
 
 
 def status(cfg: Config, *, as_json: bool) -> int:
@@ -79,6 +91,7 @@ def status(cfg: Config, *, as_json: bool) -> int:
 
     attempt = info["last_attempt"]
     when = "" if attempt is None else f", {time.time() - attempt:.0f}s ago"
+    print(f"agent:          {_agent_line(info['agent'])}")
     print(f"last attempt:   {info['result'] or 'no attempt yet'}{when}")
     print(f"last success:   {ago('last_success_age')}")
     print(f"confirmed:      {ago('last_confirmed_age')} (installed outputs last known to match the directory)")
@@ -90,6 +103,8 @@ def status(cfg: Config, *, as_json: bool) -> int:
     if info["error"]:
         print(f"last error:     {info['error']}")
     print(f"held change:    {info['held'] or 'none'}")
+    rejected = info["rejected"]
+    print(f"rejected:       {'-' if rejected is None else rejected}" + (" (see the log)" if rejected else ""))
     if info["reload_pending"]:
         print(f"reload pending: {', '.join(info['reload_pending'])} ({info['reload_error'] or 'not yet run'})")
     if info["metrics_error"]:
@@ -101,6 +116,17 @@ def status(cfg: Config, *, as_json: bool) -> int:
             mark = "  MODIFIED since installed" if name in info["modified"] else ""
             print(f"  {name:<24} {o['entries']:>8} entries  sha256:{o['sha256'][:16]}  {o['path']}{mark}")
     return 0
+
+
+def _agent_line(agent: dict[str, Any]) -> str:
+    if agent["running"]:
+        return f"running (PID {agent['pid']})"
+    if agent["running"] is None:
+        return f"unknown ({agent['error']})"
+    lock = agent["lock"]
+    if lock is not None:
+        return f"not running; ldapsync {lock['role'] or ''} (PID {lock['pid']}) holds the state lock"
+    return "not running"
 
 
 def snapshots(state: State) -> int:

@@ -1,13 +1,19 @@
 """The state directory: generations (last-known-good), held changes, sync cookie, status.
 
 Layout under state_dir (0700, files 0600 -- generations hold password hashes):
-  lock                      flock: one ldapsync per state_dir
+  lock                      flock: one writer per state_dir (the agent for its lifetime); "PID ROLE"
   generations/<id>/         meta.json, snapshot.json, outputs/<name>
   current                   id of the newest installed generation
   held/                     a change a safety guard held back: meta.json, snapshot.json
   status.json               the last attempt, for `ldapsync status` and `check`
+  guard.json                what the guards' rolling window counted (see ldapsync.guard)
 Every file is written to a temp name, fsynced and renamed; a generation directory is
 complete before it gets its name, so a crash leaves either no generation or a whole one.
+
+Trust: ldapsync runs as root and installs what it reads from here (last-known-good, held
+changes), so the directory and everything in it must belong to the running user. Anything
+else is refused with the path and its owner; the follow cache is ignored instead (its
+reader falls back to a full read).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -31,8 +38,47 @@ import structlog
 from ldapsync.directory import Snapshot
 from ldapsync.errors import StateError
 from ldapsync.fileio import fsync_dir, write_atomic
+from ldapsync.guard import Window
 
 log = structlog.get_logger(__name__)
+
+GUARD_FILE = "guard.json"
+# Caches with their own reader that re-verifies them (and ignores them if untrusted): the
+# follow state of ldapsync.watch. Everything else in the state dir is refused if not ours.
+CACHE_FILES = frozenset({"follow.json", "follow-snapshot.json"})
+
+
+def untrusted(path: Path, *, private: bool = False) -> str | None:
+    """Why `path` in the state dir must not be trusted, or None (also when it does not exist).
+
+    Not ours, a symlink, or writable by others; with `private`, any group/other access.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by {_user(st.st_uid)}, not by {_user(os.geteuid())} (the user ldapsync runs as)"
+    too_open = (stat.S_IRWXG | stat.S_IRWXO) if private else (stat.S_IWGRP | stat.S_IWOTH)
+    if st.st_mode & too_open:
+        how = "accessible" if private else "writable"
+        return f"{path} is {how} by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+LOCK_FILE = "lock"
+LOCK_POLL = 0.05  # seconds between attempts while waiting for another holder
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +112,41 @@ class Generation:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class LockHolder:
+    """The process holding state_dir/lock, as it wrote itself into the file."""
+
+    pid: int | None
+    role: str | None
+
+    @classmethod
+    def parse(cls, data: bytes) -> LockHolder:
+        fields = data.decode("ascii", "replace").split()
+        pid = int(fields[0]) if fields and fields[0].isdigit() else None
+        return cls(pid, fields[1] if len(fields) > 1 else None)
+
+
+class StateLock:
+    """state_dir/lock, held by this process until release() (or exit: the kernel drops it)."""
+
+    def __init__(self, fd: int, path: Path):
+        self._fd: int | None = fd
+        self.path = path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _describe(holder: LockHolder | None) -> str:
+    if holder is None or holder.pid is None:
+        return "another ldapsync"
+    if holder.role == "agent":
+        return f"another ldapsync agent (PID {holder.pid})"
+    return f"another ldapsync ({holder.role + ', ' if holder.role else ''}PID {holder.pid})"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -74,30 +155,100 @@ class State:
     def __init__(self, root: Path):
         self.root = root
         self.generations_dir = root / "generations"
+        self._checked = False
 
     def ensure(self) -> None:
-        """Create the state dir 0700; refuse one that others can read (it holds hashes)."""
+        """Create the state dir 0700; refuse one that others can read (it holds hashes), or
+        one that is not ours, or that holds files that are not ours (checked once)."""
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = self.root.stat()
         except OSError as e:
             raise StateError(f"state_dir {self.root}: {e.strerror}") from e
+        if st.st_uid != os.geteuid():
+            raise StateError(
+                f"state_dir {self.root} is owned by {_user(st.st_uid)}, not by {_user(os.geteuid())} "
+                "(the user ldapsync runs as): another user could plant what ldapsync installs; "
+                "remove it or chown -R it"
+            )
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise StateError(
                 f"state_dir {self.root} is accessible by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); it holds password hashes: chmod 0700 it"
             )
+        if not self._checked:
+            self._check_contents()
+            self._checked = True
         self.generations_dir.mkdir(mode=0o700, exist_ok=True)
 
+    def _check_contents(self) -> None:
+        for top, dirs, files in os.walk(self.root):
+            here = Path(top)
+            for name in [*dirs, *files]:
+                if here == self.root and name in CACHE_FILES:
+                    continue
+                problem = untrusted(here / name)
+                if problem:
+                    raise StateError(f"state_dir: {problem}; remove it or chown it")
+
+    def trusted(self, *names: str) -> bool:
+        """Whether the state dir and these files in it are ours and private; logs why not."""
+        for path in (self.root, *(self.root / n for n in names)):
+            problem = untrusted(path, private=True)
+            if problem:
+                log.error("state file not trusted; ignoring it", problem=problem)
+                return False
+        return True
+
     @contextlib.contextmanager
-    def lock(self, *, wait: bool = False) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def lock(self, *, wait: bool | float = False, role: str = "sync") -> Iterator[None]:
+        """Hold state_dir/lock for a block; wait=True waits for ever, a number that many seconds."""
+        held = self.acquire(role, wait=None if wait is True else float(wait))
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise StateError(f"another ldapsync holds {self.root / 'lock'}") from None
             yield
+        finally:
+            held.release()
+
+    def acquire(self, role: str, *, wait: float | None = 0.0) -> StateLock:
+        """Take state_dir/lock (flock) and write "PID ROLE" into it; one writer per state dir.
+
+        wait: seconds to wait for another holder (None: for ever); then StateError naming the
+        holder's PID and role. The agent holds it for its lifetime, one-shot commands per run.
+        """
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = None if wait is None else time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise StateError(f"{_describe(self.lock_holder())} holds {path}") from None
+                    time.sleep(LOCK_POLL)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {role}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return StateLock(fd, path)
+
+    def lock_holder(self) -> LockHolder | None:
+        """Who holds state_dir/lock, or None if nobody; never creates, writes or waits."""
+        try:
+            fd = os.open(self.root / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"{self.root / LOCK_FILE}: {e.strerror}") from e
+        try:
+            try:  # a shared lock is granted only if no writer holds it; released at once
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return LockHolder.parse(os.pread(fd, 256, 0))
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
         finally:
             os.close(fd)
 
@@ -233,6 +384,20 @@ class State:
 
     def clear_held(self) -> None:
         shutil.rmtree(self.held_dir, ignore_errors=True)
+
+    # -- the guards' window ---------------------------------------------------------------
+    def guard_window(self) -> Window:
+        """What the guards counted recently; empty (logged) if missing or unreadable."""
+        try:
+            return Window.from_json((self.root / GUARD_FILE).read_bytes())
+        except FileNotFoundError:
+            return Window()
+        except (OSError, ValueError) as e:
+            log.error("guard window unreadable; counting from now", file=GUARD_FILE, error=str(e))
+            return Window()
+
+    def save_guard_window(self, window: Window) -> None:
+        write_atomic(self.root / GUARD_FILE, window.to_json())
 
     def read_json(self, name: str) -> dict[str, Any]:
         try:

@@ -6,6 +6,7 @@ file and key, and fails the sync, rather than being silently dropped like bad LD
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,12 @@ class Static:
     forwards: tuple[StaticEntry, ...] = field(default=())
 
 
-def load(path: Path | None, domain: str, domain_aliases: tuple[str, ...]) -> Static:
+def load(
+    path: Path | None,
+    domain: str,
+    domain_aliases: tuple[str, ...],
+    hosted: Mapping[str, tuple[str, ...]] | None = None,
+) -> Static:
     if path is None:
         return Static()
     try:
@@ -40,10 +46,21 @@ def load(path: Path | None, domain: str, domain_aliases: tuple[str, ...]) -> Sta
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", file=path) from e
-    return parse(data, path, domain, domain_aliases)
+    return parse(data, path, domain, domain_aliases, hosted)
 
 
-def parse(data: object, path: Path, domain: str, domain_aliases: tuple[str, ...]) -> Static:
+def parse(
+    data: object,
+    path: Path,
+    domain: str,
+    domain_aliases: tuple[str, ...],
+    hosted: Mapping[str, tuple[str, ...]] | None = None,
+) -> Static:
+    """Bare names are in `domain`; full addresses may be in any hosted domain (`hosted`)."""
+    hosted = hosted or {}
+    canon = {d: domain for d in (domain, *domain_aliases)}
+    for h, alias_domains in hosted.items():
+        canon.update({d: h for d in (h, *alias_domains)})
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -68,15 +85,18 @@ def parse(data: object, path: Path, domain: str, domain_aliases: tuple[str, ...]
         except validate.Invalid as e:
             raise ConfigError(f"{raw!r}: {e}", file=path, key=key) from e
         local, _, dom = addr.rpartition("@")
-        if dom in domain_aliases:
+        if dom in canon and canon[dom] != dom:
+            where = domain if canon[dom] == domain else canon[dom]
             raise ConfigError(
-                f"{raw!r}: name the address in {domain} (or bare); alias domains follow it",
+                f"{raw!r}: name the address in {where}{' (or bare)' if where == domain else ''}; "
+                "alias domains follow it",
                 file=path,
                 key=key,
             )
-        if dom != domain:
-            raise ConfigError(f"{raw!r} is not in {domain}", file=path, key=key)
-        return f"{local.lower()}@{domain}"
+        if dom not in canon:
+            where = domain if not hosted else f"a hosted domain ({', '.join([domain, *hosted])})"
+            raise ConfigError(f"{raw!r} is not in {where}", file=path, key=key)
+        return f"{local.lower()}@{dom}"
 
     def target(raw: object, key: str) -> str:
         if not isinstance(raw, str):
@@ -88,8 +108,8 @@ def parse(data: object, path: Path, domain: str, domain_aliases: tuple[str, ...]
         except validate.Invalid as e:
             raise ConfigError(f"target {raw!r}: {e}", file=path, key=key) from e
         local, _, dom = addr.rpartition("@")
-        if dom == domain or dom in domain_aliases:
-            return f"{local.lower()}@{domain}"
+        if dom in canon:
+            return f"{local.lower()}@{canon[dom]}"
         return addr
 
     seen: dict[str, str] = {}

@@ -9,10 +9,12 @@ arrives; `--dry-run` is plan() plus printing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date
@@ -23,9 +25,10 @@ from types import MappingProxyType
 import structlog
 
 from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
+from ldapsync import guard as guards
 from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
-from ldapsync.directory import Snapshot
+from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.state import Generation, State
@@ -68,6 +71,7 @@ class Plan:
     new_generation: bool  # the content differs from the current generation: record it
     held_reason: str | None = None
     rejected: int = 0
+    forced: bool = False  # installed past the guards (--force, approve): the guards' window starts afresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +96,23 @@ class Pipeline:
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
-        self.static = static.load(config.static, config.domain, config.domain_aliases)
-        self._reported: set[object] = set()  # problems already logged: an agent repeats syncs
+        self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
+        self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
         self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
         self._cache_day: date | None = None
         self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
+        self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
+        self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
+
+    def reported_keys(self) -> list[str]:
+        """Opaque keys of the problems logged so far (no LDAP values), to carry across runs."""
+        return sorted(self._reported)
+
+    def restore_reported(self, keys: object) -> None:
+        """Problems a previous run reported are not logged again (cron `--once --quiet`)."""
+        if isinstance(keys, list):
+            self._reported = {k for k in keys if isinstance(k, str)}
 
     # -- reading ------------------------------------------------------------------------
     def read_source(self) -> Snapshot:
@@ -120,14 +135,17 @@ class Pipeline:
             attributes=cfg.attributes,
             today=today,
             cache=self._entry_cache,
+            hosted=cfg.hosted,
+            groups=cfg.groups,
+            mailbox=cfg.mailbox,
         )
         if log_problems:
-            current: set[object] = {*report.warnings, *report.rejections}
+            current = {_problem_key(p) for p in (*report.warnings, *report.rejections)}
             for w in report.warnings:
-                if w not in self._reported:
+                if _problem_key(w) not in self._reported:
                     log.warning("static entry overrides LDAP", detail=w)
             for r in report.rejections:
-                if r not in self._reported:
+                if _problem_key(r) not in self._reported:
                     log.warning("LDAP value rejected", dn=r.dn, attribute=r.attribute, reason=r.reason)
             if report.rejections:
                 log.info("rejected LDAP values in this sync", count=len(report.rejections))
@@ -159,6 +177,20 @@ class Pipeline:
             )
         return outputs, report
 
+    def redacted(self, snapshot: Snapshot, report: model.BuildReport | None = None) -> Snapshot:
+        """`snapshot` as it may be stored: mail passwords the model refused (plaintext, unknown
+        scheme) replaced by markers that it refuses as well, so outputs stay the same."""
+        if self._redacted is not None and self._redacted[0]() is snapshot:
+            return self._redacted[1] or snapshot
+        if report is None:
+            _, report = self.render(snapshot, log_problems=False)
+        attr = (self.config.attributes.mail_password or "").lower()
+        refused = {r.dn for r in report.rejections if r.attribute.lower() == attr} if attr else set()
+        stored = without_secrets(snapshot, attr, refused)
+        # a weak reference: an agent's 100k-entry snapshot must not outlive its sync
+        self._redacted = (weakref.ref(snapshot), stored if stored is not snapshot else None)
+        return stored
+
     def postmap(self) -> commit.Postmap:
         cfg = self.config
         conf = cfg.postfix_config_dir
@@ -186,37 +218,65 @@ class Pipeline:
         return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
 
     # -- guards -------------------------------------------------------------------------
-    def guard(self, snapshot: Snapshot, outputs: list[commit.Output], report: model.BuildReport) -> str | None:
-        """Why this change must be held for review, or None."""
-        safety = self.config.safety
-        accounts = len(snapshot.entries) - report.skipped
-        if accounts <= 0 and not safety.allow_empty:
-            return f"the directory returned no mail accounts ({len(snapshot.entries)} entries)"
+    def guard(
+        self,
+        snapshot: Snapshot,
+        outputs: Sequence[commit.Output],
+        report: model.BuildReport,
+        deltas: Sequence[guards.Delta] | None = None,
+    ) -> str | None:
+        """Why this change must be held for review, or None (the rules: ldapsync.guard)."""
+        if deltas is None:
+            self.deltas(outputs)
+            deltas = self._deltas[1] if self._deltas else []
+        return guards.check(
+            deltas,
+            self.state.guard_window(),
+            self.config.safety,
+            time.time(),
+            accounts=len(snapshot.entries) - report.skipped,
+            entries=len(snapshot.entries),
+        )
+
+    def deltas(self, outputs: Sequence[commit.Output]) -> list[guards.Delta]:
+        """Each output against what is installed, parsed by its exporter, every changed value counted.
+
+        The guards see changed values only where the exporter guards them (`_guarded`); the
+        counts (dry run, held change, log) see them all. One parse serves both.
+        """
+        exporters = {spec.name: exp for spec, exp in self.exporters}
+        deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
             if installed == out.data:
-                continue  # unchanged: nothing deleted, no need to parse 100k lines
-            old = _keys(installed.decode("utf-8", "replace"), out)
-            if not old:
-                continue
-            removed = len(old - _keys(out.data.decode("utf-8", "replace"), out))
-            if removed > safety.max_deletions:
-                limit = safety.max_deletions
-                return f"{out.name}: {removed} of {len(old)} entries would be deleted (max_deletions {limit})"
-            if removed > RATIO_FLOOR and removed / len(old) > safety.max_deletion_ratio:
-                return (
-                    f"{out.name}: {removed} of {len(old)} entries ({removed / len(old):.0%}) would be deleted "
-                    f"(max_deletion_ratio {safety.max_deletion_ratio:g})"
-                )
-        return None
+                deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
+            else:
+                deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
+        guarded = [_guarded(d, exporters[d.output]) for d in deltas]
+        self._deltas = ([o.digest() for o in outputs], guarded)
+        return deltas
+
+    def record_guard(self, outputs: list[commit.Output], *, force: bool) -> None:
+        """Count an install in the guards' window; a forced (or approved) one starts a new window."""
+        before = self.state.guard_window()
+        if force:
+            after = guards.Window()
+        else:
+            deltas = self._deltas[1] if self._deltas and self._deltas[0] == [o.digest() for o in outputs] else []
+            after = before.record(deltas, time.time(), self.config.safety.window)
+        self._deltas = None
+        if after != before:
+            self.state.save_guard_window(after)
 
     # -- plan: no side effects ----------------------------------------------------------
     def plan(self, snapshot: Snapshot, *, force: bool = False, log_problems: bool = True) -> Plan:
         """Render, diff against the installed files, ask the guards; read only."""
         outputs, report = self.render(snapshot, log_problems=log_problems)
+        snapshot = self.redacted(snapshot, report)  # what a held change or a generation stores
         changed = tuple(o.name for o in outputs if commit.needs_install(o))
-        counts = MappingProxyType({o.name: _delta(commit.installed_bytes(o), o) for o in outputs})
-        held = None if force else self.guard(snapshot, outputs, report)
+        deltas = self.deltas(outputs)
+        counts = MappingProxyType({d.output: Delta(d.added, d.deleted, d.changed) for d in deltas})
+        held = None if force else self.guard(snapshot, outputs, report, self._deltas[1] if self._deltas else None)
         if held is not None:
             verdict, generation, new = Verdict.HOLD, self.state.current_id() or "", False
         else:
@@ -232,6 +292,7 @@ class Pipeline:
             new,
             held_reason=held,
             rejected=len(report.rejections),
+            forced=force,
         )
 
     def _generation_for(self, snapshot: Snapshot, outputs: Sequence[commit.Output]) -> tuple[str, bool]:
@@ -300,6 +361,7 @@ class Pipeline:
             record = self._reload(record, changed, plan.generation)
             if plan.new_generation:
                 self._record_generation(plan)
+            self.record_guard(list(plan.outputs), force=plan.forced)
         except (LdapsyncError, OSError) as e:
             self._finish(_failed(record, str(e)))
             raise
@@ -366,8 +428,12 @@ class Pipeline:
             for spec, _ in self.exporters
             if spec.name in pending
         ]
+        hooks = self.config.hooks
         try:
-            commit.reload(self.config.hooks, outs, generation)
+            for i, command in enumerate(hooks.reload):
+                served = [o for o in outs if hooks.reload_serves(i, o.name)]
+                if served:  # `postfix-reload` does not run when only the passwd-file changed
+                    commit.reload(dataclasses.replace(hooks, reload=(command,)), served, generation)
         except HookError as e:
             log.error("reload hook failed; installed files stay, reload retried next sync", error=str(e))
             return replace(record, reload_pending=tuple(pending), reload_error=str(e))
@@ -519,23 +585,14 @@ def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState
     return MappingProxyType({o.name: OutputState(o.data.count(b"\n"), o.digest()) for o in outputs})
 
 
-def _delta(installed: bytes, out: commit.Output) -> Delta:
-    """Count keys added, removed and changed, looking only at lines that differ (one line per key)."""
-    if installed == out.data:
-        return Delta()
-    old, new = set(installed.split(b"\n")), set(out.data.split(b"\n"))
-    sep = b":" if out.sensitive else b"\t"
-    gone = {line.split(sep, 1)[0] for line in old - new if line}
-    came = {line.split(sep, 1)[0] for line in new - old if line}
-    return Delta(added=len(came - gone), removed=len(gone - came), changed=len(gone & came))
+def _guarded(delta: guards.Delta, exp: Exporter) -> guards.Delta:
+    """The delta as the guards count it: changed values only where the exporter guards them."""
+    return delta if exp.guarded_values else replace(delta, changed=0)
 
 
-RATIO_FLOOR = 10  # the ratio guard ignores tiny changes: 2 of 5 users is not a mass deletion
-
-
-def _keys(text: str, out: commit.Output) -> set[str]:
-    sep = ":" if out.sensitive else "\t"
-    return {line.split(sep, 1)[0] for line in text.splitlines() if line}
+def _problem_key(problem: object) -> str:
+    """A stable digest of a warning or rejection: stored in state without the rejected value."""
+    return hashlib.sha256(repr(problem).encode("utf-8", "replace")).hexdigest()[:24]
 
 
 def rollback(pipeline: Pipeline, gid: str | None) -> Result:

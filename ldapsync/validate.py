@@ -220,3 +220,33 @@ def is_retired(status: str, today: date) -> bool:
             return False
         return today - when > RETIRING_GRACE
     return False
+
+
+# Mailbox fields (Dovecot userdb). Dovecot expands %variables in passwd-file fields and splits
+# extra fields at spaces: values from LDAP may hold neither, nor ':'.
+_HOME_RE = re.compile(r"(?:/[A-Za-z0-9_+=@.-]+)+")
+_QUOTA_RE = re.compile(r"[0-9]{1,15}(?:[BKMGT]|[KMGT]B)?|[0-9]{1,3}%", re.IGNORECASE)
+MAX_ID = 4294967294  # (uid_t)-1 is "no user"
+
+
+def numeric_id(value: str) -> str:
+    """A uid or gid: decimal digits only (no sign, no spaces)."""
+    if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) > MAX_ID:
+        raise Invalid("is not a numeric id")
+    return str(int(value))
+
+
+def home(value: str) -> str:
+    """An absolute, normalised directory path: no '..', '.', '//', trailing '/', or special characters."""
+    if not value.isascii() or _HOME_RE.fullmatch(value) is None or len(value) > 4096:
+        raise Invalid("is not an absolute path of letters, digits and ._+=@- (no spaces, ':', '%')")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise Invalid("contains a '.' or '..' component")
+    return value
+
+
+def quota(value: str) -> str:
+    """A Dovecot quota size like 1G, 500M, 1048576 or 10%."""
+    if not value.isascii() or _QUOTA_RE.fullmatch(value) is None:
+        raise Invalid("is not a quota size like 500M, 2G or 10%")
+    return value

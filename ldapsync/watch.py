@@ -3,8 +3,10 @@
 This is the I/O side. The syncrepl protocol logic is in the sans-I/O `syncrepl` module;
 here ldap3 messages are translated into its input messages and its events applied to the
 Mirror, an in-memory copy of the directory keyed by entryUUID. A Follower runs in its own
-thread, reconnects with exponential backoff and jitter across `uri`, and tells the agent
-"the directory changed" through a callback; it never raises out of its thread.
+thread, connects through ldapsource.connect (failover across `uri`), checks that a quiet
+server still answers, reconnects with exponential backoff and jitter (reset once a connection
+worked), and tells the agent "changed", "up", "down" through a callback; it never raises out
+of its thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,7 +27,6 @@ from typing import Any
 import ldap3
 import structlog
 from ldap3.core.exceptions import LDAPException
-from tenacity import Retrying, retry_if_not_exception_type, stop_never, wait_exponential_jitter
 
 from ldapsync import ldapsource, ldifsource, psearch, syncrepl
 from ldapsync.config import Config, LdapSource, LdifSource
@@ -39,6 +40,7 @@ log = structlog.get_logger(__name__)
 PSEARCH_OID = "2.16.840.1.113730.3.4.3"
 FOLLOW_FILE = "follow.json"
 FOLLOW_SNAPSHOT = "follow-snapshot.json"
+CHECK_IDLE_MAX = 60.0  # seconds the check connection may idle while the stream is busy
 
 
 class Stopped(Exception):
@@ -58,7 +60,6 @@ class Mirror:
         self._rejections: dict[str, list[Rejection]] = {}
         self.cookie: bytes | None = None
         self.source = "ldap"
-        self.changes = 0  # entries changed since start, for status
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
         with self._lock:
@@ -88,15 +89,11 @@ class Mirror:
         with self._lock:
             self._entries[key] = entry
             self._rejections[key] = rejections
-            self.changes += 1
 
     def delete(self, key: str) -> bool:
         with self._lock:
             self._rejections.pop(key, None)
-            if self._entries.pop(key, None) is not None:
-                self.changes += 1
-                return True
-            return False
+            return self._entries.pop(key, None) is not None
 
     def delete_dn(self, dn: str) -> bool:
         with self._lock:
@@ -142,7 +139,8 @@ def save_follow_state(
     digest = snapshot.digest()
     saved = state.read_json(FOLLOW_FILE)
     target = state.root / FOLLOW_SNAPSHOT
-    if saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists():
+    unchanged = saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists()
+    if unchanged and state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):  # else rewrite what is not ours
         sha = str(saved.get("snapshot_sha256"))
     else:
         data = snapshot.to_json()
@@ -167,7 +165,9 @@ def save_follow_state(
 
 
 def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | None] | None:
-    """The persisted mirror and cookie, or None if absent, damaged or for another search."""
+    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search."""
+    if not state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):
+        return None
     doc = state.read_json(FOLLOW_FILE)
     if not doc:
         return None
@@ -192,16 +192,45 @@ class FollowerStatus:
     method: str | None = None
     connected: bool = False
     last_change: float | None = None
-    refresh_entries: int = 0  # entries received in the last refresh (small = resumed by cookie)
     error: str | None = None
     heartbeat: float = 0.0
 
 
-Notify = Callable[[str], None]  # "changed" | "synced" | "error"
+# "changed" | "synced" | "error" (each failed attempt) | "up" (connected and following) |
+# "down" (a connection failed or was lost; once per outage, until the next "up")
+Notify = Callable[[str], None]
+
+
+class Backoff:
+    """Reconnect delays: exponential with jitter, capped; `reset()` after a connection that worked.
+
+    Without the reset, delays grew over the agent's lifetime: after a few outages a short
+    server restart was followed only a minute later.
+    """
+
+    def __init__(
+        self, cap: float, *, initial: float = 0.5, jitter: float = 1.0, rng: Callable[[], float] = random.random
+    ):
+        self.cap, self.initial, self.jitter, self.rng = cap, initial, jitter, rng
+        self.failures = 0
+
+    def next(self) -> float:
+        self.failures += 1
+        return float(min(self.cap, self.initial * 2 ** min(self.failures - 1, 32) + self.jitter * self.rng()))
+
+    def reset(self) -> None:
+        self.failures = 0
 
 
 class Follower(threading.Thread):
-    """Keeps the Mirror current and calls notify() on every change; reconnects forever."""
+    """Keeps the Mirror current and calls notify() on every change; reconnects forever.
+
+    Each connection is a pair on one server: a synchronous check connection (StartTLS, bind,
+    the root DSE, full reads, and a liveness read whenever the stream has been quiet for half
+    of `timeout`) and, for syncrepl and psearch, the stream. A server that stops answering (a
+    stopped process keeps its TCP connections open) fails the liveness read, so it is noticed
+    within about `timeout`; the next attempt tries the URIs in order again.
+    """
 
     def __init__(self, config: Config, mirror: Mirror, notify: Notify, *, method: str | None = None):
         super().__init__(name="ldapsync-follower", daemon=True)
@@ -212,6 +241,10 @@ class Follower(threading.Thread):
         self._halt = threading.Event()
         self._forced_method = method
         self._conn: ldap3.Connection | None = None
+        self._check: ldapsource.Connected | None = None  # the synchronous connection beside the stream
+        self._lost: str | None = None  # the server of the connection that failed last
+        self._up: bool | None = None  # None: no attempt yet
+        self._worked = False  # this connection completed a refresh: the backoff starts over
 
     def stop(self) -> None:
         self._halt.set()
@@ -242,15 +275,19 @@ class Follower(threading.Thread):
             if isinstance(src, LdifSource):
                 self._follow_ldif(src)
                 return
-            retrying = Retrying(
-                retry=retry_if_not_exception_type(Stopped),
-                wait=wait_exponential_jitter(initial=0.5, max=self.config.agent.reconnect_max, jitter=1.0),
-                stop=stop_never,
-                sleep=self.sleep,
-                before_sleep=self._before_sleep,
-                reraise=True,
-            )
-            retrying(self._follow_ldap, src)
+            backoff = Backoff(self.config.agent.reconnect_max)
+            while True:
+                try:
+                    self._follow_ldap(src)
+                except Stopped:
+                    raise
+                except Exception as e:  # a directory problem never ends the follower
+                    if self._halt.is_set():  # stop() closed the connection: not a directory failure
+                        raise Stopped from e
+                    if self._worked:
+                        backoff.reset()
+                        self._worked = False
+                    self._failed(e, backoff.next())
         except Stopped:
             pass
         except Exception as e:  # the agent's watchdog notices a dead follower
@@ -258,117 +295,109 @@ class Follower(threading.Thread):
             self.status.error = f"follower crashed: {e}"
             self.notify("error")
 
-    def _before_sleep(self, retry_state: Any) -> None:
-        if self._halt.is_set():  # stop() closed the connection: not a directory failure worth a warning
-            raise Stopped
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        if exc is not None and not isinstance(exc, (LdapsyncError, LDAPException, OSError)):
+    def _failed(self, exc: Exception, delay: float) -> None:
+        if not isinstance(exc, (LdapsyncError, LDAPException, OSError)):
             log.error("unexpected error in the follower", error=repr(exc), exc_info=exc)
         self.status.connected = False
         self.status.error = str(exc)
-        delay = retry_state.next_action.sleep if retry_state.next_action else 0
         log.warning("directory connection failed; retrying", error=str(exc), retry_in=round(delay, 2))
+        if self._up is not False:
+            self._up = False
+            self.notify("down")
         self.notify("error")
+        self.sleep(delay)
+
+    def _following(self, uri: str) -> None:
+        """Connected to `uri` and following: "up" once per connection."""
+        self.status.server, self.status.connected, self.status.error = uri, True, None
+        if self._up is not True:
+            self._up = True
+            self.notify("up")
 
     # -- methods --------------------------------------------------------------------------
     def _follow_ldap(self, src: LdapSource) -> None:
         self.beat()
-        method = self._forced_method or src.watch
-        if method == "auto":
-            method = self._detect(src)
-        self.status.method = method
-        if method == "syncrepl":
-            self._follow_syncrepl(src)
-        elif method == "psearch":
-            self._follow_psearch(src)
-        else:
-            self._follow_poll(src)
-
-    def _detect(self, src: LdapSource) -> str:
-        connected = ldapsource.connect(src)
+        uris = src.uris
+        if self._lost in uris and len(uris) > 1:  # the server just lost is tried last, not first
+            uris = (*(u for u in uris if u != self._lost), self._lost)
+        self._lost = None
+        check = self._check = ldapsource.connect(src, uris=uris, root_dse=True)
+        self._lost = check.uri  # until it works out: a failure from here on is this server's
         try:
-            conn = connected.conn
-            conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["supportedControl"])
-            controls: set[str] = set()
-            for item in conn.response or ():
-                for v in (item.get("raw_attributes") or {}).get("supportedControl", []):
-                    controls.add(v.decode() if isinstance(v, bytes) else str(v))
+            method = self._forced_method or src.watch
+            if method == "auto":
+                method = _method(check)
+            self.status.method = method
+            if method == "syncrepl":
+                self._follow_syncrepl(src, check)
+            elif method == "psearch":
+                self._follow_psearch(src, check)
+            else:
+                self._follow_poll(src, check)
         finally:
-            connected.conn.unbind()
-        method = (
-            "syncrepl" if syncrepl.SYNC_REQUEST_OID in controls else "psearch" if PSEARCH_OID in controls else "poll"
-        )
-        log.info("change detection chosen from the root DSE", method=method, server=connected.uri)
-        return method
-
-    def _stream_connection(self, src: LdapSource) -> tuple[ldap3.Connection, str]:
-        password = ldapsource.bind_password(src)
-        errors = []
-        for uri in src.uris:
-            self.beat()
-            conn = None
-            try:
-                if src.start_tls and uri.lower().startswith("ldap://"):
-                    _probe_start_tls(uri, src)
-                server = ldapsource._server(uri, src)
-                conn = ldap3.Connection(
-                    server,
-                    user=src.bind_dn,
-                    password=password,
-                    authentication=ldap3.SIMPLE if src.bind_dn else ldap3.ANONYMOUS,
-                    client_strategy=ldap3.ASYNC_STREAM,
-                    check_names=False,
-                    read_only=True,
-                    auto_referrals=False,
-                )
-                conn.open(read_server_info=False)
-                # step by step, not auto_bind: an async StartTLS "succeeds" even when the handshake failed
-                if src.start_tls and uri.lower().startswith("ldap://"):
-                    conn.start_tls(read_server_info=False)
-                    if not conn.tls_started:
-                        failure = getattr(server.tls, "failure", None) or conn.last_error or "no TLS"
-                        raise SourceError(f"StartTLS failed: {failure}")
-                if not conn.bind(read_server_info=False):
-                    raise SourceError(
-                        f"bind as {src.bind_dn or 'anonymous'} failed: {(conn.result or {}).get('description')}"
-                    )
-            except (LDAPException, OSError, SourceError) as e:
-                if conn is not None:
-                    ldapsource._abandon(conn)
-                errors.append(f"{uri}: {e}")
-                continue
-            _keepalive(conn)
-            return conn, uri
-        raise SourceError("no LDAP server could be used: " + "; ".join(errors))
+            if self._check is not None:
+                self._check.close()
+                self._check = None
 
     @contextlib.contextmanager
-    def _stream(self, src: LdapSource) -> Iterator[tuple[ldap3.Connection, str]]:
-        """A bound streaming connection, registered so stop() can break a blocking read."""
-        conn, uri = self._stream_connection(src)
-        self._conn = conn
+    def _stream(self, src: LdapSource, check: ldapsource.Connected) -> Iterator[ldap3.Connection]:
+        """A bound streaming connection to the check connection's server, registered so
+        stop() can break a blocking read."""
+        self.beat()
+        stream = ldapsource.connect(src, uris=(check.uri,), stream=True)
+        self._conn = stream.conn
         try:
-            yield conn, uri
+            yield stream.conn
         finally:
             self._conn = None
-            with contextlib.suppress(LDAPException, OSError):
-                conn.unbind()
+            stream.close()
 
     def _items(self, ps: Any, conn: ldap3.Connection, uri: str) -> Iterator[dict[str, Any]]:
         """Messages of a streaming search, forever; a dead connection ends it with ConnectionLost.
 
-        Wakes every second to beat (the agent's watchdog, and stop()) and to notice a receiver
-        thread that died without a message.
+        Wakes at least every second to beat (the agent's watchdog, and stop()) and to notice a
+        receiver thread that died without a message. When nothing arrived for half of
+        `timeout`, a liveness read on the check connection must be answered within the other
+        half: a frozen server is noticed within about `timeout`.
         """
+        quiet = max(0.5, check_timeout(self.config) / 2)
+        heard = checked = time.monotonic()
         while True:
             self.beat()
-            item = ps.next(block=True, timeout=1.0)
+            item = ps.next(block=True, timeout=min(1.0, quiet))
+            now = time.monotonic()
             if item is not None:
+                heard = now
                 yield item
             elif conn.closed or not _receiver_alive(conn):
                 raise ConnectionLost(f"{uri}: connection closed")
+            # a busy stream proves the server alive, but the check connection must not idle out
+            if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX:
+                self._check_alive()
+                checked = time.monotonic()
 
-    def _follow_syncrepl(self, src: LdapSource) -> None:
-        with self._stream(src) as (conn, uri):
+    def _check_alive(self) -> None:
+        """ConnectionLost unless the server answers a liveness read within half of `timeout`.
+
+        A check connection the server closed (an idle timeout shorter than ours) is replaced
+        by a new one to the same server, which must answer.
+        """
+        check = self._check
+        assert check is not None and isinstance(self.config.source, LdapSource)
+        within = max(0.5, self.config.source.timeout / 2)
+        try:
+            if ldapsource.alive(check, within):
+                return
+            check.close()
+            self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
+            if not ldapsource.alive(check, within):
+                raise SourceError(f"{check.uri}: the server closed a new connection at once")
+        except SourceError as e:
+            raise ConnectionLost(str(e)) from e
+
+    def _follow_syncrepl(self, src: LdapSource, check: ldapsource.Connected) -> None:
+        uri = check.uri
+        with self._stream(src, check) as conn:
             wanted = self.config.attributes.ldap_attributes()
             consumer = syncrepl.SyncConsumer(known=self.mirror.keys(), cookie=self.mirror.cookie)
             control = (syncrepl.SYNC_REQUEST_OID, True, consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST))
@@ -382,7 +411,7 @@ class Follower(threading.Thread):
                 changes_only=False,
                 streaming=False,
             )
-            self.status.server, self.status.connected, self.status.error = uri, True, None
+            self.status.server = uri
             resumed = consumer.cookie is not None
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
@@ -405,7 +434,8 @@ class Follower(threading.Thread):
                         self.mirror.set_cookie(ev.cookie)
                     elif isinstance(ev, syncrepl.RefreshComplete):
                         refreshing = False
-                        self.status.refresh_entries = received
+                        self._following(uri)
+                        self._worked = True
                         log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
                         self.notify("synced")
                     elif isinstance(ev, syncrepl.RefreshRequired):
@@ -428,8 +458,9 @@ class Follower(threading.Thread):
                     self.status.last_change = time.time()
                     self.notify("changed")
 
-    def _follow_psearch(self, src: LdapSource) -> None:
-        with self._stream(src) as (conn, uri):
+    def _follow_psearch(self, src: LdapSource, check: ldapsource.Connected) -> None:
+        uri = check.uri
+        with self._stream(src, check) as conn:
             wanted = self.config.attributes.ldap_attributes()
             ps = conn.extend.standard.persistent_search(
                 src.base_dn,
@@ -443,10 +474,10 @@ class Follower(threading.Thread):
             )
             consumer = psearch.PsearchConsumer()
             # psearch has no cookie: after (re)connecting, a full read compared by content.
-            snapshot = ldapsource.read(src, self.config.attributes)
+            snapshot = ldapsource.search(check, src, self.config.attributes)
             changed = self.mirror.replace_all(snapshot)
-            self.status.server, self.status.connected, self.status.error = uri, True, None
-            self.status.refresh_entries = len(snapshot.entries)
+            self._following(uri)
+            self._worked = True
             log.info("following the directory", method="psearch", server=uri, entries=len(snapshot.entries))
             self.notify("synced" if not changed else "changed")
             for item in self._items(ps, conn, uri):
@@ -464,22 +495,35 @@ class Follower(threading.Thread):
                     self.status.last_change = time.time()
                     self.notify("changed")
 
-    def _follow_poll(self, src: LdapSource) -> None:
+    def _follow_poll(self, src: LdapSource, check: ldapsource.Connected) -> None:
+        """Read when the suffix's contextCSN moved (every time where there is none).
+
+        Each poll connects afresh (an idle connection would meet the server's idle timeout);
+        the connection that chose the method serves the first poll.
+        """
         last_csn: str | None = None
+        connected: ldapsource.Connected | None = check
         while True:
-            csn = _context_csn(src)
-            if csn is None or csn != last_csn:
-                snapshot = ldapsource.read(src, self.config.attributes)
-                changed = self.mirror.replace_all(snapshot)
-                self.mirror.source = snapshot.source
-                self.status.server = snapshot.source.removeprefix("ldap:")
-                self.status.connected, self.status.error = True, None
-                self.status.refresh_entries = len(snapshot.entries)
-                if changed:
-                    self.status.last_change = time.time()
-                    log.info("directory changed", method="poll", entries=len(snapshot.entries))
-                self.notify("changed" if changed else "synced")
-                last_csn = csn
+            if connected is None:
+                self.beat()
+                connected = ldapsource.connect(src, root_dse=True)
+            try:
+                csn = ldapsource.context_csn(connected, src.base_dn)
+                if csn is None or csn != last_csn:
+                    snapshot = ldapsource.search(connected, src, self.config.attributes)
+                    changed = self.mirror.replace_all(snapshot)
+                    self.mirror.source = snapshot.source
+                    self._following(connected.uri)
+                    if changed:
+                        self.status.last_change = time.time()
+                        log.info("directory changed", method="poll", entries=len(snapshot.entries))
+                    self.notify("changed" if changed else "synced")
+                    last_csn = csn
+                self._following(connected.uri)
+                self._worked = True
+            finally:
+                connected.close()
+                connected = None
             self.sleep(src.poll_interval)
 
     def _follow_ldif(self, src: LdifSource) -> None:
@@ -513,41 +557,15 @@ class Follower(threading.Thread):
             self.sleep(0.5)
 
 
-def _probe_start_tls(uri: str, src: LdapSource) -> None:
-    """StartTLS on a plain synchronous connection first, so a server that refuses it (or
-    fails the handshake) is reported at once and clearly: ldap3's asynchronous StartTLS
-    only times out after 20 s when the server says no."""
-    probe = ldap3.Connection(ldapsource._server(uri, src), check_names=False, read_only=True, auto_referrals=False)
-    try:
-        probe.open(read_server_info=False)
-        if not probe.start_tls(read_server_info=False):
-            raise SourceError(f"StartTLS failed: {(probe.result or {}).get('description')}")
-    except LDAPException as e:
-        raise SourceError(f"StartTLS failed: {e}") from e
-    finally:
-        ldapsource._abandon(probe)
+def check_timeout(config: Config) -> float:
+    return config.source.timeout if isinstance(config.source, LdapSource) else 10.0
 
 
-def _keepalive(conn: ldap3.Connection) -> None:
-    """Half-open TCP (a server that vanished without FIN) is noticed within ~1 minute.
-
-    The stream socket also becomes blocking: ldap3 leaves the connect timeout on it, and its
-    receiver thread treats a recv timeout as end of stream, so a quiet directory dropped the
-    stream every `timeout` seconds (and a change in the reconnect gap waited for backoff).
-    Setting ldap3's receive_timeout instead would make that thread spin on a closed socket.
-    """
-    sock = getattr(conn, "socket", None)
-    if sock is None:
-        return
-    try:
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    except OSError:
-        pass
+def _method(check: ldapsource.Connected) -> str:
+    controls = check.root_dse.controls if check.root_dse else frozenset()
+    method = "syncrepl" if syncrepl.SYNC_REQUEST_OID in controls else "psearch" if PSEARCH_OID in controls else "poll"
+    log.info("change detection chosen from the root DSE", method=method, server=check.uri)
+    return method
 
 
 def _receiver_alive(conn: ldap3.Connection) -> bool:
@@ -575,37 +593,6 @@ def _uuid_of(attributes: Mapping[str, Iterable[bytes]]) -> str | None:
             for v in values:
                 return v.decode("ascii", "replace")
     return None
-
-
-def _context_csn(src: LdapSource) -> str | None:
-    """The suffix's contextCSN (syncprov keeps it), or None where the server has none."""
-    try:
-        connected = ldapsource.connect(src)
-    except SourceError:
-        raise
-    conn = connected.conn
-    try:
-        conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["namingContexts"])
-        contexts = [
-            (v.decode() if isinstance(v, bytes) else str(v))
-            for item in conn.response or ()
-            for v in (item.get("raw_attributes") or {}).get("namingContexts", [])
-        ]
-        base = src.base_dn.lower()
-        suffix = next((c for c in sorted(contexts, key=len, reverse=True) if base.endswith(c.lower())), None)
-        if suffix is None:
-            return None
-        conn.search(suffix, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["contextCSN"])
-        for item in conn.response or ():
-            values = (item.get("raw_attributes") or {}).get("contextCSN", [])
-            if values:
-                return b";".join(sorted(v if isinstance(v, bytes) else str(v).encode() for v in values)).decode()
-        return None
-    except LDAPException as e:
-        raise SourceError(f"{connected.uri}: contextCSN check failed: {e}") from e
-    finally:
-        with contextlib.suppress(LDAPException, OSError):
-            conn.unbind()
 
 
 def follow_state_path(state: State) -> Path:

@@ -16,6 +16,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -232,7 +233,7 @@ class AgentProcess:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(re.sub(r"^<[0-7]>", "", line))  # the syslog priority prefix
             except ValueError:
                 rec = {"event": line, "raw": True}
             records.append(rec if isinstance(rec, dict) else {"event": line, "raw": True})

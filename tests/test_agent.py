@@ -13,6 +13,8 @@ import itertools
 import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,6 +132,8 @@ def test_quiet_directory_keeps_one_stream_and_a_change_is_fast(slapd: Slapd, age
 def test_burst_of_modifications_causes_few_rebuilds(big_slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
     """Agent defaults (debounce 0.1 s, max_delay 2 s): 200 modifications, one or a few installs."""
     setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=None)
+    setup.doc["safety"] = {"max_change_ratio": 1.0}  # rewriting most forwards is deliberate here
+    setup.write_config()
     agent = start_ready(agents, setup)
     assert setup.reloads() == 1
     mark = agent.mark()
@@ -410,3 +414,163 @@ def test_follows_389_ds_via_persistent_search(ds389: Ds389, agents: Agents, tmp_
     wait_until(lambda: "renamed" not in setup.passwd_users() and "user000003" in setup.passwd_users(), 5,
                what="passwd-file follows the delete")
     no_errors(agent)
+
+
+def test_follows_group_membership_changes(slapd_factory: Callable[..., Slapd], agents: Agents, tmp_path: Path) -> None:
+    """Groups come through the same syncrepl stream as accounts: a new member is installed live."""
+    from slapd import DEMO_LDIF, FIXTURES, SUFFIX
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "groups.ldif"))
+    setup = AgentSetup.for_slapd(tmp_path / "a", server, agent=FAST, base_dn="dc=example,dc=org")
+    setup.doc["groups"] = {"base_dn": "ou=groups,dc=example,dc=org"}
+    setup.write_config()
+    agent = start_ready(agents, setup)
+    setup.wait_map("ops@example.org", "bob@example.org,grace@example.org", timeout=5)
+    server.modify(f"dn: cn=ops,ou=groups,{SUFFIX}\nchangetype: modify\nadd: member\nmember: uid=carol,{USERS}\n")
+    setup.wait_map("ops@example.org", "bob@example.org,carol@example.org,grace@example.org", timeout=5)
+    # the nested group follows: admins and ops are on one cycle and share their members
+    everyone = "alice@example.org,bob@example.org,carol@example.org,frank@example.org,grace@example.org"
+    setup.wait_map("staff@example.org", everyone, timeout=5)
+    assert agent.alive
+
+
+# -- failures, readiness, single instance, reachability ------------------------------------------
+def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m ldapsync -c CONFIG ARGS...`, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "ldapsync", "-c", str(config), *args],
+        capture_output=True, text=True, timeout=timeout, check=False, cwd=str(config.parent),
+    )
+
+
+def refusing_check_hook(setup: AgentSetup) -> Path:
+    """A check hook that counts its runs in a file and refuses every install."""
+    runs = setup.root / "check-runs.log"
+    setup.doc["hooks"]["check"] = [["sh", "-c", f"echo run >> '{runs}'; echo 'map looks wrong' >&2; exit 3"]]
+    setup.write_config()
+    return runs
+
+
+def count_runs(runs: Path) -> int:
+    try:
+        return runs.read_text().count("run")
+    except FileNotFoundError:
+        return 0
+
+
+def test_failed_sync_is_retried_after_the_backoff(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """A refusing check hook used to be re-run every few milliseconds (250 times in 10 s)."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)  # agent.retry_initial: default 1 s
+    runs = refusing_check_hook(setup)
+    agent = agents(setup)
+    failed = agent.wait_log("sync failed; installed files stay; will retry", timeout=20)
+    assert failed["retry_in"] >= 1.0 and "map looks wrong" in failed["error"]
+    first = time.monotonic()
+    time.sleep(3.0)
+    n = count_runs(runs)
+    assert 1 <= n <= 3, f"{n} check-hook runs within {time.monotonic() - first:.1f}s of the first failure"
+    assert not setup.virtual.exists(), "a refused install must not be installed"
+    retries = [r["retry_in"] for r in agent.find("sync failed; installed files stay; will retry")]
+    assert retries == sorted(retries) and len(set(retries)) == len(retries), f"backoff must grow: {retries}"
+    assert agent.alive
+
+
+def test_ready_and_status_when_the_first_sync_fails(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """systemd would kill and restart an agent that never says READY, although it serves the installed maps."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    refusing_check_hook(setup)
+    with NotifyListener() as notify:
+        agent = agents(setup, notify.env)
+        notify.wait("READY=1", timeout=20)
+        failed = [s for s in notify.lines("STATUS=") if "FAILED" in s]
+        assert failed, f"STATUS never said the sync failed: {notify.lines('STATUS=')}"
+        assert "map looks wrong" in failed[0] and "retry in" in failed[0]
+        assert agent.find("sync failed; installed files stay; will retry")
+        assert len(notify.lines("READY=1")) == 1
+        assert agent.alive
+
+
+def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    first = start_ready(agents, setup)
+    pid = str(first.proc.pid)
+
+    second = agents(setup)
+    assert second.proc.wait(20) != 0, "a second agent on the same state_dir must refuse to start"
+    refused = second.wait_log("not starting: another agent runs on this state_dir")
+    assert f"PID {pid}" in refused["error"] and str(setup.state / "lock") in refused["error"]
+    assert first.alive
+
+    for args in (["--once"], ["approve"], ["rollback"]):
+        started = time.monotonic()
+        proc = cli(setup.config, *args)
+        assert proc.returncode == 1, f"{args}: rc={proc.returncode}\n{proc.stderr}"
+        assert f"ldapsync agent (PID {pid})" in proc.stderr, f"{args} must name the agent's PID:\n{proc.stderr}"
+        assert time.monotonic() - started >= 4.0, f"{args} should wait a little for the lock first"
+
+    status = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert status["agent"] == {"running": True, "pid": int(pid), "lock": {"pid": int(pid), "role": "agent"}}
+    assert f"running (PID {pid})" in cli(setup.config, "status").stdout
+
+    assert first.terminate()[0] == 0
+    status = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert status["agent"]["running"] is False and status["agent"]["lock"] is None
+    assert cli(setup.config, "--once").returncode == 0
+
+
+def test_read_only_commands_neither_wait_for_the_lock_nor_write(
+    slapd: Slapd, agents: Agents, tmp_path: Path
+) -> None:
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    agent = start_ready(agents, setup)
+    time.sleep(0.5)  # let the agent finish its bookkeeping after the first sync
+    agent.pause()  # nothing of the agent's may move while we look
+    try:
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in setup.state.rglob("*") if p.is_file()}
+        for args in (["status"], ["status", "--json"], ["snapshots"], ["--dry-run"], ["check", "--max-age", "900"]):
+            started = time.monotonic()
+            proc = cli(setup.config, *args)
+            assert proc.returncode in (0, 1), f"{args}: rc={proc.returncode}\n{proc.stderr}"
+            assert time.monotonic() - started < 4.0, f"{args} waited for the agent's lock"
+        after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in setup.state.rglob("*") if p.is_file()}
+        assert after == before, "a read-only command wrote to the state dir"
+    finally:
+        agent.resume()
+
+
+def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """status.json and `ldapsync status` say the directory is away within ~timeout, and clear it after."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST, timeout=1)
+    prom = setup.root / "ldapsync.prom"
+    setup.doc["metrics"] = {"textfile": str(prom)}
+    setup.write_config()
+    agent = start_ready(agents, setup)
+    status_file = setup.state / "status.json"
+
+    def metric() -> float | None:
+        found = re.search(r"^ldapsync_ldap_reachable(?:\{[^}]*\})? (\S+)$", prom.read_text(), re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    def status() -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(status_file.read_text())
+        return doc
+
+    wait_until(lambda: status().get("ldap_reachable") is True, 5, what="ldap_reachable true")
+    port = slapd.port
+    mark = agent.mark()
+    slapd.stop()
+    wait_until(lambda: status().get("ldap_reachable") is False, 5, what="ldap_reachable false with slapd down")
+    time.sleep(1.5)  # longer than the configured timeout: still away, and the agent still up
+    down = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert down["ldap_reachable"] is False
+    assert down["follower_error"], f"no error recorded: {down}"
+    wait_until(lambda: metric() == 0, 5, what="ldapsync_ldap_reachable 0")
+    assert agent.alive and agent.find("directory connection failed; retrying", since=mark)
+
+    slapd.start()
+    assert slapd.port == port
+    wait_until(lambda: status().get("ldap_reachable") is True, 15, what="ldap_reachable true after slapd returns")
+    up = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert up["ldap_reachable"] is True
+    assert not up["follower_error"] and not up["error"], f"error not cleared: {up}"
+    wait_until(lambda: metric() == 1, 5, what="ldapsync_ldap_reachable 1")

@@ -16,7 +16,7 @@ from slapd import Slapd, generate_users_ldif
 
 from ldapsync import ber, ldapsource
 from ldapsync.config import LdapSource
-from ldapsync.directory import Snapshot
+from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
 from ldapsync.errors import ConfigError, SourceError
 from ldapsync.schema import AttributeMap
 
@@ -200,11 +200,55 @@ def source(server: Slapd, **kw: object) -> LdapSource:
     return dataclasses.replace(cfg, **kw)  # type: ignore[arg-type]
 
 
+def ldap3_search(connected: ldapsource.Connected, cfg: LdapSource, wanted: list[str]) -> Snapshot:
+    """The same paged search decoded by ldap3 (its async strategy reads the socket itself)."""
+    conn, uri = connected.conn, connected.uri
+    rejections: list[Rejection] = []
+    entries: list[Entry] = []
+    cookie: bytes | None = None
+    pages = 0
+    while True:
+        try:
+            sent = conn.search(
+                cfg.base_dn,
+                cfg.filter,
+                search_scope=ldapsource.SCOPES[cfg.scope],
+                dereference_aliases=ldap3.DEREF_NEVER,
+                attributes=wanted,
+                paged_size=cfg.page_size,
+                paged_cookie=cookie,
+            )
+            if conn.strategy.sync:
+                result, response = conn.result or {}, conn.response or []
+            else:  # async strategies return a message id
+                response, result = conn.get_response(sent)
+        except (ldap3.core.exceptions.LDAPException, OSError) as e:
+            raise SourceError(f"{uri}: search failed after {pages} page(s), {len(entries)} entries: {e}") from e
+        code = result.get("result")
+        if code != 0:
+            raise SourceError(
+                f"{uri}: search of {cfg.base_dn} failed after {len(entries)} entries: "
+                f"{result.get('description')} ({code}) {result.get('message') or ''}".rstrip()
+            )
+        pages += 1
+        for item in response or ():
+            kind = item.get("type")
+            if kind == "searchResEntry":
+                entries.append(make_entry(item["dn"], item["raw_attributes"], wanted, rejections))
+            elif kind == "searchResRef":
+                raise SourceError(f"{uri}: referral to {item.get('uri')} cannot be followed; refusing a partial read")
+        control = (result.get("controls") or {}).get(ber.PAGED_RESULTS)
+        cookie = control["value"]["cookie"] if control else None
+        if not cookie:
+            break
+    return Snapshot(sort_entries(entries), f"ldap:{uri}", tuple(rejections))
+
+
 def via_ldap3(cfg: LdapSource) -> Snapshot:
-    """The same search through ldap3's own decoder (an async strategy takes the generic path)."""
+    """The same search through ldap3's own decoder."""
     connected = ldapsource.connect(cfg, client_strategy=ldap3.ASYNC)
     try:
-        return ldapsource.search(connected, cfg, ATTRS)
+        return ldap3_search(connected, cfg, ATTRS.ldap_attributes())
     finally:
         connected.conn.unbind()
 

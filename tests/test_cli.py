@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +164,240 @@ def test_once_fails_nonzero_when_the_source_is_unreadable(tmp_path: Path) -> Non
     assert "missing.ldif" in proc.stderr
     assert not (tmp_path / "out").exists()
     os.stat(tmp_path / "state" / "status.json")  # the failure is recorded for `status`/`check`
+
+
+# -- the first hour of an admin ---------------------------------------------------------------
+
+
+def test_check_usage_error_is_unknown_not_critical(tmp_path: Path) -> None:
+    """A monitoring plugin that cannot run reports UNKNOWN (3), never CRITICAL (2)."""
+    cfg = write_config(tmp_path)
+    proc = ldapsync_cli("-c", cfg, "check", check=3)  # --max-age missing
+    assert "--max-age" in proc.stderr
+    assert proc.stdout.startswith("LDAPSYNC UNKNOWN - usage error"), "monitoring reads the status line on stdout"
+    ldapsync_cli("check", "--max-age", "x", check=3)
+    ldapsync_cli("-c", cfg, "check", "--max-age", "60", "--bogus", check=3)
+    # a usage error of any other command stays 2
+    ldapsync_cli("-c", cfg, "status", "--bogus", check=2)
+
+
+def test_config_option_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    after = ldapsync_cli("status", "-c", cfg, check=0).stdout
+    before = ldapsync_cli("-c", cfg, "status", check=0).stdout
+    assert "alias" in after and after.split("\n", 1)[1] == before.split("\n", 1)[1]
+    proc = ldapsync_cli("check", "--max-age", "600", "--config", cfg, check=0)
+    assert proc.stdout.startswith("LDAPSYNC OK")
+    # given on both sides, the one after the subcommand wins; a default never overrides
+    ldapsync_cli("-c", tmp_path / "nonexistent.yaml", "snapshots", "-c", cfg, check=0)
+
+
+def test_every_subcommand_has_help_text() -> None:
+    top = ldapsync_cli("--help", check=0).stdout
+    for name in ("status", "snapshots", "rollback", "approve", "check"):
+        line = next((ln for ln in top.splitlines() if ln.strip().startswith(name + " ")), "")
+        assert len(line.split(None, 1)[-1]) > 15, f"{name} has no help text in --help"
+        sub = ldapsync_cli(name, "--help", check=0).stdout
+        assert "--config" in sub and "--quiet" in sub, name
+        assert len(sub.split("\n\n")[1].strip()) > 15, f"{name} --help has no description"
+    assert "docs/cli.md" in top
+    assert (REPO / "docs" / "cli.md").is_file(), "the help text points at docs/cli.md"
+
+
+def test_status_into_a_closed_pipe_logs_no_error(tmp_path: Path) -> None:
+    """`ldapsync status | head -1`: the reader leaves early; no "Broken pipe" error, exit 0."""
+    cfg = write_config(tmp_path)
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    for args in (["status"], ["status", "--json"], ["--dry-run"], ["snapshots"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        proc = subprocess.run(
+            [sys.executable, "-m", "ldapsync", "-c", str(cfg), *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        os.close(write)
+        assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert proc.returncode in (0, 1), (args, proc.returncode)
+
+
+def test_paths_are_printed_without_dotdot(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    cfg = siteconfig.write_config(
+        tmp_path / "etc",
+        exporters=[{"kind": "postfix-recipients", "path": "../postfix/recipients", "map_type": "texthash"}],
+    )
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    status = ldapsync_cli("-c", cfg, "status", check=0).stdout
+    assert f"{tmp_path}/postfix/recipients" in status and ".." not in status
+
+
+def test_dry_run_summary_comes_first_and_stat_prints_only_it(tmp_path: Path) -> None:
+    ldif = tmp_path / "users.ldif"
+    ldif.write_bytes(DEMO_LDIF.read_bytes())
+    cfg = write_config(tmp_path, ldif)
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    text = ldif.read_text().replace("emailForward: bob@elsewhere.example", "emailForward: bob@new.example")
+    ldif.write_text(text.replace("uid: alice\n", "uid: alice\nemailForward: alice@new.example\n"))
+    full = ldapsync_cli("-c", cfg, "--dry-run", check=1).stdout
+    summary = full.split("--- ", 1)[0].splitlines()
+    # keys: alice's forward is added, bob's changes value
+    assert [line.split()[:4] for line in summary] == [
+        ["alias", "+1", "-0", "~1"],
+        ["postfix-transport", "+1", "-0", "~0"],
+    ]
+    assert summary[0].endswith(str(tmp_path / "out/maps/alias"))
+    stat = ldapsync_cli("-c", cfg, "--dry-run", "--stat", check=1).stdout
+    assert stat.splitlines() == summary
+    ldapsync_cli("-c", cfg, "--stat", check=2)  # --stat alone is a usage error
+
+
+def _with_rejected_value(tmp_path: Path) -> Path:
+    ldif = tmp_path / "users.ldif"
+    bad = "emailForward: bob@elsewhere.example\nemailForward: not an address"
+    ldif.write_text(DEMO_LDIF.read_text().replace("emailForward: bob@elsewhere.example", bad))
+    return write_config(tmp_path, ldif)
+
+
+def test_quiet_once_reports_a_rejected_value_once_not_every_run(tmp_path: Path) -> None:
+    cfg = _with_rejected_value(tmp_path)
+    first = ldapsync_cli("-c", cfg, "--once", "--quiet", check=0).stderr
+    assert first.count("LDAP value rejected") == 1, first
+    assert '"installed"' not in first, "--quiet logs no info lines"
+    again = ldapsync_cli("-c", cfg, "--once", "--quiet", check=0).stderr
+    assert again == "", "cron mails nothing when nothing new went wrong"
+    # without --quiet every run says it (an admin running it by hand wants to see it)
+    assert "LDAP value rejected" in ldapsync_cli("-c", cfg, "--once", check=0).stderr
+    status = ldapsync_cli("-c", cfg, "status", check=0).stdout
+    assert re.search(r"^rejected:\s+1 ", status, re.M), status
+
+
+def test_missing_bind_password_file_names_the_config_file_and_key(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        source={
+            "ldap": {
+                "uri": f"ldap://127.0.0.1:{_free_port()}",
+                "base_dn": "dc=example,dc=org",
+                "bind_dn": "cn=svc,dc=example,dc=org",
+                "bind_password_file": "secret/bind.pw",
+            }
+        },
+    )
+    for mode in ("--once", "--dry-run"):
+        proc = ldapsync_cli("-c", cfg, mode, check=2)
+        assert f"{cfg}: source.ldap.bind_password_file: cannot read {tmp_path}/secret/bind.pw" in proc.stderr
+
+
+def test_misspelt_required_key_suggests_the_near_miss(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("state_dir:", "statedir:"))
+    proc = ldapsync_cli("-c", cfg, "--once", check=2)
+    assert "state_dir: is required (found 'statedir'" in proc.stderr, proc.stderr
+
+
+RECORD_HOOK = """#!/bin/sh
+printf '%s %s\\n' "$1" "$LDAPSYNC_CHANGED_NAMES" >> "$(dirname "$0")/reloads.log"
+"""
+
+
+def test_reload_hooks_run_only_for_the_outputs_they_serve(tmp_path: Path) -> None:
+    hook = tmp_path / "record-reload"
+    hook.write_text(RECORD_HOOK)
+    hook.chmod(0o755)
+    ldif = tmp_path / "users.ldif"
+    ldif.write_bytes(DEMO_LDIF.read_bytes())
+    cfg = write_config(
+        tmp_path,
+        ldif,
+        hooks={
+            "reload": [
+                {"command": [str(hook), "postfix"], "outputs": ["alias", "postfix-transport", "postfix-recipients"]},
+                {"command": f"{hook} dovecot", "outputs": ["dovecot-passwd"]},
+                [str(hook), "every-output"],  # the list-of-commands form: every output
+            ]
+        },
+    )
+    reloads = tmp_path / "reloads.log"
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    first = reloads.read_text().splitlines()
+    assert [line.split()[0] for line in first] == ["postfix", "dovecot", "every-output"]
+    assert first[0] == "postfix alias postfix-transport postfix-recipients", "a hook sees only its outputs"
+    assert first[1] == "dovecot dovecot-passwd"
+
+    # only a password changed: the Postfix reload does not run
+    bob_hash = next(h for h in DEMO_HASHES if "TWKJVx9bKUmSW7m0" in h)
+    alice_hash = next(h for h in DEMO_HASHES if "Mwbjj2JAVj1UcS5G" in h)
+    ldif.write_text(ldif.read_text().replace(f"mailPassword: {alice_hash}", f"mailPassword: {bob_hash}"))
+    reloads.unlink()
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    assert reloads.read_text().splitlines() == ["dovecot dovecot-passwd", "every-output dovecot-passwd"]
+
+    # nothing changed: no reload at all
+    reloads.unlink()
+    ldapsync_cli("-c", cfg, "--once", check=0)
+    assert not reloads.exists()
+
+
+def test_reload_hook_naming_an_unknown_output_is_a_config_error(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, hooks={"reload": [{"command": ["true"], "outputs": ["dovecot-paswd"]}]})
+    proc = ldapsync_cli("-c", cfg, "--once", check=2)
+    assert "hooks.reload[0].outputs[0]: 'dovecot-paswd' is not an exporter name; did you mean 'dovecot-passwd'?" in (
+        proc.stderr
+    )
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A temp dir other users can traverse (pytest's tmp_path sits below a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="ldapsync-cli-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_output_directories_are_created_traversable_for_the_exporters_group(open_dir: Path) -> None:
+    """Under the unit's UMask=0077 a new directory would be 0700 root: Dovecot could not read the passwd-file."""
+    import grp
+
+    tmp_path = open_dir
+
+    try:
+        grp.getgrnam("dovecot")
+    except KeyError:
+        pytest.skip("no dovecot group (apt-get install dovecot-core)")
+    if os.geteuid() != 0:
+        pytest.skip("chown to the dovecot group needs root")
+    etc = tmp_path / "etc-dovecot"
+    etc.mkdir(mode=0o755)
+    (etc / "private").mkdir(mode=0o700)  # stock Debian: 0700 root:root
+    exporters = [
+        {"kind": "postfix-recipients", "path": "maps/new/recipients", "map_type": "texthash"},
+        {"kind": "dovecot-passwd", "path": f"{etc}/ldapsync/passwd", "group": "dovecot", "mode": "0640"},
+    ]
+    cfg = siteconfig.write_config(tmp_path, exporters=exporters)
+    proc = subprocess.run(
+        ["sh", "-c", 'umask 077 && exec "$0" -m ldapsync -c "$1" --once', sys.executable, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    d = (etc / "ldapsync").stat()
+    assert (oct(d.st_mode & 0o7777), d.st_uid, grp.getgrgid(d.st_gid).gr_name) == ("0o750", 0, "dovecot")
+    assert oct((tmp_path / "maps").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "maps" / "new").stat().st_mode & 0o777) == "0o755"
+    # the dovecot user itself can read the file (what Dovecot's auth process does)
+    read = subprocess.run(
+        ["runuser", "-u", "dovecot", "--", "head", "-c", "5", str(etc / "ldapsync" / "passwd")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert read.returncode == 0 and read.stdout, read.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def test_example_demo_config_loads() -> None:
     assert cfg.domain == "example.org"
     assert cfg.domain_aliases == ("host1.example.org", "example.net")
     assert isinstance(cfg.source, config.LdifSource)
-    assert cfg.source.path == REPO / "examples" / ".." / "fixtures" / "ldif" / "demo.ldif"
+    assert cfg.source.path == REPO / "fixtures" / "ldif" / "demo.ldif", "paths are shown without ../"
     assert cfg.source.path.exists()
     assert [e.kind for e in cfg.exporters] == [
         "postfix-virtual",
@@ -343,3 +344,170 @@ def test_single_uri_and_defaults_of_ldap_source(tmp_path: Path) -> None:
         10.0,
     )
     assert (src.bind_dn, src.bind_password_file, src.watch, src.poll_interval) == (None, None, "auto", 60.0)
+
+
+SECTIONS = [(config.Hooks, "hooks"), (config.Safety, "safety"), (config.Agent, "agent")]
+
+
+def test_an_absent_key_takes_the_field_default(tmp_path: Path) -> None:
+    cfg = load(tmp_path, ldap())
+    for cls, attr in [*SECTIONS, (config.LdapSource, "source"), (config.Config, None)]:
+        parsed = getattr(cfg, attr) if attr else cfg
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                assert getattr(parsed, f.name) == f.default, f"{cls.__name__}.{f.name}"
+
+
+def _other_defaults(cls: type) -> type:
+    """`cls` with every number and flag default changed, built the way config builds its own."""
+    spec = []
+    for f in dataclasses.fields(cls):
+        d = f.default
+        if isinstance(d, bool):
+            spec.append((f.name, f.type, dataclasses.field(default=not d)))
+        elif isinstance(d, int | float):
+            spec.append((f.name, f.type, dataclasses.field(default=d * 3 + 1)))
+        elif d is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            spec.append((f.name, f.type))
+        else:
+            spec.append((f.name, f.type, dataclasses.field(default=d, default_factory=f.default_factory)))
+    return dataclasses.make_dataclass(cls.__name__, spec, frozen=True, slots=True)
+
+
+@pytest.mark.parametrize("cls, attr", [*SECTIONS, (config.LdapSource, "source")])
+def test_each_default_is_written_once_on_its_dataclass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls: type, attr: str
+) -> None:
+    """Changing a field default changes what an absent key reads as: no second copy in the parser."""
+    other = _other_defaults(cls)
+    monkeypatch.setattr(config, cls.__name__, other)
+    parsed = getattr(load(tmp_path, ldap()), attr)
+    required = {f.name for f in dataclasses.fields(other) if f.default is dataclasses.MISSING}
+    assert parsed == other(**{name: getattr(parsed, name) for name in required})
+
+
+# -- hosted domains, groups, mailboxes ---------------------------------------------------------------
+def test_hosted_domains_groups_and_mailbox(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        base(
+            domain_aliases=["example.net"],
+            domains={"Example.COM": ["example.info"], "other.example": None},
+            groups={"name_attribute": "mail", "object_classes": "groupOfNames", "members_send_as_group": True},
+            mailbox={"home_root": "/var/vmail/", "home": "/var/vmail/{domain}/{login}", "uid": 5000, "gid": 5000},
+            exporters=[
+                {"kind": "postfix-virtual-mailbox", "path": "maps/vmailbox"},
+                {"kind": "dovecot-userdb", "path": "dovecot/userdb", "fields": {"quota_rule": "*:storage={quota}"}},
+            ],
+        ),
+    )
+    assert cfg.hosted == {"example.com": ("example.info",), "other.example": ()}
+    assert cfg.all_domains() == ("example.org", "example.net", "example.com", "example.info", "other.example")
+    assert cfg.groups is not None and cfg.groups.object_classes == ("groupOfNames",)
+    assert cfg.groups.members_send_as_group and cfg.groups.name_attribute == "mail"
+    assert {"objectClass", "mail", "member", "uniqueMember", "rfc822MailMember"} <= set(
+        cfg.attributes.ldap_attributes()
+    )
+    assert cfg.mailbox is not None and cfg.mailbox.home_root == "/var/vmail"
+    assert cfg.mailbox.id_range == (1000, 60000)
+
+
+def test_empty_groups_section_turns_groups_on_with_the_defaults(tmp_path: Path) -> None:
+    from ldapsync.model import GroupSettings
+
+    assert load(tmp_path, base(groups={})).groups == GroupSettings()
+    assert load(tmp_path, base(groups=None)).groups is None
+
+
+def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
+    cfg = load(tmp_path, base())
+    assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
+    assert cfg.attributes.ldap_attributes() == [
+        "accountStatus",
+        "emailForward",
+        "entryUUID",
+        "mailDisableMessage",
+        "mailPassword",
+        "uid",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("over", "key", "message"),
+    [
+        ({"domains": {"example.org": []}}, "domains.example.org", "already configured by domain"),
+        ({"domains": {"a.example": ["b.example"], "b.example": []}}, "domains.b.example", "already configured by"),
+        ({"domains": {"a.example": ["example.org"]}}, "domains.a.example[0]", "already configured"),
+        ({"domains": {"a.example": "b.example"}}, "domains.a.example", "list of alias domains"),
+        ({"domains": {"not a domain": []}}, "domains.not a domain", "not a domain name"),
+        ({"domains": ["a.example"]}, "domains", "dict"),
+        ({"groups": {"name_attribute": "c n"}}, "groups.name_attribute", "not an LDAP attribute name"),
+        ({"groups": {"object_classes": []}}, "groups.object_classes", "at least one"),
+        ({"groups": {"member_attributes": [], "address_attributes": []}}, "groups.member_attributes", "need"),
+        ({"groups": {"filter": "(cn=*)"}}, "groups.filter", "unknown key"),
+        ({"mailbox": {"home": "/x/{login}"}}, "mailbox.home_root", "is required"),
+        ({"mailbox": {"home_root": "vmail"}}, "mailbox.home_root", "not an absolute path"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/srv/{login}"}}, "mailbox.home", "not under home_root"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/../{login}"}}, "mailbox.home", "'..'"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/{uid}"}}, "mailbox.home", "placeholder"),
+        ({"mailbox": {"home_root": "/var/vmail", "home": "/var/vmail/{login} x"}}, "mailbox.home", "absolute"),
+        ({"mailbox": {"home_root": "/v", "id_range": [0, 10]}}, "mailbox.id_range", "root never owns mail"),
+        ({"mailbox": {"home_root": "/v", "id_range": [10, 5]}}, "mailbox.id_range", "first <= last"),
+        ({"mailbox": {"home_root": "/v", "id_range": []}}, "mailbox.id_range", "first <= last"),
+        ({"groups": {"name_attribute": ""}}, "groups.name_attribute", "not an LDAP attribute name"),
+        ({"mailbox": {"home_root": "/v", "uid": 0}}, "mailbox.uid", "outside id_range"),
+        ({"mailbox": {"home_root": "/v", "gid": 99999}}, "mailbox.gid", "outside id_range"),
+        (
+            {"exporters": [{"kind": "dovecot-userdb", "path": "userdb"}]},
+            "exporters[0]",
+            "needs a mailbox: section",
+        ),
+        (
+            {"exporters": [{"kind": "postfix-virtual-mailbox", "path": "m", "path_template": "/abs/{login}/"}]},
+            "exporters[0].path_template",
+            "relative",
+        ),
+        ({"attributes": {"home": "home directory"}}, "attributes.home", "not an LDAP attribute name"),
+    ],
+)
+def test_new_section_errors_name_file_and_key(tmp_path: Path, over: dict[str, Any], key: str, message: str) -> None:
+    err = error(tmp_path, base(**over))
+    assert err.key == key, str(err)
+    assert message in err.message, str(err)
+def test_reload_hooks_name_their_outputs_or_serve_every_output(tmp_path: Path) -> None:
+    two = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "dovecot/passwd"}]
+    reload = [
+        {"command": ["postfix", "reload"], "outputs": ["postfix-virtual"]},
+        {"command": "doveadm reload", "outputs": ["dovecot-passwd"]},
+        "/usr/bin/logger synced",
+        {"command": ["true"]},
+    ]
+    hooks = load(tmp_path, base(exporters=two, hooks={"reload": reload})).hooks
+    assert hooks.reload == (("postfix", "reload"), ("doveadm", "reload"), ("/usr/bin/logger", "synced"), ("true",))
+    served = {i: [o for o in ("postfix-virtual", "dovecot-passwd") if hooks.reload_serves(i, o)] for i in range(4)}
+    assert served == {
+        0: ["postfix-virtual"],
+        1: ["dovecot-passwd"],
+        2: ["postfix-virtual", "dovecot-passwd"],
+        3: ["postfix-virtual", "dovecot-passwd"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("reload", "key", "message"),
+    [
+        ([{"outputs": ["postfix-virtual"]}], "hooks.reload[0].command", "is required"),
+        ([{"command": ["x"], "outputs": []}], "hooks.reload[0].outputs", "is empty"),
+        ([{"command": ["x"], "outputs": ["postfix-virtua"]}], "hooks.reload[0].outputs[0]", "did you mean"),
+        ([{"command": ["x"], "output": ["postfix-virtual"]}], "hooks.reload[0].output", "did you mean 'outputs'"),
+        ([{"command": 3}], "hooks.reload[0].command", "command string or a list"),
+    ],
+)
+def test_reload_hook_errors_name_the_key(tmp_path: Path, reload: list[Any], key: str, message: str) -> None:
+    err = error(tmp_path, base(hooks={"reload": reload}))
+    assert err.key == key and message in str(err), str(err)
+
+
+def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
+    err = error(tmp_path, base(keep_generation=3))
+    assert err.key == "keep_generation" and "did you mean 'keep_generations'?" in str(err)

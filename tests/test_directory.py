@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
+import pytest
+
+from ldapsync import validate
+from ldapsync.directory import REFUSED_PREFIX, Entry, Rejection, Snapshot, make_entry, sort_entries, without_secrets
 
 
 def test_make_entry_decodes_filters_and_lowercases_names() -> None:
@@ -48,3 +51,18 @@ def test_sort_entries_is_total_and_case_insensitive_first() -> None:
     a, b, c, d = (Entry(dn, {}) for dn in ("uid=b,dc=x", "uid=A,dc=x", "uid=a,dc=x", "uid=C,dc=x"))
     assert [e.dn for e in sort_entries([a, b, c, d])] == ["uid=A,dc=x", "uid=a,dc=x", "uid=b,dc=x", "uid=C,dc=x"]
     assert sort_entries([c, d, a, b]) == sort_entries([a, b, c, d])
+
+
+def test_without_secrets_replaces_values_with_a_stable_marker() -> None:
+    plain = Entry("uid=p,dc=x", {"uid": ("p",), "mailpassword": ("hunter2",)}, "u-p")
+    good = Entry("uid=q,dc=x", {"uid": ("q",), "mailpassword": ("{SSHA}abc",)}, "u-q")
+    snap = Snapshot((plain, good), "test")
+    assert without_secrets(snap, "mailPassword", set()) is snap
+    once = without_secrets(snap, "mailPassword", {"uid=p,dc=x"})
+    marker = once.entries[0].get("mailPassword")[0]
+    assert marker.startswith(REFUSED_PREFIX) and b"hunter2" not in once.to_json()
+    assert once.entries[1] is good and once.entries[0].get("uid") == ("p",) and once.entries[0].uuid == "u-p"
+    assert without_secrets(once, "mailpassword", {"uid=p,dc=x"}) is once, "redacting twice changes nothing"
+    assert Snapshot.from_json(once.to_json()).digest() == once.digest()
+    with pytest.raises(validate.Invalid):
+        validate.password(marker)

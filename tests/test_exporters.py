@@ -9,14 +9,18 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterator
 from datetime import date
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ldapsync import config, model, schema
+from ldapsync import config, exporters, model, schema
 from ldapsync.directory import Entry, Snapshot
+from ldapsync.errors import ConfigError
 from ldapsync.exporters import exporter_class
 from ldapsync.exporters.dovecot import PasswdExporter
 from ldapsync.static import Static
@@ -289,3 +293,327 @@ def test_rebuild_renders_again_exactly_the_outputs_whose_inputs_changed(tmp_path
     assert b"alice@example.org\t" not in fourth["postfix-recipients"]
     assert b"alice@example.org\tREJECT gone" in fourth["postfix-access"]
     assert not fourth["dovecot-passwd"].startswith(b"alice:")
+
+
+# -- the registry: built-ins always, plugins through entry points ------------------------------
+BUILTIN_KINDS = {
+    "postfix-virtual",
+    "postfix-transport",
+    "postfix-recipients",
+    "postfix-sender-login",
+    "postfix-access",
+    "dovecot-passwd",
+}
+PLUGIN_MODULE = """
+from ldapsync.exporters import Exporter
+
+class Good(Exporter):
+    kind = "site-good"
+
+    def render(self, model):
+        return b""
+
+class NotAnExporter:
+    kind = "site-notexporter"
+"""
+PLUGINS = """
+[ldapsync.exporters]
+site-good = site_exporters:Good
+site-notexporter = site_exporters:NotAnExporter
+site-broken = site_broken:Thing
+site-renamed = site_exporters:Good
+"""
+
+
+def install_plugins(root: Path, entry_points: str, name: str = "site-plugins") -> Path:
+    """A real (if tiny) installed distribution: a dist-info with entry_points.txt, on sys.path."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "site_exporters.py").write_text(PLUGIN_MODULE)
+    (root / "site_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Site plugins on sys.path, the registry re-read before and after."""
+    monkeypatch.syspath_prepend(str(install_plugins(tmp_path / "site", PLUGINS)))
+    exporters._registry.cache_clear()
+    yield tmp_path
+    exporters._registry.cache_clear()
+
+
+def kind_error(kind: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        exporter_class(kind, file=Path("/etc/ldapsync/ldapsync.yaml"), key="exporters[0].kind")
+    text = str(err.value)
+    assert "/etc/ldapsync/ldapsync.yaml: exporters[0].kind" in text
+    return text
+
+
+def test_plugin_kind_is_found_beside_the_builtins(registry: Path) -> None:
+    assert exporter_class("site-good").__name__ == "Good"
+    assert set(exporters._registry()) >= BUILTIN_KINDS
+
+
+def test_plugin_that_fails_to_import_is_named(registry: Path) -> None:
+    text = kind_error("site-broken")
+    assert "site-broken" in text and "site_broken:Thing" in text and "from site-plugins" in text
+    assert "RuntimeError: boom at import" in text
+
+
+def test_plugin_that_is_not_an_exporter_is_refused(registry: Path) -> None:
+    text = kind_error("site-notexporter")
+    assert "site_exporters:NotAnExporter" in text and "not a subclass" in text
+
+
+def test_plugin_registered_under_another_kind_is_refused(registry: Path) -> None:
+    assert "declares kind 'site-good'" in kind_error("site-renamed")
+
+
+def test_a_broken_plugin_nobody_uses_does_not_stop_a_config(registry: Path) -> None:
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": "dir.ldif"},
+        "state_dir": "state",
+        "exporters": [{"kind": "postfix-virtual", "path": "maps/alias"}],
+    }
+    assert config.parse(doc, registry / "ldapsync.yaml").exporters[0].kind == "postfix-virtual"
+
+
+def test_a_plugin_reusing_a_builtin_kind_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clash = "[ldapsync.exporters]\npostfix-virtual = site_exporters:Good\n"
+    monkeypatch.syspath_prepend(str(install_plugins(tmp_path / "site", clash, name="clash")))
+    exporters._registry.cache_clear()
+    try:
+        text = kind_error("postfix-virtual")
+    finally:
+        exporters._registry.cache_clear()
+    assert "registered more than once" in text
+    assert (
+        "ldapsync.exporters.postfix:VirtualExporter (built in)" in text and "site_exporters:Good (from clash)" in text
+    )
+
+
+def test_builtins_are_there_without_their_metadata_even_beside_a_plugin(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source tree that was never installed has no ldapsync entry points, but a site plugin may."""
+    without = [p for p in sys.path if not list(Path(p or ".").glob("ldapsync*-info"))]  # dist-info, egg-info
+    monkeypatch.setattr(sys, "path", without)
+    exporters._registry.cache_clear()
+    assert {ep.value for ep in entry_points(group=exporters.GROUP) if ep.value.startswith("ldapsync.")} == set()
+    assert BUILTIN_KINDS | {"site-good"} <= set(exporters._registry())
+    assert exporter_class("dovecot-passwd") is PasswdExporter
+
+
+# -- mailbox host: virtual_mailbox_maps and the Dovecot userdb ---------------------------------
+BOX_SETTINGS = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+
+
+def mailbox_model() -> model.RoutingModel:
+    entries = (
+        Entry("uid=alice,dc=x", {"uid": ("alice",), "mailquota": ("2G",)}),
+        Entry("uid=bob,dc=x", {"uid": ("bob",), "emailforward": ("bob@elsewhere.example",)}),
+        Entry("uid=carol,dc=x", {"uid": ("carol",), "emailforward": ("carol@example.org, carol@elsewhere.example",)}),
+        Entry("uid=dora,dc=x", {"uid": ("dora",), "maildisablemessage": ("Gone",)}),
+        Entry("uid=erin,dc=x", {"uid": ("erin",), "mail": ("erin.e@example.com",), "uidnumber": ("5001",)}),
+    )
+    attrs = schema.resolve("ud-ldap", {"address": "mail", "quota": "mailQuota", "uid_number": "uidNumber"}, file=None)
+    m, report = model.build(
+        Snapshot(entries, "t"),
+        Static(),
+        domain="example.org",
+        domain_aliases=("example.net",),
+        attributes=attrs,
+        today=date(2026, 1, 1),
+        hosted={"example.com": ()},
+        mailbox=BOX_SETTINGS,
+    )
+    assert report.rejections == []
+    return m
+
+
+def test_virtual_mailbox_map_lists_local_accounts_with_their_path(tmp_path: Path, postfix_conf: Path) -> None:
+    data = exporter_class("postfix-virtual-mailbox")({}).render(mailbox_model())
+    expected = {
+        "alice@example.org": "example.org/alice/Maildir/",
+        "carol@example.org": "example.org/carol/Maildir/",  # forward that keeps a copy
+        "erin.e@example.com": "example.com/erin/Maildir/",
+    }
+    assert table(data) == expected
+    path = tmp_path / "virtual_mailbox"
+    path.write_bytes(data)
+    subprocess.run(["postmap", "-c", str(postfix_conf), f"hash:{path}"], check=True)
+    keys = [*expected, "bob@example.org", "dora@example.org"]
+    assert postmap_query_all(postfix_conf, "hash", path, keys) == expected
+    custom = exporter_class("postfix-virtual-mailbox")({"path_template": "{domain}/{local}/"}).render(mailbox_model())
+    assert table(custom)["erin.e@example.com"] == "example.com/erin.e/"
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("/var/vmail/{login}/", "must be relative"),
+        ("../{login}/", "must be relative"),
+        ("{domain}//{login}/", "must be relative"),
+        ("{domain}/x/", "must contain {login} or {local}"),
+        ("{domain}/{uid}/", "unknown placeholder {uid}"),
+        ("{login!r}/", "unknown placeholder"),
+        ("{login} x/", "only letters, digits"),
+        ("{login}:x/", "only letters, digits"),
+        ("{login", "expected '}'"),
+    ],
+)
+def test_virtual_mailbox_path_template_is_validated(template: str, reason: str) -> None:
+    from ldapsync.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(reason)) as err:
+        exporter_class("postfix-virtual-mailbox").check_options(
+            {"path_template": template}, file=Path("/etc/ldapsync/ldapsync.yaml"), key="exporters[0]"
+        )
+    assert err.value.key == "exporters[0].path_template"
+
+
+USERDB_OPTIONS = {"fields": {"quota_rule": "*:storage={quota}", "mail": "maildir:~/Maildir"}}
+
+
+def test_userdb_lines() -> None:
+    data = exporter_class("dovecot-userdb")(USERDB_OPTIONS).render(mailbox_model()).decode()
+    assert data == (
+        "alice::5000:5000::/var/vmail/example.org/alice::userdb_mail=maildir:~/Maildir userdb_quota_rule=*:storage=2G\n"
+        "bob::5000:5000::/var/vmail/example.org/bob::userdb_mail=maildir:~/Maildir\n"
+        "carol::5000:5000::/var/vmail/example.org/carol::userdb_mail=maildir:~/Maildir\n"
+        "erin::5001:5000::/var/vmail/example.com/erin::userdb_mail=maildir:~/Maildir\n"
+    )
+    keyed = exporter_class("dovecot-userdb")({"address_keys": True}).render(mailbox_model()).decode()
+    assert "erin.e@example.com::5001:5000::/var/vmail/example.com/erin::userdb_user=erin\n" in keyed
+    assert "erin::5001:5000::/var/vmail/example.com/erin::\n" in keyed
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"uid": "1"}, "not a userdb extra field name"),
+        ({"user": "root"}, "not a userdb extra field name"),
+        ({"Quota": "1"}, "not a userdb extra field name"),
+        ({"quota_rule": "*:storage=1G userdb_uid=0"}, "no spaces"),
+        ({"quota_rule": "a\tb"}, "no spaces"),
+        ({"quota_rule": "{password}"}, "unknown placeholder {password}"),
+        ({"quota_rule": ""}, "non-empty"),
+    ],
+)
+def test_userdb_field_templates_are_validated(fields: dict[str, str], reason: str) -> None:
+    from ldapsync.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(reason)):
+        exporter_class("dovecot-userdb").check_options(
+            {"fields": fields}, file=Path("/etc/ldapsync/ldapsync.yaml"), key="exporters[0]"
+        )
+
+
+@pytest.fixture(scope="module")
+def dovecot_userdb() -> Iterator[tuple[Path, Path]]:
+    """A throwaway Dovecot whose userdb is a passwd-file the test writes: (config, userdb path)."""
+    import os
+    import tempfile
+    import time
+
+    if os.geteuid() != 0:
+        pytest.skip("a throwaway dovecot needs root")
+    root = Path(tempfile.mkdtemp(prefix="ldapsync-userdb-"))
+    root.chmod(0o755)  # the auth process runs as the dovecot user
+    userdb = root / "userdb"
+    userdb.write_text("")
+    conf = root / "dovecot.conf"
+    conf.write_text(
+        f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/log\nprotocols =\nssl = no\n"
+        f"userdb {{\n  driver = passwd-file\n  args = {userdb}\n}}\n"
+        f"passdb {{\n  driver = passwd-file\n  args = {userdb}\n}}\n"
+    )
+    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not (root / "run" / "auth-userdb").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text(errors="replace")
+        time.sleep(0.05)
+    yield conf, userdb
+    proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def doveadm_user(conf: Path, user: str) -> dict[str, str] | None:
+    proc = subprocess.run(
+        ["doveadm", "-c", str(conf), "user", user],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode == 67:  # unknown user
+        return None
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t", 1) for line in proc.stdout.splitlines()[1:]]  # "field<TAB>value" after a header
+    return {name: value for name, value in rows}
+
+
+def test_userdb_is_read_by_dovecot_field_for_field(dovecot_userdb: tuple[Path, Path]) -> None:
+    conf, path = dovecot_userdb
+    options = {**USERDB_OPTIONS, "address_keys": True}
+    path.write_bytes(exporter_class("dovecot-userdb")(options).render(mailbox_model()))
+    alice = doveadm_user(conf, "alice")
+    assert alice is not None
+    assert (alice["uid"], alice["gid"], alice["home"]) == ("5000", "5000", "/var/vmail/example.org/alice")
+    assert alice["quota_rule"] == "*:storage=2G" and alice["mail"] == "maildir:~/Maildir"
+    erin = doveadm_user(conf, "erin.e@example.com")  # what LMTP looks up: the recipient address
+    assert erin is not None and erin["user"] == "erin" and erin["home"] == "/var/vmail/example.com/erin"
+    assert doveadm_user(conf, "dora") is None  # disabled: no mailbox
+
+
+def test_mailbox_outputs_install_atomically_and_roll_back(tmp_path: Path, postfix_conf: Path) -> None:
+    """The new outputs take the ordinary path: staged, postmap'd, installed, kept in generations."""
+    from ldapsync import sync
+
+    ldif = tmp_path / "dir.ldif"
+    ldif.write_text(DEMO_LDIF.read_text())
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": {"path": str(ldif), "base_dn": "ou=users,dc=example,dc=org"}},
+        "state_dir": str(tmp_path / "state"),
+        "postfix": {"config_dir": str(postfix_conf)},
+        "mailbox": {"home_root": "/var/vmail", "uid": 5000, "gid": 5000},
+        "exporters": [
+            {"kind": "postfix-virtual-mailbox", "path": str(tmp_path / "out" / "vmailbox")},
+            {"kind": "dovecot-userdb", "path": str(tmp_path / "out" / "userdb")},
+        ],
+    }
+    (tmp_path / "ldapsync.yaml").write_text(yaml.safe_dump(doc))
+    cfg = config.load(tmp_path / "ldapsync.yaml")
+    assert Pipeline(cfg).run().status == "installed"
+    userdb, vmailbox = tmp_path / "out" / "userdb", tmp_path / "out" / "vmailbox"
+    first = (userdb.read_bytes(), vmailbox.read_bytes())
+    assert userdb.stat().st_mode & 0o777 == 0o640
+    assert b"alice::5000:5000::/var/vmail/example.org/alice::\n" in first[0]
+    assert postmap_query(postfix_conf, "hash", vmailbox, "alice@example.org") == "example.org/alice/Maildir/"
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") is None  # forwards only
+
+    ldif.write_text(DEMO_LDIF.read_text().replace("emailForward: bob@elsewhere.example\n", ""))
+    assert Pipeline(cfg).run().status == "installed"
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") == "example.org/bob/Maildir/"
+
+    assert sync.rollback(Pipeline(cfg), None).status == "installed"
+    assert (userdb.read_bytes(), vmailbox.read_bytes()) == first
+    assert postmap_query(postfix_conf, "hash", vmailbox, "bob@example.org") is None
+
+
+def test_mailbox_outputs_parse_into_keys_and_values_for_the_guards() -> None:
+    userdb = exporter_class("dovecot-userdb")({"address_keys": True})
+    parsed = userdb.parse(userdb.render(mailbox_model()))
+    assert parsed["alice"] == ":5000:5000::/var/vmail/example.org/alice::"  # after the empty password field
+    assert parsed["erin.e@example.com"] == ":5001:5000::/var/vmail/example.com/erin::userdb_user=erin"
+    assert userdb.guarded_values
+    vmailbox = exporter_class("postfix-virtual-mailbox")({})
+    assert vmailbox.parse(vmailbox.render(mailbox_model()))["alice@example.org"] == "example.org/alice/Maildir/"
+    assert vmailbox.guarded_values

@@ -82,6 +82,8 @@ def parse_postfix(kind: str, data: bytes) -> dict[str, str]:
             assert value == "OK", repr(line)
         elif kind == "postfix-transport":
             assert value == NEXTHOP, repr(line)
+        elif kind == "postfix-vmailbox":
+            assert ADDR_RE.fullmatch(key), repr(line)
         else:
             m = re.fullmatch(r"REJECT ([!-~](?:[ -~]*[!-~])?)", value)
             assert m, repr(line)
@@ -467,3 +469,143 @@ def test_hostile_fixture_directory(tmp_path: Path, postfix_conf: Path) -> None:
     named = {(r.dn.split(",")[0], r.attribute) for r in report.rejections}
     assert ("uid=h-fwd-pipe", "emailForward") in named and ("uid=h-pw-colon", "mailPassword") in named
     assert ("uid=h-hijack", "mailLocalAddress") in named
+
+
+# -- mailbox host and groups: the new outputs under the same attack ---------------------------
+HOSTED = {"example.com": ("example.info",)}
+BOX_ATTRS = schema.resolve(
+    "ud-ldap",
+    {
+        "alias": "mailLocalAddress",
+        "address": "mail",
+        "uid_number": "uidNumber",
+        "gid_number": "gidNumber",
+        "home": "homeDirectory",
+        "quota": "mailQuota",
+    },
+    file=None,
+)
+GROUPS = model.GroupSettings(members_send_as_group=True)
+BOX_ATTRS_WANTED = [*BOX_ATTRS.ldap_attributes(), *GROUPS.ldap_attributes()]
+MAILBOX = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+USERDB_OPTIONS = {"fields": {"quota_rule": "*:storage={quota}", "mail": "maildir:~/Maildir"}, "address_keys": True}
+USERDB_RE = re.compile(
+    r"(?P<key>[a-z0-9][a-z0-9._-]{0,63}|[A-Za-z0-9_%+=.-]+@[a-z0-9.-]+)::(?P<uid>[0-9]+):(?P<gid>[0-9]+)::"
+    r"(?P<home>/var/vmail(?:/[A-Za-z0-9_+=@.-]+)+)::"
+    r"(?P<extra>(?:userdb_user=[a-z0-9][a-z0-9._-]{0,63} ?)?(?:userdb_mail=maildir:~/Maildir ?)?"
+    r"(?:userdb_quota_rule=\*:storage=[0-9]{1,15}(?:[BKMGTbkmgt]|[KMGTkmgt][Bb])?|userdb_quota_rule=\*:storage=[0-9]{1,3}%)?)"
+)
+VMAILBOX_RE = re.compile(r"[a-z0-9.-]+/[a-z0-9][a-z0-9._-]{0,63}/Maildir/")
+
+ids = st.one_of(
+    st.sampled_from(
+        [
+            "5000",
+            "5001",
+            "60000",
+            "0",
+            "999",
+            "-1",
+            "70000",
+            "5000 userdb_uid=0",
+            "5000:0",
+            "+5000",
+            "\u0665\u0660\u0660\u0660",
+        ]
+    ),
+    junk,
+)
+homes = st.one_of(
+    st.sampled_from(
+        [
+            "/var/vmail/example.org/x",
+            "/var/vmail/../etc",
+            "/var/vmail/./x",
+            "/var/vmail/a b",
+            "/var/vmail/a:b",
+            "/var/vmail/%u",
+            "/var/vmail/x\nuserdb_uid=0",
+            "/etc",
+            "/var/vmailx/y",
+            "var/vmail/x",
+            "/var/vmail/",
+            "/var/vmail//x",
+        ]
+    ),
+    junk,
+)
+quotas = st.one_of(st.sampled_from(["1G", "500M", "10%", "0", "1G userdb_uid=0", "1G\tx", "%u", "-1", "1.5G"]), junk)
+group_names = st.one_of(
+    st.sampled_from(["staff", "alice", "Mail Team", "x@example.com", "y@example.info", "|sh"]), junk
+)
+
+
+@st.composite
+def mailbox_entries(draw: st.DrawFn) -> tuple[Entry, list[Rejection]]:
+    rejections: list[Rejection] = []
+    if draw(st.integers(0, 3)) == 0:  # a group
+        cn = draw(group_names)
+        raw: dict[str, list[bytes | str]] = {"objectClass": [draw(st.sampled_from(model.GROUP_CLASSES))], "cn": [cn]}
+        members = draw(st.lists(st.sampled_from(["alice", "bob", "carol", "staff", "nobody"]), max_size=4))
+        raw["member"] = [f"uid={m},ou=u0,dc=example,dc=org" for m in members] + [
+            "cn=staff,ou=g,dc=example,dc=org"
+        ] * draw(st.integers(0, 1))
+        raw["rfc822MailMember"] = draw(st.lists(st.one_of(local_address, raw_value), max_size=3))
+        dn = f"cn={re.sub(r'[^a-z0-9]', '_', cn.lower())[:20] or 'empty'},ou=g,dc=example,dc=org"
+        return make_entry(dn, raw, BOX_ATTRS_WANTED, rejections), rejections
+    uid = draw(login)
+    raw = {"uid": [uid]}
+    for name, strategy in (
+        ("mail", st.one_of(st.sampled_from(["x@example.com", "Y@EXAMPLE.INFO", "z@example.org"]), raw_value)),
+        ("emailForward", mostly(local_address, raw_value, 50)),
+        ("uidNumber", ids),
+        ("gidNumber", ids),
+        ("homeDirectory", homes),
+        ("mailQuota", quotas),
+        ("mailDisableMessage", message),
+    ):
+        if draw(st.integers(0, 2)) == 0:
+            raw[name] = draw(st.lists(strategy, min_size=1, max_size=2))
+    dn = f"uid={re.sub(r'[^a-z0-9]', '_', uid.lower())[:20] or 'empty'},ou=u0,dc=example,dc=org"
+    return make_entry(dn, raw, BOX_ATTRS_WANTED, rejections), rejections
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(mailbox_entries(), min_size=1, max_size=8))
+def test_hostile_mailbox_and_group_values_never_escape_their_fields(
+    generated: list[tuple[Entry, list[Rejection]]],
+) -> None:
+    snapshot = snapshot_of(generated)
+    m, report = model.build(
+        snapshot,
+        STATIC,
+        domain=DOMAIN,
+        domain_aliases=DOMAIN_ALIASES,
+        attributes=BOX_ATTRS,
+        today=TODAY,
+        hosted=HOSTED,
+        groups=GROUPS,
+        mailbox=MAILBOX,
+    )
+    for kind in KINDS:
+        options = {"nexthop": NEXTHOP} if kind == "postfix-transport" else {}
+        parse_postfix(kind, exporter_class(kind)(options).render(m))
+    vmailbox = parse_postfix("postfix-vmailbox", exporter_class("postfix-virtual-mailbox")({}).render(m))
+    for key, path in vmailbox.items():
+        assert VMAILBOX_RE.fullmatch(path), (key, path)
+        assert ".." not in path.split("/")
+    text = exporter_class("dovecot-userdb")(USERDB_OPTIONS).render(m).decode("ascii")
+    keys = set()
+    for line in text.splitlines(keepends=True):
+        assert line.endswith("\n")
+        match = USERDB_RE.fullmatch(line[:-1])
+        assert match, repr(line)
+        assert 1000 <= int(match["uid"]) <= 60000 and 1000 <= int(match["gid"]) <= 60000, line
+        assert not {".", ".."} & set(match["home"].split("/")), line
+        assert match["key"] not in keys
+        keys.add(match["key"])
+    logins = {k for k in keys if "@" not in k}
+    assert logins == set(m.mailboxes) <= set(m.users.values())
+    assert set(vmailbox) == set(m.local) <= set(m.users)
+    for r in report.rejections:
+        assert r.dn and r.attribute and "\n" not in r.reason

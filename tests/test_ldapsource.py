@@ -12,6 +12,8 @@ import gc
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from notldap import HttpServer
 from slapd import DEFAULT_LDIF, Slapd, _free_port, generate_users_ldif
 from structlog.testing import capture_logs
 
@@ -247,12 +250,12 @@ def test_full_read_matches_the_ldif_it_was_loaded_from(tmp_path: Path, slapd: Sl
 
 def _classes(ldif_path: Path) -> dict[str, set[str]]:
     """objectClass values per lower-cased DN of an LDIF file."""
-    import ldif
+    from ldapsync import ldifsource
 
     with ldif_path.open("rb") as fh:
         return {
             dn.lower(): {v.decode().lower() for k, vs in raw.items() if k.lower() == "objectclass" for v in vs}
-            for dn, raw in ldif.LDIFParser(fh, encoding=None).parse()
+            for dn, raw in ldifsource.parse(fh)
         }
 
 
@@ -396,3 +399,65 @@ def test_connection_lost_mid_read_installs_nothing(
     assert result.status == "failed", result
     assert outputs(tmp_path) == before, "a partial read reached the maps"
     assert pipeline.state.read_json("status.json")["result"] == "failed"
+
+
+# -- a first URI that does not speak LDAP ---------------------------------------------------
+@pytest.fixture
+def web() -> Iterator[HttpServer]:
+    server = HttpServer()
+    yield server
+    server.close()
+
+
+def test_an_answer_that_is_not_ldap_names_the_uri_and_the_next_is_used(
+    tmp_path: Path, slapd: Slapd, web: HttpServer
+) -> None:
+    with capture_logs() as logs:
+        snap = read(load(tmp_path, slapd, [web.uri, slapd.uri]))
+    assert snap.source == f"ldap:{slapd.uri}"
+    skipped = [e for e in logs if e.get("uri") == web.uri]
+    assert skipped and skipped[0]["log_level"] == "warning" and "not LDAP" in skipped[0]["error"], logs
+
+
+def once(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ldapsync", "-c", str(config), "--once"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_once_falls_through_a_non_ldap_uri_without_a_traceback(tmp_path: Path, slapd: Slapd, web: HttpServer) -> None:
+    proc = once(write_config(tmp_path, slapd, [web.uri, slapd.uri]))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and web.uri in proc.stderr and "not LDAP" in proc.stderr
+    assert b"alice" in (tmp_path / "out" / "passwd").read_bytes()
+
+
+def test_once_against_only_a_non_ldap_uri_is_a_clear_error(tmp_path: Path, slapd: Slapd, web: HttpServer) -> None:
+    proc = once(write_config(tmp_path, slapd, [web.uri]))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"no LDAP server could be used: {web.uri}: the answer is not LDAP" in proc.stderr
+
+
+@pytest.mark.parametrize("syncprov", [True, False])
+def test_root_dse_is_read_with_the_connection(
+    tmp_path: Path, slapd_factory: Callable[..., Slapd], syncprov: bool
+) -> None:
+    """One read gives the follower both its method (supportedControl) and polling's suffix."""
+    server = slapd_factory(syncprov=syncprov)
+    cfg = load(tmp_path, server)
+    assert isinstance(cfg.source, LdapSource)
+    connected = ldapsource.connect(cfg.source, root_dse=True)
+    try:
+        assert connected.root_dse is not None
+        assert ("1.3.6.1.4.1.4203.1.9.1.1" in connected.root_dse.controls) == syncprov
+        assert connected.root_dse.suffix_of(server.users_dn) == server.suffix
+        csn = ldapsource.context_csn(connected, cfg.source.base_dn)
+        assert (csn is not None) == syncprov
+        assert ldapsource.alive(connected, 2.0)
+    finally:
+        connected.close()
+    plain = ldapsource.connect(cfg.source)
+    plain.close()
+    assert plain.root_dse is None  # --once does not need it

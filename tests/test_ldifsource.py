@@ -61,3 +61,44 @@ def test_invalid_utf8_value_is_rejected_not_decoded(tmp_path: Path) -> None:
     snap = ldifsource.read(LdifSource(ldif), ATTRS)
     assert snap.entries[0].get("emailForward") == ()
     assert [(r.dn, r.attribute) for r in snap.rejections] == [("uid=x,ou=users,dc=example,dc=org", "emailForward")]
+
+
+def test_rfc2849_folding_base64_comments_and_version() -> None:
+    text = (
+        b"version: 1\r\n"
+        b"# a comment\n"
+        b"#  folded comment\n"
+        b"dn: uid=f,ou=users,\n"
+        b" dc=example,dc=org\n"
+        b"uid:f\n"
+        b"emailForward:: Zm9yd2FyZEBleGFtcGxlLm5ldA==\n"
+        b"description: a long\n"
+        b"  value\n"
+        b"\n\n"
+        b"dn:: dWlkPWfDvCxkYz1vcmc=\n"
+        b"cn;lang-de: G\xc3\xbc\n"
+    )
+    assert list(ldifsource.parse(text.splitlines(keepends=True))) == [
+        (
+            "uid=f,ou=users,dc=example,dc=org",
+            {"uid": [b"f"], "emailForward": [b"forward@example.net"], "description": [b"a long value"]},
+        ),
+        ("uid=gü,dc=org", {"cn;lang-de": ["Gü".encode()]}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        (b"uid: a\n", 1, "must start with dn:"),
+        (b"dn: uid=a\nchangetype: add\nuid: a\n", 2, "change records are not supported"),
+        (b"dn: uid=a\nuid:< file:///etc/shadow\n", 2, "URL values"),
+        (b"dn: uid=a\n\n dangling\n", 3, "continuation line"),
+        (b"version: 2\ndn: uid=a\n", 1, "version 1"),
+        (b"dn: uid=a\nno colon here\n", 2, "not an `attribute: value` line"),
+    ],
+)
+def test_what_is_not_a_content_record_is_an_error_naming_the_line(text: bytes, line: int, message: str) -> None:
+    with pytest.raises(ldifsource.LdifSyntaxError, match=message) as err:
+        list(ldifsource.parse(text.splitlines(keepends=True)))
+    assert err.value.line == line

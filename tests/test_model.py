@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -390,3 +391,499 @@ def test_output_is_byte_identical_whatever_the_entry_and_value_order() -> None:
 def test_counts() -> None:
     m, _ = build(entry("a", mailPassword=SSHA, emailForward="x@y.example"), entry("d", mailDisableMessage="x"))
     assert m.counts() == {"users": 1, "aliases": 0, "forwards": 1, "passwords": 1, "disabled": 1}
+
+
+# -- the reference outputs: features added since must not change a byte of existing configs -----
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_config_outputs_are_byte_identical_to_the_reference(tmp_path: Path) -> None:
+    """examples/demo.yaml (one domain, two alias domains, static file) renders what it always did."""
+    import yaml
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    demo = REPO / "examples" / "demo.yaml"
+    data = yaml.safe_load(demo.read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    cfg = config.parse(data, demo)
+    pipeline = Pipeline(cfg)
+    outputs, _ = pipeline.render(pipeline.read_source(), log_problems=False)
+    assert len(outputs) == 6
+    for out in outputs:
+        assert out.data == (GOLDEN / "demo" / out.path.name).read_bytes(), out.name
+
+
+def test_fixture_directory_outputs_are_byte_identical_to_the_reference() -> None:
+    """demo.ldif + hostile.ldif with every logical field of the ud-ldap preset and mailLocalAddress."""
+    from ldapsync import config, ldifsource
+
+    attrs = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
+    entries: list[Entry] = []
+    rejections: list[Rejection] = []
+    for name in ("demo.ldif", "hostile.ldif"):
+        snap = ldifsource.read(config.LdifSource(REPO / "fixtures" / "ldif" / name), attrs)
+        entries += snap.entries
+        rejections += snap.rejections
+    static = Static(
+        Path("/etc/ldapsync/mail.yaml"),
+        (
+            StaticEntry(
+                "postmaster@example.org", ("alice@example.org", "root@elsewhere.example"), "aliases.postmaster"
+            ),
+            StaticEntry("abuse@example.org", ("postmaster@example.org",), "aliases.abuse"),
+        ),
+        (StaticEntry("bounces@example.org", ("bounces@lists.example.net",), "forwards.bounces"),),
+    )
+    m, _ = model.build(
+        Snapshot(tuple(entries), "fixtures", tuple(rejections)),
+        static,
+        domain=DOMAIN,
+        domain_aliases=ALIASES,
+        attributes=attrs,
+        today=TODAY,
+    )
+    for kind, data in render_all(m).items():
+        assert data == (GOLDEN / "fixtures" / kind).read_bytes(), kind
+
+
+# -- groups ----------------------------------------------------------------------------------------
+GROUPS = model.GroupSettings()
+GOU = "ou=groups,dc=example,dc=org"
+
+
+def group(cn: str, *classes: str, **attrs: str | list[str]) -> Entry:
+    raw = {k: [v] if isinstance(v, str) else v for k, v in attrs.items()}
+    return make_entry(f"cn={cn},{GOU}", {"objectClass": list(classes or ["groupOfNames"]), "cn": [cn], **raw}, None, [])
+
+
+def dn(uid: str) -> str:
+    return f"uid={uid},{OU}"
+
+
+def build_with(*entries: Entry, **kwargs: object) -> tuple[model.RoutingModel, model.BuildReport]:
+    params: dict[str, object] = {"domain": DOMAIN, "domain_aliases": ALIASES, "attributes": UD, "today": TODAY}
+    static = kwargs.pop("static", Static())
+    params.update(kwargs)
+    return model.build(Snapshot(tuple(entries), "test"), static, **params)  # type: ignore[arg-type]
+
+
+def reasons(report: model.BuildReport) -> list[tuple[str, str, str]]:
+    return [(r.dn, r.attribute, r.reason) for r in report.rejections]
+
+
+def test_group_of_names_delivers_to_its_members_addresses() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("bob", emailForward="bob@elsewhere.example"),
+        group("staff", member=[dn("alice"), "UID=bob, ou=Users,dc=example,dc=org"]),
+        groups=GROUPS,
+    )
+    assert m.aliases == {"staff@example.org": ("alice@example.org", "bob@example.org")}
+    assert m.groups == {"staff@example.org": f"cn=staff,{GOU}"}
+    assert reasons(report) == []
+    assert report.skipped == 1  # a group is not an account (the empty-directory guard counts accounts)
+    maps = render_all(m)
+    assert b"staff@example.net\tstaff@example.org\n" in maps["postfix-virtual"]  # alias domains follow
+    assert b"staff@example.org\tOK\n" in maps["postfix-recipients"]
+
+
+def test_unique_member_and_nis_mail_alias_members() -> None:
+    m, report = build_with(
+        entry("alice"),
+        group("team", "groupOfUniqueNames", uniqueMember=dn("alice")),
+        group("list", "nisMailAlias", rfc822MailMember=["carol", "Dave@Example.NET", "x@outside.example", "a b"]),
+        groups=GROUPS,
+    )
+    assert m.aliases == {
+        "list@example.org": ("carol@example.org", "dave@example.org", "x@outside.example"),
+        "team@example.org": ("alice@example.org",),
+    }
+    assert [(d, a) for d, a, _ in reasons(report)] == [(f"cn=list,{GOU}", "rfc822MailMember")]
+
+
+def test_group_entries_are_ignored_without_group_settings() -> None:
+    m, report = build_with(entry("alice"), group("staff", member=dn("alice")))
+    assert m.aliases == {} and m.groups == {}
+    assert report.skipped == 1  # as before: an entry without a login
+
+
+def test_nested_groups_are_flattened() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("bob"),
+        group("all", member=[f"cn=admins,{GOU}", dn("alice")]),
+        group("admins", member=[f"cn=ops,{GOU}"]),
+        group("ops", member=dn("bob")),
+        groups=GROUPS,
+    )
+    assert m.aliases == {
+        "admins@example.org": ("bob@example.org",),
+        "all@example.org": ("alice@example.org", "bob@example.org"),
+        "ops@example.org": ("bob@example.org",),
+    }
+    assert reasons(report) == []
+
+
+def test_group_cycle_is_reported_with_its_dns_and_installs_no_loop() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("bob"),
+        group("a", member=[f"cn=b,{GOU}", dn("alice")]),
+        group("b", member=[f"cn=a,{GOU}", dn("bob")]),
+        group("self", member=[f"cn=self,{GOU}", dn("bob")]),
+        groups=GROUPS,
+    )
+    both = ("alice@example.org", "bob@example.org")
+    assert m.aliases == {"a@example.org": both, "b@example.org": both, "self@example.org": ("bob@example.org",)}
+    cycle = [r for r in reasons(report) if "cycle" in r[2]]
+    assert [r[0] for r in cycle] == [f"cn=a,{GOU}", f"cn=b,{GOU}", f"cn=self,{GOU}"]
+    assert f"cn=a,{GOU}; cn=b,{GOU}" in cycle[0][2]
+
+
+def test_disabled_retired_and_unknown_members_are_skipped_with_a_warning() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("dora", mailDisableMessage="Gone"),
+        entry("oscar", accountStatus="inactive"),
+        group(
+            "staff",
+            member=[dn("alice"), dn("dora"), dn("oscar"), dn("nobody"), "cn=printer,dc=example,dc=org"],
+        ),
+        groups=GROUPS,
+    )
+    assert m.aliases == {"staff@example.org": ("alice@example.org",)}
+    got = sorted(r[2] for r in reasons(report))
+    assert got == sorted(
+        [
+            f"member '{dn('dora')}' is disabled; skipped",
+            f"member '{dn('oscar')}' is retired; skipped",
+            f"member '{dn('nobody')}' is not a mail account or group; skipped",
+            "member 'cn=printer,dc=example,dc=org' is not a mail account or group; skipped",
+        ]
+    )
+    assert {r[1] for r in reasons(report)} == {"member"}
+
+
+def test_group_without_deliverable_members_is_skipped() -> None:
+    m, report = build_with(entry("dora", mailDisableMessage="Gone"), group("empty", member=dn("dora")), groups=GROUPS)
+    assert m.aliases == {}
+    assert ("cn=empty," + GOU, "cn", "no deliverable member; group skipped") in reasons(report)
+
+
+def test_account_wins_over_a_group_of_the_same_name() -> None:
+    m, report = build_with(entry("alice"), entry("bob"), group("alice", member=dn("bob")), groups=GROUPS)
+    assert m.users == {"alice@example.org": "alice", "bob@example.org": "bob"}
+    assert m.aliases == {} and m.groups == {}
+    assert reasons(report) == [
+        (
+            f"cn=alice,{GOU}",
+            "cn",
+            f"alice@example.org is an address of {dn('alice')}; the account wins, group address dropped",
+        )
+    ]
+
+
+def test_static_alias_wins_over_a_group_and_names_it() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("bob"),
+        group("postmaster", member=dn("bob")),
+        groups=GROUPS,
+        static=static_of(aliases={"postmaster": ["alice"]}),
+    )
+    assert m.aliases == {"postmaster@example.org": ("alice@example.org",)}
+    assert m.groups == {}
+    assert report.warnings == [
+        f"{STATIC_FILE}: aliases.postmaster overrides postmaster@example.org from LDAP entry cn=postmaster,{GOU}"
+    ]
+
+
+def test_group_senders_only_when_members_may_send_as_the_group() -> None:
+    entries = (entry("alice"), entry("bob"), group("staff", member=[dn("alice"), dn("bob")]))
+    m, _ = build_with(*entries, groups=GROUPS)
+    assert "staff@example.org" not in m.sender_logins
+    m, _ = build_with(*entries, groups=model.GroupSettings(members_send_as_group=True))
+    assert m.sender_logins["staff@example.org"] == ("alice", "bob")
+
+
+def test_group_settings_name_attribute_and_base_dn() -> None:
+    settings = model.GroupSettings(name_attribute="mail", base_dn=GOU)
+    m, report = build_with(
+        entry("alice"),
+        group("Staff Team", mail="staff@example.org", member=dn("alice")),
+        make_entry(
+            "cn=elsewhere,dc=example,dc=org", {"objectClass": ["groupOfNames"], "mail": ["x@example.org"]}, None, []
+        ),
+        groups=settings,
+    )
+    assert m.aliases == {"staff@example.org": ("alice@example.org",)}
+    assert reasons(report) == []
+
+
+def test_group_name_outside_hosted_domains_is_dropped() -> None:
+    m, report = build_with(
+        entry("alice"),
+        group("x", mail="x@outside.example", member=dn("alice")),
+        groups=model.GroupSettings(name_attribute="mail"),
+    )
+    assert m.aliases == {}
+    assert reasons(report)[0][2] == "'x@outside.example' is not in a hosted domain; value dropped"
+
+
+def test_group_member_forwarding_back_to_the_group_breaks_the_loop() -> None:
+    m, report = build_with(
+        entry("alice", emailForward="staff@example.org"),
+        entry("bob"),
+        group("staff", member=[dn("alice"), dn("bob")]),
+        groups=GROUPS,
+    )
+    assert "staff@example.org" not in m.aliases or "alice@example.org" not in m.forwards
+    assert any("loop" in r[2] for r in reasons(report))
+
+
+# -- hosted domains --------------------------------------------------------------------------------
+HOSTED = {"example.com": ("example.info",), "other.example": ()}
+MAIL = schema.resolve("ud-ldap", {"address": "mail", "alias": "mailLocalAddress"}, file=None)
+
+
+def test_accounts_take_their_addresses_from_the_address_attribute() -> None:
+    m, report = build_with(
+        entry("bsmith", mail=["Bob.Smith@Example.INFO", "bob@other.example"], mailPassword=SSHA),
+        entry("alice"),
+        hosted=HOSTED,
+        attributes=MAIL,
+    )
+    assert m.users == {"alice@example.org": "alice", "bob.smith@example.com": "bsmith"}
+    assert m.aliases == {"bob@other.example": ("bob.smith@example.com",)}
+    assert m.passwords == {"bsmith": SSHA}
+    assert reasons(report) == []
+    assert m.variants("bob.smith@example.com") == ["bob.smith@example.com", "bob.smith@example.info"]
+    assert m.variants("bob@other.example") == ["bob@other.example"]
+    assert m.sender_logins["bob@other.example"] == ("bsmith",)
+    maps = render_all(m)
+    assert b"bob.smith@example.info\tbob.smith@example.com\n" in maps["postfix-virtual"]
+    assert b"bob.smith@example.info\tOK\n" in maps["postfix-recipients"]
+    assert b"alice@example.info" not in maps["postfix-recipients"]  # alias domains belong to one domain
+
+
+def test_address_outside_the_hosted_domains_is_dropped() -> None:
+    m, report = build_with(entry("eve", mail="eve@outside.example"), hosted=HOSTED, attributes=MAIL)
+    assert m.users == {"eve@example.org": "eve"}  # no address left: login@domain, as without the attribute
+    assert reasons(report) == [(dn("eve"), "mail", "'eve@outside.example' is not in a hosted domain; value dropped")]
+
+
+def test_two_accounts_claiming_one_address_first_dn_wins() -> None:
+    m, report = build_with(
+        entry("a1", mail="team@example.com"), entry("a2", mail="team@example.com"), hosted=HOSTED, attributes=MAIL
+    )
+    assert m.users == {"team@example.com": "a1"}
+    assert reasons(report) == [
+        (dn("a2"), "mail", f"address team@example.com already used by {dn('a1')}; entry skipped")
+    ]
+
+
+def test_aliases_and_forwards_canonicalise_into_their_own_hosted_domain() -> None:
+    m, _ = build_with(
+        entry("carol", mail="carol@example.com", mailLocalAddress="c@example.info", emailForward="x@EXAMPLE.INFO"),
+        hosted=HOSTED,
+        attributes=MAIL,
+    )
+    assert m.aliases == {"c@example.com": ("carol@example.com",)}
+    assert m.forwards == {"carol@example.com": ("x@example.com",)}
+
+
+def test_disabled_account_is_refused_at_every_address() -> None:
+    m, _ = build_with(
+        entry("dora", mail=["dora@example.com", "d@other.example"], mailDisableMessage="Gone"),
+        hosted=HOSTED,
+        attributes=MAIL,
+    )
+    assert m.disabled == {"d@other.example": "Gone", "dora@example.com": "Gone"}
+    assert m.users == {}
+
+
+# -- local delivery and mailboxes ------------------------------------------------------------------
+BOXES = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+BOX_ATTRS = schema.resolve(
+    "ud-ldap",
+    {"uid_number": "uidNumber", "gid_number": "gidNumber", "home": "homeDirectory", "quota": "mailQuota"},
+    file=None,
+)
+
+
+def test_local_delivery_no_forward_or_a_forward_keeping_a_copy() -> None:
+    m, _ = build_with(
+        entry("alice"),
+        entry("bob", emailForward="bob@elsewhere.example"),
+        entry("carol", emailForward="carol@example.org, carol@elsewhere.example"),
+        entry("dora", mailDisableMessage="Gone"),
+        entry("erin"),
+        static=static_of(forwards={"erin": "erin@elsewhere.example"}),
+    )
+    assert m.local == {"alice@example.org": "alice", "carol@example.org": "carol"}
+
+
+def test_mailboxes_from_defaults_and_attributes() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("bob", uidNumber="6001", gidNumber="6002", homeDirectory="/var/vmail/special/bob", mailQuota="2G"),
+        attributes=BOX_ATTRS,
+        mailbox=BOXES,
+    )
+    assert m.mailboxes == {
+        "alice": model.Mailbox("alice", "alice@example.org", 5000, 5000, "/var/vmail/example.org/alice"),
+        "bob": model.Mailbox("bob", "bob@example.org", 6001, 6002, "/var/vmail/special/bob", "2G"),
+    }
+    assert reasons(report) == []
+
+
+@pytest.mark.parametrize(
+    ("attrs", "attribute", "reason"),
+    [
+        ({"uidNumber": "0"}, "uidNumber", "0 is outside 1000-60000; no mailbox"),
+        ({"uidNumber": "70000"}, "uidNumber", "70000 is outside 1000-60000; no mailbox"),
+        ({"gidNumber": "-5"}, "gidNumber", "'-5' is not a numeric id; value ignored"),
+        ({"uidNumber": "5000 userdb_x=y"}, "uidNumber", "'5000 userdb_x=y' is not a numeric id; value ignored"),
+        ({"homeDirectory": "/etc/x"}, "homeDirectory", "'/etc/x' is not under /var/vmail; no mailbox"),
+        ({"homeDirectory": "/var/vmail/../etc"}, "homeDirectory", "contains a '.' or '..' component"),
+        ({"homeDirectory": "/var/vmail/a b"}, "homeDirectory", "is not an absolute path"),
+        ({"homeDirectory": "/var/vmail/a:1"}, "homeDirectory", "is not an absolute path"),
+        ({"homeDirectory": "/var/vmail/%u"}, "homeDirectory", "is not an absolute path"),
+        ({"homeDirectory": "var/vmail/a"}, "homeDirectory", "is not an absolute path"),
+        ({"homeDirectory": "/var/vmailx/a"}, "homeDirectory", "is not under /var/vmail; no mailbox"),
+        ({"mailQuota": "1G userdb_quota_rule=*:storage=0"}, "mailQuota", "is not a quota size"),
+        ({"mailQuota": ["1G", "2G"]}, "mailQuota", "multi-valued; value ignored"),
+    ],
+)
+def test_bad_mailbox_attributes_are_rejected_with_dn_and_attribute(
+    attrs: dict[str, str | list[str]], attribute: str, reason: str
+) -> None:
+    m, report = build_with(entry("bob", **attrs), attributes=BOX_ATTRS, mailbox=BOXES)
+    got = reasons(report)
+    assert [(d, a) for d, a, _ in got] == [(dn("bob"), attribute)], got
+    assert reason in got[0][2]
+    assert m.users == {"bob@example.org": "bob"}  # the account itself stays
+    box = m.mailboxes.get("bob")
+    # a rejected optional value falls back to the default; a value out of bounds means no mailbox
+    assert box is None or (box.uid, box.gid, box.quota) == (5000, 5000, None)
+
+
+def test_account_without_a_mailbox_is_not_delivered_locally() -> None:
+    settings = model.MailboxSettings(home="/var/vmail/{login}", home_root="/var/vmail", uid=None, gid=5000)
+    m, report = build_with(entry("alice"), entry("bob", uidNumber="5001"), attributes=BOX_ATTRS, mailbox=settings)
+    assert m.local == {"bob@example.org": "bob"}
+    assert set(m.mailboxes) == {"bob"}
+    assert reasons(report) == [(dn("alice"), "uidNumber", "no value and no default in mailbox settings; no mailbox")]
+
+
+# -- against a real slapd: groups and hosted domains read over LDAP --------------------------------
+def slapd_config(tmp_path: Path, server: object, **extra: object) -> Path:
+    import yaml
+
+    doc = {
+        "domain": "example.org",
+        "domain_aliases": ["example.net"],
+        "source": {
+            "ldap": {
+                "uri": server.uri,  # type: ignore[attr-defined]
+                "bind_dn": server.service_dn,  # type: ignore[attr-defined]
+                "bind_password_file": str(server.service_password_file),  # type: ignore[attr-defined]
+                "base_dn": "dc=example,dc=org",
+                "timeout": 5,
+            }
+        },
+        "state_dir": "state",
+        "exporters": [
+            {"kind": "postfix-virtual", "path": "out/virtual", "map_type": "none"},
+            {"kind": "postfix-recipients", "path": "out/recipients", "map_type": "none"},
+            {"kind": "postfix-sender-login", "path": "out/sender_login", "map_type": "none"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "ldapsync.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.slapd
+def test_groups_read_from_slapd(tmp_path: Path, slapd_factory: Any) -> None:
+    from slapd import BASE_LDIF, DEMO_LDIF, FIXTURES
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "groups.ldif"))
+    cfg = config.load(slapd_config(tmp_path, server, groups={"members_send_as_group": True}))
+    assert cfg.groups is not None and "member" in cfg.attributes.ldap_attributes()
+    pipeline = Pipeline(cfg)
+    outputs, report = pipeline.render(pipeline.read_source(), log_problems=False)
+    virtual = {o.name: o.data.decode() for o in outputs}["postfix-virtual"]
+    assert "staff@example.org\talice@example.org,bob@example.org,frank@example.org,grace@example.org\n" in virtual
+    assert "admins@example.org\tbob@example.org,grace@example.org\n" in virtual
+    assert "ops@example.org\tbob@example.org,grace@example.org\n" in virtual
+    assert "announce@example.org\tcarol@example.org,someone@outside.example\n" in virtual
+    assert "staff@example.net\tstaff@example.org\n" in virtual
+    assert "alice@example.org\t" not in virtual  # the account alice wins over the group alice
+    sender = {o.name: o.data.decode() for o in outputs}["postfix-sender-login"]
+    assert "staff@example.org\talice,bob,frank,grace\n" in sender
+    got = {(r.dn.split(",")[0], r.attribute, r.reason) for r in report.rejections if "ou=groups" in r.dn}
+    staff = "cn=staff"
+    assert (staff, "member", "member 'uid=dora,ou=users,dc=example,dc=org' is disabled; skipped") in got
+    assert (staff, "member", "member 'uid=oscar,ou=users,dc=example,dc=org' is retired; skipped") in got
+    ghost = "member 'uid=ghost,ou=users,dc=example,dc=org' is not a mail account or group; skipped"
+    assert (staff, "member", ghost) in got
+    cycles = {g for g, _, reason in got if "group cycle through" in reason}
+    assert cycles == {"cn=admins", "cn=ops"}
+    assert any(g == "cn=alice" and "the account wins" in reason for g, _, reason in got)
+    assert any(g == "cn=announce" and a == "rfc822MailMember" and "|/bin/sh" in reason for g, a, reason in got)
+    assert any(g == "cn=Mail Team" and a == "cn" for g, a, _ in got)
+
+
+@pytest.mark.slapd
+def test_hosted_domains_and_mailboxes_read_from_slapd(tmp_path: Path, slapd_factory: Any) -> None:
+    from slapd import BASE_LDIF, DEMO_LDIF, FIXTURES
+
+    from ldapsync import config
+    from ldapsync.sync import Pipeline
+
+    server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "domains.ldif"))
+    path = slapd_config(
+        tmp_path,
+        server,
+        domains={"example.com": ["example.info"], "other.example": []},
+        attributes={"address": "mail", "uid_number": "uidNumber", "gid_number": "gidNumber", "home": "homeDirectory"},
+        mailbox={"home_root": "/var/vmail", "gid": 5000, "uid": 5000},
+    )
+    cfg = config.load(path)
+    pipeline = Pipeline(cfg)
+    outputs, report = pipeline.render(pipeline.read_source(), log_problems=False)
+    text = {o.name: o.data.decode() for o in outputs}
+    assert "bob@other.example\tbob.smith@example.com\n" in text["postfix-virtual"]
+    assert "bob.smith@example.info\tbob.smith@example.com\n" in text["postfix-virtual"]
+    assert "bob.smith@example.info\tOK\n" in text["postfix-recipients"]
+    assert "eve@example.org\tOK\n" in text["postfix-recipients"]
+    assert "alice@example.net\tOK\n" in text["postfix-recipients"]
+    assert "alice@example.info" not in text["postfix-recipients"]
+    got = {(r.dn.split(",")[0], r.attribute, r.reason) for r in report.rejections if "ou=people" in r.dn}
+    assert got == {
+        ("uid=eve", "mail", "'eve@outside.example' is not in a hosted domain; value dropped"),
+        ("uid=mallory", "homeDirectory", "'/etc' is not under /var/vmail; no mailbox"),
+    }
+    routing, _ = model.build(
+        pipeline.read_source(),
+        Static(),
+        domain=cfg.domain,
+        domain_aliases=cfg.domain_aliases,
+        attributes=cfg.attributes,
+        today=TODAY,
+        hosted=cfg.hosted,
+        mailbox=cfg.mailbox,
+    )
+    assert routing.mailboxes["bsmith"] == model.Mailbox(
+        "bsmith", "bob.smith@example.com", 5001, 5000, "/var/vmail/example.com/bsmith"
+    )
+    assert routing.mailboxes["alice"].home == "/var/vmail/example.org/alice"
+    assert "mallory" not in routing.mailboxes and "mallory@example.com" not in routing.local

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,35 @@ def test_yaml_round_trip_of_many_entries_keeps_order(tmp_path: Path) -> None:
     st = parse(tmp_path, yaml.safe_dump(doc, sort_keys=False))
     assert [e.address for e in st.aliases] == [f"list{i}@example.org" for i in range(50)]
     assert all(e.key == f"aliases.list{i}" for i, e in enumerate(st.aliases))
+
+
+# -- hosted domains ----------------------------------------------------------------------------------
+HOSTED = {"example.com": ("example.info",)}
+
+
+def test_names_and_targets_in_further_hosted_domains(tmp_path: Path) -> None:
+    path = tmp_path / "mail.yaml"
+    path.write_text(
+        "aliases:\n  sales@Example.COM: [bob@EXAMPLE.INFO, alice, carol@example.net]\n"
+        "forwards:\n  info@example.com: x@outside.example\n"
+    )
+    st = static.load(path, DOMAIN, ALIASES, HOSTED)
+    assert {e.address: e.targets for e in st.aliases} == {
+        "sales@example.com": ("bob@example.com", "alice@example.org", "carol@example.org")
+    }
+    assert {e.address: e.targets for e in st.forwards} == {"info@example.com": ("x@outside.example",)}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("aliases:\n  sales@example.info: alice\n", "name the address in example.com; alias domains follow it"),
+        ("aliases:\n  x@outside.example: alice\n", "is not in a hosted domain (example.org, example.com)"),
+    ],
+)
+def test_hosted_domain_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "mail.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        static.load(path, DOMAIN, ALIASES, HOSTED)
+    assert info.value.key == f"aliases.{text.split()[1].rstrip(':')}"

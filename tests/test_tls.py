@@ -297,9 +297,16 @@ def test_failover_past_an_unverifiable_server(tmp_path: Path, slapd_factory: Cal
 
 
 # -- the live agent's stream connection ------------------------------------------------------
-def stream_connection(cfg: config_mod.Config, src: LdapSource) -> tuple[Any, str]:
+@contextlib.contextmanager
+def stream_connection(cfg: config_mod.Config, src: LdapSource) -> Iterator[tuple[Any, str]]:
+    """The follower's path: the check connection (StartTLS, bind), then the stream beside it."""
     follower = watch.Follower(cfg, watch.Mirror(), lambda _: None)
-    return follower._stream_connection(src)
+    check = ldapsource.connect(src, root_dse=True)
+    try:
+        with follower._stream(src, check) as conn:
+            yield conn, check.uri
+    finally:
+        check.close()
 
 
 def test_stream_connection_with_start_tls_is_encrypted(
@@ -308,12 +315,9 @@ def test_stream_connection_with_start_tls_is_encrypted(
     require_tls_for_simple_binds(tls_slapd)
     proxy = proxy_factory(tls_slapd.port)
     cfg, src = source(tmp_path, tls_slapd, [proxy.uri()], start_tls=True, ca_file=tls_slapd.ca_file)
-    conn, uri = stream_connection(cfg, src)
-    try:
+    with stream_connection(cfg, src) as (conn, uri):
         assert uri == proxy.uri() and conn.bound
         assert isinstance(conn.socket, ssl.SSLSocket)
-    finally:
-        conn.unbind()
     assert not password_on_the_wire(proxy, tls_slapd)
 
 
@@ -322,8 +326,8 @@ def test_stream_connection_with_another_ca_does_not_connect(
 ) -> None:
     proxy = proxy_factory(tls_slapd.port)
     cfg, src = source(tmp_path, tls_slapd, [proxy.uri()], start_tls=True, ca_file=other_ca)
-    with pytest.raises(SourceError) as err:
-        stream_connection(cfg, src)
+    with pytest.raises(SourceError) as err, stream_connection(cfg, src):
+        pass
     assert CERT_PROBLEM in str(err.value) and proxy.uri() in str(err.value)
     sent = proxy.sent()
     assert sent and tls_slapd.service_password.encode() not in sent
@@ -333,14 +337,14 @@ def test_stream_connection_over_ldaps_with_another_ca_does_not_connect(
     tmp_path: Path, tls_slapd: Slapd, other_ca: Path
 ) -> None:
     cfg, src = source(tmp_path, tls_slapd, [tls_slapd.ldaps_uri], ca_file=other_ca)
-    with pytest.raises(SourceError) as err:
-        stream_connection(cfg, src)
+    with pytest.raises(SourceError) as err, stream_connection(cfg, src):
+        pass
     assert CERT_PROBLEM in str(err.value)
 
 
 def test_stream_connection_to_a_server_refusing_start_tls_fails_fast_and_clearly(tmp_path: Path, slapd: Slapd) -> None:
     cfg, src = source(tmp_path, slapd, [slapd.uri], start_tls=True)  # this slapd has no certificate
     started = time.monotonic()
-    with pytest.raises(SourceError) as err:
-        stream_connection(cfg, src)
+    with pytest.raises(SourceError) as err, stream_connection(cfg, src):
+        pass
     assert time.monotonic() - started < src.timeout + 1 and "protocolError" in str(err.value)

@@ -1,4 +1,5 @@
-"""The follower's in-memory Mirror and the persisted follow state (cookie + snapshot).
+"""The follower: its in-memory Mirror, the persisted follow state, and the Follower thread
+against real slapd (outages, a frozen server, a URI that is not LDAP).
 
 A restart resumes by cookie only if the saved snapshot is exactly the directory state that
 cookie describes; anything doubtful must fall back to a full read (None), never to a
@@ -9,11 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from notldap import HttpServer
+from slapd import Slapd
+from structlog.testing import capture_logs
 
 from ldapsync import config as config_mod
 from ldapsync import watch
@@ -131,12 +139,13 @@ def test_replace_all_reports_content_changes_only() -> None:
     m = watch.Mirror()
     m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), WANTED)
     m.set_cookie(b"old")
-    same = Snapshot((Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@far.example",)}, "u-bob"),),
-                    "ldap:ldap://other-server")
+    same = Snapshot(
+        (Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@far.example",)}, "u-bob"),),
+        "ldap:ldap://other-server",
+    )
     assert m.replace_all(same) is False  # same content from another server: nothing to rebuild
     assert m.snapshot()[1] is None  # a full read has no cookie
-    changed = Snapshot((Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@near.example",)}, "u-bob"),),
-                       "ldap:x")
+    changed = Snapshot((Entry(dn("bob"), {"uid": ("bob",), "emailforward": ("bob@near.example",)}, "u-bob"),), "ldap:x")
     assert m.replace_all(changed) is True
     assert m.snapshot()[0].entries == changed.entries
     assert m.replace_all(Snapshot((), "ldap:x")) is True  # everything deleted is a change too
@@ -251,7 +260,177 @@ def test_generation_snapshot_is_linked_not_copied(tmp_path: Path) -> None:
     changed = Snapshot(snap.entries[:1], snap.source)
     generation_file = tmp_path / "generation-snapshot.json"
     generation_file.write_bytes(changed.to_json())
+    generation_file.chmod(0o600)  # as state.record writes it: the follow cache must be private
     watch.save_follow_state(state, cfg, changed, b"cookie-2", reuse=generation_file)
     assert (state.root / watch.FOLLOW_SNAPSHOT).stat().st_ino == generation_file.stat().st_ino
     generation_file.unlink()  # pruning the generation later does not lose the follow state
     assert watch.load_follow_state(state, cfg) == (changed, b"cookie-2")
+
+
+# -- reconnect backoff -------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap_and_starts_over_after_a_reset() -> None:
+    backoff = watch.Backoff(10.0, rng=lambda: 0.0)
+    assert [backoff.next() for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    backoff.reset()
+    assert backoff.next() == 0.5
+
+
+def test_backoff_jitter_stays_under_the_cap() -> None:
+    backoff = watch.Backoff(3.0, rng=lambda: 1.0)
+    assert [backoff.next() for _ in range(4)] == [1.5, 2.0, 3.0, 3.0]
+
+
+# -- the follower against real servers ---------------------------------------------------
+
+
+class Notifications:
+    """The follower's notify callback: what it said, in order, and a way to wait for it."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, what: str) -> None:
+        with self._cond:
+            self.seen.append(what)
+            self._cond.notify_all()
+
+    def wait(self, what: str, *, after: int = 0, timeout: float) -> int:
+        """Index of the first `what` at or after index `after`; AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if what in self.seen[after:]:
+                    return self.seen.index(what, after)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {what!r} within {timeout} s (seen: {self.seen[after:]})")
+                self._cond.wait(left)
+
+
+FollowerFactory = Callable[..., tuple[watch.Follower, Notifications]]
+
+
+@pytest.fixture
+def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
+    started: list[watch.Follower] = []
+
+    def start(uris: list[str], server: Slapd, **ldap: Any) -> tuple[watch.Follower, Notifications]:
+        ldap.setdefault("timeout", 2)
+        cfg = make_config(
+            tmp_path,
+            uri=uris,
+            bind_dn=server.service_dn,
+            bind_password_file=str(server.service_password_file),
+            **ldap,
+        )
+        notes = Notifications()
+        follower = watch.Follower(cfg, watch.Mirror(), notes)
+        started.append(follower)
+        follower.start()
+        return follower, notes
+
+    yield start
+    for follower in started:
+        follower.stop()
+        follower.join(timeout=15)
+
+
+def following(follower: watch.Follower, uri: str, timeout: float) -> None:
+    """Wait until `follower` is connected to `uri` (its status is what `ldapsync status` shows)."""
+    deadline = time.monotonic() + timeout
+    while not (follower.status.connected and follower.status.server == uri):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not following {uri} within {timeout} s: {follower.status}")
+        time.sleep(0.05)
+
+
+def disconnected(follower: watch.Follower, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while follower.status.connected:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still connected after {timeout} s: {follower.status}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slapd
+def test_short_restart_after_several_outages_is_followed_again_quickly(
+    slapd: Slapd, followers: FollowerFactory
+) -> None:
+    """A connection that worked starts the backoff over: outage number six waits no longer than the first."""
+    follower, notes = followers([slapd.uri], slapd, watch="syncrepl")
+    notes.wait("synced", timeout=20)
+    for outage in range(6):
+        slapd.stop()
+        disconnected(follower, timeout=20)
+        slapd.start()
+        started = time.monotonic()
+        following(follower, slapd.uri, timeout=60)
+        took = time.monotonic() - started
+        # first retry after 0.5-1.5 s; without the reset the sixth waited 16 s and more
+        assert took < 10, f"outage {outage + 1}: followed again only after {took:.1f} s"
+    assert notes.seen.count("down") == 6 and notes.seen.count("up") == 7, notes.seen
+
+
+@pytest.mark.slapd
+def test_frozen_server_is_noticed_and_the_next_uri_followed(
+    slapd_factory: Callable[..., Slapd], followers: FollowerFactory
+) -> None:
+    """A stopped slapd keeps its TCP connections open: only a read that gets no answer shows it."""
+    first, second = slapd_factory(), slapd_factory()
+    follower, notes = followers([first.uri, second.uri], first, watch="syncrepl", timeout=2)
+    notes.wait("synced", timeout=20)
+    following(follower, first.uri, timeout=20)
+    pid = first.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with capture_logs() as logs:
+            stopped = time.monotonic()
+            disconnected(follower, timeout=30)
+            noticed = time.monotonic() - stopped
+            following(follower, second.uri, timeout=30)
+        assert noticed < 15, f"frozen server noticed only after {noticed:.1f} s (timeout 2 s)"
+        up = notes.seen.index("up")
+        assert notes.seen.index("down", up) < notes.seen.index("up", up + 1), notes.seen
+        # the server just lost is tried last: the second is used without waiting for the first again
+        assert not [e for e in logs if e.get("uri") == first.uri], logs
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.slapd
+def test_first_uri_answering_http_is_skipped(slapd: Slapd, followers: FollowerFactory) -> None:
+    web = HttpServer()
+    try:
+        with capture_logs() as logs:
+            follower, notes = followers([web.uri, slapd.uri], slapd)
+            following(follower, slapd.uri, timeout=20)
+            notes.wait("synced", timeout=20)
+        assert follower.status.method == "syncrepl"
+        skipped = [e for e in logs if e.get("uri") == web.uri and e["log_level"] == "warning"]
+        assert skipped and "not LDAP" in skipped[0]["error"], logs
+        assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+    finally:
+        web.close()
+
+
+@pytest.mark.slapd
+def test_check_connection_closed_by_the_server_idle_timeout_is_replaced_quietly(
+    slapd: Slapd, followers: FollowerFactory
+) -> None:
+    """slapd closes idle connections but not one with a persistent search: the stream stays."""
+    slapd.modify_config("dn: cn=config\nchangetype: modify\nreplace: olcIdleTimeout\nolcIdleTimeout: 1\n")
+    with capture_logs() as logs:
+        follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=4)
+        following(follower, slapd.uri, timeout=20)
+        time.sleep(8)  # idle timeout 1 s, liveness read every 2 s: the check connection is closed each time
+        slapd.modify(
+            "dn: uid=bob,ou=users,dc=example,dc=org\nchangetype: modify\n"
+            "replace: emailForward\nemailForward: bob@after-idle.example\n"
+        )
+        notes.wait("changed", timeout=10)
+    assert notes.seen.count("up") == 1 and "down" not in notes.seen, notes.seen
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs

@@ -6,7 +6,13 @@ Only two fields are ever written, so no LDAP value can add a uid, home or extra 
 from __future__ import annotations
 
 import hashlib
+import re
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
+from ldapsync.errors import ConfigError
 from ldapsync.exporters import Exporter, lines
 from ldapsync.model import RoutingModel
 
@@ -15,13 +21,15 @@ class PasswdExporter(Exporter):
     kind = "dovecot-passwd"
     postfix_map = False
     sensitive = True
+    guarded_values = True
+    separator = ":"
     default_mode = 0o640
 
     def inputs(self, model: RoutingModel) -> object:
         return model.passwords
 
     def render(self, model: RoutingModel) -> bytes:
-        return lines(model.passwords, sep=":")
+        return lines(model.passwords, sep=self.separator)
 
     def redact(self, line: str) -> str:
         login, sep, secret = line.partition(":")
@@ -29,3 +37,80 @@ class PasswdExporter(Exporter):
             return line
         scheme = secret[: secret.find("}") + 1] if secret.startswith("{") else ""
         return f"{login}:{scheme}<hash sha256:{hashlib.sha256(secret.encode()).hexdigest()[:12]}>"
+
+
+USERDB_FIELDS = ("login", "domain", "home", "uid", "gid", "quota")
+_FIELD_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
+_RESERVED = ("uid", "gid", "home", "user")
+
+
+class UserdbExporter(Exporter):
+    """Dovecot passwd-file userdb: `login::uid:gid::home::userdb_k=v ...`, no password.
+
+    Every value is validated in the model (numeric ids in range, a normalised home under the
+    configured root, no ':', '%', space or control character), and extra fields come only
+    from the admin's templates, so an LDAP value cannot add a field. Dovecot's passwd-file
+    userdb reads only `userdb_`-prefixed extra fields; the prefix is added here.
+    """
+
+    kind = "dovecot-userdb"
+    postfix_map = False
+    default_mode = 0o640
+    separator = ":"  # login, then the fields: a changed home or uid is a changed value, not a new key
+    guarded_values = True  # many homes or ids rewritten at once would move every mailbox
+    options: ClassVar[Mapping[str, type]] = {"fields": dict, "address_keys": bool}
+
+    @classmethod
+    def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
+        for name, template in options.get("fields", {}).items():
+            where = f"{key}.fields.{name}"
+            if not isinstance(name, str) or not _FIELD_NAME_RE.fullmatch(name) or name in _RESERVED:
+                raise ConfigError(
+                    f"{name!r} is not a userdb extra field name (lower-case; not uid, gid, home or user)",
+                    file=file,
+                    key=where,
+                )
+            if not isinstance(template, str) or not template:
+                raise ConfigError("must be a non-empty string", file=file, key=where)
+            if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in template) or not template.isascii():
+                raise ConfigError(f"{template!r}: no spaces, control or non-ASCII characters", file=file, key=where)
+            try:
+                parts = list(string.Formatter().parse(template))
+            except ValueError as e:
+                raise ConfigError(f"{template!r}: {e}", file=file, key=where) from e
+            for _, field_name, spec, conv in parts:
+                if field_name is not None and (field_name not in USERDB_FIELDS or spec or conv):
+                    allowed = ", ".join(USERDB_FIELDS)
+                    raise ConfigError(
+                        f"unknown placeholder {{{field_name}}} (allowed: {allowed})", file=file, key=where
+                    )
+
+    def inputs(self, model: RoutingModel) -> object:
+        return (model.mailboxes, model.users) if self.settings.get("address_keys") else model.mailboxes
+
+    def render(self, model: RoutingModel) -> bytes:
+        fields: Mapping[str, str] = self.settings.get("fields", {})
+        rows: list[tuple[str, str]] = []
+        by_login: dict[str, str] = {}
+        for login, box in model.mailboxes.items():
+            values = {
+                "login": login,
+                "domain": box.address.rpartition("@")[2],
+                "home": box.home,
+                "uid": str(box.uid),
+                "gid": str(box.gid),
+                "quota": box.quota,
+            }
+            # A field whose template names a value the account does not have (no quota) is left out.
+            extra = [
+                f"userdb_{name}={template.format(**values)}"
+                for name, template in sorted(fields.items())
+                if all(values.get(f) is not None for _, f, _, _ in string.Formatter().parse(template) if f)
+            ]
+            rest = f"{box.uid}:{box.gid}::{box.home}::"
+            rows.append((login, f"{rest}{' '.join(extra)}"))
+            by_login[login] = f"{rest}{' '.join(['userdb_user=' + login, *extra])}"
+        if self.settings.get("address_keys"):
+            # LMTP looks the recipient address up; these lines map it to the login's mailbox.
+            rows += [(a, by_login[login]) for a, login in model.users.items() if login in by_login]
+        return "".join(f"{k}::{v}\n" for k, v in sorted(rows)).encode("ascii")

@@ -6,6 +6,8 @@ whitespace, commas or specials, so one line is always one entry.
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +23,7 @@ class VirtualExporter(Exporter):
     """virtual_alias_maps: aliases (incl. alias-domain rewrites) and/or forwards."""
 
     kind = "postfix-virtual"
+    guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"include": list}
 
     @classmethod
@@ -32,7 +35,7 @@ class VirtualExporter(Exporter):
 
     def inputs(self, model: RoutingModel) -> object:
         # domain_rewrites() derives from the deliverable keys and the alias domains
-        return (model.aliases, model.forwards, model.users.keys(), model.domain_aliases, model.domain)
+        return (model.aliases, model.forwards, model.users.keys(), model.domain_aliases, model.domain, model.hosted)
 
     def render(self, model: RoutingModel) -> bytes:
         include = self.settings.get("include", list(CATEGORIES))
@@ -49,6 +52,7 @@ class TransportExporter(Exporter):
     """transport_maps on an MX: forwarded addresses leave through the SRS relay."""
 
     kind = "postfix-transport"
+    guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"nexthop": str}
 
     @classmethod
@@ -71,7 +75,7 @@ class RecipientsExporter(Exporter):
     kind = "postfix-recipients"
 
     def inputs(self, model: RoutingModel) -> object:
-        return (model.users.keys(), model.aliases.keys(), model.forwards.keys(), model.domain_aliases)
+        return (model.users.keys(), model.aliases.keys(), model.forwards.keys(), model.domain_aliases, model.hosted)
 
     def render(self, model: RoutingModel) -> bytes:
         return lines(sorted((v, "OK") for a in model.deliverable() for v in model.variants(a)))
@@ -83,7 +87,7 @@ class SenderLoginExporter(Exporter):
     kind = "postfix-sender-login"
 
     def inputs(self, model: RoutingModel) -> object:
-        return (model.sender_logins, model.domain_aliases)
+        return (model.sender_logins, model.domain_aliases, model.hosted)
 
     def render(self, model: RoutingModel) -> bytes:
         return lines(
@@ -104,8 +108,64 @@ class AccessExporter(Exporter):
             raise ConfigError("must be REJECT, DEFER, 550, 554 or 450", file=file, key=f"{key}.action")
 
     def inputs(self, model: RoutingModel) -> object:
-        return (model.disabled, model.domain_aliases)
+        return (model.disabled, model.domain_aliases, model.hosted)
 
     def render(self, model: RoutingModel) -> bytes:
         action = self.settings.get("action", "REJECT")
         return lines(sorted((v, f"{action} {msg}") for a, msg in model.disabled.items() for v in model.variants(a)))
+
+
+DEFAULT_MAILBOX_PATH = "{domain}/{login}/Maildir/"
+_PATH_LITERAL_RE = re.compile(r"[A-Za-z0-9_+=@./-]*")
+PATH_FIELDS = ("login", "domain", "local")
+
+
+class VirtualMailboxExporter(Exporter):
+    """virtual_mailbox_maps: accounts whose mail is stored on this host -> their mailbox path.
+
+    An account is local when it has no forward, or a forward that lists its own address
+    ("keep a copy"). The path is relative to virtual_mailbox_base; a trailing '/' means
+    Maildir (Postfix virtual(8)). With an LMTP transport only the keys matter.
+    """
+
+    kind = "postfix-virtual-mailbox"
+    guarded_values = True  # many paths rewritten at once would move every mailbox
+    options: ClassVar[Mapping[str, type]] = {"path_template": str}
+
+    @classmethod
+    def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
+        template = options.get("path_template", DEFAULT_MAILBOX_PATH)
+        where = f"{key}.path_template"
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as e:
+            raise ConfigError(f"{template!r}: {e}", file=file, key=where) from e
+        for literal, field_name, spec, conv in parts:
+            if not _PATH_LITERAL_RE.fullmatch(literal):
+                raise ConfigError(
+                    f"{template!r}: only letters, digits and ._+=@/- outside placeholders", file=file, key=where
+                )
+            if field_name is not None and (field_name not in PATH_FIELDS or spec or conv):
+                raise ConfigError(
+                    f"unknown placeholder {{{field_name}}} (allowed: {', '.join(PATH_FIELDS)})", file=file, key=where
+                )
+        sample = template.format(login="l", domain="d", local="p")
+        if sample.startswith("/") or any(p in (".", "..") for p in sample.rstrip("/").split("/")) or "//" in sample:
+            raise ConfigError(
+                f"{template!r} must be relative to virtual_mailbox_base, without '.', '..' or '//'",
+                file=file,
+                key=where,
+            )
+        if not any(f in template for f in ("{login}", "{local}")):
+            raise ConfigError(f"{template!r} must contain {{login}} or {{local}}", file=file, key=where)
+
+    def inputs(self, model: RoutingModel) -> object:
+        return model.local
+
+    def render(self, model: RoutingModel) -> bytes:
+        template = self.settings.get("path_template", DEFAULT_MAILBOX_PATH)
+        rows = []
+        for address, login in model.local.items():
+            local, _, domain = address.rpartition("@")
+            rows.append((address, template.format(login=login, domain=domain, local=local)))
+        return lines(rows)

@@ -8,7 +8,7 @@ directories. The cn=config LDIF for the attributes ldapsync reads ships beside t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ldapsync.errors import ConfigError
@@ -26,11 +26,18 @@ class AttributeMap:
     mail_password: str | None = None
     status: str | None = None
     disable_message: str | None = None
+    address: str | None = None  # the account's own address(es) in hosted domains (`mail`)
+    uid_number: str | None = None  # mailbox owner, for the Dovecot userdb
+    gid_number: str | None = None
+    home: str | None = None
+    quota: str | None = None
+    # Not a logical field: further attributes to request (group classification and members).
+    extra: tuple[str, ...] = ()
 
     def ldap_attributes(self) -> list[str]:
         """The attributes a search must request, nothing more (speed, and least privilege)."""
-        names = [getattr(self, f.name) for f in fields(self)]
-        return sorted({n for n in names if n} | {"entryUUID"}, key=str.lower)
+        names = [getattr(self, f) for f in LOGICAL_FIELDS]
+        return sorted({n for n in names if n} | set(self.extra) | {"entryUUID"}, key=str.lower)
 
 
 PRESETS: dict[str, AttributeMap] = {
@@ -49,7 +56,7 @@ PRESETS: dict[str, AttributeMap] = {
     ),
 }
 
-LOGICAL_FIELDS = tuple(f.name for f in fields(AttributeMap))
+LOGICAL_FIELDS = tuple(f.name for f in fields(AttributeMap) if f.name != "extra")
 
 
 def resolve(preset: str, overrides: Mapping[str, object], *, file: Path | None) -> AttributeMap:
@@ -75,7 +82,7 @@ def resolve(preset: str, overrides: Mapping[str, object], *, file: Path | None) 
     login = base.pop("login")
     if not login:
         raise ConfigError("a login attribute is required", file=file, key="attributes.login")
-    return AttributeMap(login=login, **base)
+    return replace(AttributeMap(login=login), **base)  # type: ignore[arg-type]
 
 
 def _is_attr_name(value: str) -> bool:

@@ -38,13 +38,14 @@ SNIPPETS = REPO / "docs" / "snippets"
 LDAPSYNC = Path(os.environ.get("LDAPSYNC_BIN") or Path(sys.executable).parent / "ldapsync")
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 START_TIMEOUT = 20.0
+UNIT_UMASK = 0o077  # ldapsync runs with the umask of systemd/ldapsync.service (UMask=0077)
 DELIVERY_WAIT = 20.0
 OUTSIDE = "someone@outside.example"  # an Internet sender/recipient
 
 # Placeholders in docs/snippets/ and what a test host needs instead (documented in
 # docs/deployment.md, "How the snippets are tested").
 MAPS_DIR = "/etc/postfix/ldapsync"
-PASSWD_DIR = "/etc/dovecot/private"
+DOVECOT_ETC = "/etc/dovecot"  # the passwd-file goes to /etc/dovecot/ldapsync/, which ldapsync creates
 POSTFIX_SPOOL = "/var/spool/postfix"
 STATE_DIR = "/var/lib/ldapsync"
 ETC_DIR = "/etc/ldapsync"
@@ -172,7 +173,12 @@ def ldapsync_config(
 
 def run_ldapsync(config: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LDAPSYNC), "-c", str(config), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(LDAPSYNC), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        umask=UNIT_UMASK,
     )
 
 
@@ -268,6 +274,7 @@ flush     unix  n       -       n       1000?   0       flush
 proxymap  unix  -       -       n       -       -       proxymap
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+lmtp      unix  -       -       n       -       -       lmtp
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
@@ -440,7 +447,7 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
 class Dovecot:
     """A Dovecot auth server from the docs' snippet; state, sockets and log under ``root``."""
 
-    def __init__(self, root: Path, snippet_text: str):
+    def __init__(self, root: Path, snippet_text: str, *, protocols: str = ""):
         self.root = root / "dovecot"
         self.base_dir = self.root / "run"
         self.state_dir = self.root / "state"
@@ -454,7 +461,7 @@ class Dovecot:
 base_dir = {self.base_dir}
 state_dir = {self.state_dir}
 log_path = {self.log_path}
-protocols =
+protocols = {protocols}
 ssl = no
 # failed logins answer at once (production keeps the 2 s default)
 auth_failure_delay = 0
@@ -545,9 +552,13 @@ class MailStack:
         secret = self.etc / "bind.secret"
         shutil.copy(bind_password_file, secret)
         secret.chmod(0o600)
-        self.passwd_dir = workdir / "dovecot-private"
-        self.passwd_dir.mkdir(mode=0o750)
-        shutil.chown(self.passwd_dir, "root", "dovecot")
+        # /etc/dovecot as dovecot-core ships it: 0755 root:root, with private/ 0700 root:root.
+        # The passwd-file directory below it is created by ldapsync, as on a real host.
+        self.dovecot_etc = workdir / "etc-dovecot"
+        self.dovecot_etc.mkdir()
+        self.dovecot_etc.chmod(0o755)
+        (self.dovecot_etc / "private").mkdir(mode=0o700)
+        self.passwd_dir = self.dovecot_etc / "ldapsync"
         cert, key = self_signed_cert(workdir)
 
         self.roles: dict[str, Role] = {}
@@ -561,7 +572,7 @@ class MailStack:
                 {
                     MAPS_DIR: str(rdir / "maps"),
                     STATE_DIR: str(rdir / "state"),
-                    PASSWD_DIR: str(self.passwd_dir),
+                    DOVECOT_ETC: str(self.dovecot_etc),
                     ETC_DIR: str(self.etc),
                     CERT_FILE: str(cert),
                     KEY_FILE: str(key),
@@ -612,6 +623,7 @@ class MailStack:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
+                umask=UNIT_UMASK,
             )
             for name, role in self.roles.items()
         }

@@ -18,6 +18,7 @@ import pytest
 from mailstack import (
     LDAPSYNC,
     OUTSIDE,
+    UNIT_UMASK,
     MailStack,
     expect,
     hash_password,
@@ -47,7 +48,11 @@ class Agents:
         for name, role in self.stack.roles.items():
             with open(role.dir / "agent.log", "ab") as log:
                 self.procs[name] = subprocess.Popen(
-                    [str(LDAPSYNC), "-c", str(role.config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                    [str(LDAPSYNC), "-c", str(role.config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    umask=UNIT_UMASK,
                 )
 
     def alive(self) -> dict[str, int | None]:

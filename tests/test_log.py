@@ -1,0 +1,111 @@
+"""Log lines carry their syslog priority where systemd reads it, so journald can filter by severity."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# systemd's SyslogLevelPrefix=: a line starting "<N>" (N 0-7) is logged at priority N, prefix removed
+PREFIX = re.compile(r"^<([0-7])>(.*)$")
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, structlog
+    from ldapsync import log
+    log.configure(*{args})
+    structlog.get_logger("t").info("starting")
+    structlog.get_logger("t").warning("a value was rejected", dn="uid=x")
+    structlog.get_logger("t").error("install failed")
+    logging.getLogger("ldap3").warning("a library warning")
+    """
+)
+
+
+def run(args: tuple[str, ...] = (), **env: str) -> list[str]:
+    """Log from a real process whose stderr is a pipe (as under systemd or cron)."""
+    child_env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | env
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(args=args)],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=60,
+        check=True,
+    )
+    return proc.stderr.splitlines()
+
+
+def priorities(lines: list[str]) -> dict[str, int]:
+    """event -> the priority systemd would log it at."""
+    out = {}
+    for line in lines:
+        m = PREFIX.match(line)
+        assert m, f"no priority prefix: {line!r}"
+        out[re.search(r"(starting|a value was rejected|install failed|a library warning)", m.group(2))[0]] = int(
+            m.group(1)
+        )
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_off_a_terminal_each_line_starts_with_its_syslog_priority(fmt: str) -> None:
+    got = priorities(run((fmt, "info")))
+    assert got == {"starting": 6, "a value was rejected": 4, "install failed": 3, "a library warning": 4}
+
+
+def test_journal_filtering_by_warning_keeps_warnings_and_errors_only() -> None:
+    """What `journalctl -p warning` keeps (priority <= 4) from a service's stderr."""
+    lines = run(("json", "info"), JOURNAL_STREAM="8:12345")
+    kept = [PREFIX.match(line).group(2) for line in lines if int(PREFIX.match(line).group(1)) <= 4]  # type: ignore[union-attr]
+    assert len(kept) == 3
+    assert not any('"starting"' in k for k in kept)
+    assert any('"event": "a value was rejected"' in k and '"level": "warning"' in k for k in kept)
+
+
+def test_the_json_after_the_prefix_is_unchanged() -> None:
+    import json
+
+    for line in run(("json", "debug")):
+        rec = json.loads(PREFIX.match(line).group(2))  # type: ignore[union-attr]
+        assert rec["level"] in ("info", "warning", "error")
+
+
+def test_prefix_can_be_turned_off_for_a_reader_that_wants_plain_lines() -> None:
+    from ldapsync import log
+
+    script = "from ldapsync import log; import structlog; log.configure('json', priority_prefix=False); "
+    script += "structlog.get_logger().warning('w')"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert proc.stderr.startswith("{"), proc.stderr
+    assert log.PRIORITY["warning"] == 4 and log.PRIORITY["error"] == 3
+
+
+def test_no_prefix_on_a_terminal() -> None:
+    """An admin at a terminal reads plain lines (a pseudo-terminal stands in for it)."""
+    master, slave = os.openpty()
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        script = "from ldapsync import log; import structlog; log.configure(); structlog.get_logger().warning('w')"
+        subprocess.run([sys.executable, "-c", script], stderr=slave, env=env, check=True, timeout=60)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    text = out.decode()
+    assert "w" in text and not re.match(r"<[0-7]>", text), text
