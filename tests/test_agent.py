@@ -33,6 +33,8 @@ from agentutil import (
 )
 from slapd import BASE_LDIF, BIND_SECRET, SERVICE_DN, Slapd, generate_users_ldif, generated_user_hash
 
+from ldapsync import status as status_mod
+
 pytestmark = [
     pytest.mark.slapd,
     pytest.mark.skipif(postmap_path() is None, reason="postfix not installed (postmap)"),
@@ -126,6 +128,9 @@ def test_quiet_directory_keeps_one_stream_and_a_change_is_fast(slapd: Slapd, age
     slapd.modify(set_forward("bob", "bob@quick.example"))
     setup.wait_map("bob@example.org", "bob@quick.example", timeout=5)
     assert time.monotonic() - started < 1.0, "a single change should be installed well within a second"
+    # the change is timed from the follower receiving it to installed (the first full refresh is not)
+    wait_until(lambda: status_mod.load(setup.state).propagation.count == 1, 10, what="propagation observed once")
+    assert status_mod.load(setup.state).propagation.total < 60
     no_errors(agent)
 
 
@@ -153,9 +158,7 @@ def test_burst_of_modifications_causes_few_rebuilds(big_slapd: Slapd, agents: Ag
     no_errors(agent)
 
 
-def test_slapd_down_agent_stays_up_then_catches_up_by_cookie(
-    big_slapd: Slapd, agents: Agents, tmp_path: Path
-) -> None:
+def test_slapd_down_agent_stays_up_then_catches_up_by_cookie(big_slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
     setup = AgentSetup.for_slapd(tmp_path / "a", big_slapd, agent=FAST)
     agent = start_ready(agents, setup)
     first = agent.wait_log("refresh complete")
@@ -224,8 +227,11 @@ def test_refused_cookie_falls_back_to_a_full_refresh(slapd: Slapd, agents: Agent
     full = again.wait_log("refresh complete")
     assert full["received"] == full["entries"]
     assert len(again.find("server refused the cookie; doing a full refresh")) == 1
-    wait_until(lambda: json.loads(follow.read_text())["cookie"] not in (None, doc["cookie"]), 5,
-               what="the new, valid cookie saved")
+    wait_until(
+        lambda: json.loads(follow.read_text())["cookie"] not in (None, doc["cookie"]),
+        5,
+        what="the new, valid cookie saved",
+    )
 
 
 @pytest.mark.parametrize("syncprov", [False, True], ids=["no-syncprov-full-compare", "contextCSN"])
@@ -267,8 +273,11 @@ def test_sd_notify_ready_after_maps_watchdog_and_status(slapd: Slapd, agents: Ag
         pings = notify.times("WATCHDOG=1")
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert max(gaps) < 1.0, f"watchdog pings further apart than WATCHDOG_USEC: {gaps}"
-        wait_until(lambda: any("following" in s and slapd.uri in s for s in notify.lines("STATUS=")),
-                   5, what="a 'following <server>' STATUS line")
+        wait_until(
+            lambda: any("following" in s and slapd.uri in s for s in notify.lines("STATUS=")),
+            5,
+            what="a 'following <server>' STATUS line",
+        )
         status = [s for s in notify.lines("STATUS=") if "following" in s][-1]
         assert "syncrepl" in status and "entries" in status and "last change" in status
 
@@ -411,8 +420,11 @@ def test_follows_389_ds_via_persistent_search(ds389: Ds389, agents: Agents, tmp_
     assert setup.postmap_q("newbie@example.org") is None
     ds389.modify(f"dn: uid=renamed,{USERS}\nchangetype: delete\n")
     setup.wait_map("renamed@example.org", None, timeout=5)
-    wait_until(lambda: "renamed" not in setup.passwd_users() and "user000003" in setup.passwd_users(), 5,
-               what="passwd-file follows the delete")
+    wait_until(
+        lambda: "renamed" not in setup.passwd_users() and "user000003" in setup.passwd_users(),
+        5,
+        what="passwd-file follows the delete",
+    )
     no_errors(agent)
 
 
@@ -439,7 +451,11 @@ def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     """`python -m ldapsync -c CONFIG ARGS...`, output captured."""
     return subprocess.run(
         [sys.executable, "-m", "ldapsync", "-c", str(config), *args],
-        capture_output=True, text=True, timeout=timeout, check=False, cwd=str(config.parent),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=str(config.parent),
     )
 
 
@@ -518,9 +534,7 @@ def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: P
     assert cli(setup.config, "--once").returncode == 0
 
 
-def test_read_only_commands_neither_wait_for_the_lock_nor_write(
-    slapd: Slapd, agents: Agents, tmp_path: Path
-) -> None:
+def test_read_only_commands_neither_wait_for_the_lock_nor_write(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
     setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
     agent = start_ready(agents, setup)
     time.sleep(0.5)  # let the agent finish its bookkeeping after the first sync
