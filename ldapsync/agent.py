@@ -299,7 +299,8 @@ class Agent:
             log.error("last-known-good install failed; installed files stay", error=str(e))
             self.sync_error = str(e)
             return
-        if result.status == "failed":
+        if result.status == "failed" and result.generation is None:
+            # no generation to serve (or restoring one failed); an unreachable directory alone is not a sync error
             self.sync_error = result.error
 
     def _reload_config(self) -> sched.Event:

@@ -514,7 +514,7 @@ class Pipeline:
         if not repair:
             log.warning("directory unreachable; installed files stay as they are", error=error, last_known_good=lkg.id)
             self._finish(failed)
-            return Result(SyncResult.FAILED, error=error)
+            return Result(SyncResult.FAILED, generation=lkg.id, error=error)  # failed, but serving a generation
         log.error(
             "directory unreachable: installing from LAST-KNOWN-GOOD generation",
             generation=lkg.id,
