@@ -100,6 +100,7 @@ class Agent:
         self.last_result: sync.Result | None = None
         self.sync_error: str | None = None  # the last sync failed with this; None after a success
         self.follower_noted: tuple[bool, str | None] | None = None  # last (connected, error) recorded
+        self.change_received: float | None = None  # wall time of the first change the next sync installs
         self.lock: StateLock | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -213,6 +214,9 @@ class Agent:
             self._note_follower(True, None)
         elif isinstance(event, sched.FollowerDown):
             self._note_follower(False, event.error)
+        elif isinstance(event, sched.Changed) and self.change_received is None:
+            # for the propagation histogram: change received (in the follower) to installed
+            self.change_received = time.time() - (time.monotonic() - event.at)
         elif isinstance(event, sched.Hangup):
             log.info("SIGHUP: re-reading the configuration and resyncing")
         return self.scheduler.handle(event)
@@ -250,9 +254,12 @@ class Agent:
     def _sync(self, force: bool) -> sched.SyncFinished:
         snapshot, cookie = self.mirror.snapshot()
         started = time.monotonic()
+        received, self.change_received = self.change_received, None  # later changes: the next sync
         try:
-            result = self.pipeline.run(snapshot=snapshot, force=force)
+            result = self.pipeline.run(snapshot=snapshot, force=force, received_at=received)
         except (LdapsyncError, OSError) as e:
+            if self.change_received is None:
+                self.change_received = received  # still to install: the retry measures from the first change
             self.sync_error = str(e)
             retry_in = self.scheduler.timing.backoff(self.scheduler.failures + 1)
             what = "configuration error" if isinstance(e, ConfigError) else "sync failed"
@@ -292,7 +299,8 @@ class Agent:
             log.error("last-known-good install failed; installed files stay", error=str(e))
             self.sync_error = str(e)
             return
-        if result.status == "failed":
+        if result.status == "failed" and result.generation is None:
+            # no generation to serve (or restoring one failed); an unreachable directory alone is not a sync error
             self.sync_error = result.error
 
     def _reload_config(self) -> sched.Event:

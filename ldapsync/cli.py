@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -264,18 +263,9 @@ def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> in
 REPORTED_FILE = "reported.json"
 
 
-def diff_stat(diff: str) -> tuple[int, int]:
-    """(added, removed) lines of one output's unified diff (headers and hunk lines excluded)."""
-    added = removed = 0
-    for line in diff.splitlines()[2:]:  # "--- old" / "+++ new"
-        if line.startswith("+"):
-            added += 1
-        elif line.startswith("-"):
-            removed += 1
-    return added, removed
-
-
 def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:
+    """Plan and print; reads the directory and the state dir, writes nothing."""
+    from ldapsync import status as status_mod
     from ldapsync.sync import Pipeline
 
     assert isinstance(pipeline, Pipeline)
@@ -289,21 +279,19 @@ def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:
         return EXIT_CONFIG
     paths = {spec.name: spec.path for spec in pipeline.config.exporters}
     width = max((len(n) for n in result.diffs), default=0)
-    for name, text in result.diffs.items():
-        added, removed = diff_stat(text)
-        sys.stdout.write(f"{name:<{width}}  +{added} -{removed}  {paths.get(name, '')}\n")
+    for name in result.diffs:  # the summary: keys added, removed and changed, as the guards count them
+        counts = result.counts.get(name, "")
+        sys.stdout.write(f"{name:<{width}}  {counts}  {paths.get(name, '')}\n")
     if not stat_only:
         for name in result.diffs:
             sys.stdout.write(result.diffs[name])
-    held = pipeline.state.held()
     if result.held_reason:
         print(f"ldapsync: this change would be HELD: {result.held_reason}", file=sys.stderr)
-    elif held is not None:
-        print(
-            f"ldapsync: a change is held since {time.ctime(held[1].get('time', 0))}: {held[1].get('reason')}",
-            file=sys.stderr,
-        )
-    summary = ", ".join(f"{n}" for n in result.diffs) or "no changes"
+    else:
+        held = status_mod.load(pipeline.config.state_dir).held
+        if held:
+            print(f"ldapsync: a change is held for review: {held}", file=sys.stderr)
+    summary = ", ".join(result.diffs) or "no changes"
     print(f"ldapsync: dry run: {summary}", file=sys.stderr)
     return 1 if result.diffs else 0
 

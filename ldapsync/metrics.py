@@ -1,59 +1,108 @@
-"""Prometheus metrics for node_exporter's textfile collector, written atomically."""
+"""Prometheus metrics for node_exporter's textfile collector, rendered from the status record.
+
+Everything comes from the one status record (counters and the propagation histogram are
+persisted in it), so `--once` from cron accumulates like the agent does, and the textfile
+always agrees with `ldapsync status`. Uses only prometheus_client APIs present in 0.16
+(Debian 12).
+"""
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from ldapsync.fileio import write_atomic
-
-if TYPE_CHECKING:
-    from ldapsync.config import Config
-    from ldapsync.state import State
+from ldapsync.status import Status, SyncResult
 
 
-def render(status: dict[str, object], held: bool) -> str:
-    def num(key: str) -> float:
-        value = status.get(key)
-        return float(value) if isinstance(value, int | float) else 0.0
+class _StatusCollector:
+    """Exposes one Status record; prometheus_client calls collect() while rendering."""
 
-    lines = [
-        "# HELP ldapsync_last_success_timestamp_seconds Time of the last successful sync.",
-        "# TYPE ldapsync_last_success_timestamp_seconds gauge",
-        f"ldapsync_last_success_timestamp_seconds {num('last_success'):.3f}",
-        "# HELP ldapsync_last_attempt_timestamp_seconds Time of the last sync attempt.",
-        "# TYPE ldapsync_last_attempt_timestamp_seconds gauge",
-        f"ldapsync_last_attempt_timestamp_seconds {num('last_attempt'):.3f}",
-        "# HELP ldapsync_sync_duration_seconds Duration of the last successful sync.",
-        "# TYPE ldapsync_sync_duration_seconds gauge",
-        f"ldapsync_sync_duration_seconds {num('duration'):.6f}",
-        "# HELP ldapsync_held_changes 1 while a change is held for review.",
-        "# TYPE ldapsync_held_changes gauge",
-        f"ldapsync_held_changes {1 if held else 0}",
-        "# HELP ldapsync_rejected_values LDAP values rejected by validation in the last sync.",
-        "# TYPE ldapsync_rejected_values gauge",
-        f"ldapsync_rejected_values {num('rejected'):.0f}",
-        "# HELP ldapsync_ldap_reachable 1 if the last attempt could read the directory.",
-        "# TYPE ldapsync_ldap_reachable gauge",
-        f"ldapsync_ldap_reachable {1 if status.get('ldap_reachable', False) else 0}",
-        "# HELP ldapsync_output_entries Lines in each installed output.",
-        "# TYPE ldapsync_output_entries gauge",
-    ]
-    counts = status.get("counts")
-    if isinstance(counts, dict):
-        for name, n in sorted(counts.items()):
-            lines.append(f'ldapsync_output_entries{{output="{_label(name)}"}} {n}')
-    return "\n".join(lines) + "\n"
+    def __init__(self, status: Status):
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.status
+
+        def gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=value)
+
+        yield from gauge(
+            "ldapsync_last_attempt_timestamp_seconds", "Time of the last sync attempt.", s.last_attempt or 0.0
+        )
+        yield from gauge(
+            "ldapsync_last_success_timestamp_seconds",
+            "Time of the last sync that ended installed or unchanged.",
+            s.last_success or 0.0,
+        )
+        yield from gauge(
+            "ldapsync_last_confirmed_timestamp_seconds",
+            "Time the installed outputs were last confirmed to match the directory "
+            "(a successful sync, or a connected follower with nothing pending).",
+            s.last_confirmed or 0.0,
+        )
+        yield from gauge(
+            "ldapsync_sync_duration_seconds", "Duration of the last sync that got as far as installing.", s.duration
+        )
+        syncs = CounterMetricFamily("ldapsync_syncs", "Sync attempts by result.", labels=["result"])
+        for result in SyncResult:
+            if result is not SyncResult.DRY_RUN:
+                syncs.add_metric([result.value], float(s.syncs.get(result.value, 0)))
+        yield syncs
+        yield HistogramMetricFamily(
+            "ldapsync_propagation_seconds",
+            "Time from the agent receiving a directory change to its installation.",
+            buckets=s.propagation.cumulative(),
+            sum_value=s.propagation.total,
+        )
+        yield from gauge("ldapsync_held_changes", "1 while a change is held for review.", 1.0 if s.held else 0.0)
+        yield from gauge(
+            "ldapsync_rejected_values", "LDAP values rejected by validation in the last sync.", float(s.rejected)
+        )
+        yield from gauge(
+            "ldapsync_ldap_reachable",
+            "1 if the directory answered the last sync or the follower is connected.",
+            1.0 if s.ldap_reachable else 0.0,
+        )
+        if s.follower_connected is not None:
+            yield from gauge(
+                "ldapsync_follower_connected",
+                "1 while the agent's follower is connected to a directory server.",
+                1.0 if s.follower_connected else 0.0,
+            )
+        yield from gauge(
+            "ldapsync_reload_pending", "1 while a failed reload hook is owed a retry.", 1.0 if s.reload_pending else 0.0
+        )
+        entries = GaugeMetricFamily("ldapsync_output_entries", "Lines in each installed output.", labels=["output"])
+        info = GaugeMetricFamily(
+            "ldapsync_output_info",
+            "Always 1; the sha256 label is the installed output's content hash (compare across a fleet).",
+            labels=["output", "sha256"],
+        )
+        for name, o in sorted(s.outputs.items()):
+            entries.add_metric([name], float(o.lines))
+            info.add_metric([name, o.sha256], 1.0)
+        yield entries
+        yield info
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def render(status: Status) -> bytes:
+    """The exposition text of `status`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(status))
+    return bytes(generate_latest(registry))
 
 
-def write(config: Config, state: State) -> None:
-    if config.metrics_textfile is None:
-        return
-    status = state.read_json("status.json")
-    status.setdefault("last_attempt", time.time())
-    text = render(status, held=state.held() is not None)
-    write_atomic(config.metrics_textfile, text.encode(), mode=0o644)
+def write(path: Path | None, status: Status) -> str | None:
+    """Write the textfile; return why it could not be written (the caller records it), or None."""
+    if path is None:
+        return None
+    try:
+        write_atomic(path, render(status), mode=0o644)
+    except OSError as e:
+        return f"cannot write metrics textfile {path}: {e.strerror or e}"
+    return None

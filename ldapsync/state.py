@@ -370,15 +370,17 @@ class State:
         write_atomic(self.held_dir / "meta.json", json.dumps({**meta, "time": time.time()}, indent=1).encode())
 
     def held(self) -> tuple[Snapshot, dict[str, Any]] | None:
+        """The held change, None if there is none; never modifies it (readers must not write).
+
+        An unreadable one raises StateError; the next successful sync replaces it.
+        """
         try:
             snap = Snapshot.from_json((self.held_dir / "snapshot.json").read_bytes())
             meta = json.loads((self.held_dir / "meta.json").read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.error("held change unreadable; discarding it", error=str(e))
-            self.clear_held()
-            return None
+            raise StateError(f"held change in {self.held_dir} unreadable: {e}") from e
         return snap, meta
 
     def clear_held(self) -> None:

@@ -1,7 +1,10 @@
-"""One sync: source -> snapshot -> model -> rendered outputs -> guards -> commit -> state.
+"""One sync, split in two: plan() decides without side effects, apply() is the only writer.
 
-Every entry point (--once, --dry-run, the agent, approve, rollback) goes through here, so
-the checks, hooks and bookkeeping are the same whichever way a change arrives.
+plan(): source snapshot -> model -> rendered outputs -> diff against what is installed ->
+guard verdict, as a frozen Plan. apply(): commit, reload hooks, generation, one status write,
+metrics. Every entry point (--once, --dry-run, the agent, approve, rollback, last-known-good)
+goes through here, so the checks, hooks and bookkeeping are the same whichever way a change
+arrives; `--dry-run` is plan() plus printing.
 """
 
 from __future__ import annotations
@@ -12,37 +15,75 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
 
 import structlog
 
 from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
 from ldapsync import guard as guards
+from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
 from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.state import Generation, State
+from ldapsync.status import OutputState, Status, SyncResult
 
 log = structlog.get_logger(__name__)
 
 FALLBACK_POSTFIX_DIR = "postfix-config"
+CONFIRM_REFRESH = 30.0  # seconds: how often a quiet, connected follower rewrites last_confirmed
 
 
-@dataclass(slots=True)
+class Verdict(StrEnum):
+    INSTALL = "install"
+    HOLD = "hold"
+    NOOP = "noop"  # the installed outputs already match
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Keys added, removed and changed in one output, against what is installed."""
+
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+
+    def __str__(self) -> str:
+        return f"+{self.added} -{self.removed} ~{self.changed}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a sync would do, decided from its inputs only; apply() carries it out."""
+
+    snapshot: Snapshot
+    outputs: tuple[commit.Output, ...]
+    changed: tuple[str, ...]  # outputs whose bytes, compiled map, owner or mode differ from installed
+    verdict: Verdict
+    counts: Mapping[str, Delta]
+    generation: str  # the id the hooks, the log and `ldapsync snapshots` see
+    new_generation: bool  # the content differs from the current generation: record it
+    held_reason: str | None = None
+    rejected: int = 0
+    forced: bool = False  # installed past the guards (--force, approve): the guards' window starts afresh
+
+
+@dataclass(frozen=True, slots=True)
 class Result:
-    """What a sync did; the CLI turns it into an exit code, the agent into status."""
+    """What a sync did; the CLI turns it into an exit code, the agent into its status line."""
 
-    status: str  # "installed", "unchanged", "held", "dry-run", "last-known-good"
+    status: SyncResult
     changed: list[str] = field(default_factory=list)
     generation: str | None = None
-    diffs: dict[str, str] = field(default_factory=dict)
+    diffs: Mapping[str, str] = field(default_factory=dict)
     held_reason: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: Mapping[str, Delta] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -181,9 +222,17 @@ class Pipeline:
         return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
 
     # -- guards -------------------------------------------------------------------------
-    def guard(self, snapshot: Snapshot, outputs: list[commit.Output], report: model.BuildReport) -> str | None:
+    def guard(
+        self,
+        snapshot: Snapshot,
+        outputs: Sequence[commit.Output],
+        report: model.BuildReport,
+        deltas: Sequence[guards.Delta] | None = None,
+    ) -> str | None:
         """Why this change must be held for review, or None (the rules: ldapsync.guard)."""
-        deltas = self.deltas(outputs)
+        if deltas is None:
+            self.deltas(outputs)
+            deltas = self._deltas[1] if self._deltas else []
         return guards.check(
             deltas,
             self.state.guard_window(),
@@ -193,18 +242,22 @@ class Pipeline:
             entries=len(snapshot.entries),
         )
 
-    def deltas(self, outputs: list[commit.Output]) -> list[guards.Delta]:
-        """Each output against what is installed, parsed by its exporter (kept for record_guard)."""
+    def deltas(self, outputs: Sequence[commit.Output]) -> list[guards.Delta]:
+        """Each output against what is installed, parsed by its exporter, every changed value counted.
+
+        The guards see changed values only where the exporter guards them (`_guarded`); the
+        counts (dry run, held change, log) see them all. One parse serves both.
+        """
         exporters = {spec.name: exp for spec, exp in self.exporters}
         deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
             if installed == out.data:
                 deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
-                continue
-            exp = exporters[out.name]
-            deltas.append(guards.diff(out.name, installed, out.data, exp.parse, values=exp.guarded_values))
-        self._deltas = ([o.digest() for o in outputs], deltas)
+            else:
+                deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
+        guarded = [_guarded(d, exporters[d.output]) for d in deltas]
+        self._deltas = ([o.digest() for o in outputs], guarded)
         return deltas
 
     def record_guard(self, outputs: list[commit.Output], *, force: bool) -> None:
@@ -219,88 +272,36 @@ class Pipeline:
         if after != before:
             self.state.save_guard_window(after)
 
-    # -- the sync -----------------------------------------------------------------------
-    def run(
-        self,
-        *,
-        dry_run: bool = False,
-        force: bool = False,
-        snapshot: Snapshot | None = None,
-        before_rename: Callable[[], None] | None = None,
-    ) -> Result:
-        """Read (unless given a snapshot), render, guard, install, record."""
-        self.state.ensure()
-        started = time.monotonic()
-        if snapshot is None:
-            try:
-                snapshot = self.read_source()
-            except SourceError as e:
-                if dry_run:  # a dry run changes nothing, not even status.json
-                    raise
-                self._note_failure(str(e), ldap_reachable=False)
-                return self.fallback(str(e))
-        outputs, report = self.render(snapshot)
-        snapshot = self.redacted(snapshot, report)
-        counts = {o.name: o.data.count(b"\n") for o in outputs}
-        held = None if force else self.guard(snapshot, outputs, report)
-        if dry_run:
-            diffs = {o.name: commit.diff(o, self._redactor(o.name)) for o in outputs}
-            diffs = {k: v for k, v in diffs.items() if v}
-            return Result("dry-run", list(diffs), diffs=diffs, held_reason=held, counts=counts)
-        if held:
-            self.state.hold(snapshot, {"reason": held, "source": snapshot.source, "counts": counts})
-            log.error(
-                "change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",
-                reason=held,
-            )
-            self._note(
-                result="held", held=held, source=snapshot.source, ldap_reachable=True, rejected=len(report.rejections)
-            )
-            metrics.write(self.config, self.state)
-            return Result("held", held_reason=held, counts=counts)
-        result = self.install(snapshot, outputs, before_rename=before_rename, report=report)
-        self.record_guard(outputs, force=force)
-        if result.status != "unchanged" or self.state.held() is not None:
-            self.state.clear_held()
-        self._note(
-            result=result.status,
-            source=snapshot.source,
-            ldap_reachable=True,
-            success=True,
-            duration=time.monotonic() - started,
+    # -- plan: no side effects ----------------------------------------------------------
+    def plan(self, snapshot: Snapshot, *, force: bool = False, log_problems: bool = True) -> Plan:
+        """Render, diff against the installed files, ask the guards; read only."""
+        outputs, report = self.render(snapshot, log_problems=log_problems)
+        snapshot = self.redacted(snapshot, report)  # what a held change or a generation stores
+        changed = tuple(o.name for o in outputs if commit.needs_install(o))
+        deltas = self.deltas(outputs)
+        counts = MappingProxyType({d.output: Delta(d.added, d.deleted, d.changed) for d in deltas})
+        held = None if force else self.guard(snapshot, outputs, report, self._deltas[1] if self._deltas else None)
+        if held is not None:
+            verdict, generation, new = Verdict.HOLD, self.state.current_id() or "", False
+        else:
+            verdict = Verdict.INSTALL if changed else Verdict.NOOP
+            generation, new = self._generation_for(snapshot, outputs)
+        return Plan(
+            snapshot,
+            tuple(outputs),
+            changed,
+            verdict,
+            counts,
+            generation,
+            new,
+            held_reason=held,
             rejected=len(report.rejections),
-            counts=counts,
-            hashes={o.name: o.digest() for o in outputs},
-            generation=result.generation or self.state.current_id(),
-            held=None,
+            forced=force,
         )
-        metrics.write(self.config, self.state)
-        return result
 
-    def install(
-        self,
-        snapshot: Snapshot,
-        outputs: list[commit.Output],
-        *,
-        before_rename: Callable[[], None] | None = None,
-        report: model.BuildReport | None = None,
-        record: bool = True,
-    ) -> Result:
-        data = {o.name: o.data for o in outputs}
+    def _generation_for(self, snapshot: Snapshot, outputs: Sequence[commit.Output]) -> tuple[str, bool]:
+        """The current generation's id if it holds exactly this content, else a new id to record."""
         hashes = {o.name: o.digest() for o in outputs}
-        gid = self.state.new_generation_id(data, hashes)
-        changed = commit.install(
-            outputs,
-            postmap=self.postmap(),
-            hook_config=self.config.hooks,
-            generation=gid,
-            before_rename=before_rename,
-            extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
-        )
-        if changed:
-            log.info("installed", generation=gid, changed={o.name: o.data.count(b"\n") for o in changed})
-        # Services first; recording the generation (a full snapshot write) can follow.
-        self.reload(changed, gid)
         current = self.state.get()
         same = (
             current is not None
@@ -312,30 +313,121 @@ class Pipeline:
                 current.verify()
                 self._verified.add(current.id)
             except LdapsyncError as e:
-                log.error("last-known-good generation is damaged; recording a fresh one", error=str(e))
+                log.error("last-known-good generation is damaged; a sync records a fresh one", error=str(e))
                 same = False
-        generation = None
-        if record and not same:
-            meta = {
-                "source": snapshot.source,
-                "entries": len(snapshot.entries),
-                "rejected": len(report.rejections) if report else None,
-                "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
-                "config": str(self.config.path),
-            }
-            generation = self.state.record(gid, snapshot, data, meta, self.config.keep_generations, hashes).id
-        elif not record and changed:
-            generation = gid
-        return Result("installed" if changed else "unchanged", [o.name for o in changed], generation)
+        if same and current is not None:
+            return current.id, False
+        return self.state.new_generation_id({o.name: o.data for o in outputs}, hashes), True
 
-    def reload(self, changed: list[commit.Output], generation: str) -> None:
-        """Run reload hooks; a failure is remembered and retried on the next sync."""
-        status = self.state.read_json("status.json")
-        pending = list(dict.fromkeys([*status.get("reload_pending", []), *(o.name for o in changed)]))
+    def diffs(self, plan: Plan) -> dict[str, str]:
+        """Unified diffs of the outputs whose bytes would change, secrets redacted."""
+        out = {o.name: commit.diff(o, self._redactor(o.name)) for o in plan.outputs}
+        return {k: v for k, v in out.items() if v}
+
+    # -- apply: the only writer ---------------------------------------------------------
+    def apply(
+        self,
+        plan: Plan,
+        *,
+        before_rename: Callable[[], None] | None = None,
+        received_at: float | None = None,
+        started: float | None = None,
+    ) -> Result:
+        """Carry out a plan: hold it, or commit, reload, record the generation; write status once.
+
+        `received_at` (time.time()) is when the change that led here arrived, for the
+        propagation histogram. A commit failure is recorded, then raised.
+        """
+        started = time.monotonic() if started is None else started
+        self.state.ensure()
+        now = time.time()
+        record = replace(
+            status_mod.load(self.config.state_dir),
+            last_attempt=now,
+            source=plan.snapshot.source,
+            ldap_reachable=True,
+            rejected=plan.rejected,
+        )
+        if plan.verdict is Verdict.HOLD:
+            reason = plan.held_reason or "held"
+            counts = {n: str(d) for n, d in plan.counts.items()}
+            self.state.hold(plan.snapshot, {"reason": reason, "source": plan.snapshot.source, "counts": counts})
+            log.error(
+                "change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",
+                reason=reason,
+                counts=counts,
+            )
+            self._finish(replace(record, result=SyncResult.HELD, held=reason, error=None).counted(SyncResult.HELD))
+            return Result(SyncResult.HELD, held_reason=reason, counts=plan.counts)
+        try:
+            changed = self._commit(plan.outputs, plan.generation, before_rename=before_rename)
+            # Services first; recording the generation (a full snapshot write) can follow.
+            record = self._reload(record, changed, plan.generation)
+            if plan.new_generation:
+                self._record_generation(plan)
+            self.record_guard(list(plan.outputs), force=plan.forced)
+        except (LdapsyncError, OSError) as e:
+            self._finish(_failed(record, str(e)))
+            raise
+        self.state.clear_held()  # a successful sync supersedes a held change (and removes a damaged one)
+        result = SyncResult.INSTALLED if changed else SyncResult.UNCHANGED
+        done = time.time()
+        propagation = record.propagation
+        if changed and received_at is not None:
+            propagation = propagation.observe(max(0.0, done - received_at))
+        record = replace(
+            record,
+            result=result,
+            last_success=done,
+            last_confirmed=done,
+            duration=time.monotonic() - started,
+            error=None,
+            held=None,
+            outputs=_output_states(plan.outputs),
+            generation=plan.generation,
+            propagation=propagation,
+        )
+        self._finish(record.counted(result))
+        return Result(result, [o.name for o in changed], plan.generation, counts=plan.counts)
+
+    def _commit(
+        self,
+        outputs: Sequence[commit.Output],
+        generation: str,
+        *,
+        before_rename: Callable[[], None] | None = None,
+    ) -> list[commit.Output]:
+        changed = commit.install(
+            outputs,
+            postmap=self.postmap(),
+            hook_config=self.config.hooks,
+            generation=generation,
+            before_rename=before_rename,
+            extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
+        )
+        if changed:
+            log.info("installed", generation=generation, changed={o.name: o.data.count(b"\n") for o in changed})
+        return changed
+
+    def _record_generation(self, plan: Plan) -> None:
+        meta = {
+            "source": plan.snapshot.source,
+            "entries": len(plan.snapshot.entries),
+            "rejected": plan.rejected,
+            "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
+            "config": str(self.config.path),
+        }
+        data = {o.name: o.data for o in plan.outputs}
+        hashes = {o.name: o.digest() for o in plan.outputs}
+        self.state.record(plan.generation, plan.snapshot, data, meta, self.config.keep_generations, hashes)
+        self._verified.add(plan.generation)
+
+    def _reload(self, record: Status, changed: Sequence[commit.Output], generation: str) -> Status:
+        """Run reload hooks for what changed and what is still owed; a failure is kept for the next sync."""
+        pending = list(dict.fromkeys([*record.reload_pending, *(o.name for o in changed)]))
         if not pending or not self.config.hooks.reload:
-            return
-        self._note(reload_pending=pending)
-        outs = [o for o in changed] or [
+            return replace(record, reload_pending=(), reload_error=None)
+        outs = list(changed) or [
             commit.Output(spec.name, spec.path, b"", spec.map_type, 0)
             for spec, _ in self.exporters
             if spec.name in pending
@@ -348,22 +440,75 @@ class Pipeline:
                     commit.reload(dataclasses.replace(hooks, reload=(command,)), served, generation)
         except HookError as e:
             log.error("reload hook failed; installed files stay, reload retried next sync", error=str(e))
-            self._note(reload_error=str(e))
-            return
-        self._note(reload_pending=[], reload_error=None)
+            return replace(record, reload_pending=tuple(pending), reload_error=str(e))
+        return replace(record, reload_pending=(), reload_error=None)
+
+    def _finish(self, record: Status) -> None:
+        """The one status write of an attempt, after the metrics textfile (whose failure it records)."""
+        error = metrics.write(self.config.metrics_textfile, record)
+        if error is not None:
+            log.warning("metrics not written; installed outputs are not affected", error=error)
+        status_mod.save(self.config.state_dir, replace(record, metrics_error=error))
+
+    # -- the sync -----------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        snapshot: Snapshot | None = None,
+        before_rename: Callable[[], None] | None = None,
+        received_at: float | None = None,
+    ) -> Result:
+        """Read (unless given a snapshot), plan, and apply the plan (a dry run only plans)."""
+        started = time.monotonic()
+        if not dry_run:
+            self.state.ensure()
+        if snapshot is None:
+            try:
+                snapshot = self.read_source()
+            except SourceError as e:
+                if dry_run:  # a dry run changes nothing, not even status.json
+                    raise
+                return self.fallback(str(e))
+        try:
+            plan = self.plan(snapshot, force=force)
+        except (LdapsyncError, OSError) as e:
+            if not dry_run:  # e.g. an installed file unreadable, a static entry that no longer fits
+                record = replace(status_mod.load(self.config.state_dir), last_attempt=time.time())
+                self._finish(_failed(record, str(e)))
+            raise
+        if dry_run:
+            diffs = self.diffs(plan)
+            return Result(
+                SyncResult.DRY_RUN, list(diffs), diffs=diffs, held_reason=plan.held_reason, counts=plan.counts
+            )
+        return self.apply(plan, before_rename=before_rename, received_at=received_at, started=started)
 
     def fallback(self, error: str) -> Result:
         """LDAP is unusable: keep installed files; restore missing ones from last-known-good."""
+        log.error("sync failed", error=error)
+        self.state.ensure()
+        record = replace(
+            status_mod.load(self.config.state_dir),
+            last_attempt=time.time(),
+            result=SyncResult.FAILED,
+            error=error,
+            ldap_reachable=False,
+        )
+        failed = record.counted(SyncResult.FAILED)
         lkg = self.state.last_good()
         if lkg is None:
             log.error("directory unreachable and no last-known-good generation", error=error)
-            return Result("failed", error=error)
+            self._finish(failed)
+            return Result(SyncResult.FAILED, error=error)
         specs = lkg.meta.get("specs", {})
         try:
             snapshot = lkg.snapshot()
         except LdapsyncError as e:
             log.error("last-known-good generation unusable", generation=lkg.id, error=str(e))
-            return Result("failed", error=f"{error}; {e}")
+            self._finish(replace(failed, error=f"{error}; {e}"))
+            return Result(SyncResult.FAILED, error=f"{error}; {e}")
         outputs, _ = self.render(snapshot, log_problems=False)
         repair = [
             o
@@ -372,7 +517,8 @@ class Pipeline:
         ]
         if not repair:
             log.warning("directory unreachable; installed files stay as they are", error=error, last_known_good=lkg.id)
-            return Result("last-known-good", error=error)
+            self._finish(failed)
+            return Result(SyncResult.FAILED, generation=lkg.id, error=error)  # failed, but serving a generation
         log.error(
             "directory unreachable: installing from LAST-KNOWN-GOOD generation",
             generation=lkg.id,
@@ -380,11 +526,53 @@ class Pipeline:
             error=error,
         )
         try:
-            result = self.install(snapshot, repair, record=False)
+            changed = self._commit(repair, lkg.id)  # the hooks see the generation they are given
+            record = self._reload(record, changed, lkg.id)
         except (CommitError, ConfigError) as e:
-            return Result("failed", error=f"{error}; last-known-good install failed: {e}")
-        self._note(result="last-known-good", source=f"last-known-good:{lkg.id}")
-        return Result("last-known-good", result.changed, lkg.id, error=error)
+            message = f"{error}; last-known-good install failed: {e}"
+            self._finish(replace(failed, error=message))
+            return Result(SyncResult.FAILED, error=message)
+        record = replace(
+            record,
+            result=SyncResult.LAST_KNOWN_GOOD,
+            source=f"last-known-good:{lkg.id}",
+            outputs=MappingProxyType({**record.outputs, **_output_states(repair)}),
+        )
+        self._finish(record.counted(SyncResult.LAST_KNOWN_GOOD))
+        return Result(SyncResult.LAST_KNOWN_GOOD, [o.name for o in changed], lkg.id, error=error)
+
+    # -- what the agent's follower knows ------------------------------------------------
+    def note_follower(self, connected: bool, error: str | None) -> None:
+        """Record the follower's connection (and so whether LDAP is reachable); written only on a change.
+
+        Like apply(), call it from the thread that runs syncs: the record is read, changed and rewritten.
+        """
+        record = status_mod.load(self.config.state_dir)
+        same = record.follower_connected == connected and record.ldap_reachable == connected
+        if same and record.follower_error == error:
+            return
+        self._save_note(replace(record, follower_connected=connected, follower_error=error, ldap_reachable=connected))
+
+    def note_confirmed(self, *, now: float | None = None) -> None:
+        """The follower is connected and nothing is pending: the installed outputs match the directory.
+
+        Cheap to call often: the record is rewritten at most every CONFIRM_REFRESH seconds.
+        Only outputs a successful sync installed can be confirmed.
+        """
+        now = time.time() if now is None else now
+        record = status_mod.load(self.config.state_dir)
+        if record.result is not None and not record.result.confirms:
+            return  # held, failed, rolled back: what is installed is known not to be LDAP's answer
+        if record.last_success is None:
+            return
+        fresh = record.last_confirmed is not None and now - record.last_confirmed < CONFIRM_REFRESH
+        if fresh and record.ldap_reachable and record.follower_connected:
+            return
+        self._save_note(replace(record, last_confirmed=now, ldap_reachable=True, follower_connected=True))
+
+    def _save_note(self, record: Status) -> None:
+        self.state.ensure()
+        self._finish(record)
 
     def _redactor(self, name: str) -> Callable[[str], str]:
         for spec, exp in self.exporters:
@@ -392,33 +580,18 @@ class Pipeline:
                 return exp.redact
         return lambda line: line
 
-    def _note(self, **fields: Any) -> None:
-        status = self.state.read_json("status.json")
-        now = time.time()
-        status["last_attempt"] = now
-        if fields.pop("success", False):
-            status["last_success"] = now
-        status.update(fields)
-        self.state.write_json("status.json", status)
 
-    def note_follower(self, connected: bool, error: str | None) -> None:
-        """The agent's follower reached the directory, or lost it (error cleared on success)."""
-        self._note_fields(ldap_reachable=connected, follower_error=None if connected else error)
+def _failed(record: Status, error: str) -> Status:
+    return replace(record, result=SyncResult.FAILED, error=error).counted(SyncResult.FAILED)
 
-    def note_confirmed(self) -> None:
-        """The installed outputs were confirmed to match LDAP now (connected, nothing pending)."""
-        self._note_fields(last_confirmed=time.time())
 
-    def _note_fields(self, **fields: Any) -> None:
-        status = self.state.read_json("status.json")
-        status.update(fields)
-        self.state.write_json("status.json", status)
-        metrics.write(self.config, self.state)
+def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState]:
+    return MappingProxyType({o.name: OutputState(o.data.count(b"\n"), o.digest()) for o in outputs})
 
-    def _note_failure(self, error: str, *, ldap_reachable: bool) -> None:
-        log.error("sync failed", error=error)
-        self._note(result="error", error=error, ldap_reachable=ldap_reachable)
-        metrics.write(self.config, self.state)
+
+def _guarded(delta: guards.Delta, exp: Exporter) -> guards.Delta:
+    """The delta as the guards count it: changed values only where the exporter guards them."""
+    return delta if exp.guarded_values else replace(delta, changed=0)
 
 
 def _problem_key(problem: object) -> str:
@@ -427,7 +600,7 @@ def _problem_key(problem: object) -> str:
 
 
 def rollback(pipeline: Pipeline, gid: str | None) -> Result:
-    """Reinstall a generation's outputs through the normal commit path."""
+    """Reinstall a generation's outputs through the normal commit path, under that generation's id."""
     pipeline.state.ensure()
     gens = pipeline.state.generations()
     if gid is None:
@@ -449,7 +622,22 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
             log.warning(
                 "output differs from when the generation was made (config or static file changed)", output=o.name
             )
-    result = pipeline.install(snapshot, outputs, record=False)
-    pipeline.state.set_current(target.id)
-    pipeline._note(result="rolled-back", generation=target.id)
-    return Result("installed" if result.changed else "unchanged", result.changed, target.id)
+    record = replace(status_mod.load(pipeline.config.state_dir), last_attempt=time.time())
+    try:
+        changed = pipeline._commit(outputs, target.id)
+        record = pipeline._reload(record, changed, target.id)
+        pipeline.state.set_current(target.id)
+    except (LdapsyncError, OSError) as e:
+        pipeline._finish(_failed(record, str(e)))
+        raise
+    record = replace(
+        record,
+        result=SyncResult.ROLLED_BACK,
+        source=f"rollback:{target.id}",
+        error=None,
+        outputs=_output_states(outputs),
+        generation=target.id,
+    )
+    pipeline._finish(record.counted(SyncResult.ROLLED_BACK))
+    status = SyncResult.INSTALLED if changed else SyncResult.UNCHANGED
+    return Result(status, [o.name for o in changed], target.id)

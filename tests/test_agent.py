@@ -33,6 +33,8 @@ from agentutil import (
 )
 from slapd import BASE_LDIF, BIND_SECRET, SERVICE_DN, Slapd, generate_users_ldif, generated_user_hash
 
+from ldapsync import status as status_mod
+
 pytestmark = [
     pytest.mark.slapd,
     pytest.mark.skipif(postmap_path() is None, reason="postfix not installed (postmap)"),
@@ -127,6 +129,9 @@ def test_quiet_directory_keeps_one_stream_and_a_change_is_fast(slapd: Slapd, age
     slapd.modify(set_forward("bob", "bob@quick.example"))
     setup.wait_map("bob@example.org", "bob@quick.example", timeout=10)
     assert len(agent.find("following the directory")) == 1
+    # the change is timed from the follower receiving it to installed (the first full refresh is not)
+    wait_until(lambda: status_mod.load(setup.state).propagation.count == 1, 10, what="propagation observed once")
+    assert status_mod.load(setup.state).propagation.total < 60
     no_errors(agent)
 
 

@@ -275,10 +275,10 @@ def test_size_limit_fails_loudly_and_keeps_previous_outputs(
     assert server.uri in str(err.value)
 
     result = sync.Pipeline(pipeline.config).run()
-    assert result.status == "last-known-good" and "sizeLimitExceeded" in (result.error or "")
+    assert result.status == "failed" and "sizeLimitExceeded" in (result.error or "")
     assert outputs(tmp_path) == before, "a truncated read reached the maps"
     status = pipeline.state.read_json("status.json")
-    assert status["result"] == "error" and "sizeLimitExceeded" in status["error"]
+    assert status["result"] == "failed" and "sizeLimitExceeded" in status["error"]
 
 
 def test_paged_read_of_600_users_with_limits_lifted(
@@ -398,9 +398,9 @@ def test_connection_lost_mid_read_installs_nothing(
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     assert proxy.cut.is_set(), "the fault was never injected"
-    assert result.status == "last-known-good", result
+    assert result.status == "failed", result
     assert outputs(tmp_path) == before, "a partial read reached the maps"
-    assert pipeline.state.read_json("status.json")["result"] == "error"
+    assert pipeline.state.read_json("status.json")["result"] == "failed"
 
 
 # -- a first URI that does not speak LDAP ---------------------------------------------------

@@ -98,7 +98,7 @@ def test_status_shows_a_held_change_and_an_outage(site: Path) -> None:
     (site / "users.ldif").unlink()
     assert cli(site, "--once").returncode == 1
     info = status_json(site)
-    assert info["result"] == "error" and "users.ldif" in info["error"] and info["ldap_reachable"] is False
+    assert info["result"] == "failed" and "users.ldif" in info["error"] and info["ldap_reachable"] is False
     assert "last error:" in cli(site, "status").stdout
 
 
@@ -113,9 +113,9 @@ def test_check_states(site: Path) -> None:
     assert perf["age"].endswith(";1800;3600") and perf["alias"] == str((site / "out/alias").read_bytes().count(b"\n"))
 
     code, line, _ = check(site, "--max-age", "3600", "--warn-age", "0")
-    assert code == 1 and "last success" in line
+    assert code == 1 and "last confirmed" in line
     code, line, _ = check(site, "--max-age", "0")
-    assert code == 2 and "last success" in line
+    assert code == 2 and "last confirmed" in line
 
     (site / "reload-fails").touch()  # a change whose reload fails: WARNING until retried
     (site / "users.ldif").write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
@@ -141,3 +141,109 @@ def test_check_unknown_on_a_broken_config(site: Path) -> None:
     code, line, err = check(site, "--max-age", "3600")
     assert code == 3 and line.startswith("LDAPSYNC UNKNOWN - ") and str(site / "ldapsync.yaml") in line
     assert err == ""
+
+
+def state_tree(site: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every path under the site except the LDIF source: bytes (None for a directory) and mtime_ns."""
+    return {
+        str(p.relative_to(site)): (None if p.is_dir() else p.read_bytes(), p.lstat().st_mtime_ns)
+        for p in sorted(site.rglob("*"))
+        if p.name != "users.ldif"
+    }
+
+
+def test_read_only_commands_never_write_not_even_a_damaged_held_change(site: Path) -> None:
+    assert cli(site, "--once").returncode == 0
+    (site / "users.ldif").write_text(BASE_LDIF.read_text())
+    assert cli(site, "--once").returncode == 4
+    held = site / "state" / "held" / "snapshot.json"
+    held.write_bytes(held.read_bytes()[:100])  # a held change that does not parse
+    before = state_tree(site)
+    for args in (["status"], ["status", "--json"], ["check", "--max-age", "900"], ["--dry-run"], ["snapshots"]):
+        proc = cli(site, *args)
+        assert proc.returncode in (0, 1, 4), f"{args}: {proc.stderr}"
+        assert state_tree(site) == before, f"`ldapsync {' '.join(args)}` wrote to the state dir or the outputs"
+    assert "no mail accounts" in status_json(site)["held"]
+    proc = cli(site, "approve")  # refuses what it cannot read, and keeps it for the admin to look at
+    assert proc.returncode == 1 and "held change" in proc.stderr and "unreadable" in proc.stderr
+    assert held.exists()
+
+    (site / "users.ldif").unlink()  # a failing sync writes its status, and leaves the held change alone
+    assert cli(site, "--once").returncode == 1
+    assert held.exists()
+
+    (site / "users.ldif").write_bytes(DEMO_LDIF.read_bytes())  # a good sync supersedes it
+    assert cli(site, "--once").returncode == 0
+    assert not held.parent.exists() and status_json(site)["held"] is None
+
+
+def backdate(site: Path, seconds: float) -> None:
+    """Pretend the status record was written `seconds` ago (what a quiet directory looks like later)."""
+    path = site / "state" / "status.json"
+    doc = json.loads(path.read_text())
+    for key in ("last_attempt", "last_success", "last_confirmed"):
+        if isinstance(doc.get(key), int | float):
+            doc[key] -= seconds
+    path.write_text(json.dumps(doc))
+
+
+def test_a_quiet_directory_is_confirmed_not_critical(site: Path) -> None:
+    from ldapsync import config as config_mod
+    from ldapsync import sync
+
+    assert cli(site, "--once").returncode == 0
+    backdate(site, 2000)
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 2, line
+
+    # an agent following a quiet directory: connected, nothing pending
+    pipeline = sync.Pipeline(config_mod.load(site / "ldapsync.yaml"))
+    pipeline.note_follower(True, None)
+    pipeline.note_confirmed()
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 0, line
+    info = status_json(site)
+    assert info["last_confirmed_age"] < 60 and info["last_success_age"] > 1900, "nothing was installed"
+
+    # cron: an --once that finds nothing to change confirms too
+    backdate(site, 2000)
+    assert cli(site, "--once").returncode == 0
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 0 and status_json(site)["result"] == "unchanged", line
+
+    # a held change is not confirmed by a connected follower: the installed maps are not LDAP's answer
+    (site / "users.ldif").write_text(BASE_LDIF.read_text())
+    assert cli(site, "--once").returncode == 4
+    backdate(site, 2000)
+    pipeline.note_confirmed()
+    assert check(site, "--max-age", "900")[0] == 2
+
+
+def test_a_successful_sync_clears_the_previous_error(site: Path) -> None:
+    assert cli(site, "--once").returncode == 0
+    ldif = (site / "users.ldif").read_bytes()
+    (site / "users.ldif").unlink()
+    assert cli(site, "--once").returncode == 1
+    info = status_json(site)
+    assert "users.ldif" in info["error"] and info["ldap_reachable"] is False
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 1 and "last sync failed" in line and "users.ldif" in line
+
+    (site / "users.ldif").write_bytes(ldif)
+    assert cli(site, "--once").returncode == 0
+    info = status_json(site)
+    assert info["error"] is None and info["ldap_reachable"] is True and info["result"] == "unchanged"
+    assert "last error" not in cli(site, "status").stdout
+    assert check(site, "--max-age", "900")[0] == 0
+
+
+def test_an_output_edited_by_hand_is_reported_until_the_next_sync(site: Path) -> None:
+    assert cli(site, "--once").returncode == 0
+    with (site / "out/alias").open("a") as fh:
+        fh.write("postmaster@example.org\troot@example.org\n")
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 1 and "changed outside ldapsync" in line and "alias" in line, line
+    assert status_json(site)["modified"] == ["alias"]
+    assert "MODIFIED" in cli(site, "status").stdout
+    assert cli(site, "--once").returncode == 0  # the sync puts back what LDAP says
+    assert check(site, "--max-age", "900")[0] == 0 and status_json(site)["modified"] == []

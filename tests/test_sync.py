@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,10 @@ import pytest
 import yaml
 from slapd import Slapd, generate_users_ldif
 
+from ldapsync import config as config_mod
+from ldapsync import sync
 from ldapsync.state import State
+from ldapsync.status import SyncResult
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_LDIF = REPO / "fixtures" / "ldif" / "demo.ldif"
@@ -392,3 +397,114 @@ def test_pipeline_survives_reload_failure_in_process(tmp_path: Path) -> None:
     site.ldif.write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
     assert pipeline.run().status == "installed"
     assert "bob@new.example" in site.text("maps/alias")
+
+
+# -- the generation id hooks and the log see ------------------------------------------------------
+def test_hooks_and_log_only_ever_see_listed_generations(tmp_path: Path) -> None:
+    log = tmp_path / "hooks.log"
+    hook = recorder_hook(tmp_path, log)
+    site = Site(tmp_path, hooks={"check": [hook], "reload": [hook]})
+    seen_in_log: list[str] = []
+
+    def run(*args: str, check: int) -> None:
+        proc = site.run(*args, check=check)
+        seen_in_log.extend(re.findall(r"generation[=\"': ]+(\d{8}T\d{6}Z-[0-9a-f]{8}(?:\.\d+)?)", proc.stderr))
+
+    run("--once", check=0)
+    site.ldif.write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
+    run("--once", check=0)
+    run("rollback", check=0)  # back to the first generation
+    (tmp_path / "out/maps/alias").write_text("edited by hand\n")  # same directory content, file repaired
+    site.ldif.write_bytes(DEMO_LDIF.read_bytes())
+    run("--once", check=0)
+    site.ldif.unlink()  # LDAP gone, an output lost: restored from last-known-good
+    (tmp_path / "out/dovecot/passwd").unlink()
+    run("--once", check=1)
+
+    listed = {line[2:].split()[0] for line in site.run("snapshots", check=0).stdout.splitlines()}
+    hook_ids = [line.split()[1] for line in lines(log)]
+    assert len(hook_ids) >= 8, lines(log)  # check + reload for each of the five installs
+    assert set(hook_ids) <= listed, f"hooks saw {set(hook_ids) - listed}, `snapshots` lists {listed}"
+    assert seen_in_log and set(seen_in_log) <= listed, f"the log named {set(seen_in_log) - listed}"
+
+
+# -- plan and apply ---------------------------------------------------------------------------------
+def pipeline_for(site: Site) -> sync.Pipeline:
+    return sync.Pipeline(config_mod.load(site.config))
+
+
+def tree(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    return {
+        str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes(), p.lstat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_plan_has_no_side_effects_and_counts_each_output(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.run("--once", check=0)
+    text = DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example")
+    site.ldif.write_text(text + "\n" + generate_users_ldif(2))
+    pipeline = pipeline_for(site)
+    snapshot = pipeline.read_source()
+    before = tree(tmp_path)
+
+    plan = pipeline.plan(snapshot)
+    again = pipeline.plan(snapshot)
+    assert tree(tmp_path) == before, "plan() wrote something"
+    assert replace(plan, generation="") == replace(again, generation=""), "plan() is a function of its inputs"
+    assert plan.verdict is sync.Verdict.INSTALL and plan.new_generation
+    assert set(plan.changed) == set(NAMES)
+    assert (plan.counts["alias"].changed, plan.counts["alias"].removed) == (1, 0)
+    recipients = sync.Delta(added=4, removed=0, changed=0)  # two users, in example.org and example.net
+    assert plan.counts["postfix-recipients"] == recipients and str(recipients) == "+4 -0 ~0"
+
+    result = pipeline.apply(plan)
+    assert result.status == SyncResult.INSTALLED and result.generation == plan.generation
+    assert site.state.current_id() == plan.generation
+    assert "bob@example.org\tbob@new.example" in site.text("maps/alias")
+
+    noop = pipeline.plan(pipeline.read_source())
+    assert noop.verdict is sync.Verdict.NOOP and noop.changed == ()
+    assert noop.generation == plan.generation and not noop.new_generation
+    outputs, generations = site.outputs(), tree(tmp_path / "state" / "generations")
+    assert pipeline.apply(noop).status == SyncResult.UNCHANGED
+    assert site.outputs() == outputs and tree(tmp_path / "state" / "generations") == generations
+
+
+def test_plan_holds_what_a_guard_refuses_and_apply_keeps_it(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.run("--once", check=0)
+    good = site.outputs()
+    site.ldif.write_text(BASE_LDIF.read_text())
+    pipeline = pipeline_for(site)
+    plan = pipeline.plan(pipeline.read_source())
+    assert plan.verdict is sync.Verdict.HOLD and plan.held_reason and "no mail accounts" in plan.held_reason
+    assert plan.counts["postfix-recipients"].removed > 0
+    assert pipeline.plan(pipeline.read_source(), force=True).verdict is sync.Verdict.INSTALL
+
+    result = pipeline.apply(plan)
+    assert result.status == SyncResult.HELD and site.outputs() == good
+    held = site.state.held()
+    assert held is not None and held[1]["counts"]["postfix-recipients"].startswith("+0 -")
+    assert site.status()["held"] == plan.held_reason and site.status()["syncs"] == {"installed": 1, "held": 1}
+
+
+def test_follower_notes_write_only_when_something_changes(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    pipeline = pipeline_for(site)
+    pipeline.note_confirmed()  # nothing installed yet: nothing to confirm
+    assert not (tmp_path / "state" / "status.json").exists()
+    assert pipeline.run().status == SyncResult.INSTALLED
+    path = tmp_path / "state" / "status.json"
+    pipeline.note_follower(True, None)
+    written = path.stat().st_mtime_ns, path.read_bytes()
+    pipeline.note_follower(True, None)
+    t0 = site.status()["last_confirmed"]
+    pipeline.note_confirmed(now=t0 + 10)  # within CONFIRM_REFRESH: the record stays as it is
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == written
+    pipeline.note_confirmed(now=t0 + sync.CONFIRM_REFRESH + 1)
+    assert site.status()["last_confirmed"] == t0 + sync.CONFIRM_REFRESH + 1
+    assert site.status()["last_success"] == t0, "confirming is not syncing"
+    pipeline.note_follower(False, "ldap://ldap-01: timed out")
+    assert site.status()["ldap_reachable"] is False and site.status()["follower_error"] == "ldap://ldap-01: timed out"
