@@ -64,6 +64,11 @@ class _StatusCollector:
             "ldapsync_rejected_values", "LDAP values rejected by validation in the last sync.", float(s.rejected)
         )
         yield from gauge(
+            "ldapsync_weak_password_hashes",
+            "Passwd-file lines with an unsalted digest or DES-CRYPT hash (passwords.weak: warn).",
+            float(s.weak_passwords),
+        )
+        yield from gauge(
             "ldapsync_ldap_reachable",
             "1 if the directory answered the last sync or the follower is connected.",
             1.0 if s.ldap_reachable else 0.0,

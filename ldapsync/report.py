@@ -56,6 +56,7 @@ def _collect(cfg: Config) -> dict[str, Any]:
         "reload_error": record.reload_error,
         "metrics_error": record.metrics_error,
         "rejected": record.rejected,
+        "weak_passwords": record.weak_passwords,
         "syncs": dict(record.syncs),
         "outputs": outputs,
         # installed files whose content is not what the last successful sync installed (edited by hand)
@@ -105,6 +106,8 @@ def status(cfg: Config, *, as_json: bool) -> int:
     print(f"held change:    {info['held'] or 'none'}")
     rejected = info["rejected"]
     print(f"rejected:       {'-' if rejected is None else rejected}" + (" (see the log)" if rejected else ""))
+    if info["weak_passwords"]:
+        print(f"weak hashes:    {info['weak_passwords']} (unsalted digest or DES-CRYPT; see the log)")
     if info["reload_pending"]:
         print(f"reload pending: {', '.join(info['reload_pending'])} ({info['reload_error'] or 'not yet run'})")
     if info["metrics_error"]:

@@ -100,6 +100,7 @@ class Status:
     source: str | None = None
     held: str | None = None  # why a change is held for review
     rejected: int = 0  # LDAP values rejected by validation in the last sync that read LDAP
+    weak_passwords: int = 0  # passwd-file lines with an unsalted digest or DES-CRYPT (passwords.weak: warn)
     outputs: Mapping[str, OutputState] = field(default_factory=_empty)
     generation: str | None = None
     reload_pending: tuple[str, ...] = ()
@@ -128,6 +129,7 @@ class Status:
             "source": self.source,
             "held": self.held,
             "rejected": self.rejected,
+            "weak_passwords": self.weak_passwords,
             "outputs": {n: {"lines": o.lines, "sha256": o.sha256} for n, o in sorted(self.outputs.items())},
             "generation": self.generation,
             "reload_pending": list(self.reload_pending),
@@ -182,6 +184,7 @@ class Status:
             source=_str(doc.get("source")),
             held=_str(doc.get("held")),
             rejected=doc["rejected"] if isinstance(doc.get("rejected"), int) else 0,
+            weak_passwords=doc["weak_passwords"] if isinstance(doc.get("weak_passwords"), int) else 0,
             outputs=MappingProxyType(outputs),
             generation=_str(doc.get("generation")),
             reload_pending=tuple(str(p) for p in pending) if isinstance(pending, list) else (),

@@ -71,6 +71,7 @@ class Plan:
     new_generation: bool  # the content differs from the current generation: record it
     held_reason: str | None = None
     rejected: int = 0
+    weak_passwords: int = 0
     forced: bool = False  # installed past the guards (--force, approve): the guards' window starts afresh
 
 
@@ -296,6 +297,7 @@ class Pipeline:
             new,
             held_reason=held,
             rejected=len(report.rejections),
+            weak_passwords=report.weak_passwords,
             forced=force,
         )
 
@@ -347,6 +349,7 @@ class Pipeline:
             source=plan.snapshot.source,
             ldap_reachable=True,
             rejected=plan.rejected,
+            weak_passwords=plan.weak_passwords,
         )
         if plan.verdict is Verdict.HOLD:
             reason = plan.held_reason or "held"

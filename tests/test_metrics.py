@@ -30,6 +30,7 @@ DOCUMENTED = {
     "ldapsync_output_info": "gauge",
     "ldapsync_held_changes": "gauge",
     "ldapsync_rejected_values": "gauge",
+    "ldapsync_weak_password_hashes": "gauge",
     "ldapsync_ldap_reachable": "gauge",
     "ldapsync_reload_pending": "gauge",
 }
@@ -185,3 +186,22 @@ def test_metrics_file_is_replaced_atomically(site: Path) -> None:
     assert prom.stat().st_ino != inode, "rewritten in place: node_exporter could read half a file"
     assert sorted(p.name for p in (site / "textfile").iterdir()) == ["ldapsync.prom"], "temp files left"
     parse(prom)
+
+
+def test_weak_hashes_are_counted_in_status_and_metrics(site: Path) -> None:
+    """passwords.weak: warn accepts unsalted digests; the admin sees how many, never which values."""
+    ldif = site / "users.ldif"
+    text = ldif.read_text()
+    sha = "{SHA}" + __import__("base64").b64encode(hashlib.sha1(b"old secret").digest()).decode()
+    weak = (
+        "dn: uid=legacy,ou=users,dc=example,dc=org\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+        f"uid: legacy\ncn: legacy\nsn: legacy\nmailPassword: {sha}\n"
+    )
+    ldif.write_text(text.rstrip("\n") + "\n\n" + weak)
+    assert once(site) == 0
+    _, m = parse(site / "textfile" / "ldapsync.prom")
+    assert value(m, "ldapsync_weak_password_hashes") == 1
+    assert "legacy:{SHA}" in (site / "out" / "passwd").read_text()
+    status = cli(site, "status")
+    assert "weak hashes:    1" in status.stdout and sha not in status.stdout
+    assert json.loads(cli(site, "status", "--json").stdout)["weak_passwords"] == 1
