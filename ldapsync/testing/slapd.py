@@ -36,7 +36,20 @@ from typing import Literal
 from ldapsync.testing.ports import free_port as _free_port  # noqa: F401 - tests import it from here
 from ldapsync.testing.ports import free_ports
 
-REPO = Path(__file__).resolve().parents[2]
+
+def _repo() -> Path:
+    """The checkout whose fixtures/ this runs with: the source tree this module lives in, or,
+    for an installed package (Debian's smoke test), the nearest fixtures/ above the working dir."""
+    here = Path(__file__).resolve().parents[2]
+    if (here / "fixtures" / "ldif").is_dir():
+        return here
+    for parent in (Path.cwd(), *Path.cwd().parents):
+        if (parent / "fixtures" / "ldif").is_dir():
+            return parent
+    return here
+
+
+REPO = _repo()
 FIXTURES = REPO / "fixtures" / "ldif"
 BASE_LDIF = FIXTURES / "base.ldif"
 DEMO_LDIF = FIXTURES / "demo.ldif"
