@@ -449,17 +449,23 @@ def _plant_symlinks(directory: Path, victim: Path, stop: threading.Event, plante
 
     It only creates names in the shared directory (it can neither enter a private 0700
     directory nor remove root's files), the way a local user in a sticky directory would.
+    Names are derived (up to two suffixes deep) from ldapsync's own entries only: deriving
+    from its own symlinks too would grow the directory without bound (a million entries)
+    and make every pass slower without adding a name ldapsync or postmap could write.
     """
     suffixes = ("", ".db", ".lmdb", ".cdb", ".tmp", ".lock", "-lock")
     while not stop.is_set():
         try:
-            names = os.listdir(directory)
+            entries = [e.name for e in os.scandir(directory) if not e.is_symlink()]
         except OSError:
             continue
-        for name in names:
+        for name in entries:
             if name.startswith("__db.") or name == victim.name:
                 continue
-            for target in [name + s for s in suffixes] + [f"__db.{name}.db", f"__db.{name}"]:
+            bases = [name + s for s in suffixes]
+            derived = [base + s for base in bases for s in suffixes]
+            derived += [f"__db.{base}{s}" for base in bases for s in (".db", "")]
+            for target in derived:
                 try:
                     os.symlink(victim, directory / target)
                     planted.append(target)
