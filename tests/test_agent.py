@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -461,6 +462,13 @@ def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     )
 
 
+def timed_cli(config: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """cli() and how many seconds it took."""
+    started = time.monotonic()
+    proc = cli(config, *args)
+    return proc, time.monotonic() - started
+
+
 def refusing_check_hook(setup: AgentSetup) -> Path:
     """A check hook that counts its runs in a file and refuses every install."""
     runs = setup.root / "check-runs.log"
@@ -519,12 +527,14 @@ def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: P
     assert f"PID {pid}" in refused["error"] and str(setup.state / "lock") in refused["error"]
     assert first.alive
 
-    for args in (["--once"], ["approve"], ["rollback"]):
-        started = time.monotonic()
-        proc = cli(setup.config, *args)
-        assert proc.returncode == 1, f"{args}: rc={proc.returncode}\n{proc.stderr}"
-        assert f"ldapsync agent (PID {pid})" in proc.stderr, f"{args} must name the agent's PID:\n{proc.stderr}"
-        assert time.monotonic() - started >= 4.0, f"{args} should wait a little for the lock first"
+    # the three wait for the agent's lock side by side: none of them can get it
+    commands = (["--once"], ["approve"], ["rollback"])
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        results = list(pool.map(lambda args: timed_cli(setup.config, *args), commands))
+        for args, (proc, took) in zip(commands, results, strict=True):
+            assert proc.returncode == 1, f"{args}: rc={proc.returncode}\n{proc.stderr}"
+            assert f"ldapsync agent (PID {pid})" in proc.stderr, f"{args} must name the agent's PID:\n{proc.stderr}"
+            assert took >= 4.0, f"{args} should wait a little for the lock first"
 
     status = json.loads(cli(setup.config, "status", "--json").stdout)
     assert status["agent"] == {"running": True, "pid": int(pid), "lock": {"pid": int(pid), "role": "agent"}}
