@@ -14,6 +14,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slapd import Slapd, missing_tools
 
+# What .ci/smoke-test also runs, with Debian's /usr/bin/python3 against the installed package:
+# the tests that lean on a library Debian ships at another version than pip does (pyasn1 0.4.8,
+# structlog 22.3, passlib 1.7.4, watchdog 2.2, sdnotify, prometheus-client 0.16, PyYAML), on the
+# installed layout (entry points, the unit), or on the real tools through it; a few of each, to
+# stay fast. A file maps to None (all of it) or to test function names (every parameter of
+# each). A name that is no longer in its file fails collection: a rename never drops it silently.
+SMOKE: dict[str, frozenset[str] | None] = {
+    "test_validate.py": None,  # passlib 1.7.4; every hash scheme verified by a real Dovecot
+    "test_config.py": None,  # PyYAML
+    "test_static.py": None,  # PyYAML
+    "test_log.py": None,  # structlog 22.3's renderers and the syslog prefix
+    "test_ber.py": None,  # the BER reader against slapd's own answers
+    "test_syncrepl.py": None,  # RFC 4533 controls through pyasn1 0.4.8
+    "test_psearch.py": None,  # ldap3's persistent-search message shapes
+    "test_model.py": None,  # routing and rendering on Debian's Python
+    "test_ldifsource.py": None,
+    "test_exporters.py": None,  # entry points from the dpkg-installed dist-info; postmap, doveadm
+    "test_systemd.py": None,  # the unit
+    "test_ldapsource.py": frozenset(  # ldap3 + pyasn1 against a real slapd
+        {
+            "test_full_read_matches_the_ldif_it_was_loaded_from",
+            "test_paged_read_of_600_users_with_limits_lifted",
+            "test_size_limit_fails_loudly_and_keeps_previous_outputs",
+            "test_search_requests_only_the_needed_attributes",
+            "test_wrong_bind_password_is_a_clear_error",
+        }
+    ),
+    "test_watch.py": frozenset({"test_first_uri_answering_http_is_skipped"}),  # the syncrepl stream
+    "test_agent.py": frozenset(
+        {
+            "test_config_and_static_edits",  # watchdog 2.2 sees the edits
+            "test_sd_notify_ready_after_maps_watchdog_and_status",  # sdnotify
+        }
+    ),
+    "test_metrics.py": frozenset({"test_metrics_textfile_after_a_sync"}),  # prometheus-client 0.16
+    "test_cli.py": frozenset(
+        {
+            "test_version",
+            "test_once_installs_every_output",
+            "test_every_subcommand_has_help_text",
+            "test_dry_run_diffs_changes_and_writes_nothing",
+        }
+    ),
+    "test_commit.py": frozenset(
+        {"test_compiled_map_answers_postmap_q", "test_failure_before_rename_leaves_every_installed_file"}
+    ),
+    "test_state.py": frozenset(
+        {"test_generation_files_are_private_and_complete", "test_damaged_generations_are_detected"}
+    ),
+    "test_sync.py": frozenset(
+        {"test_state_dir_is_0700_and_its_files_0600", "test_ldap_down_restores_missing_outputs_from_last_known_good"}
+    ),
+    "test_report.py": frozenset({"test_status_json_describes_the_installed_state"}),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the SMOKE tests `smoke`; a listed name its file no longer has is a usage error."""
+    checked: set[str] = set()
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        names = SMOKE.get(item.path.name, frozenset())
+        if names is None or item.originalname in names:
+            item.add_marker(pytest.mark.smoke)
+        if names and item.path.name not in checked:
+            checked.add(item.path.name)
+            missing = sorted(n for n in names if not hasattr(item.module, n))
+            if missing:
+                raise pytest.UsageError(f"tests/conftest.py SMOKE lists {missing} in {item.path.name}: not there")
+
 
 def _require_slapd() -> None:
     reason = missing_tools()
