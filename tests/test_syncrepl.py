@@ -147,8 +147,10 @@ class TestDecodeErrors:
         ("data", "match"),
         [
             ("", "truncated"),
+            ("30", "truncated"),
+            ("30 15 0a 01 01 04 10" + "00" * 10, "truncated"),
             ("30 03 0a 01 01", "required component is missing"),
-            ("30 0a 0a 01 01 04 03 00 00 00", "16 bytes"),
+            ("30 08 0a 01 01 04 03 00 00 00", "16 bytes"),
             ("30 15 0a 01 07 04 10" + "00" * 16, "out of range"),
             ("30 15 0a 01 01 04 10" + "00" * 16 + "ff", "trailing"),
             ("04 02 12 34", "unexpected tag 0x04"),
