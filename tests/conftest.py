@@ -12,7 +12,10 @@ import pytest
 # tests/ is not a package: make `from slapd import ...` work however pytest is run
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import profiles
 from slapd import Slapd, missing_tools
+
+profiles.load()
 
 # What .ci/smoke-test also runs, with Debian's /usr/bin/python3 against the installed package:
 # the tests that lean on a library Debian ships at another version than pip does (pyasn1 0.4.8,

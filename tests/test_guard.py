@@ -15,6 +15,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from slapd import generate_users_ldif, generated_user_hash, ssha
 
 from ldapsync import config as config_mod
@@ -166,7 +167,7 @@ def test_window_is_bounded_and_round_trips_through_json() -> None:
             Window.from_json(bad)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.lists(
         st.tuples(st.floats(min_value=0, max_value=4 * HOUR), st.integers(min_value=0, max_value=300)), max_size=60

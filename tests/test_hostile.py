@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from ldapsync import config, ldifsource, model, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
@@ -355,7 +356,7 @@ def snapshot_of(generated: list[tuple[Entry, list[Rejection]]]) -> Snapshot:
     return Snapshot(tuple(e for e, _ in generated), "hypothesis", tuple(r for _, rs in generated for r in rs))
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(150), deadline=None, derandomize=True, database=None)
 @given(directories)
 def test_hostile_directory_never_escapes_its_fields(generated: list[tuple[Entry, list[Rejection]]]) -> None:
     snapshot = snapshot_of(generated)
@@ -424,7 +425,7 @@ def postmap_round_trip(conf: Path, workdir: Path, maps: Mapping[str, bytes]) -> 
 
 @needs_postmap
 @settings(
-    max_examples=8,
+    max_examples=examples(8),
     deadline=None,
     derandomize=True,
     database=None,
@@ -572,7 +573,7 @@ def mailbox_entries(draw: st.DrawFn) -> tuple[Entry, list[Rejection]]:
     return make_entry(dn, raw, BOX_ATTRS_WANTED, rejections), rejections
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(150), deadline=None, derandomize=True, database=None)
 @given(st.lists(mailbox_entries(), min_size=1, max_size=8))
 def test_hostile_mailbox_and_group_values_never_escape_their_fields(
     generated: list[tuple[Entry, list[Rejection]]],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from ldapsync import config as config_mod
 from ldapsync import mirror
@@ -46,7 +47,7 @@ def content(e: Entry) -> tuple[tuple[str, str, str], list[tuple[str, tuple[str, 
     return entry_order(e), sorted(e.attributes.items())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(st.one_of(upsert, delete), max_size=40))
 def test_incremental_digest_equals_a_fresh_digest(ops: list[tuple[str, str, str, dict[str, list[str]]]]) -> None:
     m = mirror.Mirror()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from ldapsync import config as config_mod
 from ldapsync.scheduler import (
@@ -436,7 +437,7 @@ def shell(
     return s, trace
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(scenarios())
 def test_invariants(scenario: tuple[Timing, list[Event], list[tuple[float, bool, bool]], list[bool]]) -> None:
     timing, events, outcomes, search_changes = scenario
@@ -497,7 +498,7 @@ def test_invariants(scenario: tuple[Timing, list[Event], list[tuple[float, bool,
         assert s.handle(Refreshed(trace.stopped_at + 100)) == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.lists(st.floats(min_value=0.0, max_value=0.099), min_size=1, max_size=30),
     st.sampled_from([0.1, 0.5]),

@@ -13,6 +13,7 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from pyasn1.codec.ber import decoder as ber_decoder
 
 from ldapsync import syncrepl
@@ -171,14 +172,14 @@ class TestDecodeErrors:
     def test_error_is_value_error(self) -> None:
         assert issubclass(SyncProtocolError, ValueError)
 
-    @settings(max_examples=300)
+    @settings(max_examples=examples(300))
     @given(st.binary(max_size=64))
     def test_garbage_only_raises_sync_protocol_error(self, data: bytes) -> None:
         for decode in (decode_sync_state, decode_sync_done, decode_sync_info):
             with contextlib.suppress(SyncProtocolError):
                 decode(data)
 
-    @settings(max_examples=200)
+    @settings(max_examples=examples(200))
     @given(st.binary(min_size=1, max_size=40), st.sampled_from(["30", "a1", "a2", "a3", "80"]))
     def test_framed_garbage_only_raises_sync_protocol_error(self, body: bytes, t: str) -> None:
         data = h(t) + bytes([len(body)]) + body
@@ -399,7 +400,7 @@ class TestPresentPhase:
         assert events == [EntryDeleted(B, "uid=b"), CookieChanged(b"c1"), RefreshComplete()]
         assert consumer.known == {A}
 
-    @settings(max_examples=100)
+    @settings(max_examples=examples(100))
     @given(
         st.sets(uuids, max_size=30),
         st.sets(uuids, max_size=30),
