@@ -419,14 +419,30 @@ def test_first_uri_answering_http_is_skipped(slapd: Slapd, followers: FollowerFa
 
 @pytest.mark.slapd
 def test_check_connection_closed_by_the_server_idle_timeout_is_replaced_quietly(
-    slapd: Slapd, followers: FollowerFactory
+    slapd: Slapd, followers: FollowerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """slapd closes idle connections but not one with a persistent search: the stream stays."""
+    replaced: list[str] = []  # check connections opened to replace one the server closed
+    real_connect = watch.ldapsource.connect
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        connected = real_connect(*args, **kwargs)
+        if not kwargs.get("stream") and not kwargs.get("root_dse"):
+            replaced.append(connected.uri)
+        return connected
+
+    monkeypatch.setattr(watch.ldapsource, "connect", connect)
     slapd.modify_config("dn: cn=config\nchangetype: modify\nreplace: olcIdleTimeout\nolcIdleTimeout: 1\n")
     with capture_logs() as logs:
         follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=4)
         following(follower, slapd.uri, timeout=20)
-        time.sleep(8)  # idle timeout 1 s, liveness read every 2 s: the check connection is closed each time
+        # idle timeout 1 s, liveness read every 2 s: the check connection is closed each time; twice
+        # shows a replacement is replaced in turn
+        deadline = time.monotonic() + 30
+        while len(replaced) < 2:
+            assert time.monotonic() < deadline, f"check connection replaced {len(replaced)} times in 30 s"
+            time.sleep(0.05)
+        assert set(replaced) == {slapd.uri}
         slapd.modify(
             "dn: uid=bob,ou=users,dc=example,dc=org\nchangetype: modify\n"
             "replace: emailForward\nemailForward: bob@after-idle.example\n"
