@@ -120,3 +120,32 @@ def slapd_factory(tmp_path: Path) -> Iterator[Callable[..., Slapd]]:
 def slapd(slapd_factory: Callable[..., Slapd]) -> Slapd:
     """Started slapd: base+demo+hostile data, syncprov on, service account unlimited."""
     return slapd_factory()
+
+
+@pytest.fixture(scope="module")
+def read_only_slapd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Slapd]]:
+    """slapd_factory for the tests of a module that only read: each set of arguments is one
+    server, started once and shared by the module's tests.
+
+    A test that changes data or configuration, or stops the server, must have its own (from
+    slapd_factory): at the module's end every shared server must still run unchanged.
+    """
+    _require_slapd()
+    shared: dict[str, tuple[Slapd, bytes]] = {}
+
+    def get(**kwargs: Any) -> Slapd:
+        key = repr(sorted(kwargs.items()))
+        if key not in shared:
+            server = Slapd(tmp_path_factory.mktemp("slapd"), **kwargs)
+            server.start()
+            shared[key] = (server, server.fingerprint())
+        return shared[key][0]
+
+    yield get
+    try:
+        for server, before in shared.values():
+            assert server.running, f"a test stopped the shared {server}: it needs its own (slapd_factory)"
+            assert server.fingerprint() == before, f"a test changed the shared {server}: it needs its own"
+    finally:
+        for server, _ in shared.values():
+            server.close()

@@ -33,6 +33,13 @@ from ldapsync.errors import ConfigError, SourceError
 
 pytestmark = pytest.mark.slapd
 
+
+@pytest.fixture
+def slapd(read_only_slapd_factory: Callable[..., Slapd]) -> Slapd:
+    """The tests here only read: they share one slapd (slapd_factory gives one of its own)."""
+    return read_only_slapd_factory()
+
+
 FILTER = "(objectClass=inetOrgPerson)"
 EXPORTERS: list[dict[str, Any]] = [
     {"kind": "postfix-virtual", "name": "alias", "path": "out/alias", "include": ["aliases", "forwards"]},

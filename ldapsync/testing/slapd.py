@@ -625,6 +625,16 @@ class Slapd:
         """ldapmodify on cn=config via SASL EXTERNAL over ldapi (e.g. change olcLimits)."""
         self._run(["ldapmodify", "-Q", "-Y", "EXTERNAL", "-H", self.ldapi_uri], input=ldif_text.encode())
 
+    def fingerprint(self) -> bytes:
+        """cn=config and every entry with its operational attributes (entryCSN, modifyTimestamp):
+        equal before and after exactly when nothing changed the server's configuration or data."""
+        argv = ["ldapsearch", "-LLL", "-o", "ldif-wrap=no", "-Q", "-Y", "EXTERNAL", "-H", self.ldapi_uri]
+        config = self._run([*argv, "-b", "cn=config"])
+        data = self.ldapsearch("(objectClass=*)", "*", "+", bind="root", ldapi=True)
+        if data.returncode != 0:
+            raise SlapdError(f"ldapsearch of {self.suffix} failed with rc={data.returncode}:\n{data.stderr.decode()}")
+        return config.stdout + b"\n" + data.stdout
+
     def ldapsearch(
         self,
         *args: str,
