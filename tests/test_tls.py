@@ -107,7 +107,14 @@ def proxy_factory() -> Iterator[Callable[..., RecordingProxy]]:
 
 # -- helpers -------------------------------------------------------------------------------
 @pytest.fixture
-def tls_slapd(slapd_factory: Callable[..., Slapd]) -> Slapd:
+def tls_slapd(read_only_slapd_factory: Callable[..., Slapd]) -> Slapd:
+    """Most tests here only read: they share one TLS slapd per module."""
+    return read_only_slapd_factory(tls=True)
+
+
+@pytest.fixture
+def own_tls_slapd(slapd_factory: Callable[..., Slapd]) -> Slapd:
+    """A TLS slapd of the test's own, for one that changes its data or configuration."""
     return slapd_factory(tls=True)
 
 
@@ -201,8 +208,9 @@ def test_ldaps_certificate_for_another_name_fails(
     assert has_alice(read(tmp_path, tls_slapd, [good.uri("ldaps")], ca_file=tls_slapd.ca_file))
 
 
-def test_once_without_ca_file_installs_nothing(tmp_path: Path, tls_slapd: Slapd) -> None:
+def test_once_without_ca_file_installs_nothing(tmp_path: Path, own_tls_slapd: Slapd) -> None:
     """End to end: `ldapsync --once` refuses the unverifiable server and keeps every output."""
+    tls_slapd = own_tls_slapd  # changes the directory
 
     def once(**ldap: Any) -> subprocess.CompletedProcess[str]:
         path = write_config(tmp_path, tls_slapd, [tls_slapd.ldaps_uri], **ldap)
@@ -238,8 +246,9 @@ def test_once_without_ca_file_installs_nothing(tmp_path: Path, tls_slapd: Slapd)
 
 # -- StartTLS --------------------------------------------------------------------------------
 def test_start_tls_binds_over_tls(
-    tmp_path: Path, tls_slapd: Slapd, proxy_factory: Callable[..., RecordingProxy]
+    tmp_path: Path, own_tls_slapd: Slapd, proxy_factory: Callable[..., RecordingProxy]
 ) -> None:
+    tls_slapd = own_tls_slapd  # require_tls_for_simple_binds changes its configuration
     require_tls_for_simple_binds(tls_slapd)
     proxy = proxy_factory(tls_slapd.port)
     # control: without StartTLS the server refuses the bind and the password crossed in clear
@@ -310,8 +319,9 @@ def stream_connection(cfg: config_mod.Config, src: LdapSource) -> Iterator[tuple
 
 
 def test_stream_connection_with_start_tls_is_encrypted(
-    tmp_path: Path, tls_slapd: Slapd, proxy_factory: Callable[..., RecordingProxy]
+    tmp_path: Path, own_tls_slapd: Slapd, proxy_factory: Callable[..., RecordingProxy]
 ) -> None:
+    tls_slapd = own_tls_slapd  # require_tls_for_simple_binds changes its configuration
     require_tls_for_simple_binds(tls_slapd)
     proxy = proxy_factory(tls_slapd.port)
     cfg, src = source(tmp_path, tls_slapd, [proxy.uri()], start_tls=True, ca_file=tls_slapd.ca_file)
