@@ -393,9 +393,13 @@ def send(
     token: str,
     *,
     login: tuple[str, str] | None = None,
+    mechanism: str | None = None,
     starttls: bool = False,
 ) -> SendResult:
-    """One SMTP transaction; refused recipients are returned, not raised (unless all are)."""
+    """One SMTP transaction; refused recipients are returned, not raised (unless all are).
+
+    login without a mechanism tries each the server offers (smtplib's login); with one, only it.
+    """
     msg = (
         f"From: <{sender}>\r\nTo: undisclosed-recipients:;\r\nSubject: e2e {token}\r\n"
         f"Message-ID: <{token}@e2e.test>\r\n\r\n{token}\r\n"
@@ -403,8 +407,12 @@ def send(
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.com", timeout=30) as smtp:
         if starttls:
             smtp.starttls(context=_insecure_tls())
-        if login is not None:
+        if login is not None and mechanism is None:
             smtp.login(*login)
+        elif login is not None and mechanism is not None:
+            smtp.user, smtp.password = login
+            smtp.ehlo_or_helo_if_needed()
+            smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower()))
         refused = smtp.sendmail(sender, rcpts, msg)
     return SendResult(refused)
 
