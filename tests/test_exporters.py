@@ -6,10 +6,12 @@ Postfix answers are read back with `postmap -q`; the passwd-file hashes are veri
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import date
 from importlib.metadata import entry_points
@@ -52,6 +54,8 @@ def postfix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """postmap refuses to run without a main.cf; an empty one gives stock defaults."""
     conf = tmp_path_factory.mktemp("postfix-conf")
     (conf / "main.cf").write_text("")
+    # every Postfix program waits up to 2 s while main.cf is younger than that
+    os.utime(conf / "main.cf", (time.time() - 3600, time.time() - 3600))
     return conf
 
 

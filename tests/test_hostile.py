@@ -9,9 +9,11 @@ may exist. A sample, plus the hostile fixture directory, goes through the real `
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -401,6 +403,8 @@ needs_postmap = pytest.mark.skipif(shutil.which("postmap") is None, reason="need
 def postfix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     conf = tmp_path_factory.mktemp("postfix-conf")
     (conf / "main.cf").write_text("")
+    # every Postfix program waits up to 2 s while main.cf is younger than that
+    os.utime(conf / "main.cf", (time.time() - 3600, time.time() - 3600))
     return conf
 
 

@@ -327,6 +327,8 @@ delay_warning_time = 0
 # --- role snippet (docs/snippets) ---
 """
         (self.config_dir / "main.cf").write_text(harness + main_cf)
+        # every Postfix program waits up to 2 s while main.cf is younger than that
+        os.utime(self.config_dir / "main.cf", (time.time() - 3600, time.time() - 3600))
         master = master_cf.replace("\nsubmission inet", f"\n127.0.0.1:{self.submission} inet")
         if master.startswith("submission inet"):
             master = f"127.0.0.1:{self.submission} inet" + master[len("submission inet") :]
