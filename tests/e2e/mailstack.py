@@ -24,6 +24,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -660,12 +661,15 @@ class MailStack:
         self.dovecot.start()  # after Postfix made its queue's private/ for the auth socket
 
     def stop(self) -> None:
-        for pf in self.postfix.values():
+        """Every server at once: each takes a second or so to shut down."""
+        with ThreadPoolExecutor(max_workers=len(self.postfix) + 3) as pool:
+            postfix = [pool.submit(pf.stop) for pf in self.postfix.values()]
+            others = [pool.submit(server.stop) for server in (self.dovecot, self.mailbox, self.world)]
+        for future in postfix:
             with contextlib.suppress(Exception):
-                pf.stop()
-        self.dovecot.stop()
-        for sink in (self.mailbox, self.world):
-            sink.stop()
+                future.result()
+        for future in others:
+            future.result()
 
     def logs(self) -> str:
         parts = [f"== postfix {n} ==\n{pf.log()[-4000:]}" for n, pf in self.postfix.items()]
