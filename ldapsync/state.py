@@ -306,6 +306,10 @@ class State:
         for g in self.generations()[keep:]:
             if g.id != current:
                 shutil.rmtree(g.path, ignore_errors=True)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Remove what a killed record() left behind (its .tmp-* directory); the lock holder's job."""
         for leftover in self.generations_dir.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
 

@@ -373,6 +373,7 @@ class Pipeline:
             self._finish(_failed(record, str(e)))
             raise
         self.state.clear_held()  # a successful sync supersedes a held change (and removes a damaged one)
+        self.state.sweep()  # a killed run's half-recorded generation, also when this one records none
         result = SyncResult.INSTALLED if changed else SyncResult.UNCHANGED
         done = time.time()
         propagation = record.propagation

@@ -324,6 +324,19 @@ def test_damaged_state_is_detected_reported_and_rebuilt(tmp_path: Path, what: st
     assert site.sources() == good
 
 
+def test_a_generation_a_killed_run_left_half_recorded_is_removed_by_the_next_sync(tmp_path: Path) -> None:
+    """kill -9 while recording leaves a .tmp-* copy of the snapshot; an unchanged sync records nothing new."""
+    site = Site(tmp_path)
+    site.run("--once", check=0)
+    half = tmp_path / "state" / "generations" / ".tmp-k1ll3d"
+    (half / "outputs").mkdir(mode=0o700, parents=True)
+    (half / "snapshot.json").write_text("{")
+    site.run("--once", check=0)
+    assert site.status()["result"] == "unchanged"  # nothing new recorded: no prune either
+    assert not half.exists()
+    assert [g.id for g in site.state.generations()] == [site.state.current_id()]
+
+
 # -- secrets at rest -----------------------------------------------------------------------------
 def test_state_dir_is_0700_and_its_files_0600(tmp_path: Path) -> None:
     site = Site(tmp_path, metrics={"textfile": "metrics/ldapsync.prom"})
