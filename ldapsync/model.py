@@ -105,6 +105,15 @@ class RoutingModel:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ModelChange:
+    """Which keys of a RoutingModel may differ from the previous model (a superset is fine)."""
+
+    addresses: frozenset[str] = frozenset()  # users, aliases, forwards, disabled, sender_logins, local, groups keys
+    logins: frozenset[str] = frozenset()  # passwords and mailboxes keys
+    full: bool = False  # anything may have changed: render whole
+
+
 @dataclass(slots=True)
 class BuildReport:
     rejections: list[Rejection] = field(default_factory=list)
@@ -215,8 +224,7 @@ def build(
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
     hosted = dict(hosted or {})
-    canon = _canonical_domains(domain, domain_aliases, hosted)
-    names = _lower_names(attributes)
+    canon = canonical_domains(domain, domain_aliases, hosted)
     group_test = _group_test(groups)
 
     users: dict[str, str] = {}
@@ -236,15 +244,22 @@ def build(
     seen: set[str] = set()
 
     parsed_entries: list[tuple[tuple[str, str, str], int, Entry, _Parsed]] = []
+    parse = entry_parser(
+        domain=domain,
+        domain_aliases=domain_aliases,
+        attributes=attributes,
+        today=today,
+        weak_passwords=weak_passwords,
+        hosted=hosted,
+        groups=groups,
+        trace=trace,
+    )
     for i, entry in enumerate(snapshot.entries):
         hit = cache.get(entry.dn) if cache is not None else None
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
         else:
-            if group_test is not None and group_test(entry):
-                parsed = _Parsed(group=True, order=("", entry.dn.lower(), entry.dn))
-            else:
-                parsed = _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
+            parsed = parse(entry)
             if cache is not None:
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
@@ -265,14 +280,14 @@ def build(
             rej.extend(parsed.rejections)
         if parsed.notices:
             report.notices.extend(parsed.notices)
-        dn_key = _dn_key(entry.dn) if group_test is not None else ""
+        member_key = dn_key(entry.dn) if group_test is not None else ""
         if parsed.skipped:
             report.skipped += 1
             continue
         if parsed.retired:
             report.retired += 1
-            if dn_key:
-                member_state[dn_key] = ("retired", None)
+            if member_key:
+                member_state[member_key] = ("retired", None)
             continue
         login = parsed.login
         if login is None:
@@ -305,11 +320,11 @@ def build(
         if parsed.disabled is not None:
             for a in parsed.addresses or (addr,):
                 disabled.setdefault(a, parsed.disabled)
-            if dn_key:
-                member_state[dn_key] = ("disabled", addr)
+            if member_key:
+                member_state[member_key] = ("disabled", addr)
             continue
-        if dn_key:
-            member_state[dn_key] = ("account", addr)
+        if member_key:
+            member_state[member_key] = ("account", addr)
         users[addr] = login
         if trace is not None:
             trace.append(Event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}"))
@@ -438,6 +453,30 @@ def build(
     return model, report
 
 
+def entry_parser(
+    *,
+    domain: str,
+    domain_aliases: tuple[str, ...],
+    attributes: AttributeMap,
+    today: date,
+    weak_passwords: str = "warn",
+    hosted: Mapping[str, tuple[str, ...]] | None = None,
+    groups: GroupSettings | None = None,
+    trace: Trace | None = None,
+) -> Callable[[Entry], _Parsed]:
+    """What one entry says, validated: the same function for a full and an incremental build."""
+    canon = canonical_domains(domain, domain_aliases, dict(hosted or {}))
+    names = _lower_names(attributes)
+    group_test = _group_test(groups)
+
+    def parse(entry: Entry) -> _Parsed:
+        if group_test is not None and group_test(entry):
+            return _Parsed(group=True, order=("", entry.dn.lower(), entry.dn))
+        return _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
+
+    return parse
+
+
 def _precedence(holder_created: str, created: str) -> str:
     if holder_created == created:
         return "first in DN order: " + ("same createTimestamp" if created else "no createTimestamp")
@@ -446,7 +485,7 @@ def _precedence(holder_created: str, created: str) -> str:
     return "older by createTimestamp"
 
 
-def _canonical_domains(
+def canonical_domains(
     domain: str, domain_aliases: tuple[str, ...], hosted: Mapping[str, tuple[str, ...]]
 ) -> dict[str, str]:
     """Every domain we accept mail for -> the hosted domain its addresses are canonical in."""
@@ -703,7 +742,7 @@ def _mailbox(
 _DN_SPACES_RE = re.compile(r"\s*([,=+])\s*")
 
 
-def _dn_key(dn: str) -> str:
+def dn_key(dn: str) -> str:
     """A DN as compared with member values: case and spaces around separators do not count."""
     return _DN_SPACES_RE.sub(r"\1", dn.strip().lower())
 
@@ -712,14 +751,14 @@ def _group_test(settings: GroupSettings | None) -> Callable[[Entry], bool] | Non
     if settings is None:
         return None
     classes = frozenset(c.lower() for c in settings.object_classes)
-    base = _dn_key(settings.base_dn) if settings.base_dn else None
+    base = dn_key(settings.base_dn) if settings.base_dn else None
 
     def is_group(entry: Entry) -> bool:
         if not classes.intersection(v.lower() for v in entry.attributes.get("objectclass", ())):
             return False
         if base is None:
             return True
-        key = _dn_key(entry.dn)
+        key = dn_key(entry.dn)
         return key == base or key.endswith("," + base)
 
     return is_group
@@ -739,18 +778,14 @@ def _resolve_groups(
     Nested groups are expanded here, not left to Postfix, so a cycle is found and reported
     once (every group on it gets the members of all of them) instead of looping in the MTA.
     """
-    by_key = {_dn_key(e.dn): e for e in entries}
+    by_key = {dn_key(e.dn): e for e in entries}
     direct: dict[str, set[str]] = {}
     nested: dict[str, list[str]] = {}
     names: dict[str, list[str]] = {}
     name_attr = settings.name_attribute.lower()
 
     def as_address(value: str) -> str:
-        if "@" not in value:
-            return f"{validate.local_part(value).lower()}@{domain}"
-        address = validate.address(value)
-        local, _, dom = address.rpartition("@")
-        return f"{local.lower()}@{canon[dom]}" if dom in canon else address
+        return group_address(value, domain, canon)
 
     for key, entry in sorted(by_key.items(), key=lambda kv: (kv[1].dn.lower(), kv[1].dn)):
         dn = entry.dn
@@ -771,7 +806,7 @@ def _resolve_groups(
         subgroups: list[str] = []
         for attr in settings.member_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
-                member = _dn_key(value)
+                member = dn_key(value)
                 if member in by_key:
                     subgroups.append(member)
                     continue
@@ -827,6 +862,15 @@ def _resolve_groups(
                 continue
             out[address] = (dn, tuple(sorted(targets)))
     return out
+
+
+def group_address(value: str, domain: str, canon: Mapping[str, str]) -> str:
+    """A group's name or address member as an address: a bare name is in `domain`."""
+    if "@" not in value:
+        return f"{validate.local_part(value).lower()}@{domain}"
+    address = validate.address(value)
+    local, _, dom = address.rpartition("@")
+    return f"{local.lower()}@{canon[dom]}" if dom in canon else address
 
 
 def _show(value: str) -> str:
