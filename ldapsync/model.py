@@ -229,7 +229,10 @@ def build(
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
-    owner_created: dict[str, str] = {}  # DN -> its normalised createTimestamp ("" if unknown)
+    # the claim's holder's normalised createTimestamp ("" if unknown); per claim, not per DN: a
+    # rename not yet matched by its delete shows two entries with one DN
+    login_created: dict[str, str] = {}
+    addr_created: dict[str, str] = {}
     login_dn: dict[str, str] = {}  # login -> DN that claimed it
     forwards: dict[str, list[str]] = {}
     ldap_aliases: dict[str, str] = {}  # alias -> user address
@@ -295,7 +298,7 @@ def build(
         addr = parsed.addresses[0] if parsed.addresses else f"{login}@{domain}"
         if login in login_dn:
             holder = login_dn[login]
-            why = _precedence(owner_created[holder], parsed.created)
+            why = _precedence(login_created[login], parsed.created)
             reason = f"login {login!r} already used by {holder} ({why}); entry skipped"
             rej.append(Rejection(entry.dn, attributes.login, reason))
             if trace is not None:
@@ -303,20 +306,16 @@ def build(
             continue
         if addr in owner_dn:
             holder = owner_dn[addr]
-            why = _precedence(owner_created[holder], parsed.created)
+            why = _precedence(addr_created[addr], parsed.created)
             reason = f"address {addr} already used by {holder} ({why}); entry skipped"
             rej.append(Rejection(entry.dn, attributes.address or "", reason))
             if trace is not None:
                 detail = f"address held by {holder} ({why})"
                 trace.append(Event(Rule.LOGIN_CONFLICT, addr, entry.dn, attributes.address or "", detail))
             continue
-        if addr in owner_dn:
-            reason = f"address {addr} already used by {owner_dn[addr]}; entry skipped"
-            rej.append(Rejection(entry.dn, attributes.address or "", reason))
-            continue
         login_dn[login] = entry.dn
         owner_dn[addr] = entry.dn
-        owner_created[entry.dn] = parsed.created
+        login_created[login] = addr_created[addr] = parsed.created
         if parsed.disabled is not None:
             for a in parsed.addresses or (addr,):
                 disabled.setdefault(a, parsed.disabled)
@@ -343,7 +342,7 @@ def build(
                     alias_source.setdefault(alias, attr)
                     if ldap_aliases[alias] != addr:
                         holder = owner_dn[ldap_aliases[alias]]
-                        why = _precedence(owner_created[holder], parsed.created)
+                        why = _precedence(addr_created[ldap_aliases[alias]], parsed.created)
                         reason = f"{alias} already claimed by {holder} ({why}); value dropped"
                         rej.append(Rejection(entry.dn, attr, reason))
                         if trace is not None:
