@@ -120,6 +120,17 @@ class Entry:
         return self.attributes.get(name.lower(), ()) if name else ()
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotDelta:
+    """The entries changed since the previous snapshot of the same mirror (key -> entry now,
+    None: deleted): a consumer that saw that snapshot can skip comparing every entry."""
+
+    origin: object  # the mirror
+    since: int  # serial of the previous snapshot
+    serial: int
+    changed: Mapping[str, Entry | None]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Not slotted: the JSON form and digest are cached, an agent needs both per sync."""
@@ -136,6 +147,16 @@ class Snapshot:
         snapshot = cls(entries, source, rejections)
         object.__setattr__(snapshot, "entry_sum", entry_sum)  # the cached_property's value
         return snapshot
+
+    @property
+    def delta(self) -> SnapshotDelta | None:
+        """Set by the mirror that made this snapshot; None when it cannot tell."""
+        found: SnapshotDelta | None = vars(self).get("_delta")
+        return found
+
+    def with_delta(self, delta: SnapshotDelta) -> Snapshot:
+        object.__setattr__(self, "_delta", delta)
+        return self
 
     @cached_property
     def entries_json(self) -> bytes:

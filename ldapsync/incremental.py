@@ -178,6 +178,7 @@ class Engine:
         self._cache: model.EntryCache = {}  # per DN, reused while the Entry object is the same
         self._index = _Index()
         self._model: RoutingModel | None = None
+        self._seen: tuple[object, int] | None = None  # (mirror, serial) of the last snapshot built
         self._exact = True  # False: keys repeat in the snapshot, every update is a full build
         self._rejections: Counter[Rejection] = Counter()
         self._warnings: Counter[str] = Counter()
@@ -193,7 +194,9 @@ class Engine:
         try:
             if self._model is None or today != self._day or not self._exact:
                 return self._full(snapshot, today)
-            changed = self._changes(snapshot)
+            changed = self._delta(snapshot)
+            if changed is None:
+                changed = self._changes(snapshot)
             if changed is None:
                 return self._full(snapshot, today)
             if not changed:
@@ -203,6 +206,9 @@ class Engine:
         except BaseException:
             self.reset()  # half-applied state must never be built on
             raise
+        finally:
+            delta = snapshot.delta
+            self._seen = (delta.origin, delta.serial) if delta is not None and self._model is not None else None
 
     # -- full build: the reference, plus the index ------------------------------------------
     def _full(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
@@ -247,6 +253,21 @@ class Engine:
         return self._parse
 
     # -- what changed ----------------------------------------------------------------------
+    def _delta(self, snapshot: Snapshot) -> dict[str, Entry | None] | None:
+        """What changed, as the mirror says, if this engine saw the snapshot it is relative to."""
+        delta = snapshot.delta
+        if delta is None or self._seen != (delta.origin, delta.since):
+            return None
+        entries = self._entries
+        if len(delta.changed) > max(64, len(entries) // FULL_FRACTION):
+            return None
+        changed = {k: e for k, e in delta.changed.items() if e is not None or k in entries}
+        size = len(entries) + sum(1 for k, e in changed.items() if e is not None and k not in entries)
+        size -= sum(1 for k, e in changed.items() if e is None)
+        if size != len(snapshot.entries):  # not the delta of this snapshot after all: compare every entry
+            return None
+        return changed
+
     def _changes(self, snapshot: Snapshot) -> dict[str, Entry | None] | None:
         """key -> new entry (None: deleted) for every entry not the same object as before.
 

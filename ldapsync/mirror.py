@@ -29,6 +29,7 @@ from ldapsync.directory import (
     EntrySum,
     Rejection,
     Snapshot,
+    SnapshotDelta,
     entry_order,
     make_entry,
     sort_entries,
@@ -64,6 +65,10 @@ class Mirror:
         self._pending: list[tuple[Entry | None, Entry | None]] = []
         self.cookie: bytes | None = None
         self.source = "ldap"
+        # What changed since the last snapshot, handed on with the next one (SnapshotDelta);
+        # None: unknown (after a load, or a refresh too large to be worth listing).
+        self._serial = 0
+        self._since: dict[str, Entry | None] | None = None
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
         entries = {(e.uuid or e.dn): compact(e) for e in snapshot.entries}
@@ -82,6 +87,7 @@ class Mirror:
             self._rejections = rejections
             self._sum = entry_sum
             self._pending = []
+            self._since = None
             self.cookie = cookie
             self.source = snapshot.source
 
@@ -112,6 +118,7 @@ class Mirror:
             self._changed(old, entry)
             self._entries[key] = entry
             self._rejections[key] = rejections
+            self._note(key, entry)
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -122,7 +129,15 @@ class Mirror:
             if self._sorted is not None:
                 self._unsort(self._sorted, old)
             self._changed(old, None)
+            self._note(key, None)
             return True
+
+    def _note(self, key: str, entry: Entry | None) -> None:
+        if self._since is None:
+            return
+        self._since[key] = entry
+        if len(self._since) > max(64, len(self._entries) // 4):  # a refresh: the consumer rebuilds anyway
+            self._since = None
 
     def _changed(self, old: Entry | None, new: Entry | None) -> None:
         if self._sum is None:
@@ -167,7 +182,12 @@ class Mirror:
             rejections = tuple(r for rs in self._rejections.values() for r in rs)
             if self._sorted is None:
                 self._sorted = list(sort_entries(self._entries.values()))
-            return Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum()), self.cookie
+            snapshot = Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum())
+            self._serial += 1
+            if self._since is not None:
+                snapshot.with_delta(SnapshotDelta(self, self._serial - 1, self._serial, self._since))
+            self._since = {}
+            return snapshot, self.cookie
 
     def __len__(self) -> int:
         return len(self._entries)

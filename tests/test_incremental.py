@@ -16,7 +16,7 @@ from ldapsync import model, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
 from ldapsync.errors import ConfigError
 from ldapsync.incremental import ADDRESS_TABLES, LOGIN_TABLES, Engine, Settings
-from ldapsync.mirror import compact
+from ldapsync.mirror import Mirror, compact
 from ldapsync.static import Static, StaticEntry
 from ldapsync.validate import RETIRING_GRACE
 
@@ -151,7 +151,7 @@ def problems(report: model.BuildReport) -> tuple[Counter[Rejection], Counter[str
     )
 
 
-def check(engine: Engine, snapshot: Snapshot, today: date) -> None:
+def check(engine: Engine, snapshot: Snapshot, today: date, *, via_delta: bool = False) -> None:
     try:
         full, full_report = engine.settings.build(snapshot, engine.static, today)
     except ConfigError as e:
@@ -161,6 +161,8 @@ def check(engine: Engine, snapshot: Snapshot, today: date) -> None:
         return
     before = tables(engine._model) if engine._model is not None else None
     routing, report, change = engine.update(snapshot, today)
+    if via_delta and before is not None:
+        assert engine._seen is not None  # the mirror's delta was taken, not a scan of every entry
     assert tables(routing) == tables(full)
     assert problems(report) == problems(full_report)
     if before is not None and not change.full:  # every key that moved is named in the change
@@ -173,15 +175,19 @@ def check(engine: Engine, snapshot: Snapshot, today: date) -> None:
             assert moved <= change.logins, name
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(data: Any) -> None:
     conf, static = config(data.draw)
     engine = Engine(conf, static)
+    mirrored = Engine(conf, static)  # fed by a Mirror: told what changed instead of comparing
+    mirror = Mirror()
+    upserted: dict[str, Entry] = {}
     live: dict[str, Entry] = {}
     counter = 0
     today = TODAY
     check(engine, Snapshot((), "test"), today)
+    check(mirrored, mirror.snapshot()[0], today)
     for op, arg in data.draw(st.lists(step(), min_size=1, max_size=14)):
         keys = sorted(live)
         if op in ("add", "add_group"):
@@ -211,6 +217,14 @@ def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(dat
         else:
             del live[keys[arg % len(keys)]]
         check(engine, Snapshot(sort_entries(live.values()), "test"), today)
+        for key in mirror.keys() - live.keys():
+            mirror.delete(key)
+        for key, e in live.items():
+            if upserted.get(key) is not e:
+                raw = {k: [v.encode() for v in vs] for k, vs in e.attributes.items()}
+                mirror.upsert(key, e.dn, raw, ATTRS.ldap_attributes())
+                upserted[key] = e
+        check(mirrored, mirror.snapshot()[0], today, via_delta=True)
 
 
 def test_a_single_change_rebuilds_only_its_component() -> None:
