@@ -532,7 +532,10 @@ def _parse_entry(
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")
-        return f"{local.lower()}@{canon[dom]}" if dom in canon else addr
+        if dom not in canon:
+            return addr
+        out = f"{local.lower()}@{canon[dom]}"
+        return addr if out == addr else out
 
     # The account's own addresses come first: every later decision is traced at the primary one.
     own: list[str] = []
@@ -670,7 +673,7 @@ def _parse_entry(
         notices=tuple(notes),
         created=created,
         order=(created, *dn_order),
-        addresses=addresses,
+        addresses=addresses or (me,),  # the primary address made once, shared with the model's tables
         uid=int(uid) if uid is not None else None,
         gid=int(gid) if gid is not None else None,
         home=home,
