@@ -28,7 +28,20 @@ class Rejection:
 
 
 Shape = tuple[tuple[str, int], ...]
-_SHAPES: dict[Shape, Shape] = {}  # one tuple per attribute layout, shared by all entries having it
+# One tuple per attribute layout, shared by all entries having it, with its name -> (start, stop).
+_SHAPES: dict[Shape, tuple[Shape, dict[str, tuple[int, int]]]] = {}
+
+
+def _interned(shape: Shape) -> tuple[Shape, dict[str, tuple[int, int]]]:
+    found = _SHAPES.get(shape)
+    if found is None:
+        where: dict[str, tuple[int, int]] = {}
+        i = 0
+        for name, count in shape:
+            where[name] = (i, i + count)
+            i += count
+        found = _SHAPES[shape] = (shape, where)
+    return found
 
 
 class Attributes(Mapping[str, tuple[str, ...]]):
@@ -39,10 +52,10 @@ class Attributes(Mapping[str, tuple[str, ...]]):
     interned: almost all of them (logins, forwards, hashes) are unique to their entry.
     """
 
-    __slots__ = ("_shape", "_values")
+    __slots__ = ("_shape", "_values", "_where")
 
     def __init__(self, shape: Shape, values: tuple[str, ...]) -> None:
-        self._shape = shape
+        self._shape, self._where = _interned(shape)
         self._values = values
 
     @classmethod
@@ -55,16 +68,13 @@ class Attributes(Mapping[str, tuple[str, ...]]):
             vs = attributes[name]
             shape.append((sys.intern(name), len(vs)))
             values.extend(vs)
-        key = tuple(shape)
-        return cls(_SHAPES.setdefault(key, key), tuple(values))
+        return cls(tuple(shape), tuple(values))
 
     def get(self, name: str, default: Any = ()) -> Any:
-        i = 0
-        for n, count in self._shape:
-            if n == name:
-                return self._values[i : i + count]
-            i += count
-        return default
+        where = self._where.get(name)
+        if where is None:
+            return default
+        return self._values[where[0] : where[1]]
 
     def __getitem__(self, name: str) -> tuple[str, ...]:
         found: tuple[str, ...] | None = self.get(name, None)
@@ -73,7 +83,7 @@ class Attributes(Mapping[str, tuple[str, ...]]):
         return found
 
     def __contains__(self, name: object) -> bool:
-        return any(n == name for n, _ in self._shape)
+        return name in self._where
 
     def __iter__(self) -> Iterator[str]:
         return (n for n, _ in self._shape)

@@ -97,37 +97,39 @@ class _Index:
         self.to_addresses: dict[str, Any] = {}
         self.to_dns: dict[str, Any] = {}
 
-    @staticmethod
-    def _add(table: dict[str, Any], name: str, key: str) -> None:
-        held = table.get(name)
-        if held is None:
-            table[name] = key
-        elif isinstance(held, set):
-            held.add(key)
-        elif held != key:
-            table[name] = {held, key}
-
-    @staticmethod
-    def _remove(table: dict[str, Any], name: str, key: str) -> None:
-        held = table.get(name)
-        if held == key:
-            del table[name]
-        elif isinstance(held, set):
-            held.discard(key)
-            if len(held) == 1:
-                table[name] = next(iter(held))
-
     def add(self, key: str, names: Names) -> None:
-        for attr in _Index.__slots__:
-            table = getattr(self, attr)
-            for name in getattr(names, attr):
-                self._add(table, name, key)
+        for table, held in (
+            (self.logins, names.logins),
+            (self.addresses, names.addresses),
+            (self.dns, names.dns),
+            (self.to_addresses, names.to_addresses),
+            (self.to_dns, names.to_dns),
+        ):
+            for name in held:
+                found = table.get(name)
+                if found is None:
+                    table[name] = key
+                elif isinstance(found, set):
+                    found.add(key)
+                elif found != key:
+                    table[name] = {found, key}
 
     def remove(self, key: str, names: Names) -> None:
-        for attr in _Index.__slots__:
-            table = getattr(self, attr)
-            for name in getattr(names, attr):
-                self._remove(table, name, key)
+        for table, held in (
+            (self.logins, names.logins),
+            (self.addresses, names.addresses),
+            (self.dns, names.dns),
+            (self.to_addresses, names.to_addresses),
+            (self.to_dns, names.to_dns),
+        ):
+            for name in held:
+                found = table.get(name)
+                if found == key:
+                    del table[name]
+                elif isinstance(found, set):
+                    found.discard(key)
+                    if len(found) == 1:
+                        table[name] = next(iter(found))
 
     def neighbours(self, names: Names) -> Iterator[str]:
         """Keys whose routing may depend on an entry with these names, or it on them."""
