@@ -6,7 +6,9 @@ model is a pure function of it. Attribute names are lower-cased; values are deco
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -287,15 +289,35 @@ def without_secrets(snapshot: Snapshot, attribute: str, dns: Collection[str]) ->
         return snapshot
     entries = list(snapshot.entries)
     changed = False
-    for i, e in enumerate(entries):
+    for i in _positions(entries, dns):
+        e = entries[i]
         values = e.attributes.get(name)
-        if e.dn not in dns or not values:
+        if not values:
             continue
         marked = tuple(refused_marker(v) for v in values)
         if marked != values:
             entries[i] = Entry(e.dn, {**e.attributes, name: marked}, e.uuid)
             changed = True
     return Snapshot(tuple(entries), snapshot.source, snapshot.rejections) if changed else snapshot
+
+
+def _positions(entries: Sequence[Entry], dns: Collection[str]) -> list[int]:
+    """Where the entries with these DNs are: found by bisection when the entries are in
+    snapshot order (a few refused values among a million entries), by a scan otherwise."""
+    found: list[int] = []
+    for dn in dns:
+        key = (dn.lower(), dn, "")
+        i = bisect.bisect_left(entries, key, key=entry_order)
+        while i < len(entries) and entries[i].dn == dn:
+            found.append(i)
+            i += 1
+    if len(found) < len(dns) and not _is_sorted(entries):
+        return [i for i, e in enumerate(entries) if e.dn in dns]
+    return sorted(found)
+
+
+def _is_sorted(entries: Sequence[Entry]) -> bool:
+    return all(entry_order(a) <= entry_order(b) for a, b in itertools.pairwise(entries))
 
 
 def make_entry(
