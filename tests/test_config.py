@@ -481,6 +481,8 @@ def test_new_section_errors_name_file_and_key(tmp_path: Path, over: dict[str, An
     err = error(tmp_path, base(**over))
     assert err.key == key, str(err)
     assert message in err.message, str(err)
+
+
 def test_reload_hooks_name_their_outputs_or_serve_every_output(tmp_path: Path) -> None:
     two = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "dovecot/passwd"}]
     reload = [
