@@ -182,7 +182,6 @@ class _Parsed:
     notices: tuple[Rejection, ...] = ()
     skipped: bool = False  # no login attribute at all
     created: str = ""  # normalised createTimestamp; "" when absent: counts as oldest
-    order: tuple[str, str, str] = ("", "", "")  # (created, dn.lower(), dn): older first, then DN order
     addresses: tuple[str, ...] = ()  # own addresses from the address attribute, primary first
     uid: int | None = None
     gid: int | None = None
@@ -267,7 +266,7 @@ def build(
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
-        parsed_entries.append((parsed.order, i, entry, parsed))
+        parsed_entries.append(((parsed.created, entry.dn.lower(), entry.dn), i, entry, parsed))
     # Sorted here, not trusted from the source: a contested login, address or alias goes to
     # the OLDER entry (createTimestamp), then to the first in DN order. Every host picks the
     # same one, and a new entry cannot take over an address by choosing a DN that sorts
@@ -470,7 +469,7 @@ def entry_parser(
 
     def parse(entry: Entry) -> _Parsed:
         if group_test is not None and group_test(entry):
-            return _Parsed(group=True, order=("", entry.dn.lower(), entry.dn))
+            return _Parsed(group=True)
         return _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
 
     return parse
@@ -513,21 +512,20 @@ def _parse_entry(
     weak_policy: str = "warn",
     trace: Trace | None = None,
 ) -> _Parsed:
-    dn_order = (entry.dn.lower(), entry.dn)
     rej: list[Rejection] = []
     notes: list[Rejection] = []
     attrs = entry.attributes
     logins = attrs.get(names["login"], ())
     if not logins:
-        return _Parsed(skipped=True, order=("", *dn_order))
+        return _Parsed(skipped=True)
     if len(logins) > 1:
         reason = "multi-valued login; entry skipped"
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),), order=("", *dn_order))
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),))
     try:
         login = validate.login(logins[0])
     except validate.Invalid as e:
         return _Parsed(
-            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),), order=("", *dn_order)
+            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),)
         )
 
     def canonical(addr: str) -> str:
@@ -577,7 +575,7 @@ def _parse_entry(
             if trace is not None:
                 trace.append(Event(Rule.RETIRED, me, entry.dn, status_attr, _show(status)))
     if retired:
-        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created, order=(created, *dn_order))
+        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created)
     rej.extend(address_rej)
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
@@ -596,7 +594,6 @@ def _parse_entry(
             rejections=tuple(rej),
             notices=tuple(notes),
             created=created,
-            order=(created, *dn_order),
             addresses=addresses,
         )
 
@@ -672,7 +669,6 @@ def _parse_entry(
         rejections=tuple(rej),
         notices=tuple(notes),
         created=created,
-        order=(created, *dn_order),
         addresses=addresses or (me,),  # the primary address made once, shared with the model's tables
         uid=int(uid) if uid is not None else None,
         gid=int(gid) if gid is not None else None,
