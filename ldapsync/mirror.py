@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -106,9 +106,14 @@ class Mirror:
         with self._lock:
             return set(self._entries)
 
-    def upsert(self, key: str, dn: str, raw: Mapping[str, Iterable[bytes]], wanted: Iterable[str]) -> None:
+    def upsert(self, key: str, dn: str, raw: Mapping[str, Sequence[bytes]] | Attributes, wanted: Iterable[str]) -> None:
+        """Add or replace the entry `key`: from raw values (only `wanted` kept, bad UTF-8
+        rejected), or from attributes already decoded (the syncrepl reader's), kept as they are."""
         rejections: list[Rejection] = []
-        entry = compact(make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key))
+        if isinstance(raw, Attributes):
+            entry = Entry(dn, raw, key)
+        else:
+            entry = compact(make_entry(dn, raw, wanted, rejections, uuid=key))
         with self._lock:
             old = self._entries.get(key)
             if self._sorted is not None:
