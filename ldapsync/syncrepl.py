@@ -384,6 +384,10 @@ def _fast_sync_state(b: bytes) -> SyncState | None:
     if type(b) is not bytes:
         return None
     n = len(b)
+    if n == 23 and b[0] == 0x30 and b[1] == 21 and b[2] == 0x0A and b[3] == 1 and b[5] == 0x04 and b[6] == 16:
+        if b[4] <= 3:  # what slapd sends with every entry of a refresh: state and UUID, no cookie
+            return SyncState(_STATES[b[4]], uuid_to_str(b[7:23]))
+        return None
     seq = _tlv(b, 0, n, 0x30)
     if seq is None or seq[1] != n:
         return None

@@ -112,11 +112,34 @@ class Reader:
 
     def _entry(self, b: bytes, msg: ber.Message) -> syncrepl.SearchEntry:
         dn, attrs, bad = ber.decode_entry(b, msg.start, msg.end, self._keep, self._names)
-        controls = {oid: value or b"" for oid, value in ber.decode_controls(b, msg).items()}
+        state = _sync_state(b, msg.controls) if msg.controls is not None else None
+        if state is not None:
+            controls = {syncrepl.SYNC_STATE_OID: state}
+        else:
+            controls = {oid: value or b"" for oid, value in ber.decode_controls(b, msg).items()}
         if bad:
             return syncrepl.SearchEntry(dn, _raw_attributes(b, msg.start, msg.end), controls)
         attrs.pop("entryuuid", None)
         return syncrepl.SearchEntry(dn, Attributes.of(attrs), controls)
+
+
+_SYNC_STATE_OID = ber.tlv(0x04, syncrepl.SYNC_STATE_OID.encode("ascii"))
+
+
+def _sync_state(b: bytes, controls: tuple[int, int]) -> bytes | None:
+    """The value of the one control every sync entry carries, if it is the only one, else
+    None (then the general control decoder reads them all)."""
+    start, end = controls
+    tag, s, e = ber.header(b, start, end)
+    if tag != 0x30 or e != end or not b.startswith(_SYNC_STATE_OID, s):
+        return None
+    i = s + len(_SYNC_STATE_OID)
+    if i < e and b[i] == 0x01:  # criticality
+        _, _, i = ber.header(b, i, e)
+    if i >= e:
+        return None
+    tag, vs, ve = ber.header(b, i, e)
+    return b[vs:ve] if tag == 0x04 and ve == e else None
 
 
 def _intermediate(b: bytes, msg: ber.Message) -> syncrepl.IntermediateResponse:
