@@ -122,7 +122,10 @@ class Mirror:
                 bisect.insort(self._sorted, entry, key=entry_order)
             self._changed(old, entry)
             self._entries[key] = entry
-            self._rejections[key] = rejections
+            if rejections:
+                self._rejections[key] = rejections
+            else:  # no empty list per entry: ~9 MiB per 100k entries
+                self._rejections.pop(key, None)
             self._note(key, entry)
 
     def delete(self, key: str) -> bool:

@@ -754,6 +754,7 @@ class SyncConsumer:
             events += [self._delete(u, None) for u in sorted(self._known - self._seen_refresh)]
         events += self._commit_cookie(self._pending_cookie)
         self._pending_cookie = None
+        self._seen_phase, self._seen_refresh = set(), set()  # a set of every UUID: not needed in persist
         events.append(RefreshComplete())
         self._phase = Phase.PERSIST if self._mode is Mode.REFRESH_AND_PERSIST else Phase.DONE
         return events
