@@ -12,6 +12,7 @@ of its thread.
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 import socket
 import threading
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 PSEARCH_OID = "2.16.840.1.113730.3.4.3"
 CHECK_IDLE_MAX = 60.0  # seconds the check connection may idle while the stream is busy
 RECV_SIZE = 1 << 18
+REFRESH_FREEZE = 16384  # entries received between two gc.freeze() during a refresh
 
 
 class Stopped(Exception):
@@ -300,6 +302,10 @@ class Follower(threading.Thread):
                         if isinstance(ev, syncrepl.EntryChanged):
                             self.mirror.upsert(ev.uuid, ev.dn, ev.attributes, wanted)
                             changed, received = True, received + 1
+                            if refreshing and not received % REFRESH_FREEZE:
+                                # the mirrored entries stay: out of the cyclic collector's sight, or it
+                                # walks the whole growing mirror again and again (a fifth of a refresh)
+                                gc.freeze()
                         elif isinstance(ev, syncrepl.EntryDeleted):
                             changed = self.mirror.delete(ev.uuid) or changed
                         elif isinstance(ev, syncrepl.CookieChanged):
