@@ -47,12 +47,18 @@ def dn(uid: str) -> str:
     return f"uid={uid},{USERS}"
 
 
-def make_config(tmp_path: Path, **ldap: Any) -> Config:
+def make_config(tmp_path: Path, *, passwords: bool = False, **ldap: Any) -> Config:
+    """`passwords`: a passwd-file too, so mail password hashes are read."""
+    exporters: list[dict[str, Any]] = [
+        {"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}
+    ]
+    if passwords:
+        exporters.append({"kind": "dovecot-passwd", "path": str(tmp_path / "passwd")})
     doc = {
         "domain": "example.org",
         "source": {"ldap": {"uri": "ldap://127.0.0.1:1", "base_dn": USERS, **ldap}},
         "state_dir": str(tmp_path / "state"),
-        "exporters": [{"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}],
+        "exporters": exporters,
     }
     return config_mod.parse(doc, tmp_path / "ldapsync.yaml")
 
@@ -320,10 +326,13 @@ FollowerFactory = Callable[..., tuple[watch.Follower, Notifications]]
 def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
     started: list[watch.Follower] = []
 
-    def start(uris: list[str], server: Slapd, **ldap: Any) -> tuple[watch.Follower, Notifications]:
+    def start(
+        uris: list[str], server: Slapd, passwords: bool = False, **ldap: Any
+    ) -> tuple[watch.Follower, Notifications]:
         ldap.setdefault("timeout", 2)
         cfg = make_config(
             tmp_path,
+            passwords=passwords,
             uri=uris,
             bind_dn=server.service_dn,
             bind_password_file=str(server.service_password_file),
@@ -555,8 +564,9 @@ def test_refresh_and_persist_decode_what_the_paged_read_decodes(slapd: Slapd, fo
         "uid: binary\nmailPassword:: /+4A\nemailForward: binary@elsewhere.example\n",
         add=True,
     )
-    follower, notes = followers([slapd.uri], slapd, watch="syncrepl")
+    follower, notes = followers([slapd.uri], slapd, passwords=True, watch="syncrepl")
     notes.wait("synced", timeout=30)
+    assert "mailPassword" in follower.config.attributes.ldap_attributes()
     source = follower.config.source
     assert isinstance(source, LdapSource)
 
