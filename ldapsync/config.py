@@ -211,6 +211,12 @@ def load(path: Path) -> Config:
     return parse(data, path.resolve())
 
 
+def _reads_passwords(kind: str) -> bool:
+    from ldapsync.exporters import exporter_class
+
+    return exporter_class(kind).reads_passwords
+
+
 def parse(data: object, path: Path) -> Config:
     top = _Section(data, path, "")
     domain = _domain(top, "domain", top.require("domain", str))
@@ -244,6 +250,9 @@ def parse(data: object, path: Path) -> Config:
             raise ConfigError(f"two exporters write {e.path}", file=path, key=f"{e.key}.path")
         if e.kind == "dovecot-userdb" and mailbox is None:
             raise ConfigError("dovecot-userdb needs a mailbox: section (home, home_root)", file=path, key=e.key)
+    if attributes.mail_password and not any(_reads_passwords(e.kind) for e in exporters):
+        # Least privilege, and less to read: a host without a passwd-file never fetches hashes.
+        attributes = replace(attributes, mail_password=None)
 
     hooks_s = top.sub("hooks")
     reload, reload_outputs = _reload_hooks(hooks_s, names)

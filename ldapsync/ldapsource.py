@@ -134,16 +134,19 @@ def connect(
     uris: tuple[str, ...] | None = None,
     root_dse: bool = False,
     stream: bool = False,
+    raw: bool = False,
     **kwargs: Any,
 ) -> Connected:
     """Bind to the first server in `uris` (default: the config's, in order) that answers.
 
     Each failure is logged and named in the SourceError if none works, including a server
     that answers with something that is not LDAP. `root_dse` reads supportedControl and
-    namingContexts once. `stream` gives the follower's persist connection: ldap3's
+    namingContexts once. `stream` gives the psearch follower's connection: ldap3's
     ASYNC_STREAM strategy on a blocking socket with short TCP keepalive; connect over a
     synchronous connection first where StartTLS is needed (ldap3's asynchronous StartTLS
-    waits ~20 s for an answer when the server refuses it).
+    waits ~20 s for an answer when the server refuses it). `raw` gives a synchronous
+    connection with the same keepalive whose socket the caller then reads itself (the
+    syncrepl follower: its timeouts are the caller's too).
     """
     password = bind_password(cfg)
     if stream:
@@ -179,7 +182,7 @@ def connect(
                     f"bind as {cfg.bind_dn or 'anonymous'} failed: {(conn.result or {}).get('description')}"
                 )
             dse = _read_root_dse(conn) if root_dse else None
-            if stream:
+            if stream or raw:
                 _stream_socket(conn, cfg.timeout)
             return Connected(conn, uri, dse)
         except (LDAPException, OSError, SourceError, *MALFORMED) as e:
@@ -296,7 +299,7 @@ def search(connected: Connected, cfg: LdapSource, attributes: AttributeMap) -> S
     return snapshot
 
 
-def _filter_ber(cfg: LdapSource) -> bytes:
+def filter_ber(cfg: LdapSource) -> bytes:
     """The config's filter as BER, compiled by ldap3 (escaping rules and all)."""
     try:
         request = search_operation(
@@ -314,7 +317,7 @@ def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Sn
     the next page in parallel. Any failure closes the connection: its stream is unusable.
     """
     conn, uri = connected.conn, connected.uri
-    filter_ber = _filter_ber(cfg)
+    filter_bytes = filter_ber(cfg)
     scope = SCOPE_CODES[cfg.scope]
     keep = frozenset(w.lower() for w in wanted)
     entries: list[Entry] = []
@@ -327,7 +330,7 @@ def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Sn
     def send(cookie: bytes) -> int:
         mid: int = conn.server.next_message_id()
         request = ber.search_request(
-            mid, cfg.base_dn, scope, 0, filter_ber, wanted, [ber.paged_control(cfg.page_size, cookie)]
+            mid, cfg.base_dn, scope, 0, filter_bytes, wanted, [ber.paged_control(cfg.page_size, cookie)]
         )
         sock.sendall(request)
         return mid

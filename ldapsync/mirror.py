@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -29,6 +29,7 @@ from ldapsync.directory import (
     EntrySum,
     Rejection,
     Snapshot,
+    SnapshotDelta,
     entry_order,
     make_entry,
     sort_entries,
@@ -64,6 +65,10 @@ class Mirror:
         self._pending: list[tuple[Entry | None, Entry | None]] = []
         self.cookie: bytes | None = None
         self.source = "ldap"
+        # What changed since the last snapshot, handed on with the next one (SnapshotDelta);
+        # None: unknown (after a load, or a refresh too large to be worth listing).
+        self._serial = 0
+        self._since: dict[str, Entry | None] | None = None
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
         entries = {(e.uuid or e.dn): compact(e) for e in snapshot.entries}
@@ -82,6 +87,7 @@ class Mirror:
             self._rejections = rejections
             self._sum = entry_sum
             self._pending = []
+            self._since = None
             self.cookie = cookie
             self.source = snapshot.source
 
@@ -100,9 +106,14 @@ class Mirror:
         with self._lock:
             return set(self._entries)
 
-    def upsert(self, key: str, dn: str, raw: Mapping[str, Iterable[bytes]], wanted: Iterable[str]) -> None:
+    def upsert(self, key: str, dn: str, raw: Mapping[str, Sequence[bytes]] | Attributes, wanted: Iterable[str]) -> None:
+        """Add or replace the entry `key`: from raw values (only `wanted` kept, bad UTF-8
+        rejected), or from attributes already decoded (the syncrepl reader's), kept as they are."""
         rejections: list[Rejection] = []
-        entry = compact(make_entry(dn, {k: list(v) for k, v in raw.items()}, wanted, rejections, uuid=key))
+        if isinstance(raw, Attributes):
+            entry = Entry(dn, raw, key)
+        else:
+            entry = compact(make_entry(dn, raw, wanted, rejections, uuid=key))
         with self._lock:
             old = self._entries.get(key)
             if self._sorted is not None:
@@ -111,7 +122,11 @@ class Mirror:
                 bisect.insort(self._sorted, entry, key=entry_order)
             self._changed(old, entry)
             self._entries[key] = entry
-            self._rejections[key] = rejections
+            if rejections:
+                self._rejections[key] = rejections
+            else:  # no empty list per entry: ~9 MiB per 100k entries
+                self._rejections.pop(key, None)
+            self._note(key, entry)
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -122,7 +137,15 @@ class Mirror:
             if self._sorted is not None:
                 self._unsort(self._sorted, old)
             self._changed(old, None)
+            self._note(key, None)
             return True
+
+    def _note(self, key: str, entry: Entry | None) -> None:
+        if self._since is None:
+            return
+        self._since[key] = entry
+        if len(self._since) > max(64, len(self._entries) // 4):  # a refresh: the consumer rebuilds anyway
+            self._since = None
 
     def _changed(self, old: Entry | None, new: Entry | None) -> None:
         if self._sum is None:
@@ -167,7 +190,12 @@ class Mirror:
             rejections = tuple(r for rs in self._rejections.values() for r in rs)
             if self._sorted is None:
                 self._sorted = list(sort_entries(self._entries.values()))
-            return Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum()), self.cookie
+            snapshot = Snapshot.with_sum(tuple(self._sorted), self.source, rejections, self._current_sum())
+            self._serial += 1
+            if self._since is not None:
+                snapshot.with_delta(SnapshotDelta(self, self._serial - 1, self._serial, self._since))
+            self._since = {}
+            return snapshot, self.cookie
 
     def __len__(self) -> int:
         return len(self._entries)

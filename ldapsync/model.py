@@ -105,6 +105,15 @@ class RoutingModel:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ModelChange:
+    """Which keys of a RoutingModel may differ from the previous model (a superset is fine)."""
+
+    addresses: frozenset[str] = frozenset()  # users, aliases, forwards, disabled, sender_logins, local, groups keys
+    logins: frozenset[str] = frozenset()  # passwords and mailboxes keys
+    full: bool = False  # anything may have changed: render whole
+
+
 @dataclass(slots=True)
 class BuildReport:
     rejections: list[Rejection] = field(default_factory=list)
@@ -173,7 +182,6 @@ class _Parsed:
     notices: tuple[Rejection, ...] = ()
     skipped: bool = False  # no login attribute at all
     created: str = ""  # normalised createTimestamp; "" when absent: counts as oldest
-    order: tuple[str, str, str] = ("", "", "")  # (created, dn.lower(), dn): older first, then DN order
     addresses: tuple[str, ...] = ()  # own addresses from the address attribute, primary first
     uid: int | None = None
     gid: int | None = None
@@ -215,13 +223,15 @@ def build(
     report = BuildReport(rejections=list(snapshot.rejections))
     rej = report.rejections
     hosted = dict(hosted or {})
-    canon = _canonical_domains(domain, domain_aliases, hosted)
-    names = _lower_names(attributes)
+    canon = canonical_domains(domain, domain_aliases, hosted)
     group_test = _group_test(groups)
 
     users: dict[str, str] = {}
     owner_dn: dict[str, str] = {}  # address -> DN that claimed it
-    owner_created: dict[str, str] = {}  # DN -> its normalised createTimestamp ("" if unknown)
+    # the claim's holder's normalised createTimestamp ("" if unknown); per claim, not per DN: a
+    # rename not yet matched by its delete shows two entries with one DN
+    login_created: dict[str, str] = {}
+    addr_created: dict[str, str] = {}
     login_dn: dict[str, str] = {}  # login -> DN that claimed it
     forwards: dict[str, list[str]] = {}
     ldap_aliases: dict[str, str] = {}  # alias -> user address
@@ -236,20 +246,27 @@ def build(
     seen: set[str] = set()
 
     parsed_entries: list[tuple[tuple[str, str, str], int, Entry, _Parsed]] = []
+    parse = entry_parser(
+        domain=domain,
+        domain_aliases=domain_aliases,
+        attributes=attributes,
+        today=today,
+        weak_passwords=weak_passwords,
+        hosted=hosted,
+        groups=groups,
+        trace=trace,
+    )
     for i, entry in enumerate(snapshot.entries):
         hit = cache.get(entry.dn) if cache is not None else None
         if hit is not None and hit[0] is entry:
             parsed = hit[1]
         else:
-            if group_test is not None and group_test(entry):
-                parsed = _Parsed(group=True, order=("", entry.dn.lower(), entry.dn))
-            else:
-                parsed = _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
+            parsed = parse(entry)
             if cache is not None:
                 cache[entry.dn] = (entry, parsed)
         if cache is not None:
             seen.add(entry.dn)
-        parsed_entries.append((parsed.order, i, entry, parsed))
+        parsed_entries.append(((parsed.created, entry.dn.lower(), entry.dn), i, entry, parsed))
     # Sorted here, not trusted from the source: a contested login, address or alias goes to
     # the OLDER entry (createTimestamp), then to the first in DN order. Every host picks the
     # same one, and a new entry cannot take over an address by choosing a DN that sorts
@@ -265,14 +282,14 @@ def build(
             rej.extend(parsed.rejections)
         if parsed.notices:
             report.notices.extend(parsed.notices)
-        dn_key = _dn_key(entry.dn) if group_test is not None else ""
+        member_key = dn_key(entry.dn) if group_test is not None else ""
         if parsed.skipped:
             report.skipped += 1
             continue
         if parsed.retired:
             report.retired += 1
-            if dn_key:
-                member_state[dn_key] = ("retired", None)
+            if member_key:
+                member_state[member_key] = ("retired", None)
             continue
         login = parsed.login
         if login is None:
@@ -280,7 +297,7 @@ def build(
         addr = parsed.addresses[0] if parsed.addresses else f"{login}@{domain}"
         if login in login_dn:
             holder = login_dn[login]
-            why = _precedence(owner_created[holder], parsed.created)
+            why = _precedence(login_created[login], parsed.created)
             reason = f"login {login!r} already used by {holder} ({why}); entry skipped"
             rej.append(Rejection(entry.dn, attributes.login, reason))
             if trace is not None:
@@ -288,28 +305,24 @@ def build(
             continue
         if addr in owner_dn:
             holder = owner_dn[addr]
-            why = _precedence(owner_created[holder], parsed.created)
+            why = _precedence(addr_created[addr], parsed.created)
             reason = f"address {addr} already used by {holder} ({why}); entry skipped"
             rej.append(Rejection(entry.dn, attributes.address or "", reason))
             if trace is not None:
                 detail = f"address held by {holder} ({why})"
                 trace.append(Event(Rule.LOGIN_CONFLICT, addr, entry.dn, attributes.address or "", detail))
             continue
-        if addr in owner_dn:
-            reason = f"address {addr} already used by {owner_dn[addr]}; entry skipped"
-            rej.append(Rejection(entry.dn, attributes.address or "", reason))
-            continue
         login_dn[login] = entry.dn
         owner_dn[addr] = entry.dn
-        owner_created[entry.dn] = parsed.created
+        login_created[login] = addr_created[addr] = parsed.created
         if parsed.disabled is not None:
             for a in parsed.addresses or (addr,):
                 disabled.setdefault(a, parsed.disabled)
-            if dn_key:
-                member_state[dn_key] = ("disabled", addr)
+            if member_key:
+                member_state[member_key] = ("disabled", addr)
             continue
-        if dn_key:
-            member_state[dn_key] = ("account", addr)
+        if member_key:
+            member_state[member_key] = ("account", addr)
         users[addr] = login
         if trace is not None:
             trace.append(Event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}"))
@@ -328,7 +341,7 @@ def build(
                     alias_source.setdefault(alias, attr)
                     if ldap_aliases[alias] != addr:
                         holder = owner_dn[ldap_aliases[alias]]
-                        why = _precedence(owner_created[holder], parsed.created)
+                        why = _precedence(addr_created[ldap_aliases[alias]], parsed.created)
                         reason = f"{alias} already claimed by {holder} ({why}); value dropped"
                         rej.append(Rejection(entry.dn, attr, reason))
                         if trace is not None:
@@ -438,6 +451,30 @@ def build(
     return model, report
 
 
+def entry_parser(
+    *,
+    domain: str,
+    domain_aliases: tuple[str, ...],
+    attributes: AttributeMap,
+    today: date,
+    weak_passwords: str = "warn",
+    hosted: Mapping[str, tuple[str, ...]] | None = None,
+    groups: GroupSettings | None = None,
+    trace: Trace | None = None,
+) -> Callable[[Entry], _Parsed]:
+    """What one entry says, validated: the same function for a full and an incremental build."""
+    canon = canonical_domains(domain, domain_aliases, dict(hosted or {}))
+    names = _lower_names(attributes)
+    group_test = _group_test(groups)
+
+    def parse(entry: Entry) -> _Parsed:
+        if group_test is not None and group_test(entry):
+            return _Parsed(group=True)
+        return _parse_entry(entry, attributes, names, domain, canon, today, weak_passwords, trace)
+
+    return parse
+
+
 def _precedence(holder_created: str, created: str) -> str:
     if holder_created == created:
         return "first in DN order: " + ("same createTimestamp" if created else "no createTimestamp")
@@ -446,7 +483,7 @@ def _precedence(holder_created: str, created: str) -> str:
     return "older by createTimestamp"
 
 
-def _canonical_domains(
+def canonical_domains(
     domain: str, domain_aliases: tuple[str, ...], hosted: Mapping[str, tuple[str, ...]]
 ) -> dict[str, str]:
     """Every domain we accept mail for -> the hosted domain its addresses are canonical in."""
@@ -475,26 +512,28 @@ def _parse_entry(
     weak_policy: str = "warn",
     trace: Trace | None = None,
 ) -> _Parsed:
-    dn_order = (entry.dn.lower(), entry.dn)
     rej: list[Rejection] = []
     notes: list[Rejection] = []
     attrs = entry.attributes
     logins = attrs.get(names["login"], ())
     if not logins:
-        return _Parsed(skipped=True, order=("", *dn_order))
+        return _Parsed(skipped=True)
     if len(logins) > 1:
         reason = "multi-valued login; entry skipped"
-        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),), order=("", *dn_order))
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, reason),))
     try:
         login = validate.login(logins[0])
     except validate.Invalid as e:
         return _Parsed(
-            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),), order=("", *dn_order)
+            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),)
         )
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")
-        return f"{local.lower()}@{canon[dom]}" if dom in canon else addr
+        if dom not in canon:
+            return addr
+        out = f"{local.lower()}@{canon[dom]}"
+        return addr if out == addr else out
 
     # The account's own addresses come first: every later decision is traced at the primary one.
     own: list[str] = []
@@ -536,7 +575,7 @@ def _parse_entry(
             if trace is not None:
                 trace.append(Event(Rule.RETIRED, me, entry.dn, status_attr, _show(status)))
     if retired:
-        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created, order=(created, *dn_order))
+        return _Parsed(login=login, retired=True, notices=tuple(notes), created=created)
     rej.extend(address_rej)
     messages = attrs.get(names["disable_message"], ())
     if len(messages) > 1:
@@ -555,7 +594,6 @@ def _parse_entry(
             rejections=tuple(rej),
             notices=tuple(notes),
             created=created,
-            order=(created, *dn_order),
             addresses=addresses,
         )
 
@@ -631,8 +669,7 @@ def _parse_entry(
         rejections=tuple(rej),
         notices=tuple(notes),
         created=created,
-        order=(created, *dn_order),
-        addresses=addresses,
+        addresses=addresses or (me,),  # the primary address made once, shared with the model's tables
         uid=int(uid) if uid is not None else None,
         gid=int(gid) if gid is not None else None,
         home=home,
@@ -703,7 +740,7 @@ def _mailbox(
 _DN_SPACES_RE = re.compile(r"\s*([,=+])\s*")
 
 
-def _dn_key(dn: str) -> str:
+def dn_key(dn: str) -> str:
     """A DN as compared with member values: case and spaces around separators do not count."""
     return _DN_SPACES_RE.sub(r"\1", dn.strip().lower())
 
@@ -712,14 +749,14 @@ def _group_test(settings: GroupSettings | None) -> Callable[[Entry], bool] | Non
     if settings is None:
         return None
     classes = frozenset(c.lower() for c in settings.object_classes)
-    base = _dn_key(settings.base_dn) if settings.base_dn else None
+    base = dn_key(settings.base_dn) if settings.base_dn else None
 
     def is_group(entry: Entry) -> bool:
         if not classes.intersection(v.lower() for v in entry.attributes.get("objectclass", ())):
             return False
         if base is None:
             return True
-        key = _dn_key(entry.dn)
+        key = dn_key(entry.dn)
         return key == base or key.endswith("," + base)
 
     return is_group
@@ -739,18 +776,14 @@ def _resolve_groups(
     Nested groups are expanded here, not left to Postfix, so a cycle is found and reported
     once (every group on it gets the members of all of them) instead of looping in the MTA.
     """
-    by_key = {_dn_key(e.dn): e for e in entries}
+    by_key = {dn_key(e.dn): e for e in entries}
     direct: dict[str, set[str]] = {}
     nested: dict[str, list[str]] = {}
     names: dict[str, list[str]] = {}
     name_attr = settings.name_attribute.lower()
 
     def as_address(value: str) -> str:
-        if "@" not in value:
-            return f"{validate.local_part(value).lower()}@{domain}"
-        address = validate.address(value)
-        local, _, dom = address.rpartition("@")
-        return f"{local.lower()}@{canon[dom]}" if dom in canon else address
+        return group_address(value, domain, canon)
 
     for key, entry in sorted(by_key.items(), key=lambda kv: (kv[1].dn.lower(), kv[1].dn)):
         dn = entry.dn
@@ -771,7 +804,7 @@ def _resolve_groups(
         subgroups: list[str] = []
         for attr in settings.member_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
-                member = _dn_key(value)
+                member = dn_key(value)
                 if member in by_key:
                     subgroups.append(member)
                     continue
@@ -827,6 +860,15 @@ def _resolve_groups(
                 continue
             out[address] = (dn, tuple(sorted(targets)))
     return out
+
+
+def group_address(value: str, domain: str, canon: Mapping[str, str]) -> str:
+    """A group's name or address member as an address: a bare name is in `domain`."""
+    if "@" not in value:
+        return f"{validate.local_part(value).lower()}@{domain}"
+    address = validate.address(value)
+    local, _, dom = address.rpartition("@")
+    return f"{local.lower()}@{canon[dom]}" if dom in canon else address
 
 
 def _show(value: str) -> str:

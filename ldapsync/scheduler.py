@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 CONFIG_SETTLE = 0.2  # quiet time after a config/static edit before it is read (editors write in steps)
 CONFIRM_EVERY = 30.0  # how often a quiet, connected agent records "installed outputs match LDAP"
-READY_WITHIN = 60.0  # READY even if the directory neither answers nor fails by then (systemd's start timeout)
+READY_WITHIN = 60.0  # READY by then whatever the directory does (systemd's start timeout); a
+# directory that has not answered is a failure (last-known-good), one still streaming a large
+# first read is not
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +358,10 @@ class Scheduler:
                 self._syncing = True
                 out.append(Sync(force=self._force))
         if self._awaiting_first() and at >= self._started + self.timing.ready_within:
-            out += self._fallback(f"the directory has not answered within {self.timing.ready_within:g} s")
+            if self._connected:  # answering, still streaming a large first read: not a failure
+                out += self._attempt_done()
+            else:
+                out += self._fallback(f"the directory has not answered within {self.timing.ready_within:g} s")
         confirm = self._confirm_due()
         if confirm is not None and at >= confirm:
             self._last_confirm = at

@@ -21,10 +21,11 @@ from datetime import date
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import structlog
 
-from ldapsync import commit, ldapsource, ldifsource, metrics, model, static
+from ldapsync import commit, incremental, ldapsource, ldifsource, metrics, model, static
 from ldapsync import guard as guards
 from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
@@ -99,8 +100,19 @@ class Pipeline:
         ]
         self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
         self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
-        self._entry_cache: model.EntryCache = {}  # per-entry verdicts, valid for one day (retirement)
-        self._cache_day: date | None = None
+        cfg = config
+        self.engine = incremental.Engine(
+            incremental.Settings(
+                domain=cfg.domain,
+                domain_aliases=cfg.domain_aliases,
+                attributes=cfg.attributes,
+                weak_passwords=cfg.weak_passwords,
+                hosted=dict(cfg.hosted),
+                groups=cfg.groups,
+                mailbox=cfg.mailbox,
+            ),
+            self.static,
+        )
         self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
@@ -123,24 +135,8 @@ class Pipeline:
         return ldifsource.read(src, self.config.attributes)
 
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], model.BuildReport]:
-        cfg = self.config
-        today = date.today()
-        if today != self._cache_day:
-            self._entry_cache.clear()
-            self._cache_day = today
-        routing, report = model.build(
-            snapshot,
-            self.static,
-            domain=cfg.domain,
-            domain_aliases=cfg.domain_aliases,
-            attributes=cfg.attributes,
-            today=today,
-            cache=self._entry_cache,
-            weak_passwords=cfg.weak_passwords,
-            hosted=cfg.hosted,
-            groups=cfg.groups,
-            mailbox=cfg.mailbox,
-        )
+        routing, report, _ = self.engine.update(snapshot, date.today())
+        routing = _sorted(routing)  # a copy: the engine updates its model in place
         if log_problems:
             current = {_problem_key(p) for p in (*report.warnings, *report.rejections, *report.notices)}
             for w in report.warnings:
@@ -583,6 +579,15 @@ class Pipeline:
             if spec.name == name:
                 return exp.redact
         return lambda line: line
+
+
+def _sorted(routing: model.RoutingModel) -> model.RoutingModel:
+    """The model with its tables in key order, as the exporters render them."""
+    tables: dict[str, Any] = {
+        name: dict(sorted(getattr(routing, name).items()))
+        for name in (*incremental.ADDRESS_TABLES, *incremental.LOGIN_TABLES)
+    }
+    return replace(routing, **tables)
 
 
 def _failed(record: Status, error: str) -> Status:

@@ -56,7 +56,8 @@ def address(value: str) -> str:
     if m is None or value.startswith("-"):
         raise Invalid("is not a plain user@domain address")
     local = value.rsplit("@", 1)[0]
-    return f"{local}@{m.group(2)}"
+    out = f"{local}@{m.group(2)}"
+    return value if out == value else out  # the entry's own string: one copy in memory, not two
 
 
 def local_part(value: str) -> str:
@@ -72,7 +73,7 @@ def login(value: str) -> str:
     # isascii first: non-ASCII letters can lower-case into ASCII (U+212A -> 'k'), a login hijack.
     if not value.isascii() or LOGIN_RE.fullmatch(lowered) is None:
         raise Invalid("is not a valid login (letters, digits, '.', '_', '-'; no '..' or trailing '.'; at most 64)")
-    return lowered
+    return value if lowered == value else lowered
 
 
 def disable_message(value: str) -> str:

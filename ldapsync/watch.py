@@ -12,7 +12,9 @@ of its thread.
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,8 +24,9 @@ from typing import Any
 import ldap3
 import structlog
 from ldap3.core.exceptions import LDAPException
+from ldap3.core.results import RESULT_CODES
 
-from ldapsync import ldapsource, ldifsource, psearch, syncrepl
+from ldapsync import ldapsource, ldifsource, psearch, syncrepl, syncwire
 from ldapsync.config import Config, LdapSource, LdifSource
 from ldapsync.errors import LdapsyncError, SourceError
 from ldapsync.mirror import FOLLOW_FILE as FOLLOW_FILE  # re-exported: the agent and tests use them from here
@@ -38,6 +41,8 @@ log = structlog.get_logger(__name__)
 
 PSEARCH_OID = "2.16.840.1.113730.3.4.3"
 CHECK_IDLE_MAX = 60.0  # seconds the check connection may idle while the stream is busy
+RECV_SIZE = 1 << 18
+REFRESH_FREEZE = 16384  # entries received between two gc.freeze() during a refresh
 
 
 class Stopped(Exception):
@@ -258,67 +263,124 @@ class Follower(threading.Thread):
             raise ConnectionLost(str(e)) from e
 
     def _follow_syncrepl(self, src: LdapSource, check: ldapsource.Connected) -> None:
+        """RFC 4533 refreshAndPersist on a socket of our own: requests and responses are
+        encoded and decoded by syncwire (ldapsync.ber), the protocol decided by syncrepl."""
         uri = check.uri
-        with self._stream(src, check) as conn:
+        with self._raw_stream(src, check) as stream:
             wanted = self.config.attributes.ldap_attributes()
             consumer = syncrepl.SyncConsumer(known=self.mirror.keys(), cookie=self.mirror.cookie)
-            control = (syncrepl.SYNC_REQUEST_OID, True, consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST))
-            ps = conn.extend.standard.persistent_search(
-                src.base_dn,
-                src.filter,
-                search_scope=ldapsource.SCOPES[src.scope],
-                dereference_aliases=ldap3.DEREF_NEVER,
-                attributes=wanted,
-                controls=[control],
-                changes_only=False,
-                streaming=False,
-            )
+            mid = stream.conn.server.next_message_id()
+            request = consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST)
+            scope = ldapsource.SCOPE_CODES[src.scope]
+            sock = stream.conn.socket
+            try:
+                sock.sendall(
+                    syncwire.search_request(mid, src.base_dn, scope, ldapsource.filter_ber(src), wanted, request)
+                )
+            except OSError as e:
+                raise ConnectionLost(f"{uri}: sending the sync search failed: {e}") from e
+            reader = syncwire.Reader(mid, wanted)
             self.status.server = uri
             resumed = consumer.cookie is not None
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
             refreshing, received = True, 0
-            for item in self._items(ps, conn, uri):
-                message = _to_syncrepl(item)
+            for data in self._received(sock, uri):
                 try:
-                    events = consumer.receive(message)
-                except syncrepl.SyncProtocolError as e:
+                    messages = reader.feed(data)
+                except syncwire.WireError as e:
                     consumer.abandon()
-                    raise ConnectionLost(f"{uri}: sync protocol error: {e}") from e
+                    raise ConnectionLost(f"{uri}: {e}") from e
                 changed = False
-                for ev in events:
-                    if isinstance(ev, syncrepl.EntryChanged):
-                        self.mirror.upsert(ev.uuid, ev.dn, ev.attributes, wanted)
-                        changed, received = True, received + 1
-                    elif isinstance(ev, syncrepl.EntryDeleted):
-                        changed = self.mirror.delete(ev.uuid) or changed
-                    elif isinstance(ev, syncrepl.CookieChanged):
-                        self.mirror.set_cookie(ev.cookie)
-                    elif isinstance(ev, syncrepl.RefreshComplete):
-                        refreshing = False
-                        self._following(uri)
-                        self._worked = True
-                        log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
-                        self.notify("synced")
-                    elif isinstance(ev, syncrepl.RefreshRequired):
-                        log.warning("server refused the cookie; doing a full refresh", server=uri)
-                        self.mirror.set_cookie(None)  # else every reconnect offers the refused cookie again
-                        raise ConnectionLost(f"{uri}: e-syncRefreshRequired")
-                    elif isinstance(ev, syncrepl.SearchFinished):
-                        if refreshing and resumed and ev.result_code != 0:
-                            # OpenLDAP refuses a cookie from its future (slapd restored from a backup)
-                            # with unwillingToPerform, not e-syncRefreshRequired: same remedy.
-                            log.warning(
-                                "server refused the cookie; doing a full refresh",
-                                server=uri,
-                                result=ev.result_code,
-                                message=ev.message,
-                            )
-                            self.mirror.set_cookie(None)
-                        raise ConnectionLost(f"{uri}: sync search ended: {ev.message} ({ev.result_code})")
+                for message in messages:
+                    try:
+                        events = consumer.receive(message)
+                    except syncrepl.SyncProtocolError as e:
+                        consumer.abandon()
+                        raise ConnectionLost(f"{uri}: sync protocol error: {e}") from e
+                    for ev in events:
+                        if isinstance(ev, syncrepl.EntryChanged):
+                            self.mirror.upsert(ev.uuid, ev.dn, ev.attributes, wanted)
+                            changed, received = True, received + 1
+                            if refreshing and not received % REFRESH_FREEZE:
+                                # the mirrored entries stay: out of the cyclic collector's sight, or it
+                                # walks the whole growing mirror again and again (a fifth of a refresh)
+                                gc.freeze()
+                        elif isinstance(ev, syncrepl.EntryDeleted):
+                            changed = self.mirror.delete(ev.uuid) or changed
+                        elif isinstance(ev, syncrepl.CookieChanged):
+                            self.mirror.set_cookie(ev.cookie)
+                        elif isinstance(ev, syncrepl.RefreshComplete):
+                            refreshing = False
+                            self._following(uri)
+                            self._worked = True
+                            log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
+                            self.notify("synced")
+                            changed = False  # what the refresh brought is in that sync
+                        elif isinstance(ev, syncrepl.RefreshRequired):
+                            log.warning("server refused the cookie; doing a full refresh", server=uri)
+                            self.mirror.set_cookie(None)  # else every reconnect offers the refused cookie again
+                            raise ConnectionLost(f"{uri}: e-syncRefreshRequired")
+                        elif isinstance(ev, syncrepl.SearchFinished):
+                            message_text = ev.message or _result_name(ev.result_code)
+                            if refreshing and resumed and ev.result_code != 0:
+                                # OpenLDAP refuses a cookie from its future (slapd restored from a backup)
+                                # with unwillingToPerform, not e-syncRefreshRequired: same remedy.
+                                log.warning(
+                                    "server refused the cookie; doing a full refresh",
+                                    server=uri,
+                                    result=ev.result_code,
+                                    message=message_text,
+                                )
+                                self.mirror.set_cookie(None)
+                            raise ConnectionLost(f"{uri}: sync search ended: {message_text} ({ev.result_code})")
+                # one notification per chunk received: a burst of changes is one wake-up of the agent
                 if changed and not refreshing:
                     self.status.last_change = time.time()
                     self.notify("changed")
+
+    @contextlib.contextmanager
+    def _raw_stream(self, src: LdapSource, check: ldapsource.Connected) -> Iterator[ldapsource.Connected]:
+        """A bound connection to the check connection's server whose socket the follower
+        reads itself; registered so stop() can break a read."""
+        self.beat()
+        stream = ldapsource.connect(src, uris=(check.uri,), raw=True)
+        self._conn = stream.conn
+        try:
+            yield stream
+        finally:
+            self._conn = None
+            stream.close()
+
+    def _received(self, sock: socket.socket, uri: str) -> Iterator[bytes]:
+        """What the server sends, chunk by chunk, forever; a closed connection is ConnectionLost.
+
+        The same watch as `_items`: a beat at least every second, and after half of `timeout`
+        without a byte a liveness read on the check connection (see there).
+        """
+        quiet = max(0.5, check_timeout(self.config) / 2)
+        heard = checked = time.monotonic()
+        try:
+            sock.settimeout(min(1.0, quiet))
+        except OSError as e:
+            raise ConnectionLost(f"{uri}: {e}") from e
+        while True:
+            self.beat()
+            try:
+                data: bytes | None = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                data = None
+            except OSError as e:
+                raise ConnectionLost(f"{uri}: connection lost: {e}") from e
+            now = time.monotonic()
+            if data is not None:
+                if not data:
+                    raise ConnectionLost(f"{uri}: connection closed")
+                heard = now
+                yield data
+            if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX:
+                self._check_alive()
+                checked = time.monotonic()
 
     def _follow_psearch(self, src: LdapSource, check: ldapsource.Connected) -> None:
         uri = check.uri
@@ -435,18 +497,9 @@ def _receiver_alive(conn: ldap3.Connection) -> bool:
     return receiver is None or receiver.is_alive()
 
 
-def _to_syncrepl(item: Mapping[str, Any]) -> syncrepl.Message:
-    kind = item.get("type")
-    controls = {oid: c.get("value") or b"" for oid, c in (item.get("controls") or {}).items()}
-    if kind == "searchResEntry":
-        return syncrepl.SearchEntry(item["dn"], item.get("raw_attributes") or {}, controls)
-    if kind == "intermediateResponse":
-        return syncrepl.IntermediateResponse(item.get("responseName"), item.get("responseValue"))
-    if kind == "searchResRef":
-        return syncrepl.SearchReference(tuple(item.get("uri") or ()))
-    return syncrepl.SearchDone(
-        int(item.get("result", 80)), str(item.get("message") or item.get("description") or ""), controls
-    )
+def _result_name(code: int) -> str:
+    """The result code's name (what ldap3 called its description), for a result without a message."""
+    return str(RESULT_CODES.get(code, "unknown result"))
 
 
 def _uuid_of(attributes: Mapping[str, Iterable[bytes]]) -> str | None:

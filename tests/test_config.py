@@ -125,6 +125,7 @@ def test_full_ldap_source(tmp_path: Path) -> None:
             metrics={"textfile": "metrics/ldapsync.prom"},
             log={"format": "json", "level": "DEBUG"},
             keep_generations=3,
+            exporters=[{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "pw"}],
         ),
     )
     src = cfg.source
@@ -424,7 +425,8 @@ def test_empty_groups_section_turns_groups_on_with_the_defaults(tmp_path: Path) 
 
 
 def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
-    cfg = load(tmp_path, base())
+    both = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "pw"}]
+    cfg = load(tmp_path, base(exporters=both))
     assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
     assert cfg.attributes.ldap_attributes() == [
         "accountStatus",
@@ -479,6 +481,8 @@ def test_new_section_errors_name_file_and_key(tmp_path: Path, over: dict[str, An
     err = error(tmp_path, base(**over))
     assert err.key == key, str(err)
     assert message in err.message, str(err)
+
+
 def test_reload_hooks_name_their_outputs_or_serve_every_output(tmp_path: Path) -> None:
     two = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "dovecot/passwd"}]
     reload = [
@@ -516,3 +520,19 @@ def test_reload_hook_errors_name_the_key(tmp_path: Path, reload: list[Any], key:
 def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
     err = error(tmp_path, base(keep_generation=3))
     assert err.key == "keep_generation" and "did you mean 'keep_generations'?" in str(err)
+
+
+def test_hashes_are_read_only_when_an_exporter_writes_them(tmp_path: Path) -> None:
+    """An MX without a passwd-file never fetches mail password hashes (least privilege)."""
+    mx = config.load(write(tmp_path, base(exporters=[{"kind": "postfix-virtual", "path": "out/virtual"}])))
+    assert mx.attributes.mail_password is None
+    assert "mailPassword" not in mx.attributes.ldap_attributes()
+    doc = base(
+        exporters=[
+            {"kind": "postfix-virtual", "path": "out/virtual"},
+            {"kind": "dovecot-passwd", "path": "out/passwd"},
+        ]
+    )
+    imap = config.load(write(tmp_path, doc, "imap.yaml"))
+    assert imap.attributes.mail_password == "mailPassword"
+    assert "mailPassword" in imap.attributes.ldap_attributes()

@@ -77,6 +77,21 @@ def test_without_secrets_replaces_values_with_a_stable_marker() -> None:
         validate.password(marker)
 
 
+def test_without_secrets_finds_every_refused_entry_in_any_order() -> None:
+    """Found by bisection in a snapshot in DN order, by a scan otherwise; DNs differing in
+    case only, or shared by a rename under way, are all redacted."""
+    entries = [Entry(f"uid=u{i:03d},dc=x", {"mailpassword": (f"plain{i}",)}, f"id{i}") for i in range(300)]
+    entries += [
+        Entry("uid=U007,dc=x", {"mailpassword": ("upper",)}, "id-upper"),
+        Entry("uid=u042,dc=x", {"mailpassword": ("renamed",)}, "id-renamed"),
+    ]
+    refused = {"uid=u007,dc=x", "uid=U007,dc=x", "uid=u042,dc=x", "uid=u299,dc=x"}
+    for ordered in (sort_entries(entries), tuple(reversed(sort_entries(entries)))):
+        out = without_secrets(Snapshot(ordered, "test"), "mailPassword", refused)
+        redacted = {e.uuid for e in out.entries if e.get("mailPassword")[0].startswith(REFUSED_PREFIX)}
+        assert redacted == {"id7", "id-upper", "id42", "id-renamed", "id299"}
+
+
 def test_compact_attributes_read_like_the_dict_they_replace() -> None:
     plain = {"uid": ("a",), "emailforward": ("x@y", "z@y"), "cn": ()}
     compact = Attributes.of(plain)

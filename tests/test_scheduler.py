@@ -218,6 +218,15 @@ def test_a_directory_that_never_answers_still_gets_ready() -> None:
     assert s.deadline() == 100.0 + T.heartbeat
 
 
+def test_a_first_read_still_streaming_is_ready_without_a_failure() -> None:
+    """A million entries take longer than the READY deadline: connected is not unreachable."""
+    s = Scheduler(T, now=100.0)
+    s.handle(FollowerUp(100.5))
+    assert work(s.handle(Tick(160.0))) == [NotifyReady()]
+    assert work(s.handle(Refreshed(230.0))) == [Sync()]
+    assert work(s.handle(SyncFinished(260.0, ok=True))) == []
+
+
 def test_no_fallback_once_the_mirror_is_complete() -> None:
     s = Scheduler(T, now=0.0)
     s.handle(Changed(1.0))  # the sync is due after the debounce
@@ -479,11 +488,17 @@ def test_invariants(scenario: tuple[Timing, list[Event], list[tuple[float, bool,
             continue  # a full resync replaces what was pending
         assert any(isinstance(x, Sync) for _, x in later), f"change at {item.at} not synced by {bound}"
 
-    # READY exactly once, right after the first attempt (a finished sync or a fallback)
+    # READY exactly once: right after the first attempt (a finished sync or a fallback), or at
+    # the READY deadline while the follower is connected (a first read still streaming)
     ready = [k for k, (_, x) in enumerate(items) if isinstance(x, NotifyReady)]
     attempts = [k for k, (_, x) in enumerate(items) if isinstance(x, SyncFinished | Fallback)]
     assert len(ready) <= 1
-    if attempts:
+    if ready and (not attempts or ready[0] < attempts[0]):
+        at = items[ready[0]][0]
+        assert at >= timing.ready_within - eps, f"READY at {at} before the deadline and before any attempt"
+        follower = [x for _, x in items[: ready[0]] if isinstance(x, FollowerUp | FollowerDown)]
+        assert follower and isinstance(follower[-1], FollowerUp), "READY before an attempt needs a connected follower"
+    elif attempts:
         assert ready, "an attempt was made but READY never sent"
         first = attempts[0]
         assert ready[0] > first

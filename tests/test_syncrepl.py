@@ -254,6 +254,63 @@ class TestRoundTrips:
         assert not hasattr(value, "__dict__")
 
 
+class TestFastDecoders:
+    """The hand-written decoders of the common shapes must agree with pyasn1 wherever they
+    answer, and leave everything else (long-form lengths, mangled bytes) to it."""
+
+    @staticmethod
+    def mangle(data: bytes, how: int, at: int, byte: int) -> bytes:
+        if not data:
+            return data
+        at %= len(data)
+        if how == 0:
+            return data
+        if how == 1:
+            return data[:at] + bytes([byte]) + data[at + 1 :]
+        if how == 2:
+            return data[:at]
+        return data + bytes([byte])
+
+    @settings(max_examples=400)
+    @given(
+        st.one_of(
+            st.builds(
+                lambda k, u, c: encode_sync_state(SyncState(k, u, c)), st.sampled_from(StateKind), uuids, cookies
+            ),
+            st.builds(lambda c: encode_sync_info(SyncInfoNewCookie(c)), st.binary(max_size=200)),
+            st.builds(lambda c, d: encode_sync_info(SyncInfoRefreshDelete(c, d)), cookies, st.booleans()),
+            st.builds(lambda c, d: encode_sync_info(SyncInfoRefreshPresent(c, d)), cookies, st.booleans()),
+            st.builds(
+                lambda us, c, d: encode_sync_info(SyncInfoIdSet(us, c, d)),
+                st.lists(uuids, max_size=5).map(tuple),
+                cookies,
+                st.booleans(),
+            ),
+        ),
+        st.integers(0, 3),
+        st.integers(0, 10_000),
+        st.integers(0, 255),
+    )
+    def test_fast_and_full_decoders_agree(self, data: bytes, how: int, at: int, byte: int) -> None:
+        data = self.mangle(data, how, at, byte)
+        for fast, full in (
+            (syncrepl._fast_sync_state, syncrepl._full_sync_state),
+            (syncrepl._fast_sync_info, syncrepl._full_sync_info),
+        ):
+            got = fast(data)
+            if got is not None:
+                assert full(data) == got
+
+    def test_long_form_lengths_decode_the_same(self) -> None:
+        short = encode_sync_state(SyncState(StateKind.ADD, U1, b"c"))
+        long = b"\x30\x81" + short[1:]
+        assert syncrepl._full_sync_state(long) == decode_sync_state(long) == decode_sync_state(short)
+
+    def test_uuid_text_is_what_uuid_module_renders(self) -> None:
+        for raw in (U1_RAW, U2_RAW, bytes(16), b"\xff" * 16):
+            assert uuid_to_str(raw) == str(uuid.UUID(bytes=raw))
+
+
 # -------------------------------------------------------------- consumer helpers
 
 
@@ -406,14 +463,10 @@ class TestPresentPhase:
         st.sets(uuids, max_size=30),
         st.sets(uuids, max_size=30),
     )
-    def test_present_phase_property(
-        self, known: set[str], unchanged: set[str], changed: set[str]
-    ) -> None:
+    def test_present_phase_property(self, known: set[str], unchanged: set[str], changed: set[str]) -> None:
         unchanged = (unchanged & known) - changed
         consumer = started(known)
-        messages: list[syncrepl.Message] = [
-            entry(f"uid={u}", StateKind.ADD, u) for u in sorted(changed)
-        ]
+        messages: list[syncrepl.Message] = [entry(f"uid={u}", StateKind.ADD, u) for u in sorted(changed)]
         messages.append(info(SyncInfoIdSet(tuple(sorted(unchanged)), None, False)))
         messages.append(info(SyncInfoRefreshPresent(b"c1", True)))
         events = feed(consumer, *messages)

@@ -9,8 +9,10 @@ mirror that silently lacks entries.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -19,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ldapproxy import TamperingProxy
 from notldap import HttpServer
 from slapd import Slapd
 from structlog.testing import capture_logs
 
+from ldapsync import ber, ldapsource, syncrepl, watch
 from ldapsync import config as config_mod
-from ldapsync import watch
-from ldapsync.config import Config
+from ldapsync.config import Config, LdapSource
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.state import State
 
@@ -44,12 +47,18 @@ def dn(uid: str) -> str:
     return f"uid={uid},{USERS}"
 
 
-def make_config(tmp_path: Path, **ldap: Any) -> Config:
+def make_config(tmp_path: Path, *, passwords: bool = False, **ldap: Any) -> Config:
+    """`passwords`: a passwd-file too, so mail password hashes are read."""
+    exporters: list[dict[str, Any]] = [
+        {"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}
+    ]
+    if passwords:
+        exporters.append({"kind": "dovecot-passwd", "path": str(tmp_path / "passwd")})
     doc = {
         "domain": "example.org",
         "source": {"ldap": {"uri": "ldap://127.0.0.1:1", "base_dn": USERS, **ldap}},
         "state_dir": str(tmp_path / "state"),
-        "exporters": [{"kind": "postfix-virtual", "path": str(tmp_path / "virtual"), "map_type": "none"}],
+        "exporters": exporters,
     }
     return config_mod.parse(doc, tmp_path / "ldapsync.yaml")
 
@@ -317,10 +326,13 @@ FollowerFactory = Callable[..., tuple[watch.Follower, Notifications]]
 def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
     started: list[watch.Follower] = []
 
-    def start(uris: list[str], server: Slapd, **ldap: Any) -> tuple[watch.Follower, Notifications]:
+    def start(
+        uris: list[str], server: Slapd, passwords: bool = False, **ldap: Any
+    ) -> tuple[watch.Follower, Notifications]:
         ldap.setdefault("timeout", 2)
         cfg = make_config(
             tmp_path,
+            passwords=passwords,
             uri=uris,
             bind_dn=server.service_dn,
             bind_password_file=str(server.service_password_file),
@@ -450,3 +462,146 @@ def test_check_connection_closed_by_the_server_idle_timeout_is_replaced_quietly(
         notes.wait("changed", timeout=10)
     assert notes.seen.count("up") == 1 and "down" not in notes.seen, notes.seen
     assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
+
+
+# -- a server that lies in its syncrepl answers ----------------------------------------------
+# The third entry of the first sync stream is replaced (the proxy passes everything else); the
+# follower must name the server and what was wrong, keep nothing of the lie, and end up, after
+# reconnecting to the (then honest) server, with exactly what the directory holds.
+
+
+def _parts(m: bytes) -> tuple[int, bytes, bytes]:
+    """(message id, searchResEntry content, controls content) of a sync entry message."""
+    msg = ber.frame(m, 0, len(m))
+    assert msg.controls is not None
+    return msg.message_id, m[msg.start : msg.end], m[msg.controls[0] : msg.controls[1]]
+
+
+def _message(mid: int, op: int, content: bytes, controls: bytes | None = None) -> bytes:
+    tail = b"" if controls is None else ber.tlv(0xA0, controls)
+    return ber.tlv(0x30, ber.integer(0x02, mid) + ber.tlv(op, content) + tail)
+
+
+def _result(code: int, text: bytes = b"") -> bytes:
+    return ber.integer(0x0A, code) + ber.tlv(0x04, b"") + ber.tlv(0x04, text)
+
+
+def _dn_too_long(m: bytes) -> tuple[bytes, bool]:
+    mid, content, controls = _parts(m)
+    return _message(mid, ber.SEARCH_RES_ENTRY, content[:1] + b"\x82\xff\xff" + content[2:], controls), False
+
+
+def _other_id(m: bytes) -> tuple[bytes, bool]:
+    mid, content, controls = _parts(m)
+    return _message(mid + 7, ber.SEARCH_RES_ENTRY, content, controls), False
+
+
+def _notice_of_disconnection(m: bytes) -> tuple[bytes, bool]:
+    notice = _result(52, b"going away") + ber.tlv(0x8A, b"1.3.6.1.4.1.1466.20036")
+    return _message(0, ber.EXTENDED_RESP, notice), False
+
+
+def _bind_response(m: bytes) -> tuple[bytes, bool]:
+    return _message(_parts(m)[0], 0x61, _result(0)), False
+
+
+def _bad_sync_state(m: bytes) -> tuple[bytes, bool]:
+    mid, content, _ = _parts(m)
+    control = ber.control(syncrepl.SYNC_STATE_OID, False, bytes.fromhex("3003 0a0109"))  # state 9
+    return _message(mid, ber.SEARCH_RES_ENTRY, content, control), False
+
+
+def _no_sync_state(m: bytes) -> tuple[bytes, bool]:
+    mid, content, _ = _parts(m)
+    return _message(mid, ber.SEARCH_RES_ENTRY, content), False
+
+
+def _huge_length(m: bytes) -> tuple[bytes, bool]:
+    return b"\x30\x84\x7f\xff\xff\xff" + b"\x00" * 64, False
+
+
+def _http(m: bytes) -> tuple[bytes, bool]:
+    return b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", False
+
+
+def _cut_off(m: bytes) -> tuple[bytes, bool]:
+    return m[: len(m) // 2], True
+
+
+def _refused_mid_refresh(m: bytes) -> tuple[bytes, bool]:
+    return _message(_parts(m)[0], ber.SEARCH_RES_DONE, _result(53)), False
+
+
+@pytest.mark.slapd
+@pytest.mark.parametrize(
+    ("lie", "reason"),
+    [
+        (_dn_too_long, "malformed LDAP message: objectName longer than the entry"),
+        (_other_id, r"unexpected LDAP message id \d+ \(expected \d+\)"),
+        (_notice_of_disconnection, "server disconnected: going away"),
+        (_bind_response, "unexpected LDAP operation 0x61 in a search response"),
+        (_bad_sync_state, r"sync protocol error: entry 'uid=\w+,ou=users,dc=example,dc=org': .*out of range"),
+        (_no_sync_state, "has no Sync State control"),
+        (_huge_length, "is not believed"),
+        (_http, "LDAPMessage expected, got tag 0x48"),
+        (_cut_off, "connection closed"),
+        (_refused_mid_refresh, r"sync search ended: unwillingToPerform \(53\)"),
+    ],
+)
+def test_a_lying_server_is_named_and_leaves_no_trace_in_the_mirror(
+    slapd: Slapd, followers: FollowerFactory, lie: Callable[[bytes], tuple[bytes, bool]], reason: str
+) -> None:
+    proxy = TamperingProxy("127.0.0.1", slapd.port, lambda n, m: lie(m) if n == 2 else (m, False))
+    try:
+        with capture_logs() as logs:
+            follower, notes = followers([proxy.uri], slapd, watch="syncrepl")
+            notes.wait("synced", timeout=30)
+        failures = [e for e in logs if e["event"] == "directory connection failed; retrying"]
+        assert len(failures) == 1, logs
+        assert failures[0]["error"].startswith(f"{proxy.uri}: "), failures
+        assert re.search(reason, failures[0]["error"]), failures
+        assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
+        assert notes.seen.index("error") < notes.seen.index("synced"), notes.seen
+        mirrored, cookie = follower.mirror.snapshot()
+        source = follower.config.source
+        assert isinstance(source, LdapSource)
+        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.attributes)
+        assert mirrored.entries == truth.entries and cookie
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slapd
+def test_refresh_and_persist_decode_what_the_paged_read_decodes(slapd: Slapd, followers: FollowerFactory) -> None:
+    """Demo and hostile data, a value that is not UTF-8: the mirror holds what --once reads,
+    rejections included; a change in the persist stage is decoded the same way."""
+    slapd.modify(
+        "dn: uid=binary,ou=users,dc=example,dc=org\nobjectClass: account\nobjectClass: ldapsyncMailAccount\n"
+        "uid: binary\nmailPassword:: /+4A\nemailForward: binary@elsewhere.example\n",
+        add=True,
+    )
+    follower, notes = followers([slapd.uri], slapd, passwords=True, watch="syncrepl")
+    notes.wait("synced", timeout=30)
+    assert "mailPassword" in follower.config.attributes.ldap_attributes()
+    source = follower.config.source
+    assert isinstance(source, LdapSource)
+
+    def same_as_paged_read() -> None:
+        mirrored, _ = follower.mirror.snapshot()
+        truth = ldapsource.read(source, follower.config.attributes)
+        assert mirrored.entries == truth.entries
+        assert sorted(mirrored.rejections, key=str) == sorted(truth.rejections, key=str)
+
+    same_as_paged_read()
+    [binary] = [e for e in follower.mirror.snapshot()[0].entries if e.dn.startswith("uid=binary,")]
+    assert "mailpassword" not in binary.attributes and binary.attributes.get("emailforward")
+    for password in ("mailPassword: {SSHA}abc", "mailPassword:: /+4B"):  # fixed, then broken again
+        seen = len(notes.seen)
+        slapd.modify(
+            f"dn: uid=binary,ou=users,dc=example,dc=org\nchangetype: modify\nreplace: mailPassword\n{password}\n"
+        )
+        notes.wait("changed", after=seen, timeout=10)
+        same_as_paged_read()
+    [binary] = [e for e in follower.mirror.snapshot()[0].entries if e.dn.startswith("uid=binary,")]
+    assert "mailpassword" not in binary.attributes
+    assert [r.attribute for r in follower.mirror.snapshot()[0].rejections if r.dn == binary.dn] == ["mailPassword"]

@@ -31,6 +31,8 @@ class Exporter(ABC):
     # Values are secrets or routing targets: the guards hold a sync that rewrites many of them.
     guarded_values: ClassVar[bool] = False
     separator: ClassVar[str] = "\t"  # between key and value in every line render() writes
+    # Renders mail password hashes: when no configured exporter does, they are not even read.
+    reads_passwords: ClassVar[bool] = True
     default_mode: ClassVar[int] = 0o644
     options: ClassVar[Mapping[str, type]] = {}
 

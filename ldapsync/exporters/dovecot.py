@@ -53,6 +53,7 @@ class UserdbExporter(Exporter):
     userdb reads only `userdb_`-prefixed extra fields; the prefix is added here.
     """
 
+    reads_passwords = False
     kind = "dovecot-userdb"
     postfix_map = False
     default_mode = 0o640

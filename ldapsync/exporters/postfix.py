@@ -22,6 +22,7 @@ CATEGORIES = ("aliases", "forwards")
 class VirtualExporter(Exporter):
     """virtual_alias_maps: aliases (incl. alias-domain rewrites) and/or forwards."""
 
+    reads_passwords = False
     kind = "postfix-virtual"
     guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"include": list}
@@ -51,6 +52,7 @@ class VirtualExporter(Exporter):
 class TransportExporter(Exporter):
     """transport_maps on an MX: forwarded addresses leave through the SRS relay."""
 
+    reads_passwords = False
     kind = "postfix-transport"
     guarded_values = True
     options: ClassVar[Mapping[str, type]] = {"nexthop": str}
@@ -72,6 +74,7 @@ class TransportExporter(Exporter):
 class RecipientsExporter(Exporter):
     """relay_recipient_maps: every deliverable address, so unknown ones fail at RCPT."""
 
+    reads_passwords = False
     kind = "postfix-recipients"
 
     def inputs(self, model: RoutingModel) -> object:
@@ -84,6 +87,7 @@ class RecipientsExporter(Exporter):
 class SenderLoginExporter(Exporter):
     """smtpd_sender_login_maps: address -> logins allowed to use it as envelope sender."""
 
+    reads_passwords = False
     kind = "postfix-sender-login"
 
     def inputs(self, model: RoutingModel) -> object:
@@ -98,6 +102,7 @@ class SenderLoginExporter(Exporter):
 class AccessExporter(Exporter):
     """check_recipient_access: disabled addresses are refused with their LDAP message."""
 
+    reads_passwords = False
     kind = "postfix-access"
     options: ClassVar[Mapping[str, type]] = {"action": str}
 
@@ -128,6 +133,7 @@ class VirtualMailboxExporter(Exporter):
     Maildir (Postfix virtual(8)). With an LMTP transport only the keys matter.
     """
 
+    reads_passwords = False
     kind = "postfix-virtual-mailbox"
     guarded_values = True  # many paths rewritten at once would move every mailbox
     options: ClassVar[Mapping[str, type]] = {"path_template": str}

@@ -1,0 +1,454 @@
+"""The routing model kept up to date change by change; model.build stays the reference.
+
+Entries decide each other's routing only through names they share: a login two entries want,
+an address (own, alias, group name) one claims and another claims too or routes to (forward
+target, alias or group member), a DN a group lists as a member. Those links split the
+directory into components, and the model is the union of what model.build gives for each
+component on its own. So after a change the engine finds the component(s) the changed
+entries belong to, before and after the change (a breadth-first walk over an index of
+claimed and referenced names), runs model.build on just those entries (once as they were,
+once as they are), and swaps the old part of the model for the new one. Conflicts, loops,
+groups, static overrides and sender logins are decided by the same code as a full build,
+over the same entries, in the same order.
+
+The index over-approximates (an entry claims every name it could hold, won or not): a bigger
+component costs time, never correctness. When a change reaches a large part of the
+directory, on a new day (retirement dates) or on the first snapshot, the engine falls back to
+one full build. tests/test_incremental.py checks with hypothesis that the result always
+equals a full build of the final directory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from ldapsync import model, validate
+from ldapsync.directory import Entry, Rejection, Snapshot, entry_order
+from ldapsync.model import BuildReport, GroupSettings, MailboxSettings, ModelChange, RoutingModel
+from ldapsync.schema import AttributeMap
+from ldapsync.static import Static, StaticEntry
+
+FULL_FRACTION = 4  # a change whose components hold more than 1/FULL_FRACTION of the entries: full build
+_STATIC = "\x00static:"  # keys of the static entries in the index (never an entry key: not a DN or UUID)
+
+# The model's tables keyed by address, and those keyed by login.
+ADDRESS_TABLES = ("users", "aliases", "forwards", "disabled", "sender_logins", "local", "groups")
+LOGIN_TABLES = ("passwords", "mailboxes")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything model.build takes besides the snapshot, the static file and the day."""
+
+    domain: str
+    domain_aliases: tuple[str, ...]
+    attributes: AttributeMap
+    weak_passwords: str = "warn"
+    hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    groups: GroupSettings | None = None
+    mailbox: MailboxSettings | None = None
+
+    def build(
+        self, snapshot: Snapshot, static: Static, today: date, cache: model.EntryCache | None = None
+    ) -> tuple[RoutingModel, BuildReport]:
+        return model.build(
+            snapshot,
+            static,
+            domain=self.domain,
+            domain_aliases=self.domain_aliases,
+            attributes=self.attributes,
+            today=today,
+            cache=cache,
+            weak_passwords=self.weak_passwords,
+            hosted=self.hosted,
+            groups=self.groups,
+            mailbox=self.mailbox,
+        )
+
+
+def entry_key(entry: Entry) -> str:
+    return entry.uuid or entry.dn
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names one entry (or static entry) claims and the names it routes to."""
+
+    logins: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    to_addresses: tuple[str, ...] = ()
+    to_dns: tuple[str, ...] = ()
+
+
+class _Index:
+    """name -> the keys claiming it, and -> the keys routing to it (a str for one, a set for more)."""
+
+    __slots__ = ("addresses", "dns", "logins", "to_addresses", "to_dns")
+
+    def __init__(self) -> None:
+        self.logins: dict[str, Any] = {}
+        self.addresses: dict[str, Any] = {}
+        self.dns: dict[str, Any] = {}
+        self.to_addresses: dict[str, Any] = {}
+        self.to_dns: dict[str, Any] = {}
+
+    def add(self, key: str, names: Names) -> None:
+        for table, held in (
+            (self.logins, names.logins),
+            (self.addresses, names.addresses),
+            (self.dns, names.dns),
+            (self.to_addresses, names.to_addresses),
+            (self.to_dns, names.to_dns),
+        ):
+            for name in held:
+                found = table.get(name)
+                if found is None:
+                    table[name] = key
+                elif isinstance(found, set):
+                    found.add(key)
+                elif found != key:
+                    table[name] = {found, key}
+
+    def remove(self, key: str, names: Names) -> None:
+        for table, held in (
+            (self.logins, names.logins),
+            (self.addresses, names.addresses),
+            (self.dns, names.dns),
+            (self.to_addresses, names.to_addresses),
+            (self.to_dns, names.to_dns),
+        ):
+            for name in held:
+                found = table.get(name)
+                if found == key:
+                    del table[name]
+                elif isinstance(found, set):
+                    found.discard(key)
+                    if len(found) == 1:
+                        table[name] = next(iter(found))
+
+    def neighbours(self, names: Names) -> Iterator[str]:
+        """Keys whose routing may depend on an entry with these names, or it on them."""
+        for name in names.logins:
+            yield from _keys(self.logins.get(name))
+        for name in names.addresses:
+            yield from _keys(self.addresses.get(name))
+            yield from _keys(self.to_addresses.get(name))
+        for name in names.dns:
+            yield from _keys(self.dns.get(name))
+            yield from _keys(self.to_dns.get(name))
+        for name in names.to_addresses:
+            yield from _keys(self.addresses.get(name))
+        for name in names.to_dns:
+            yield from _keys(self.dns.get(name))
+
+
+def _keys(held: Any) -> Iterable[str]:
+    if held is None:
+        return ()
+    if isinstance(held, set):
+        return held
+    return (held,)
+
+
+class Engine:
+    """Routing model + report for successive snapshots, each change costing its components."""
+
+    def __init__(self, settings: Settings, static: Static) -> None:
+        self.settings = settings
+        self.static = static
+        self._canon = model.canonical_domains(settings.domain, settings.domain_aliases, dict(settings.hosted))
+        self._statics: dict[str, Names] = {}
+        self._static_entries: dict[str, tuple[str, StaticEntry]] = {}
+        for kind, group in (("alias", static.aliases), ("forward", static.forwards)):
+            for s in group:
+                key = f"{_STATIC}{len(self._statics)}"
+                self._statics[key] = Names(addresses=(s.address,), to_addresses=s.targets)
+                self._static_entries[key] = (kind, s)
+        self.last_full = True  # whether the last update was a full build (for tests and the log)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next update is a full build."""
+        self._day: date | None = None
+        self._parse: Any = None
+        self._entries: dict[str, Entry] = {}
+        self._cache: model.EntryCache = {}  # per DN, reused while the Entry object is the same
+        self._index = _Index()
+        self._model: RoutingModel | None = None
+        self._seen: tuple[object, int] | None = None  # (mirror, serial) of the last snapshot built
+        self._exact = True  # False: keys repeat in the snapshot, every update is a full build
+        self._rejections: Counter[Rejection] = Counter()
+        self._warnings: Counter[str] = Counter()
+        self._notices: Counter[Rejection] = Counter()
+        self._retired = self._skipped = self._weak = 0
+
+    # -- the one entry point ---------------------------------------------------------------
+    def update(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
+        """The model of `snapshot`, with which of its keys may differ from the previous model.
+
+        The model returned is updated in place by the next call: its tables iterate in no
+        particular order (exporters sort)."""
+        try:
+            if self._model is None or today != self._day or not self._exact:
+                return self._full(snapshot, today)
+            changed = self._delta(snapshot)
+            if changed is None:
+                changed = self._changes(snapshot)
+            if changed is None:
+                return self._full(snapshot, today)
+            if not changed:
+                self.last_full = False
+                return self._model, self._report(snapshot), ModelChange()
+            return self._partial(snapshot, today, changed)
+        except BaseException:
+            self.reset()  # half-applied state must never be built on
+            raise
+        finally:
+            delta = snapshot.delta
+            self._seen = (delta.origin, delta.serial) if delta is not None and self._model is not None else None
+
+    # -- full build: the reference, plus the index ------------------------------------------
+    def _full(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
+        self.reset()
+        parse = self._parser(today)
+        routing, report = self.settings.build(snapshot, self.static, today, self._cache)
+        entries: dict[str, Entry] = {}
+        index = self._index
+        cache = self._cache
+        for e in snapshot.entries:
+            key = e.uuid or e.dn
+            entries[key] = e
+            hit = cache.get(e.dn)
+            parsed = hit[1] if hit is not None and hit[0] is e else parse(e)
+            index.add(key, self._names(e, parsed))
+        for key, names in self._statics.items():
+            index.add(key, names)
+        self._exact = len(entries) == len(snapshot.entries)
+        self._entries = entries
+        self._model = routing
+        self._day = today
+        known = len(snapshot.rejections)
+        self._rejections = Counter(report.rejections[known:])
+        self._warnings = Counter(report.warnings)
+        self._notices = Counter(report.notices)
+        self._retired, self._skipped, self._weak = report.retired, report.skipped, report.weak_passwords
+        self.last_full = True
+        return routing, self._report(snapshot), ModelChange(full=True)
+
+    def _parser(self, today: date) -> Any:
+        if self._parse is None or self._day != today:
+            s = self.settings
+            self._parse = model.entry_parser(
+                domain=s.domain,
+                domain_aliases=s.domain_aliases,
+                attributes=s.attributes,
+                today=today,
+                weak_passwords=s.weak_passwords,
+                hosted=s.hosted,
+                groups=s.groups,
+            )
+        return self._parse
+
+    # -- what changed ----------------------------------------------------------------------
+    def _delta(self, snapshot: Snapshot) -> dict[str, Entry | None] | None:
+        """What changed, as the mirror says, if this engine saw the snapshot it is relative to."""
+        delta = snapshot.delta
+        if delta is None or self._seen != (delta.origin, delta.since):
+            return None
+        entries = self._entries
+        if len(delta.changed) > max(64, len(entries) // FULL_FRACTION):
+            return None
+        changed = {k: e for k, e in delta.changed.items() if e is not None or k in entries}
+        size = len(entries) + sum(1 for k, e in changed.items() if e is not None and k not in entries)
+        size -= sum(1 for k, e in changed.items() if e is None)
+        if size != len(snapshot.entries):  # not the delta of this snapshot after all: compare every entry
+            return None
+        return changed
+
+    def _changes(self, snapshot: Snapshot) -> dict[str, Entry | None] | None:
+        """key -> new entry (None: deleted) for every entry not the same object as before.
+
+        None when the change is too large to be worth doing piecewise (or keys repeat)."""
+        entries = self._entries
+        limit = max(64, len(entries) // FULL_FRACTION)
+        changed: dict[str, Entry | None] = {}
+        kept = 0
+        for e in snapshot.entries:
+            key = e.uuid or e.dn
+            old = entries.get(key)
+            if old is e:
+                kept += 1
+                continue
+            if key in changed:
+                return None  # a key twice
+            changed[key] = e
+            if old is not None:
+                kept += 1
+            if len(changed) > limit:
+                return None
+        if kept != len(entries):  # some keys are gone
+            present = {e.uuid or e.dn for e in snapshot.entries}
+            for key in entries:
+                if key not in present:
+                    changed[key] = None
+            if len(changed) > limit:
+                return None
+        return changed
+
+    def _names(self, entry: Entry, parsed: Any) -> Names:
+        dns = (model.dn_key(entry.dn),) if self.settings.groups is not None else ()
+        if parsed.group:
+            groups = self.settings.groups
+            assert groups is not None
+            return Names(
+                addresses=self._group_addresses(entry, (groups.name_attribute,)),
+                dns=dns,
+                to_addresses=self._group_addresses(entry, groups.address_attributes),
+                to_dns=tuple(model.dn_key(v) for a in groups.member_attributes for v in entry.get(a)),
+            )
+        login = parsed.login
+        if login is None:
+            return Names(dns=dns)
+        own = parsed.addresses or (f"{login}@{self.settings.domain}",)
+        return Names(logins=(login,), addresses=own + parsed.aliases, dns=dns, to_addresses=parsed.targets)
+
+    def _group_addresses(self, entry: Entry, attributes: Iterable[str]) -> tuple[str, ...]:
+        out = []
+        for attr in attributes:
+            for value in entry.get(attr):
+                try:
+                    out.append(model.group_address(value, self.settings.domain, self._canon))
+                except validate.Invalid:
+                    continue
+        return tuple(out)
+
+    def _names_of(self, key: str) -> Names:
+        static = self._statics.get(key)
+        if static is not None:
+            return static
+        entry = self._entries[key]
+        return self._names(entry, self._parsed_of(entry))
+
+    def _parsed_of(self, entry: Entry) -> Any:
+        hit = self._cache.get(entry.dn)
+        if hit is not None and hit[0] is entry:
+            return hit[1]
+        parsed = self._parse(entry)  # the DN is shared with another entry (a rename under way)
+        return parsed
+
+    # -- a change: rebuild its components --------------------------------------------------
+    def _partial(
+        self, snapshot: Snapshot, today: date, changed: dict[str, Entry | None]
+    ) -> tuple[RoutingModel, BuildReport, ModelChange]:
+        assert self._model is not None
+        entries = self._entries
+        parse = self._parser(today)
+        new_parsed = {k: parse(e) for k, e in changed.items() if e is not None}
+        old_names = {k: self._names_of(k) for k in changed if k in entries}
+        new_names = {k: self._names(e, new_parsed[k]) for k, e in changed.items() if e is not None}
+
+        # Every key linked to a changed entry, before or after the change, transitively.
+        limit = max(64, len(entries) // FULL_FRACTION)
+        component = set(changed)
+        todo = list(changed)
+        while todo:
+            key = todo.pop()
+            if key in changed:
+                names = [n for n in (old_names.get(key), new_names.get(key)) if n is not None]
+            else:
+                names = [self._names_of(key)]
+            for n in names:
+                for other in self._index.neighbours(n):
+                    if other not in component:
+                        component.add(other)
+                        todo.append(other)
+            if len(component) > limit:
+                return self._full(snapshot, today)
+
+        old_part = [entries[k] for k in component if k in entries]
+        new_part = [e for k in component if (e := changed[k] if k in changed else entries.get(k)) is not None]
+        old_part.sort(key=entry_order)
+        new_part.sort(key=entry_order)
+        static = self._static_subset(component)
+        old_cache = {e.dn: (e, self._parsed_of(e)) for e in old_part}
+        new_cache = {
+            e.dn: (e, new_parsed[k] if k in new_parsed else self._parsed_of(e))
+            for e in new_part
+            for k in (e.uuid or e.dn,)
+        }
+        build = self.settings.build
+        old_model, old_report = build(Snapshot(tuple(old_part), snapshot.source), static, today, old_cache)
+        new_model, new_report = build(Snapshot(tuple(new_part), snapshot.source), static, today, new_cache)
+
+        # Nothing is changed above this line: an exception leaves the engine as it was.
+        routing = self._model
+        addresses: set[str] = set()
+        logins: set[str] = set()
+        for names_set, tables in ((addresses, ADDRESS_TABLES), (logins, LOGIN_TABLES)):
+            for name in tables:
+                table: dict[str, Any] = getattr(routing, name)
+                old_t: Mapping[str, Any] = getattr(old_model, name)
+                new_t: Mapping[str, Any] = getattr(new_model, name)
+                for k in old_t:
+                    if k not in new_t:
+                        del table[k]
+                table.update(new_t)
+                names_set.update(old_t)
+                names_set.update(new_t)
+        logins.update(old_model.users.values())
+        logins.update(new_model.users.values())
+        self._rejections.subtract(old_report.rejections)
+        self._rejections.update(new_report.rejections)
+        self._warnings.subtract(old_report.warnings)
+        self._warnings.update(new_report.warnings)
+        self._notices.subtract(old_report.notices)
+        self._notices.update(new_report.notices)
+        for counter in (self._rejections, self._notices):
+            for gone in [r for r, n in counter.items() if n <= 0]:
+                del counter[gone]
+        for text in [w for w, n in self._warnings.items() if n <= 0]:
+            del self._warnings[text]
+        self._retired += new_report.retired - old_report.retired
+        self._skipped += new_report.skipped - old_report.skipped
+        self._weak += new_report.weak_passwords - old_report.weak_passwords
+
+        for key, entry in changed.items():
+            if key in old_names:
+                self._index.remove(key, old_names[key])
+            if entry is None:
+                del entries[key]
+                continue
+            self._index.add(key, new_names[key])
+            entries[key] = entry
+            self._cache[entry.dn] = (entry, new_parsed[key])
+        self.last_full = False
+        return routing, self._report(snapshot), ModelChange(frozenset(addresses), frozenset(logins))
+
+    def _static_subset(self, keys: Iterable[str]) -> Static:
+        chosen = sorted((int(k[len(_STATIC) :]), k) for k in keys if k.startswith(_STATIC))
+        picked = [self._static_entries[k] for _, k in chosen]
+        return Static(
+            self.static.file,
+            tuple(s for kind, s in picked if kind == "alias"),
+            tuple(s for kind, s in picked if kind == "forward"),
+        )
+
+    def _report(self, snapshot: Snapshot) -> BuildReport:
+        """The report of the whole directory; problems in a fixed order (not the build's)."""
+        return BuildReport(
+            rejections=[*snapshot.rejections, *sorted(self._rejections.elements(), key=_problem_order)],
+            warnings=sorted(self._warnings.elements()),
+            notices=sorted(self._notices.elements(), key=_problem_order),
+            retired=self._retired,
+            skipped=self._skipped,
+            weak_passwords=self._weak,
+        )
+
+
+def _problem_order(r: Rejection) -> tuple[str, str, str, str]:
+    return (r.dn.lower(), r.dn, r.attribute, r.reason)
