@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from ldapsync import model, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
@@ -175,7 +176,7 @@ def check(engine: Engine, snapshot: Snapshot, today: date, *, via_delta: bool = 
             assert moved <= change.logins, name
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(data: Any) -> None:
     conf, static = config(data.draw)
