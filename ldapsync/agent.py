@@ -282,11 +282,9 @@ class Agent:
         )
         if isinstance(self.config.source, LdapSource):
             try:
-                reuse = None
-                if result.generation:
-                    reuse = self.pipeline.state.generations_dir / result.generation / "snapshot.json"
                 stored = self.pipeline.redacted(snapshot)  # no refused secret on disk
-                watch.save_follow_state(self.pipeline.state, self.config, stored, cookie, reuse=reuse)
+                state = self.pipeline.state
+                watch.save_follow_state(state, self.config, stored, cookie, generation=result.generation)
             except OSError as e:
                 log.error("cannot save sync state; a restart will do a full read", error=str(e))
         if self.pipeline.engine.last_full:
@@ -322,6 +320,7 @@ class Agent:
             log.error("new configuration rejected; the running one stays in force", error=str(e))
             return sched.ConfigRejected(time.monotonic())
         old = self.config
+        pipeline.state.inherit(self.pipeline.state)  # the next generation records the change only
         self.config, self.pipeline = new, pipeline
         self._watch_files()
         search_changed = old.source != new.source or watch.fingerprint(old) != watch.fingerprint(new)

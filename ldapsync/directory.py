@@ -145,7 +145,7 @@ class SnapshotDelta:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Not slotted: the JSON form and digest are cached, an agent needs both per sync."""
+    """Not slotted: the digest is cached (an agent needs it per sync); the JSON form is not."""
 
     entries: tuple[Entry, ...]
     source: str
@@ -170,25 +170,34 @@ class Snapshot:
         object.__setattr__(self, "_delta", delta)
         return self
 
-    @cached_property
-    def entries_json(self) -> bytes:
-        """Canonical JSON of the entries: [[dn, uuid, {attr: [values]}], ...]."""
-        rows = [[e.dn, e.uuid, _as_dict(e.attributes)] for e in self.entries]
-        return json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-
-    def to_json(self) -> bytes:
+    def json_chunks(self) -> Iterator[bytes]:
+        """to_json() in pieces: a base of a million entries is written without its whole
+        JSON in memory at once."""
+        yield b'{"entries":['
+        yield from self._entry_rows()
         rejections = [[r.dn, r.attribute, r.reason] for r in self.rejections]
-        return b"".join(
+        yield b"".join(
             (
-                b'{"entries":',
-                self.entries_json,
-                b',"rejections":',
+                b'],"rejections":',
                 json.dumps(rejections, ensure_ascii=False, separators=(",", ":")).encode(),
                 b',"source":',
                 json.dumps(self.source, ensure_ascii=False).encode(),
                 b"}",
             )
         )
+
+    def _entry_rows(self, rows: int = 2000) -> Iterator[bytes]:
+        """The canonical entries array [[dn, uuid, {attr: [values]}], ...] without its brackets."""
+        for start in range(0, len(self.entries), rows):
+            chunk = [[e.dn, e.uuid, _as_dict(e.attributes)] for e in self.entries[start : start + rows]]
+            text = json.dumps(chunk, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            yield (b"," if start else b"") + text[1:-1].encode()
+
+    def to_json(self) -> bytes:
+        """Canonical JSON: {"entries": [[dn, uuid, {attr: [values]}], ...], "rejections", "source"}.
+
+        Not cached: a copy of the whole directory must not live as long as the snapshot."""
+        return b"".join(self.json_chunks())
 
     @classmethod
     def from_json(cls, data: bytes) -> Snapshot:
@@ -215,7 +224,11 @@ class Snapshot:
     def legacy_digest(self) -> str:
         """sha256 of the canonical entries JSON: the digest of generations recorded before
         the digest became a sum of entry hashes (they still verify)."""
-        return hashlib.sha256(self.entries_json).hexdigest()
+        h = hashlib.sha256(b"[")
+        for chunk in self._entry_rows():
+            h.update(chunk)
+        h.update(b"]")
+        return h.hexdigest()
 
 
 def _as_dict(attributes: Mapping[str, tuple[str, ...]]) -> Mapping[str, tuple[str, ...]]:

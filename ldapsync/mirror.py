@@ -3,8 +3,9 @@
 The Mirror holds each entry once, compactly (directory.Attributes: no dict per entry), keyed
 by entryUUID, kept in snapshot order, with the directory digest kept up to date per change
 (directory.EntrySum): a snapshot for a rebuild shares the mirrored entries and costs neither
-a sort nor hashing of the whole directory. The follow state (follow.json + follow-snapshot.json in the state directory)
-pairs a saved snapshot with the sync cookie that goes with exactly that content.
+a sort nor hashing of the whole directory. The follow state (follow.json in the state directory)
+pairs a saved snapshot -- a recorded generation, or follow-snapshot.json for one that was not
+recorded -- with the sync cookie that goes with exactly that content.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import bisect
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +34,8 @@ from ldapsync.directory import (
     make_entry,
     sort_entries,
 )
-from ldapsync.fileio import fsync_dir, write_atomic
+from ldapsync.errors import StateError
+from ldapsync.fileio import write_atomic
 from ldapsync.state import State, sha256
 
 log = structlog.get_logger(__name__)
@@ -218,48 +219,55 @@ def follow_state_path(state: State) -> Path:
 
 
 def save_follow_state(
-    state: State, config: Config, snapshot: Snapshot, cookie: bytes | None, *, reuse: Path | None = None
+    state: State, config: Config, snapshot: Snapshot, cookie: bytes | None, *, generation: str | None = None
 ) -> None:
-    """Persist (snapshot, cookie) so a restart resumes; the cheap cases avoid a 15 MB write.
+    """Persist (snapshot, cookie) so a restart resumes, without writing the directory again.
 
-    Unchanged directory: only the cookie moves. `reuse`: a generation's snapshot.json with
-    these exact bytes (state.record writes snapshot.to_json()), hard-linked instead of copied.
-    The digest's running sum is saved too, so a restart does not hash every entry again.
+    `generation`: the id of a recorded generation holding exactly this snapshot (the sync's):
+    follow.json names it, and a restart rebuilds the mirror from that generation's store.
+    Otherwise (a held change) the snapshot goes to follow-snapshot.json, written only when it
+    changed. The digest's running sum is saved too, so a restart does not hash every entry.
     """
     fp = fingerprint(config)
     digest = snapshot.digest()
-    saved = state.read_json(FOLLOW_FILE)
+    entry_sum = snapshot.entry_sum
+    doc: dict[str, object] = {
+        "fingerprint": fp,
+        "cookie": base64.b64encode(cookie).decode() if cookie else None,
+        "snapshot_digest": digest,
+        "snapshot_sum": [entry_sum.count, f"{entry_sum.total:x}"],
+        "time": time.time(),
+    }
     target = state.root / FOLLOW_SNAPSHOT
-    unchanged = saved.get("fingerprint") == fp and saved.get("snapshot_digest") == digest and target.exists()
+    recorded = state.get(generation) if generation is not None else None
+    if recorded is not None and recorded.meta.get("snapshot_digest") == digest:
+        state.write_json(FOLLOW_FILE, {**doc, "generation": recorded.id})
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()  # a snapshot saved for an earlier held change
+        return
+    saved = state.read_json(FOLLOW_FILE)
+    unchanged = (
+        "generation" not in saved
+        and saved.get("fingerprint") == fp
+        and saved.get("snapshot_digest") == digest
+        and target.exists()
+    )
     if unchanged and state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):  # else rewrite what is not ours
         sha = str(saved.get("snapshot_sha256"))
     else:
         data = snapshot.to_json()
         sha = sha256(data)
-        if reuse is not None and reuse.is_file():
-            tmp = target.with_name(f".{target.name}.link")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(reuse, tmp)
-            os.replace(tmp, target)
-            fsync_dir(state.root)
-        else:
-            write_atomic(target, data)
-    entry_sum = snapshot.entry_sum
-    doc = {
-        "fingerprint": fp,
-        "cookie": base64.b64encode(cookie).decode() if cookie else None,
-        "snapshot_sha256": sha,
-        "snapshot_digest": digest,
-        "snapshot_sum": [entry_sum.count, f"{entry_sum.total:x}"],
-        "time": time.time(),
-    }
-    state.write_json(FOLLOW_FILE, doc)
+        write_atomic(target, data)
+    state.write_json(FOLLOW_FILE, {**doc, "snapshot_sha256": sha})
 
 
 def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | None] | None:
-    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search."""
-    if not state.trusted(FOLLOW_FILE, FOLLOW_SNAPSHOT):
+    """The persisted mirror and cookie, or None if absent, damaged, not ours or for another search.
+
+    A follow state naming a generation is rebuilt from the generation's store (whose files
+    are checked against their hashes); one written with follow-snapshot.json is read from it.
+    """
+    if not state.trusted(FOLLOW_FILE):
         return None
     doc = state.read_json(FOLLOW_FILE)
     if not doc:
@@ -268,13 +276,23 @@ def load_follow_state(state: State, config: Config) -> tuple[Snapshot, bytes | N
         log.info("search changed since the cookie was saved; starting with a full read")
         return None
     try:
+        cookie = base64.b64decode(doc["cookie"]) if doc.get("cookie") else None
+        generation = doc.get("generation")
+        if generation is not None:
+            if not isinstance(generation, str):
+                raise ValueError("generation is not a string")
+            snapshot = state.resume(generation)
+            if snapshot.digest() != doc.get("snapshot_digest"):
+                raise ValueError(f"generation {generation} does not hold the saved snapshot")
+            return snapshot, cookie
+        if not state.trusted(FOLLOW_SNAPSHOT):
+            return None
         data = (state.root / FOLLOW_SNAPSHOT).read_bytes()
         if sha256(data) != doc.get("snapshot_sha256"):
             raise ValueError("snapshot does not match its hash")
         snapshot = Snapshot.from_json(data)
-        cookie = base64.b64decode(doc["cookie"]) if doc.get("cookie") else None
         saved_sum = _saved_sum(doc)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StateError) as e:
         log.error("saved sync state unusable; starting with a full read", error=str(e))
         return None
     if saved_sum is not None:  # the file matched its hash, so the sum saved with it is its sum

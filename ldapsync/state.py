@@ -2,13 +2,22 @@
 
 Layout under state_dir (0700, files 0600 -- generations hold password hashes):
   lock                      flock: one writer per state_dir (the agent for its lifetime); "PID ROLE"
-  generations/<id>/         meta.json, snapshot.json, outputs/<name>
+  generations/<id>/         meta.json, outputs/<name> (hard links to an earlier generation's
+                            file when the bytes are the same); generations recorded before the
+                            store also have snapshot.json, and still read
+  store/<base>.base         a whole directory snapshot (Snapshot JSON), written once
+  store/<base>.journal      appended per generation: the entries that changed (ldapsync.store)
   current                   id of the newest installed generation
   held/                     a change a safety guard held back: meta.json, snapshot.json
   status.json               the last attempt, for `ldapsync status` and `check`
   guard.json                what the guards' rolling window counted (see ldapsync.guard)
-Every file is written to a temp name, fsynced and renamed; a generation directory is
-complete before it gets its name, so a crash leaves either no generation or a whole one.
+A generation's meta.json names its base and how many bytes of the base's journal are its,
+with the sha256 of both: damage to a base or a journal invalidates exactly the generations
+that read it, and the directory digest is checked after rebuilding (verify). Recording a
+generation appends one journal line (or, past COMPACT_RATIO of the base, writes a new base),
+fsyncs it, then writes the generation directory under a temp name and renames it: a crash
+leaves either no generation or a whole one; journal bytes no generation names are cut off by
+the next append. Pruning removes bases and journals that no remaining generation names.
 
 Trust: ldapsync runs as root and installs what it reads from here (last-known-good, held
 changes), so the directory and everything in it must belong to the running user. Anything
@@ -35,7 +44,8 @@ from typing import Any
 
 import structlog
 
-from ldapsync.directory import Snapshot
+from ldapsync import store
+from ldapsync.directory import EntrySum, Snapshot
 from ldapsync.errors import StateError
 from ldapsync.fileio import fsync_dir, write_atomic
 from ldapsync.guard import Window
@@ -77,8 +87,58 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+STORE_DIR = "store"
+# A journal longer than this share of its base: the next generation writes a new base. Restoring
+# reads the base and the journal, recording costs the change plus, now and then, one base.
+COMPACT_RATIO = 0.5
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
 LOCK_FILE = "lock"
 LOCK_POLL = 0.05  # seconds between attempts while waiting for another holder
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRef:
+    """Where a generation's directory data is: a base and the first `end` bytes of its journal."""
+
+    base: str  # file name in state_dir/store
+    base_sha256: str
+    base_size: int
+    end: int
+    journal_sha256: str  # of those `end` bytes
+
+    @property
+    def journal(self) -> str:
+        return self.base.removesuffix(".base") + ".journal"
+
+    def files(self) -> tuple[str, str]:
+        return self.base, self.journal
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "base_sha256": self.base_sha256,
+            "base_size": self.base_size,
+            "end": self.end,
+            "journal_sha256": self.journal_sha256,
+        }
+
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> StoreRef | None:
+        """The reference in a generation's meta.json; None for a generation with snapshot.json."""
+        doc = meta.get("store")
+        if doc is None:
+            return None
+        try:
+            ref = cls(
+                str(doc["base"]), str(doc["base_sha256"]), int(doc["base_size"]), int(doc["end"]),
+                str(doc["journal_sha256"]),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"store reference malformed: {e}") from e
+        if "/" in ref.base or not ref.base.endswith(".base") or ref.base.startswith("."):
+            raise ValueError(f"store reference names an unexpected file: {ref.base!r}")
+        return ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,17 +147,49 @@ class Generation:
     path: Path
     meta: Mapping[str, Any]
 
-    def snapshot(self) -> Snapshot:
+    @property
+    def store_ref(self) -> StoreRef | None:
         try:
-            return Snapshot.from_json((self.path / "snapshot.json").read_bytes())
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return StoreRef.of(self.meta)
+        except ValueError as e:
+            raise StateError(f"generation {self.id}: {e}") from e
+
+    def snapshot(self) -> Snapshot:
+        """The directory as this generation recorded it (rebuilt from its base and journal)."""
+        return self._read()[0]
+
+    def _read(self, *, compact: bool = False) -> tuple[Snapshot, Any]:
+        """(snapshot, sha256 object of the journal bytes read, None for snapshot.json)."""
+        ref = self.store_ref
+        try:
+            if ref is None:
+                return Snapshot.from_json((self.path / "snapshot.json").read_bytes()), None
+            data = _store_dir(self.path).joinpath(ref.base).read_bytes()
+            if len(data) != ref.base_size or sha256(data) != ref.base_sha256:
+                raise StateError(f"generation {self.id}: base {ref.base} damaged (does not match its hash)")
+            journal = b""
+            if ref.end:
+                with open(_store_dir(self.path) / ref.journal, "rb") as fh:
+                    journal = fh.read(ref.end)
+            hashed = hashlib.sha256(journal)
+            if len(journal) != ref.end or hashed.hexdigest() != ref.journal_sha256:
+                raise StateError(
+                    f"generation {self.id}: journal {ref.journal} damaged "
+                    f"(its first {ref.end} bytes do not match their hash)"
+                )
+            base = json.loads(data)
+            del data
+            return store.rebuild(base, store.lines(journal), compact=compact), hashed
+        except StateError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise StateError(f"generation {self.id}: snapshot unreadable: {e}") from e
 
     def verify(self) -> None:
         """Raise StateError unless snapshot and outputs are complete and match meta.json."""
         snap = self.snapshot()
         want = self.meta.get("snapshot_digest")
-        if snap.digest() != want and snap.legacy_digest() != want:
+        if snap.digest() != want and (self.store_ref is not None or snap.legacy_digest() != want):
             raise StateError(f"generation {self.id}: snapshot does not match its digest")
         for name in self.meta.get("hashes", {}):
             try:
@@ -111,6 +203,22 @@ class Generation:
         if want and hashlib.sha256(data).hexdigest() != want:
             raise StateError(f"generation {self.id}: output {name} does not match its hash")
         return data
+
+
+def _store_dir(generation_path: Path) -> Path:
+    return generation_path.parent.parent / STORE_DIR
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """The newest recorded generation's snapshot, kept by the writer for the next record to
+    diff against in memory. Its entries are shared with whoever made the snapshot (the agent's
+    mirror): not a second copy of the directory. `journal` hashes the journal up to ref.end."""
+
+    generation: str
+    snapshot: Snapshot
+    ref: StoreRef
+    journal: Any  # hashlib sha256 object
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +264,16 @@ class State:
     def __init__(self, root: Path):
         self.root = root
         self.generations_dir = root / "generations"
+        self.store_dir = root / STORE_DIR
         self._checked = False
+        self._tail: _Tail | None = None
+
+    def inherit(self, other: State) -> None:
+        """Take over what another State object of the same directory knows in memory (the last
+        recorded snapshot): the agent's new pipeline after a config reload keeps recording
+        changes only. Checked against the files before use, like everything kept in memory."""
+        if other.root == self.root and other._tail is not None:
+            self._tail = other._tail
 
     def ensure(self) -> None:
         """Create the state dir 0700; refuse one that others can read (it holds hashes), or
@@ -274,19 +391,33 @@ class State:
         meta: Mapping[str, Any],
         keep: int,
         hashes: Mapping[str, str] | None = None,
+        *,
+        compact: bool = False,
     ) -> Generation:
+        """Record a generation: the snapshot's changes since the previous record (a journal line,
+        or a new base if there is no predecessor in memory, the journal is long, or `compact`),
+        outputs linked where the previous generation has the same bytes; then make it current."""
+        if hashes is None:
+            hashes = {n: sha256(d) for n, d in outputs.items()}
+        gens = self.generations()
+        ref, journal = self._store(gid, snapshot, gens, compact=compact)
+        current = self.current_id()
+        previous = [g for g in gens if self._tail is not None and g.id == self._tail.generation]
+        previous += [g for g in gens if g.id == current and g not in previous]
+        entry_sum = snapshot.entry_sum
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.generations_dir))
         try:
             (tmp / "outputs").mkdir(mode=0o700)
             for name, data in outputs.items():
-                _write_new(tmp / "outputs" / name, data)
-            _write_new(tmp / "snapshot.json", snapshot.to_json())
+                _link_or_write(tmp / "outputs" / name, data, name, hashes[name], previous)
             full_meta = {
                 **meta,
                 "id": gid,
                 "time": time.time(),
-                "snapshot_digest": snapshot.digest(),
-                "hashes": dict(hashes) if hashes is not None else {n: sha256(d) for n, d in outputs.items()},
+                "snapshot_digest": entry_sum.hexdigest(),
+                "snapshot_sum": [entry_sum.count, f"{entry_sum.total:x}"],
+                "store": ref.to_json(),
+                "hashes": dict(hashes),
                 "lines": {n: d.count(b"\n") for n, d in outputs.items()},
             }
             _write_new(tmp / "meta.json", json.dumps(full_meta, indent=1, sort_keys=True).encode())
@@ -296,22 +427,161 @@ class State:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self._tail = _Tail(gid, snapshot, ref, journal)
         fsync_dir(self.generations_dir)
         write_atomic(self.root / "current", gid.encode())
         self.prune(keep)
         return Generation(gid, self.generations_dir / gid, full_meta)
 
+    def _store(self, gid: str, snapshot: Snapshot, gens: list[Generation], *, compact: bool) -> tuple[StoreRef, Any]:
+        """Put the snapshot's entries in the store: one journal line if the previous record's
+        snapshot is in memory and still what its files hold, else a new base."""
+        self.store_dir.mkdir(mode=0o700, exist_ok=True)
+        tail = None if compact else self._usable_tail(gens)
+        if tail is not None:
+            changes = store.diff(tail.snapshot.entries, snapshot.entries)
+            after = tail.snapshot.entry_sum
+            for c in changes:
+                for e in c.before:
+                    after = after.removed(e)
+                for e in c.after:
+                    after = after.added(e)
+            if after != snapshot.entry_sum:  # cannot happen unless a sum or the diff is wrong
+                log.error("journal line does not add up to the snapshot; writing a new base", generation=gid)
+            else:
+                line = store.journal_line(gid, snapshot, changes)
+                if tail.ref.end + len(line) <= COMPACT_RATIO * tail.ref.base_size:
+                    return self._append(tail, line)
+        return self._write_base(gid, snapshot)
+
+    def _usable_tail(self, gens: list[Generation]) -> _Tail | None:
+        """The snapshot kept in memory, if the newest line of its journal is still its own."""
+        t = self._tail
+        if t is None:
+            return None
+        try:
+            gen = next((g for g in gens if g.id == t.generation), None)
+            if gen is None or gen.store_ref != t.ref or gen.meta.get("snapshot_digest") != t.snapshot.digest():
+                return None
+            for g in gens:
+                ref = g.store_ref
+                if ref is not None and ref.base == t.ref.base and ref.end > t.ref.end:
+                    return None
+            if (self.store_dir / t.ref.base).stat().st_size != t.ref.base_size:
+                return None
+            try:
+                size = (self.store_dir / t.ref.journal).stat().st_size
+            except FileNotFoundError:
+                size = 0
+        except (StateError, OSError):
+            return None
+        return t if size >= t.ref.end else None
+
+    def _append(self, tail: _Tail, line: bytes) -> tuple[StoreRef, Any]:
+        """Append `line` to the tail's journal (cutting off bytes a failed record left), fsynced."""
+        path = self.store_dir / tail.ref.journal
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            if os.fstat(fd).st_size != tail.ref.end:
+                os.ftruncate(fd, tail.ref.end)
+            written = 0
+            while written < len(line):
+                written += os.pwrite(fd, line[written:], tail.ref.end + written)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if tail.ref.end == 0:
+            fsync_dir(self.store_dir)  # the journal's name
+        journal = tail.journal.copy()
+        journal.update(line)
+        ref = StoreRef(
+            tail.ref.base, tail.ref.base_sha256, tail.ref.base_size, tail.ref.end + len(line), journal.hexdigest()
+        )
+        return ref, journal
+
+    def _write_base(self, gid: str, snapshot: Snapshot) -> tuple[StoreRef, Any]:
+        """Write the whole snapshot as a new base (streamed, hashed on the way), fsynced."""
+        name, n = f"{gid}.base", 1
+        while any((self.store_dir / f).exists() for f in (name, name.removesuffix(".base") + ".journal")):
+            n += 1
+            name = f"{gid}.{n}.base"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.store_dir)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in snapshot.json_chunks():
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, self.store_dir / name)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.store_dir)
+        return StoreRef(name, digest.hexdigest(), size, 0, EMPTY_SHA256), hashlib.sha256()
+
+    def resume(self, gid: str) -> Snapshot:
+        """Generation `gid`'s snapshot, for a mirror to carry on from (entries in the compact form).
+
+        If gid is the newest line of its journal, later records diff against this snapshot in
+        memory: the mirror and the state then share its entries. The digest's running sum is
+        taken from meta.json (the base and journal matched their hashes). StateError if unusable.
+        """
+        gens = self.generations()
+        gen = next((g for g in gens if g.id == gid), None)
+        if gen is None:
+            raise StateError(f"no generation {gid}")
+        snapshot, journal = gen._read(compact=True)
+        saved = _saved_sum(gen.meta)
+        if saved is not None:
+            snapshot = Snapshot.with_sum(snapshot.entries, snapshot.source, snapshot.rejections, saved)
+        ref = gen.store_ref
+        if ref is not None and saved is not None:
+            tail = _Tail(gid, snapshot, ref, journal)
+            self._tail, previous = tail, self._tail
+            if self._usable_tail(gens) is None:
+                self._tail = previous
+        return snapshot
+
     def prune(self, keep: int) -> None:
+        """Keep the newest `keep` generations and the current one, and the store files they name."""
         current = self.current_id()
-        for g in self.generations()[keep:]:
-            if g.id != current:
-                shutil.rmtree(g.path, ignore_errors=True)
+        kept = []
+        for i, g in enumerate(self.generations()):
+            if i < keep or g.id == current:
+                kept.append(g)
+                continue
+            doomed = self.generations_dir / f".tmp-pruned-{g.id}"  # gone at once, even if a kill stops the removal
+            try:
+                os.rename(g.path, doomed)
+            except OSError:
+                doomed = g.path
+            shutil.rmtree(doomed, ignore_errors=True)
         self.sweep()
+        if not self.store_dir.is_dir():
+            return
+        needed = set(self._tail.ref.files()) if self._tail is not None else set()
+        for g in kept:
+            with contextlib.suppress(StateError):
+                ref = g.store_ref
+                if ref is not None:
+                    needed.update(ref.files())
+        for path in self.store_dir.iterdir():
+            if path.name not in needed:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def sweep(self) -> None:
-        """Remove what a killed record() left behind (its .tmp-* directory); the lock holder's job."""
+        """Remove what a killed record() or prune() left behind (.tmp-* generation directories
+        and bases); the lock holder's job. A base no generation names goes at the next prune."""
         for leftover in self.generations_dir.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.store_dir.glob(".tmp-*"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
     def generations(self) -> list[Generation]:
         """Readable generations, newest first; a damaged one is reported and skipped."""
@@ -421,6 +691,34 @@ class State:
 def _time(meta: Mapping[str, Any]) -> float:
     t = meta.get("time")
     return float(t) if isinstance(t, int | float) else 0.0
+
+
+def _saved_sum(meta: Mapping[str, Any]) -> EntrySum | None:
+    """The directory digest's running sum recorded in meta.json, if it agrees with the digest."""
+    raw = meta.get("snapshot_sum")
+    if not isinstance(raw, list) or len(raw) != 2 or not isinstance(raw[0], int) or not isinstance(raw[1], str):
+        return None
+    try:
+        entry_sum = EntrySum(raw[0], int(raw[1], 16))
+    except ValueError:
+        return None
+    return entry_sum if entry_sum.hexdigest() == meta.get("snapshot_digest") else None
+
+
+def _link_or_write(path: Path, data: bytes, name: str, digest: str, previous: list[Generation]) -> None:
+    """A hard link to an earlier generation's output with these bytes, else a new file."""
+    for g in previous:
+        if g.meta.get("hashes", {}).get(name) != digest:
+            continue
+        source = g.path / "outputs" / name
+        try:
+            st = os.lstat(source)
+            if stat.S_ISREG(st.st_mode) and st.st_size == len(data):
+                os.link(source, path, follow_symlinks=False)
+                return
+        except OSError:
+            continue
+    _write_new(path, data)
 
 
 def _write_new(path: Path, data: bytes) -> None:

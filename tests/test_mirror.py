@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from profiles import examples
@@ -18,6 +20,7 @@ from profiles import examples
 from ldapsync import config as config_mod
 from ldapsync import mirror
 from ldapsync.directory import Attributes, Entry, EntrySum, Snapshot, entry_order, make_entry, sort_entries
+from ldapsync.mirror import Mirror
 from ldapsync.state import State
 
 WANTED = ["uid", "emailForward", "mailPassword", "accountStatus"]
@@ -162,3 +165,101 @@ def test_follow_state_carries_the_running_digest(tmp_path: Path) -> None:
     loaded = mirror.load_follow_state(state, cfg)
     assert loaded is not None and "entry_sum" not in vars(loaded[0])
     assert loaded[0].digest() == snap.digest()
+
+
+# -- follow state naming a generation -------------------------------------------------------
+
+
+def mirrored(n: int) -> Mirror:
+    m = Mirror()
+    for i in range(n):
+        m.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [b"x@far.example"]}, WANTED)
+    m.set_cookie(b"cookie-1")
+    return m
+
+
+def recorded(state: State, snapshot: Snapshot) -> str:
+    outputs = {"out": snapshot.digest().encode()}
+    return state.record(state.new_generation_id(outputs), snapshot, outputs, {}, 10).id
+
+
+def test_follow_state_names_the_generation_instead_of_copying_the_directory(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = mirrored(50)
+    held, _ = m.snapshot()
+    mirror.save_follow_state(state, cfg, held, b"cookie-0")  # a held change: not in a generation
+    assert (state.root / mirror.FOLLOW_SNAPSHOT).exists()
+    snap, cookie = m.snapshot()
+    gid = recorded(state, snap)
+    mirror.save_follow_state(state, cfg, snap, cookie, generation=gid)
+    doc = json.loads(mirror.follow_state_path(state).read_text())
+    assert doc["generation"] == gid and "snapshot_sha256" not in doc
+    assert not (state.root / mirror.FOLLOW_SNAPSHOT).exists(), "the copy for the held change was kept"
+    loaded = mirror.load_follow_state(State(state.root), cfg)
+    assert loaded == (snap, b"cookie-1")
+    assert "entry_sum" in vars(loaded[0])  # from meta.json: not hashed again
+    assert all(type(e.attributes) is Attributes for e in loaded[0].entries)  # what the mirror keeps
+
+
+def test_a_generation_that_does_not_hold_the_snapshot_is_not_named(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = mirrored(5)
+    gid = recorded(state, m.snapshot()[0])
+    m.upsert("k1", f"uid=u1,{USERS}", {"uid": [b"u1"]}, WANTED)  # changed since: e.g. a held change
+    snap, cookie = m.snapshot()
+    mirror.save_follow_state(state, cfg, snap, cookie, generation=gid)
+    assert "generation" not in json.loads(mirror.follow_state_path(state).read_text())
+    assert mirror.load_follow_state(state, cfg) == (snap, cookie)
+
+
+@pytest.mark.parametrize("damage", ["pruned", "journal-damaged", "other-digest"])
+def test_a_follow_state_whose_generation_is_unusable_means_a_full_read(tmp_path: Path, damage: str) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = mirrored(40)
+    recorded(state, m.snapshot()[0])
+    m.upsert("k3", f"uid=u3,{USERS}", {"uid": [b"u3"]}, WANTED)
+    snap, cookie = m.snapshot()
+    gid = recorded(state, snap)  # a journal line after the base
+    mirror.save_follow_state(state, cfg, snap, cookie, generation=gid)
+    if damage == "pruned":
+        shutil.rmtree(state.generations_dir / gid)
+    elif damage == "journal-damaged":
+        (journal,) = state.store_dir.glob("*.journal")
+        journal.write_bytes(journal.read_bytes().replace(b"u3", b"u4"))
+    else:
+        path = mirror.follow_state_path(state)
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "snapshot_digest": "0" * 64}))
+    assert mirror.load_follow_state(State(state.root), cfg) is None
+
+
+def test_a_restarted_agent_records_only_the_change_and_shares_the_mirrors_entries(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    state = State(cfg.state_dir)
+    state.ensure()
+    m = mirrored(300)
+    snap, cookie = m.snapshot()
+    gid = recorded(state, snap)
+    mirror.save_follow_state(state, cfg, snap, cookie, generation=gid)
+
+    restarted = State(state.root)  # a new process
+    loaded = mirror.load_follow_state(restarted, cfg)
+    assert loaded is not None
+    m2 = Mirror()
+    m2.load(*loaded)
+    m2.upsert("k7", f"uid=u7,{USERS}", {"uid": [b"u7"], "emailForward": [b"new@far.example"]}, WANTED)
+    after, _ = m2.snapshot()
+    assert sum(a is b for a, b in zip(after.entries, loaded[0].entries, strict=True)) == 299  # one copy of each
+    bases = sorted(restarted.store_dir.glob("*.base"))
+    new = restarted.get(recorded(restarted, after))
+    assert new is not None
+    assert sorted(restarted.store_dir.glob("*.base")) == bases, "a restart wrote the whole directory again"
+    assert len(list(restarted.store_dir.glob("*.journal"))) == 1
+    assert new.snapshot() == after
+    new.verify()

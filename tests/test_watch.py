@@ -264,18 +264,6 @@ def test_unchanged_directory_only_moves_the_cookie(tmp_path: Path) -> None:
     assert watch.load_follow_state(state, cfg) == (snap, b"cookie-2")
 
 
-def test_generation_snapshot_is_linked_not_copied(tmp_path: Path) -> None:
-    cfg, state, snap = saved(tmp_path, b"cookie-1")
-    changed = Snapshot(snap.entries[:1], snap.source)
-    generation_file = tmp_path / "generation-snapshot.json"
-    generation_file.write_bytes(changed.to_json())
-    generation_file.chmod(0o600)  # as state.record writes it: the follow cache must be private
-    watch.save_follow_state(state, cfg, changed, b"cookie-2", reuse=generation_file)
-    assert (state.root / watch.FOLLOW_SNAPSHOT).stat().st_ino == generation_file.stat().st_ino
-    generation_file.unlink()  # pruning the generation later does not lose the follow state
-    assert watch.load_follow_state(state, cfg) == (changed, b"cookie-2")
-
-
 # -- reconnect backoff -------------------------------------------------------------------
 
 
