@@ -293,9 +293,10 @@ def _damage(state: Path, what: str) -> None:
     gen = state / "generations" / (state / "current").read_text().strip()
     if what == "meta":
         (gen / "meta.json").write_text('{"id": "trunc')
-    elif what == "snapshot":
-        data = (gen / "snapshot.json").read_bytes()
-        (gen / "snapshot.json").write_bytes(data[: len(data) // 2])
+    elif what == "snapshot":  # the directory data: the base in the store
+        base = state / "store" / json.loads((gen / "meta.json").read_bytes())["store"]["base"]
+        data = base.read_bytes()
+        base.write_bytes(data[: len(data) // 2])
     elif what == "output":
         (gen / "outputs" / "alias").write_bytes(b"")
     else:
