@@ -27,7 +27,12 @@ from ldapsync import agent as agent_mod
 from ldapsync import config as config_mod
 from ldapsync import ldifsource, mirror, state, sync, watch
 from ldapsync.config import LdifSource
-from ldapsync.directory import Entry, Snapshot
+from ldapsync.directory import Attributes, Entry, Snapshot
+
+try:
+    from ldapsync import store
+except ImportError:  # before the store existed (to measure the previous version)
+    store = None  # type: ignore[assignment]
 
 TIMES: dict[str, list[float]] = defaultdict(list)
 
@@ -114,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--changes", type=int, default=5)
     ap.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    ap.add_argument("--diff-only", type=int, metavar="N", help="only time the diff of N synthetic entries")
     args = ap.parse_args(argv)
+    if args.diff_only:
+        diff_costs(args.diff_only)
+        return 0
     root = Path(args.dir or tempfile.mkdtemp(prefix="ldapsync-bench-gen-"))
     root.mkdir(parents=True, exist_ok=True)
     data = generate.write(args.users, root / "data")
@@ -172,7 +181,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {'restart: load follow state':<36} {t1 - t0:8.4f}")
     print(f"  {'restart: mirror.load':<36} {t2 - t1:8.4f}")
     print(f"state dir: {du(cfg.state_dir) / 2**20:.1f} MiB on disk; {root}")
+    if store is not None:
+        diff_costs(len(entries))
     return 0
+
+
+def diff_costs(n: int) -> None:
+    """What deciding the changed entries costs: shared entries (the agent) and equal copies (a refresh)."""
+    assert store is not None
+    entries = tuple(
+        Entry(f"uid=u{i:07d},{generate.USERS_DN}", Attributes.of({"uid": (f"u{i}",), "mail": (f"u{i}@x",)}), f"k{i}")
+        for i in range(n)
+    )
+    changed = list(entries)
+    changed[n // 2] = Entry(entries[n // 2].dn, Attributes.of({"uid": ("other",)}), entries[n // 2].uuid)
+    copies = [Entry(e.dn, Attributes.of(dict(e.attributes)), e.uuid) for e in changed]
+    for label, new in (("shared entries, one changed", changed), ("equal copies, one changed", copies)):
+        t0 = time.perf_counter()
+        found = store.diff(entries, new)
+        assert len(found) == 1
+        print(f"  diff of {n} entries, {label:<28} {time.perf_counter() - t0:8.4f} s")
 
 
 if __name__ == "__main__":
