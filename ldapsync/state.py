@@ -131,9 +131,12 @@ class StoreRef:
             return None
         try:
             ref = cls(
-                str(doc["base"]), str(doc["base_sha256"]), int(doc["base_size"]), int(doc["end"]),
+                str(doc["base"]),
+                str(doc["base_sha256"]),
+                int(doc["base_size"]),
+                int(doc["end"]),
                 str(doc["journal_sha256"]),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"store reference malformed: {e}") from e
         if "/" in ref.base or not ref.base.endswith(".base") or ref.base.startswith("."):
@@ -392,15 +395,15 @@ class State:
         keep: int,
         hashes: Mapping[str, str] | None = None,
         *,
-        compact: bool = False,
+        new_base: bool = False,
     ) -> Generation:
         """Record a generation: the snapshot's changes since the previous record (a journal line,
-        or a new base if there is no predecessor in memory, the journal is long, or `compact`),
+        or a new base if there is no predecessor in memory, the journal is long, or `new_base`),
         outputs linked where the previous generation has the same bytes; then make it current."""
         if hashes is None:
             hashes = {n: sha256(d) for n, d in outputs.items()}
         gens = self.generations()
-        ref, journal = self._store(gid, snapshot, gens, compact=compact)
+        ref, journal = self._store(gid, snapshot, gens, new_base=new_base)
         current = self.current_id()
         previous = [g for g in gens if self._tail is not None and g.id == self._tail.generation]
         previous += [g for g in gens if g.id == current and g not in previous]
@@ -433,11 +436,11 @@ class State:
         self.prune(keep)
         return Generation(gid, self.generations_dir / gid, full_meta)
 
-    def _store(self, gid: str, snapshot: Snapshot, gens: list[Generation], *, compact: bool) -> tuple[StoreRef, Any]:
+    def _store(self, gid: str, snapshot: Snapshot, gens: list[Generation], *, new_base: bool) -> tuple[StoreRef, Any]:
         """Put the snapshot's entries in the store: one journal line if the previous record's
         snapshot is in memory and still what its files hold, else a new base."""
         self.store_dir.mkdir(mode=0o700, exist_ok=True)
-        tail = None if compact else self._usable_tail(gens)
+        tail = None if new_base else self._usable_tail(gens)
         if tail is not None:
             changes = store.diff(tail.snapshot.entries, snapshot.entries)
             after = tail.snapshot.entry_sum

@@ -451,9 +451,9 @@ def outputs_of(snapshot: Snapshot) -> dict[str, bytes]:
     return {"alias": alias.encode(), "static": b"postmaster@example.org\troot\n"}
 
 
-def put(state: State, snapshot: Snapshot, *, keep: int = 10, compact: bool = False) -> str:
+def put(state: State, snapshot: Snapshot, *, keep: int = 10, new_base: bool = False) -> str:
     outputs = outputs_of(snapshot)
-    return state.record(state.new_generation_id(outputs), snapshot, outputs, {}, keep, compact=compact).id
+    return state.record(state.new_generation_id(outputs), snapshot, outputs, {}, keep, new_base=new_base).id
 
 
 def store_files(state: State) -> list[str]:
@@ -534,10 +534,10 @@ def test_a_damaged_base_or_journal_invalidates_exactly_the_generations_reading_i
     for n in range(2):
         snapshot = changed(snapshot, n, f"a{n}.example")
         old_base.append(put(state, snapshot))
-    new_base = [put(state, snapshot := changed(snapshot, 5, "b.example"), compact=True)]
+    second_base = [put(state, snapshot := changed(snapshot, 5, "b.example"), new_base=True)]
     for n in range(3):
         snapshot = changed(snapshot, n + 10, f"c{n}.example")
-        new_base.append(put(state, snapshot))
+        second_base.append(put(state, snapshot))
 
     def intact() -> set[str]:
         ok = set()
@@ -549,25 +549,25 @@ def test_a_damaged_base_or_journal_invalidates_exactly_the_generations_reading_i
             ok.add(g.id)
         return ok
 
-    assert intact() == set(old_base + new_base)
-    ref = State(state.root).get(new_base[2])
+    assert intact() == set(old_base + second_base)
+    ref = State(state.root).get(second_base[2])
     assert ref is not None and ref.store_ref is not None
     journal = state.store_dir / ref.store_ref.journal
     data = bytearray(journal.read_bytes())
     data[ref.store_ref.end - 5] ^= 0x01  # inside the second line: the generations from it on
     journal.write_bytes(bytes(data))
-    assert intact() == set(old_base + new_base[:2])
+    assert intact() == set(old_base + second_base[:2])
     lkg = state.last_good()
-    assert lkg is not None and lkg.id == new_base[1]
+    assert lkg is not None and lkg.id == second_base[1]
 
     base = state.store_dir / ref.store_ref.base
     data = base.read_bytes()
     assert b'"u011"' in data
     base.write_bytes(data.replace(b'"u011"', b'"u0l1"', 1))
     assert intact() == set(old_base)
-    g = state.get(new_base[0])
+    g = state.get(second_base[0])
     assert g is not None
-    with pytest.raises(StateError, match=f"generation {new_base[0]}: base .* damaged"):
+    with pytest.raises(StateError, match=f"generation {second_base[0]}: base .* damaged"):
         g.snapshot()
     lkg = state.last_good()
     assert lkg is not None and lkg.id == old_base[-1]
@@ -578,7 +578,7 @@ def test_pruning_keeps_the_base_of_an_old_current_generation(state: State) -> No
     rolled_back_to = put(state, snapshot)
     for n in range(4):
         snapshot = changed(snapshot, n, f"z{n}.example")
-        put(state, snapshot, compact=True)
+        put(state, snapshot, new_base=True)
     state.set_current(rolled_back_to)  # `ldapsync rollback`: stays, although older than `keep`
     state.prune(1)
     assert len(state.generations()) == 2
@@ -617,7 +617,7 @@ KILL_POINTS = ("fsync", "rename", "replace", "link", "pwrite", "ftruncate", "unl
 KILLED, DONE = 9, 0
 
 
-def _record_killed_at(state: State, step: int, gid: str, snapshot: Snapshot, *, compact: bool) -> bool:
+def _record_killed_at(state: State, step: int, gid: str, snapshot: Snapshot, *, new_base: bool) -> bool:
     """state.record in a forked child that dies (os._exit, no cleanup: as kill -9) just before
     its `step`-th file operation; a pwrite is torn (half its bytes written). True if killed."""
     pid = os.fork()
@@ -641,7 +641,7 @@ def _record_killed_at(state: State, step: int, gid: str, snapshot: Snapshot, *, 
             for name in KILL_POINTS:
                 setattr(os, name, hook(name, getattr(os, name)))
             outputs = outputs_of(snapshot)
-            state.record(gid, snapshot, outputs, {}, 2, compact=compact)
+            state.record(gid, snapshot, outputs, {}, 2, new_base=new_base)
             code = DONE
         finally:
             os._exit(code)
@@ -680,7 +680,7 @@ def test_kill_at_every_step_of_a_record_leaves_the_old_or_the_new_generation(
         target = changed(snapshot, 7, "target.example")
         gid = state.new_generation_id(outputs_of(target))
         expected[gid] = target
-        killed = _record_killed_at(state, step, gid, target, compact=how == "new-base")
+        killed = _record_killed_at(state, step, gid, target, new_base=how == "new-base")
         fresh = State(state.root)
         if how != "first" or fresh.generations():
             _check_store(fresh, expected)
@@ -731,7 +731,7 @@ def record_forever(root: str, start: int) -> None:
     while True:
         snapshot = _step(snapshot, i)
         outputs = outputs_of(snapshot)
-        state.record(state.new_generation_id(outputs), snapshot, outputs, {"step": i}, 4, compact=i % 23 == 0)
+        state.record(state.new_generation_id(outputs), snapshot, outputs, {"step": i}, 4, new_base=i % 23 == 0)
         i += 1
 
 
@@ -929,7 +929,7 @@ def test_every_kept_generation_restores_exactly_what_was_recorded(steps: list[An
         for n, step in enumerate(steps):
             if step[0] == "record":
                 snapshot = _edited(snapshot, step[1], step[2], f"s{n}")
-                recorded[put(state, snapshot, keep=3, compact=step[3])] = snapshot
+                recorded[put(state, snapshot, keep=3, new_base=step[3])] = snapshot
             elif step[0] == "prune":
                 state.prune(step[1])
             elif step[0] == "restart":
