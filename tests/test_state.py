@@ -91,10 +91,18 @@ def test_prune_keeps_n_and_never_the_current(state: State) -> None:
     assert [g.id for g in state.generations()] == kept, "the current generation was pruned"
 
 
-def test_generation_files_are_private_and_complete(state: State) -> None:
-    gid = record(state, 3)
+def test_generation_files_are_private_and_complete(state: State, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_mod, "COMPACT_RATIO", 100.0)
+    record(state, 2)
+    gid = record(state, 3)  # a journal line after the base
     gen = state.root / "generations" / gid
-    for p in [gen, *gen.rglob("*")]:
+    assert {p.suffix for p in state.store_dir.iterdir()} == {".base", ".journal"}
+    old = os.umask(0)  # what ldapsync creates does not depend on the umask
+    try:
+        record(state, 4)
+    finally:
+        os.umask(old)
+    for p in [gen, *gen.rglob("*"), state.store_dir, *state.store_dir.iterdir()]:
         assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
     g = state.get(gid)
     assert g is not None
