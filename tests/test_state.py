@@ -99,10 +99,13 @@ def test_generation_files_are_private_and_complete(state: State, monkeypatch: py
     assert {p.suffix for p in state.store_dir.iterdir()} == {".base", ".journal"}
     old = os.umask(0)  # what ldapsync creates does not depend on the umask
     try:
-        record(state, 4)
+        outputs = {"alias": b"u4@example.org\tx\n"}
+        fourth = state.record(state.new_generation_id(outputs), snap(4), outputs, {}, 10, new_base=True)
+        record(state, 5)  # and a new journal
     finally:
         os.umask(old)
-    for p in [gen, *gen.rglob("*"), state.store_dir, *state.store_dir.iterdir()]:
+    assert len(list(state.store_dir.glob("*.journal"))) == 2
+    for p in [gen, *gen.rglob("*"), fourth.path, *fourth.path.rglob("*"), state.store_dir, *state.store_dir.iterdir()]:
         assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
     g = state.get(gid)
     assert g is not None
