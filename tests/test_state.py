@@ -24,6 +24,7 @@ import siteconfig
 from agentutil import AgentProcess, AgentSetup, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from slapd import Slapd, ssha
 
 from ldapsync import config as config_mod
@@ -130,10 +131,12 @@ def test_an_interrupted_record_leaves_no_generation(state: State) -> None:
     assert state.generations() == [] and state.current_id() is None
     assert list((state.root / "generations").iterdir()) == []
     assert list(state.store_dir.iterdir()) == [], "a partial base was left"
-    # a temp dir left by a kill -9 is cleaned by the next prune
+    # a temp dir or base left by a kill -9 is cleaned by the next prune
     (state.root / "generations" / ".tmp-killed").mkdir()
+    (state.store_dir / ".tmp-killed").write_bytes(b'{"entries":[')
     record(state, 1)
     assert not (state.root / "generations" / ".tmp-killed").exists()
+    assert not (state.store_dir / ".tmp-killed").exists()
 
 
 @pytest.mark.parametrize(
@@ -928,7 +931,7 @@ def _failing_at(n: int, real: Any) -> Any:
     return failing
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=_steps, ratio=st.sampled_from([0.5, 100.0, 100.0]))
 def test_every_kept_generation_restores_exactly_what_was_recorded(steps: list[Any], ratio: float) -> None:
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:

@@ -13,6 +13,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from ldapsync import store
 from ldapsync.directory import Attributes, Entry, Rejection, Snapshot, sort_entries
@@ -51,7 +52,7 @@ def shared(old: Snapshot, new: Snapshot) -> Snapshot:
     return Snapshot(tuple(pool.get(repr(e), e) for e in new.entries), new.source, new.rejections)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(snapshots, min_size=1, max_size=5), st.booleans(), st.booleans())
 def test_a_base_and_its_journal_lines_rebuild_every_version_exactly(
     versions: list[Snapshot], share: bool, compact: bool
