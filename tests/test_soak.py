@@ -794,6 +794,7 @@ class Soak:
         self.log = changes_log.open("w")
         self.applied = 0
         self.compared = 0
+        self.began = time.monotonic()
 
     def context(self) -> str:
         logs = ", ".join(str(a.log_path) for a in self.agents[-3:])
@@ -803,7 +804,7 @@ class Soak:
         )
 
     def note(self, text: str) -> None:
-        self.log.write(f"# --- {text}\n\n")
+        self.log.write(f"# --- {time.monotonic() - self.began:.1f}s: {text}\n\n")
         self.log.flush()
 
     # -- directory -----------------------------------------------------------------------
@@ -892,6 +893,7 @@ class Soak:
     def compare(self, tag: str) -> None:
         if self.agent is None:
             self.start()
+        self.note(f"waiting for the agent to catch up ({tag})")
         try:
             wait_until(self.caught_up, CATCH_UP, interval=0.05, what="the agent to install slapd's contextCSN")
         except AssertionError as e:
@@ -902,9 +904,11 @@ class Soak:
         held = status_mod.load(self.setup.state).held
         assert held is None, f"the agent held a change: {held}" + self.context()
         self.compared += 1
-        self.note(f"compared with --once ({tag})")
+        self.note(f"caught up; comparing with --once ({tag})")
         fresh = run_once(self.setup, self.setup.root.parent / f"once-{self.compared}")
+        self.note("--once done")
         problems = differences(self.setup.maps, fresh, self.setup.postfix_dir)
+        self.note("compared")
         assert not problems, f"after {self.applied} changes ({tag}):\n" + "\n\n".join(problems) + self.context()
         shutil.rmtree(fresh.parent)
 
