@@ -12,6 +12,7 @@ NotifyListener is a NOTIFY_SOCKET datagram socket as systemd would provide.
 
 from __future__ import annotations
 
+import base64
 import grp
 import json
 import os
@@ -196,6 +197,16 @@ class AgentSetup:
         except FileNotFoundError:
             return set()
         return {line.split(":", 1)[0] for line in lines if line}
+
+    def saved_cookie(self) -> str | None:
+        """The sync cookie in state_dir/follow.json, saved after each sync with the snapshot it
+        installed (None: nothing saved yet)."""
+        try:
+            doc = json.loads((self.state / "follow.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        cookie = doc.get("cookie") if isinstance(doc, dict) else None
+        return base64.b64decode(cookie).decode(errors="replace") if isinstance(cookie, str) else None
 
     def reloads(self) -> int:
         try:

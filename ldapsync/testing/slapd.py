@@ -681,6 +681,12 @@ class Slapd:
             )
         return parse_ldif(proc.stdout)
 
+    def context_csn(self) -> list[str]:
+        """The suffix's contextCSN values: a syncrepl consumer whose cookie carries them has
+        received every change made so far."""
+        entries = self.search("(objectClass=*)", ["contextCSN"], base=self.suffix, scope="base")
+        return entries[0].get("contextCSN") if entries else []
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Slapd {self.uri} {state} in {self.workdir}>"
