@@ -80,6 +80,18 @@ def _heartbeat() -> float:
     return usec / 2e6 if usec > 0 else 10.0
 
 
+def _file_stamps(config: Config) -> list[tuple[int, int, int] | None]:
+    """(inode, size, mtime) of the config and static files, None if unreadable."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in (config.path, config.static):
+        try:
+            st = path.stat() if path is not None else None
+        except OSError:
+            st = None
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None)
+    return out
+
+
 def _timing(config: Config) -> sched.Timing:
     return sched.Timing.of(config.agent, heartbeat=_heartbeat())
 
@@ -87,6 +99,7 @@ def _timing(config: Config) -> sched.Timing:
 class Agent:
     def __init__(self, config: Config, *, force_first: bool = False):
         self.config = config
+        self.loaded_files = _file_stamps(config)  # before reading them: an edit from here on is seen
         self.pipeline = sync.Pipeline(config)
         # SimpleQueue: put() is reentrant, so the signal handler may post while get() runs
         self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
@@ -117,6 +130,7 @@ class Agent:
             self._restore_mirror()
             self._start_follower()
             self._watch_files()
+            self._catch_early_edits()
             self.notifier.notify("STATUS=starting: reading the directory")
             try:
                 self._loop()
@@ -166,6 +180,11 @@ class Agent:
         follower = watch.Follower(self.config, self.mirror, notify)
         self.follower = follower
         follower.start()
+
+    def _catch_early_edits(self) -> None:
+        """An edit between reading the files and watching them is an edit all the same."""
+        if _file_stamps(self.config) != self.loaded_files:
+            self.events.put((None, sched.ConfigEdited(time.monotonic())))
 
     def _watch_files(self) -> None:
         paths = {self.config.path}

@@ -600,3 +600,34 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     assert up["ldap_reachable"] is True
     assert not up["follower_error"] and not up["error"], f"error not cleared: {up}"
     wait_until(lambda: metric() == 1, 5, what="ldapsync_ldap_reachable 1")
+
+
+def test_a_static_edit_before_the_file_watcher_starts_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files are read when the agent is built and watched only once it runs: an edit in
+    between must still reach the scheduler, as the watcher would have reported it."""
+    from ldapsync import agent as agent_mod
+    from ldapsync import config as config_mod
+    from ldapsync import scheduler as sched_mod
+
+    static = tmp_path / "mail.yaml"
+    static.write_text("aliases: {postmaster: [alice]}\n")
+    (tmp_path / "d.ldif").write_text("")
+    conf = tmp_path / "ldapsync.yaml"
+    conf.write_text(
+        "domain: example.org\nsource: {ldif: d.ldif}\nstatic: mail.yaml\nstate_dir: state\n"
+        "exporters: [{kind: postfix-virtual, path: out/virtual, map_type: texthash}]\n"
+    )
+    with NotifyListener() as listener:  # systemd's socket, as under the unit
+        monkeypatch.setenv("NOTIFY_SOCKET", str(listener.path))
+        quiet = agent_mod.Agent(config_mod.load(conf))
+        quiet._catch_early_edits()
+        assert quiet.events.empty()
+        edited = agent_mod.Agent(config_mod.load(conf))
+        static.write_text("aliases: {postmaster: [alice], sales: [bob]}\n")
+        edited._catch_early_edits()
+        _, event = edited.events.get_nowait()
+        assert isinstance(event, sched_mod.ConfigEdited)
+        for agent in (quiet, edited):
+            agent.notifier.socket.close()  # the process's lifetime, not a test's
