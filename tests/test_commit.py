@@ -156,6 +156,38 @@ def test_only_changed_outputs_are_touched(tmp_path: Path, pfconf: Path) -> None:
     assert tree(maps) == after
 
 
+def test_postmap_runs_only_for_the_outputs_that_change(tmp_path: Path, pfconf: Path) -> None:
+    """postmap is the slowest step of an install (a 1M-line hash map takes seconds): never for nothing."""
+    calls = tmp_path / "postmap-calls"
+    wrapper = tmp_path / "postmap"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{POSTMAP}" "$@"\n')
+    wrapper.chmod(0o755)
+
+    def run(*outputs: commit.Output) -> list[str]:
+        calls.unlink(missing_ok=True)
+        install(list(outputs), pfconf, postmap=str(wrapper))
+        return [line.rsplit("/", 1)[1] for line in lines(calls)]
+
+    maps = tmp_path / "maps"
+    a, b, c = (
+        output(maps / "a", b"k\t1\n"),
+        output(maps / "b", b"k\t2\n", map_type="cdb"),
+        output(maps / "c", b"k\t3\n"),
+    )
+    assert sorted(run(a, b, c)) == ["a", "b", "c"]
+    assert run(a, b, c) == []
+    b = output(maps / "b", b"k\t4\n", map_type="cdb")  # new bytes
+    assert run(a, b, c) == ["b"]
+    c = output(maps / "c", b"k\t3\n", mode=0o640)  # a new mode alone
+    assert run(a, b, c) == ["c"]
+    (maps / "a.db").unlink()  # the compiled map is gone: only it is rebuilt
+    assert run(a, b, c) == ["a"]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
 # -- failures before the renames ---------------------------------------------------------
 def _make_unwritable(directory: Path) -> None:
     """Make `directory` refuse new files, also for root (immutable flag) -- or skip."""
