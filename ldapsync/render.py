@@ -35,6 +35,7 @@ class Rendered:
 
     data: bytes
     sha256: str
+    lines: int  # in data
     base: bytes | None = None  # the previous bytes the counts are against; None: rendered whole
     added: int = 0  # keys
     removed: int = 0
@@ -92,7 +93,7 @@ class Renderer:
         if data is None or change.full or domains != self._domains:
             return self._whole(model, domains)
         if not change.addresses and not change.logins:
-            return Rendered(data, self._sha256, data)
+            return Rendered(data, self._sha256, self._lines, data)
         if not exp.incremental or len(change.addresses) + len(change.logins) > max(
             SPLICE_MIN, self._lines // SPLICE_SHARE
         ):
@@ -102,10 +103,10 @@ class Renderer:
             return self._whole(model, domains)
         new, added, removed, changed = spliced
         if new is data:
-            return Rendered(data, self._sha256, data)
+            return Rendered(data, self._sha256, self._lines, data)
         self._data, self._sha256 = new, hashlib.sha256(new).hexdigest()
         self._lines += added - removed
-        return Rendered(new, self._sha256, data, added, removed, changed)
+        return Rendered(new, self._sha256, self._lines, data, added, removed, changed)
 
     def _whole(self, model: RoutingModel, domains: object) -> Rendered:
         exp = self.exporter
@@ -116,7 +117,7 @@ class Renderer:
         if exp.incremental:
             for login, key in exp.linked(model, None):
                 self._links[login] = (*self._links.get(login, ()), key)
-        return Rendered(data, self._sha256)
+        return Rendered(data, self._sha256, self._lines)
 
     def _splice(self, data: bytes, model: RoutingModel, change: ModelChange) -> tuple[bytes, int, int, int] | None:
         """The new bytes and +added -removed ~changed; None if only a whole render is safe."""

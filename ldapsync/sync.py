@@ -249,13 +249,15 @@ class Pipeline:
         deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
-            spliced = self._rendered.get(out.name)
-            if installed == out.data:
-                deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
-            elif spliced is not None and spliced.data is out.data and spliced.base == installed:
+            r = self._rendered.get(out.name)
+            if r is not None and r.data is not out.data:
+                r = None  # not the output this pipeline rendered last
+            if installed == out.data:  # unchanged: no need to parse
+                deltas.append(guards.Delta(out.name, r.lines if r is not None else out.data.count(b"\n")))
+            elif r is not None and r.base == installed:
                 # the renderer counted while splicing the installed bytes: no need to parse either
-                d = spliced
-                deltas.append(guards.Delta(out.name, installed.count(b"\n"), d.removed, d.changed, d.added))
+                size = r.lines - r.added + r.removed
+                deltas.append(guards.Delta(out.name, size, r.removed, r.changed, r.added))
             else:
                 deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
         guarded = [_guarded(d, exporters[d.output]) for d in deltas]

@@ -164,6 +164,7 @@ def assert_spliced_like_render(renderer: Renderer, new: RoutingModel, change: Mo
     want = exp.render(new)
     assert got.data == want, (exp.kind, exp.settings)
     assert got.base is before, "rendered whole instead of spliced"
+    assert got.lines == want.count(b"\n")
     d = guard.diff(exp.kind, before, want, exp.parse, values=True)
     assert (got.added, got.removed, got.changed) == (d.added, d.deleted, d.changed), (exp.kind, exp.settings)
     if want == before:
