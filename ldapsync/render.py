@@ -30,16 +30,26 @@ SPLICE_SHARE = 8  # ... and up to one per this many lines of the output; more: r
 
 
 @dataclass(frozen=True, slots=True)
+class Edit:
+    """How spliced bytes differ from the bytes they were spliced from, line by line."""
+
+    base: bytes
+    base_sha256: str
+    added: int = 0  # keys
+    removed: int = 0
+    changed: int = 0  # keys whose value changed
+    gone: tuple[str, ...] = ()  # the keys removed
+    put: tuple[bytes, ...] = ()  # the lines added or changed, with their newline
+
+
+@dataclass(frozen=True, slots=True)
 class Rendered:
-    """One output's bytes, and how they differ from the previous ones when that is known."""
+    """One output's bytes; `edit` says how they differ from the previous ones (None: unknown)."""
 
     data: bytes
     sha256: str
     lines: int  # in data
-    base: bytes | None = None  # the previous bytes the counts are against; None: rendered whole
-    added: int = 0  # keys
-    removed: int = 0
-    changed: int = 0  # keys whose value changed
+    edit: Edit | None = None
 
 
 def diff_models(old: RoutingModel, new: RoutingModel) -> ModelChange:
@@ -92,8 +102,9 @@ class Renderer:
         data = self._data
         if data is None or change.full or domains != self._domains:
             return self._whole(model, domains)
+        unchanged = Rendered(data, self._sha256, self._lines, Edit(data, self._sha256))
         if not change.addresses and not change.logins:
-            return Rendered(data, self._sha256, self._lines, data)
+            return unchanged
         if not exp.incremental or len(change.addresses) + len(change.logins) > max(
             SPLICE_MIN, self._lines // SPLICE_SHARE
         ):
@@ -101,12 +112,12 @@ class Renderer:
         spliced = self._splice(data, model, change)
         if spliced is None:
             return self._whole(model, domains)
-        new, added, removed, changed = spliced
-        if new is data:
-            return Rendered(data, self._sha256, self._lines, data)
-        self._data, self._sha256 = new, hashlib.sha256(new).hexdigest()
-        self._lines += added - removed
-        return Rendered(new, self._sha256, self._lines, data, added, removed, changed)
+        if spliced.data is data:
+            return unchanged
+        edit = Edit(data, self._sha256, spliced.added, spliced.removed, spliced.changed, spliced.gone, spliced.put)
+        self._data, self._sha256 = spliced.data, hashlib.sha256(spliced.data).hexdigest()
+        self._lines += spliced.added - spliced.removed
+        return Rendered(spliced.data, self._sha256, self._lines, edit)
 
     def _whole(self, model: RoutingModel, domains: object) -> Rendered:
         exp = self.exporter
@@ -119,8 +130,8 @@ class Renderer:
                 self._links[login] = (*self._links.get(login, ()), key)
         return Rendered(data, self._sha256, self._lines)
 
-    def _splice(self, data: bytes, model: RoutingModel, change: ModelChange) -> tuple[bytes, int, int, int] | None:
-        """The new bytes and +added -removed ~changed; None if only a whole render is safe."""
+    def _splice(self, data: bytes, model: RoutingModel, change: ModelChange) -> Splice | None:
+        """The new bytes and their edits; None if only a whole render is safe."""
         exp = self.exporter
         # Only canonical addresses and logins (no '@') can be model keys; anything else a change
         # names would only make row_keys() drop another key's line (an alias-domain variant).
@@ -148,11 +159,21 @@ class Renderer:
         return out
 
 
-def splice(
-    data: bytes, separator: str, keys: Iterable[str], rows: Mapping[str, str]
-) -> tuple[bytes, int, int, int] | None:
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """What splice() made: the new bytes, and which lines it removed, added or changed."""
+
+    data: bytes
+    added: int
+    removed: int
+    changed: int
+    gone: tuple[str, ...]  # keys removed
+    put: tuple[bytes, ...]  # lines added or changed
+
+
+def splice(data: bytes, separator: str, keys: Iterable[str], rows: Mapping[str, str]) -> Splice | None:
     """`data` (sorted `key<separator>value` lines) with the lines of `keys` (sorted) replaced by
-    `rows` (a key missing from `rows` loses its line): (bytes, added, removed, changed).
+    `rows` (a key missing from `rows` loses its line).
 
     The same bytes object comes back when no line changes; None if a key holds the separator
     or a newline (it could not be found again)."""
@@ -160,7 +181,9 @@ def splice(
     pieces: list[bytes] = []
     kept = 0  # data[:kept] is already in pieces
     lo = 0
-    added = removed = changed = 0
+    added = changed = 0
+    gone: list[str] = []
+    put: list[bytes] = []
     for key in keys:
         k = key.encode()
         if sep in k or b"\n" in k:
@@ -173,21 +196,23 @@ def splice(
             if value is not None and data[start:end] == line:
                 continue
             if value is None:
-                removed += 1
+                gone.append(key)
             else:
                 changed += 1
+                put.append(line)
             pieces += (data[kept:start], line)
             kept = end
         else:
             lo = start
             if value is not None:
                 added += 1
+                put.append(line)
                 pieces += (data[kept:start], line)
                 kept = start
     if not pieces:
-        return data, 0, 0, 0
+        return Splice(data, 0, 0, 0, (), ())
     pieces.append(data[kept:])
-    return b"".join(pieces), added, removed, changed
+    return Splice(b"".join(pieces), added, len(gone), changed, tuple(gone), tuple(put))
 
 
 def _find(data: bytes, key: bytes, sep: bytes, lo: int) -> tuple[int, int]:

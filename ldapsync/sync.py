@@ -162,6 +162,10 @@ class Pipeline:
         for spec, exp in self.exporters:
             rendered = self._renderers[spec.name].render(routing, change)
             self._rendered[spec.name] = rendered
+            edit = rendered.edit
+            patch = None
+            if edit is not None and edit.base is not rendered.data:  # lets commit patch the compiled map
+                patch = commit.Patch(edit.base_sha256, edit.gone, edit.put)
             outputs.append(
                 commit.Output(
                     name=spec.name,
@@ -173,6 +177,7 @@ class Pipeline:
                     group=spec.group,
                     sensitive=exp.sensitive,
                     sha256=rendered.sha256,
+                    patch=patch,
                 )
             )
         self._in_step = True
@@ -254,10 +259,10 @@ class Pipeline:
                 r = None  # not the output this pipeline rendered last
             if installed == out.data:  # unchanged: no need to parse
                 deltas.append(guards.Delta(out.name, r.lines if r is not None else out.data.count(b"\n")))
-            elif r is not None and r.base == installed:
+            elif r is not None and r.edit is not None and r.edit.base == installed:
                 # the renderer counted while splicing the installed bytes: no need to parse either
-                size = r.lines - r.added + r.removed
-                deltas.append(guards.Delta(out.name, size, r.removed, r.changed, r.added))
+                e = r.edit
+                deltas.append(guards.Delta(out.name, r.lines - e.added + e.removed, e.removed, e.changed, e.added))
             else:
                 deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
         guarded = [_guarded(d, exporters[d.output]) for d in deltas]

@@ -163,10 +163,15 @@ def assert_spliced_like_render(renderer: Renderer, new: RoutingModel, change: Mo
     got = renderer.render(new, change)
     want = exp.render(new)
     assert got.data == want, (exp.kind, exp.settings)
-    assert got.base is before, "rendered whole instead of spliced"
+    assert got.edit is not None and got.edit.base is before, "rendered whole instead of spliced"
     assert got.lines == want.count(b"\n")
+    e = got.edit
     d = guard.diff(exp.kind, before, want, exp.parse, values=True)
-    assert (got.added, got.removed, got.changed) == (d.added, d.deleted, d.changed), (exp.kind, exp.settings)
+    assert (e.added, e.removed, e.changed) == (d.added, d.deleted, d.changed), (exp.kind, exp.settings)
+    # the lines a compiled map would be patched with: exactly the difference
+    old_lines, new_lines = set(before.splitlines(keepends=True)), set(want.splitlines(keepends=True))
+    assert sorted(e.put) == sorted(new_lines - old_lines)
+    assert sorted(e.gone) == sorted(set(exp.parse(before)) - set(exp.parse(want)))
     if want == before:
         assert got.data is before  # unchanged: the same object, nothing to install or hash
 
@@ -242,7 +247,7 @@ def test_domains_change_renders_whole() -> None:
     renderer = Renderer(exporter_class("postfix-recipients")({}))
     renderer.render(old)
     got = renderer.render(new, ModelChange(frozenset({"alice@example.org"})))  # even if told less
-    assert got.data == b"alice@example.org\tOK\n" and got.base is None
+    assert got.data == b"alice@example.org\tOK\n" and got.edit is None
 
 
 class Plugin(Exporter):
@@ -285,12 +290,11 @@ def test_splice_edits_only_the_named_lines(
     data = b"b\t2\nd\t4\n"
     out = splice(data, "\t", keys, rows)
     assert out is not None
-    new, *got = out
-    assert tuple(got) == counts
+    assert (out.added, out.removed, out.changed) == counts
     if want is None:
-        assert new is data
+        assert out.data is data
     else:
-        assert new == want
+        assert out.data == want
 
 
 def test_splice_refuses_a_key_holding_the_separator() -> None:
