@@ -2,10 +2,11 @@
 
 Builds a Pipeline from an LDIF config (fixtures/ldif/base.ldif + bench/generate.py's users,
 two alias domains, all eight built-in outputs as hash maps), installs once, then applies
-single-entry changes one after the other (a new forward, a changed forward, a new password, a
-disabled account, and each undone) and times per change: Pipeline.render (model + outputs),
-the rest of Pipeline.plan (diff against the installed files, guards, generation id) and
-Pipeline.apply (stage, postmap, rename, generation). The snapshot's digest is kept as a
+single-entry changes one after the other (a new forward, a new password, a disabled account,
+each then undone) and times per change: Pipeline.render (model.build, diff_models against the
+previous model where there is one, then the outputs), the rest of Pipeline.plan (diff against
+the installed files, guards, generation id) and Pipeline.apply (commit.install: stage,
+postmap, hooks, rename; then the generation and status). The snapshot's digest is kept as a
 running sum, as the agent's mirror does, so the O(n) digest is not in the numbers.
 
 Runs against whichever ldapsync is first on sys.path, so the same script measures a before
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from bench import generate
+from ldapsync import commit, model, sync
 from ldapsync import config as config_mod
 from ldapsync.directory import Entry, EntrySum, Snapshot
 from ldapsync.sync import Pipeline
@@ -101,18 +103,26 @@ def run(n: int, changes: int, work: Path) -> dict[str, list[float]]:
     sizes = {name: sum(1 for _ in (work / "out" / name).open("rb")) for name in (*MAPS, "passwd", "userdb")}
     print("  lines: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), flush=True)
 
-    timings: dict[str, list[float]] = {"render": [], "plan (rest)": [], "plan": [], "apply": []}
-    spent = {"render": 0.0}
-    inner = pipeline.render
+    stages = ("model.build", "diff_models", "outputs", "render", "plan (rest)", "plan")
+    stages += ("install", "apply (rest)", "apply")
+    timings: dict[str, list[float]] = {stage: [] for stage in stages}
+    spent = {"render": 0.0, "model.build": 0.0, "diff_models": 0.0, "install": 0.0}
 
-    def timed_render(*args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            spent["render"] += time.perf_counter() - t
+    def timer(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t
 
-    pipeline.render = timed_render  # type: ignore[method-assign]
+        return timed
+
+    pipeline.render = timer("render", pipeline.render)  # type: ignore[method-assign]
+    model.build = timer("model.build", model.build)  # type: ignore[assignment]
+    commit.install = timer("install", commit.install)  # type: ignore[assignment]
+    if hasattr(sync, "diff_models"):  # the model comparison that stands in for the model engine's change
+        sync.diff_models = timer("diff_models", sync.diff_models)
     index = {e.dn: k for k, e in enumerate(snap.entries)}
     step = max(1, n // (changes + 1)) // 100 * 100 or 100
     users = [i for i in range(120, n, step)][:changes]  # i % 100 == 20: active, local, no forward
@@ -125,7 +135,7 @@ def run(n: int, changes: int, work: Path) -> dict[str, list[float]]:
                 new = Entry(old.dn, original if undo else edit(original), old.uuid)
                 entries = (*snap.entries[:k], new, *snap.entries[k + 1 :])
                 snap = Snapshot.with_sum(entries, snap.source, snap.rejections, snap.entry_sum.removed(old).added(new))
-                spent["render"] = 0.0
+                spent.update(dict.fromkeys(spent, 0.0))
                 t0 = time.perf_counter()
                 plan = pipeline.plan(snap)
                 t1 = time.perf_counter()
@@ -133,10 +143,18 @@ def run(n: int, changes: int, work: Path) -> dict[str, list[float]]:
                 t2 = time.perf_counter()
                 if result.status != "installed":
                     raise SystemExit(f"{label} of user {i}: {result.status} {result.held_reason or ''}")
-                timings["render"].append(spent["render"])
-                timings["plan (rest)"].append(t1 - t0 - spent["render"])
-                timings["plan"].append(t1 - t0)
-                timings["apply"].append(t2 - t1)
+                for stage, took in (
+                    ("model.build", spent["model.build"]),
+                    ("diff_models", spent["diff_models"]),
+                    ("outputs", spent["render"] - spent["model.build"] - spent["diff_models"]),
+                    ("render", spent["render"]),
+                    ("plan (rest)", t1 - t0 - spent["render"]),
+                    ("plan", t1 - t0),
+                    ("install", spent["install"]),
+                    ("apply (rest)", t2 - t1 - spent["install"]),
+                    ("apply", t2 - t1),
+                ):
+                    timings[stage].append(took)
         print(f"  change {count + 1}/{len(users)} done", file=sys.stderr, flush=True)
     return timings
 
