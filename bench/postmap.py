@@ -1,11 +1,11 @@
 """`python -m bench.postmap`: a full `postmap` against an incremental update of a copy, per map type.
 
-For each map type (hash, lmdb, cdb) and size (default 100k and 1M lines of a virtual map):
+For each map type (hash, btree, lmdb, cdb) and size (default 100k and 1M lines of a virtual map):
 the time of `postmap TYPE:map` from the text (what every install does today), and the time of
 what an incremental install would do instead: copy the installed compiled map into the
-staging directory, then `postmap -i` one changed line and `postmap -d` one removed key on the
-copy (`-r`: replace the existing value; all it takes after a single-entry change). Also the compiled file's size. Medians of
---reps runs; the files live in a temporary directory on the same filesystem as /tmp.
+staging directory, then `postmap -i -r` one changed line and `postmap -d` one removed key on
+the copy (all it takes after a single-entry change). Also the compiled file's size. Medians
+of --reps runs; the files live in a temporary directory on the same filesystem as /tmp.
 Speed is measured here, never asserted.
 """
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SUFFIX = {"hash": ".db", "lmdb": ".lmdb", "cdb": ".cdb"}
+SUFFIX = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb", "cdb": ".cdb"}
 
 
 def write_map(path: Path, n: int) -> None:
@@ -56,7 +56,9 @@ def measure(conf: Path, work: Path, map_type: str, n: int, reps: int) -> dict[st
         staged.unlink(missing_ok=True)
         t = time.perf_counter()
         shutil.copyfile(compiled, staged)
-        os.fsync(os.open(staged, os.O_RDONLY))
+        fd = os.open(staged, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
         line = f"user{r:07d}@example.org\tuser{r:07d}@moved.example\n"
         add = subprocess.run(
             ["postmap", "-c", str(conf), "-i", "-r", f"{map_type}:{copy}"], input=line, capture_output=True, text=True
