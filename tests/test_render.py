@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ldapsync import guard, model, schema
-from ldapsync.directory import Entry, Snapshot, make_entry
+from ldapsync.directory import Entry, Snapshot, make_entry, sort_entries
 from ldapsync.exporters import Exporter, exporter_class
+from ldapsync.incremental import Engine, Settings
 from ldapsync.model import ModelChange, RoutingModel
 from ldapsync.render import FULL, Renderer, diff_models, splice
 from ldapsync.static import Static, StaticEntry
@@ -198,6 +199,24 @@ def test_spliced_outputs_equal_whole_renders(
                 change.logins | set(data.draw(st.lists(st.sampled_from(logins)))),
             )
             assert_spliced_like_render(wider, new, extra)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(histories(), build_settings())
+def test_the_model_engines_changes_splice_into_whole_renders(
+    versions: list[list[Entry]], options: dict[str, Any]
+) -> None:
+    """What the agent does: the engine updates its model in place and names what changed."""
+    opts = dict(options)
+    static = opts.pop("static")
+    engine = Engine(Settings(attributes=ATTRS, **opts), static)
+    renderers = [Renderer(exp) for exp in exporters()]
+    for version in versions:
+        entries = sort_entries({e.dn: e for e in version}.values())
+        routing, _, change = engine.update(Snapshot(entries, "test"), TODAY)
+        for renderer in renderers:
+            got = renderer.render(routing, change)
+            assert got.data == renderer.exporter.render(routing), (renderer.exporter.kind, renderer.exporter.settings)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
