@@ -195,9 +195,10 @@ def test_spliced_outputs_equal_whole_renders(
             keys += ["alice@example.net", "alice@example.info", "x@far.example"]  # never model keys: ignored
             logins = sorted({*old.passwords, *new.mailboxes, "nobody", "alice@example.org"})
             extra = ModelChange(
-                change.addresses | set(data.draw(st.lists(st.sampled_from(keys)))),
-                change.logins | set(data.draw(st.lists(st.sampled_from(logins)))),
+                change.addresses | {"nobody@example.org", *data.draw(st.lists(st.sampled_from(keys)))},
+                change.logins | {"nobody", *data.draw(st.lists(st.sampled_from(logins)))},
             )
+            assert extra.addresses > change.addresses and extra.logins > change.logins  # strictly more
             assert_spliced_like_render(wider, new, extra)
 
 
