@@ -53,7 +53,9 @@ class Rendered:
 
 
 def diff_models(old: RoutingModel, new: RoutingModel) -> ModelChange:
-    """Every key whose value differs between two models: the reference change, O(model size)."""
+    """Every key whose value differs between two models: the reference the model engine's changes
+    are tested against (tests/test_render.py), O(model size). Two distinct objects: the engine
+    updates its model in place."""
     if (old.domain, old.domain_aliases, dict(old.hosted)) != (new.domain, new.domain_aliases, dict(new.hosted)):
         return FULL
     addresses: set[str] = set()
@@ -74,7 +76,7 @@ def diff_models(old: RoutingModel, new: RoutingModel) -> ModelChange:
 def _differing(a: Mapping[str, object], b: Mapping[str, object]) -> set[str]:
     if a is b:
         return set()
-    # Set operations on the items run in C: ~10x a Python loop over 100k keys.
+    # a set operation on the items: the comparing runs in C
     return {k for k, _ in a.items() ^ b.items()}
 
 
