@@ -447,8 +447,11 @@ def _patch_compiled(out: Output, postmap: Postmap, source: Path, staged: Path) -
         if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(cst.st_mode)) or st.st_mtime_ns != cst.st_mtime_ns:
             return False  # not a pair installed together: its compiled map may not match its text
         installed = _read_installed(out)
-        if installed is None or hashlib.sha256(installed).hexdigest() != patch.base_sha256:
-            return False
+    except (OSError, CommitError):
+        return False  # missing or unreadable: compiled whole, which reports any real problem
+    if installed is None or hashlib.sha256(installed).hexdigest() != patch.base_sha256:
+        return False  # the edits start from other bytes (a held change, a hand edit)
+    try:
         _copy(out.compiled, staged)
         steps = [("-d", "-", "".join(f"{k}\n" for k in patch.gone).encode()), ("-i", "-r", b"".join(patch.put))]
         for flag, arg, data in steps:
@@ -457,7 +460,7 @@ def _patch_compiled(out: Output, postmap: Postmap, source: Path, staged: Path) -
                 proc = subprocess.run(argv, input=data, capture_output=True, timeout=600, check=False)
                 if proc.returncode != 0:
                     raise OSError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
-    except (OSError, CommitError, subprocess.TimeoutExpired) as e:
+    except (OSError, subprocess.TimeoutExpired) as e:
         log.warning("could not update a copy of the compiled map: compiling all of it", output=out.name, error=str(e))
         with contextlib.suppress(OSError):
             staged.unlink()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import siteconfig
+from structlog.testing import capture_logs
 
 from ldapsync import commit, sync
 from ldapsync import config as config_mod
@@ -673,11 +674,14 @@ def test_a_map_that_cannot_be_patched_is_compiled_whole(tmp_path: Path, pfconf: 
     if situation == "pair-not-installed-together":  # e.g. someone ran postmap by hand
         os.utime(maps / "m.db", ns=((maps / "m.db").stat().st_mtime_ns + 1,) * 2)
     patched = output(maps / "m", NEW_MAP, map_type=map_type, patch=patch_of(OLD_MAP, NEW_MAP))
-    assert install([patched], pfconf, postmap=str(wrapper)) == ["m"]
+    with capture_logs() as logs:
+        assert install([patched], pfconf, postmap=str(wrapper)) == ["m"]
 
     argv = [line.split()[-3:-1] for line in calls.read_text().splitlines()]
     tried = [["-d", "-"], ["-i", "-r"]] if situation == "postmap-i-fails" else []
     assert argv[:-1] == tried and argv[-1][0] not in ("-d", "-i"), "compiled whole after trying a patch or not"
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warned) == (situation == "postmap-i-fails"), "only a failed patch is worth a warning"
     whole = tmp_path / "whole"
     install([output(whole / "m", NEW_MAP, map_type=map_type)], pfconf)
     assert answers(map_type, maps / "m", pfconf) == answers(map_type, whole / "m", pfconf)
