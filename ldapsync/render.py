@@ -52,6 +52,21 @@ class Rendered:
     edit: Edit | None = None
 
 
+Linked = str | tuple[str, ...]  # one key (the usual case: no tuple per login in memory) or several
+
+
+def _links(pairs: Iterable[tuple[str, str]]) -> dict[str, Linked]:
+    out: dict[str, Linked] = {}
+    for login, key in pairs:
+        had = out.get(login)
+        out[login] = key if had is None else (*_keys(had), key)
+    return out
+
+
+def _keys(linked: Linked | None) -> tuple[str, ...]:
+    return () if linked is None else (linked,) if isinstance(linked, str) else linked
+
+
 def diff_models(old: RoutingModel, new: RoutingModel) -> ModelChange:
     """Every key whose value differs between two models: the reference the model engine's changes
     are tested against (tests/test_render.py), O(model size). Two distinct objects: the engine
@@ -96,7 +111,7 @@ class Renderer:
         self._sha256 = ""
         self._lines = 0
         self._domains: object = None
-        self._links: dict[str, tuple[str, ...]] = {}
+        self._links: dict[str, Linked] = {}
 
     def render(self, model: RoutingModel, change: ModelChange = FULL) -> Rendered:
         exp = self.exporter
@@ -126,10 +141,7 @@ class Renderer:
         data = exp.render(model)
         self._data, self._sha256, self._domains = data, hashlib.sha256(data).hexdigest(), domains
         self._lines = data.count(b"\n")
-        self._links = {}
-        if exp.incremental:
-            for login, key in exp.linked(model, None):
-                self._links[login] = (*self._links.get(login, ()), key)
+        self._links = _links(exp.linked(model, None)) if exp.incremental else {}
         return Rendered(data, self._sha256, self._lines)
 
     def _splice(self, data: bytes, model: RoutingModel, change: ModelChange) -> Splice | None:
@@ -142,13 +154,13 @@ class Renderer:
         logins = frozenset(login for login in change.logins if "@" not in login)
         drop = set(exp.row_keys(model, addresses, logins))
         links = self._links
-        relinked: dict[str, tuple[str, ...]] = {}
+        relinked: dict[str, Linked] = {}
         if logins:
             for login in logins:
-                drop.update(links.get(login, ()))
-            for login, key in exp.linked(model, logins):
-                relinked[login] = (*relinked.get(login, ()), key)
-                drop.add(key)
+                drop.update(_keys(links.get(login)))
+            relinked = _links(exp.linked(model, logins))
+            for keys in relinked.values():
+                drop.update(_keys(keys))
         rows = dict(exp.rows(model, addresses, logins))
         if not rows.keys() <= drop or (data and not data.endswith(b"\n")):
             return None  # the exporter broke its contract (or the bytes are not its output)
