@@ -15,6 +15,14 @@ an ancestor) that another user could write to is refused.
 A compiled map and its source are installed with the same mtime (to the nanosecond). A crash
 between the two renames leaves a pair whose mtimes differ; the next sync sees that and
 rebuilds the pair, even though the source text is already what LDAP says.
+
+A hash, btree or lmdb map whose new text was spliced from exactly the installed text (an
+Output with a Patch) is not compiled from scratch: the installed compiled map is copied into
+the staging directory and only the changed keys are updated there (`postmap -d -`, `postmap
+-i -r`), which at a million lines takes a fraction of a second instead of seconds. Only a pair
+installed together (same mtime) whose text is the patch's base is copied; anything else, or a
+failing update, compiles the whole map as before. The copy is staged and renamed like a fresh
+map, so a crash at any point leaves the installed pair as it was.
 """
 
 from __future__ import annotations
@@ -47,6 +55,16 @@ from ldapsync.fileio import fsync_dir
 log = structlog.get_logger(__name__)
 
 COMPILED_SUFFIX = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb", "cdb": ".cdb"}
+PATCHABLE = ("hash", "btree", "lmdb")  # postmap updates them in place; a cdb is written once
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    """How an output's bytes differ, line by line, from the bytes they were spliced from."""
+
+    base_sha256: str  # of the bytes spliced from: only a map compiled from those can be patched
+    gone: tuple[str, ...]  # keys removed
+    put: tuple[bytes, ...]  # lines added or changed, each with its newline
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +78,7 @@ class Output:
     group: int | None = None
     sensitive: bool = False
     sha256: str = ""  # of data, when the renderer already computed it
+    patch: Patch | None = None  # data as an edit of earlier bytes, for patching the compiled map
 
     def digest(self) -> str:
         return self.sha256 or hashlib.sha256(self.data).hexdigest()
@@ -84,9 +103,9 @@ class Postmap:
     command: str = "postmap"
     config_dir: Path | None = None
 
-    def argv(self, map_type: str, path: Path) -> list[str]:
+    def argv(self, map_type: str, path: Path, *options: str) -> list[str]:
         conf = ["-c", str(self.config_dir)] if self.config_dir else []
-        return [self.command, *conf, f"{map_type}:{path}"]
+        return [self.command, *conf, *options, f"{map_type}:{path}"]
 
 
 @dataclass(slots=True)
@@ -380,14 +399,16 @@ def _stage(out: Output, postmap: Postmap, staged: list[_Staged], private: dict[P
         raise CommitError(f"{out.name}: cannot write {s.source}: {e.strerror}") from e
     files = [s.source]
     if out.compiled is not None and out.map_type:
-        argv = postmap.argv(out.map_type, s.source)
         s.compiled = s.source.with_name(s.source.name + COMPILED_SUFFIX[out.map_type])
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise CommitError(f"{out.name}: cannot run {argv[0]}: {e}") from e
-        if proc.returncode != 0 or not s.compiled.exists():
-            raise CommitError(f"{out.name}: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        if not _patch_compiled(out, postmap, s.source, s.compiled):
+            argv = postmap.argv(out.map_type, s.source)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise CommitError(f"{out.name}: cannot run {argv[0]}: {e}") from e
+            if proc.returncode != 0 or not s.compiled.exists():
+                stderr = proc.stderr.strip()[-500:]
+                raise CommitError(f"{out.name}: {' '.join(argv)} failed ({proc.returncode}): {stderr}")
         files.append(s.compiled)
     mtime = _new_mtime(out)
     for p in files:
@@ -413,6 +434,59 @@ def _stage(out: Output, postmap: Postmap, staged: list[_Staged], private: dict[P
         mtime = _installed_mtime(out) + 1_000_000_000
         for p in files:
             os.utime(p, ns=(mtime, mtime), follow_symlinks=False)
+
+
+def _patch_compiled(out: Output, postmap: Postmap, source: Path, staged: Path) -> bool:
+    """Make `staged` the installed compiled map with `out.patch` applied; False (and nothing
+    staged) when the installed pair is not exactly what the patch starts from, or it fails."""
+    patch = out.patch
+    if patch is None or out.compiled is None or out.map_type not in PATCHABLE:
+        return False
+    try:
+        st, cst = os.lstat(out.path), os.lstat(out.compiled)
+        if not (stat.S_ISREG(st.st_mode) and stat.S_ISREG(cst.st_mode)) or st.st_mtime_ns != cst.st_mtime_ns:
+            return False  # not a pair installed together: its compiled map may not match its text
+        installed = _read_installed(out)
+    except (OSError, CommitError):
+        return False  # missing or unreadable: compiled whole, which reports any real problem
+    if installed is None or hashlib.sha256(installed).hexdigest() != patch.base_sha256:
+        return False  # the edits start from other bytes (a held change, a hand edit)
+    try:
+        _copy(out.compiled, staged)
+        steps = [("-d", "-", "".join(f"{k}\n" for k in patch.gone).encode()), ("-i", "-r", b"".join(patch.put))]
+        for flag, arg, data in steps:
+            if data:
+                argv = postmap.argv(out.map_type, source, flag, arg)
+                proc = subprocess.run(argv, input=data, capture_output=True, timeout=600, check=False)
+                if proc.returncode != 0:
+                    raise OSError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.decode()[-500:]}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("could not update a copy of the compiled map: compiling all of it", output=out.name, error=str(e))
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        return False
+    return True
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a regular file (never through a symlink) to a new file, in the kernel."""
+    fd_in = os.open(src, os.O_RDONLY | _NOFOLLOW)
+    try:
+        size = os.fstat(fd_in).st_size
+        if not stat.S_ISREG(os.fstat(fd_in).st_mode):
+            raise OSError(f"{src} is not a regular file")
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        try:
+            copied = 0
+            while copied < size:
+                sent = os.sendfile(fd_out, fd_in, copied, size - copied)
+                if sent == 0:
+                    break
+                copied += sent
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
 
 
 def _installed_mtime(out: Output) -> int:

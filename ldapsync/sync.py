@@ -21,7 +21,6 @@ from datetime import date
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import structlog
 
@@ -32,6 +31,7 @@ from ldapsync.config import Config, ExporterSpec, LdapSource
 from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
+from ldapsync.render import FULL, Rendered, Renderer
 from ldapsync.state import Generation, State
 from ldapsync.status import OutputState, Status, SyncResult
 
@@ -113,7 +113,9 @@ class Pipeline:
             ),
             self.static,
         )
-        self._rendered: dict[str, tuple[object, bytes, str]] = {}  # exporter name -> (its inputs, bytes, sha256)
+        self._renderers = {spec.name: Renderer(exp) for spec, exp in self.exporters}
+        self._in_step = False  # every renderer has seen the engine's last model
+        self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
         self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
@@ -135,8 +137,7 @@ class Pipeline:
         return ldifsource.read(src, self.config.attributes)
 
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], model.BuildReport]:
-        routing, report, _ = self.engine.update(snapshot, date.today())
-        routing = _sorted(routing)  # a copy: the engine updates its model in place
+        routing, report, change = self.engine.update(snapshot, date.today())
         if log_problems:
             current = {_problem_key(p) for p in (*report.warnings, *report.rejections, *report.notices)}
             for w in report.warnings:
@@ -151,31 +152,35 @@ class Pipeline:
             if report.rejections:
                 log.info("rejected LDAP values in this sync", count=len(report.rejections))
             self._reported = current
+        # After one LDAP change most outputs are byte-for-byte what they were, and the others
+        # differ in a few lines: the renderers splice those the engine says may have changed
+        # (ldapsync.render). A render that did not finish leaves them out of step: start afresh.
+        if not self._in_step:
+            change = FULL
+        self._in_step = False
         outputs = []
         for spec, exp in self.exporters:
-            # Re-render only if what this exporter reads changed (equality, not identity): after
-            # one LDAP change most outputs are byte-for-byte what they were.
-            inputs = exp.inputs(routing)
-            cached = self._rendered.get(spec.name)
-            if cached is not None and cached[0] == inputs:
-                _, data, digest = cached
-            else:
-                data = exp.render(routing)
-                digest = hashlib.sha256(data).hexdigest()
-                self._rendered[spec.name] = (inputs, data, digest)
+            rendered = self._renderers[spec.name].render(routing, change)
+            self._rendered[spec.name] = rendered
+            edit = rendered.edit
+            patch = None
+            if edit is not None and edit.base is not rendered.data:  # lets commit patch the compiled map
+                patch = commit.Patch(edit.base_sha256, edit.gone, edit.put)
             outputs.append(
                 commit.Output(
                     name=spec.name,
                     path=spec.path,
-                    data=data,
+                    data=rendered.data,
                     map_type=spec.map_type if spec.map_type != "none" else None,  # texthash: no compiled file
                     mode=spec.mode if spec.mode is not None else exp.default_mode,
                     owner=spec.owner,
                     group=spec.group,
                     sensitive=exp.sensitive,
-                    sha256=digest,
+                    sha256=rendered.sha256,
+                    patch=patch,
                 )
             )
+        self._in_step = True
         return outputs, report
 
     def redacted(self, snapshot: Snapshot, report: model.BuildReport | None = None) -> Snapshot:
@@ -249,8 +254,15 @@ class Pipeline:
         deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
-            if installed == out.data:
-                deltas.append(guards.Delta(out.name, out.data.count(b"\n")))  # unchanged: no need to parse
+            r = self._rendered.get(out.name)
+            if r is not None and r.data is not out.data:
+                r = None  # not the output this pipeline rendered last
+            if installed == out.data:  # unchanged: no need to parse
+                deltas.append(guards.Delta(out.name, r.lines if r is not None else out.data.count(b"\n")))
+            elif r is not None and r.edit is not None and r.edit.base == installed:
+                # the renderer counted while splicing the installed bytes: no need to parse either
+                e = r.edit
+                deltas.append(guards.Delta(out.name, r.lines - e.added + e.removed, e.removed, e.changed, e.added))
             else:
                 deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
         guarded = [_guarded(d, exporters[d.output]) for d in deltas]
@@ -276,6 +288,7 @@ class Pipeline:
         snapshot = self.redacted(snapshot, report)  # what a held change or a generation stores
         changed = tuple(o.name for o in outputs if commit.needs_install(o))
         deltas = self.deltas(outputs)
+        self._rendered.clear()  # the previous outputs they were spliced from need not stay in memory
         counts = MappingProxyType({d.output: Delta(d.added, d.deleted, d.changed) for d in deltas})
         held = None if force else self.guard(snapshot, outputs, report, self._deltas[1] if self._deltas else None)
         if held is not None:
@@ -579,15 +592,6 @@ class Pipeline:
             if spec.name == name:
                 return exp.redact
         return lambda line: line
-
-
-def _sorted(routing: model.RoutingModel) -> model.RoutingModel:
-    """The model with its tables in key order, as the exporters render them."""
-    tables: dict[str, Any] = {
-        name: dict(sorted(getattr(routing, name).items()))
-        for name in (*incremental.ADDRESS_TABLES, *incremental.LOGIN_TABLES)
-    }
-    return replace(routing, **tables)
 
 
 def _failed(record: Status, error: str) -> Status:

@@ -8,6 +8,7 @@ how docs/hooks say.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import siteconfig
+from structlog.testing import capture_logs
 
 from ldapsync import commit, sync
 from ldapsync import config as config_mod
@@ -154,6 +156,38 @@ def test_only_changed_outputs_are_touched(tmp_path: Path, pfconf: Path) -> None:
     # and a sync with nothing changed touches nothing at all
     assert install([output(a, b"x@example.org\tthree\n"), output(b, b"y@example.org\ttwo\n")], pfconf) == []
     assert tree(maps) == after
+
+
+def test_postmap_runs_only_for_the_outputs_that_change(tmp_path: Path, pfconf: Path) -> None:
+    """postmap is the slowest step of an install (a 1M-line hash map takes seconds): never for nothing."""
+    calls = tmp_path / "postmap-calls"
+    wrapper = tmp_path / "postmap"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{POSTMAP}" "$@"\n')
+    wrapper.chmod(0o755)
+
+    def run(*outputs: commit.Output) -> list[str]:
+        calls.unlink(missing_ok=True)
+        install(list(outputs), pfconf, postmap=str(wrapper))
+        return [line.rsplit("/", 1)[1] for line in lines(calls)]
+
+    maps = tmp_path / "maps"
+    a, b, c = (
+        output(maps / "a", b"k\t1\n"),
+        output(maps / "b", b"k\t2\n", map_type="cdb"),
+        output(maps / "c", b"k\t3\n"),
+    )
+    assert sorted(run(a, b, c)) == ["a", "b", "c"]
+    assert run(a, b, c) == []
+    b = output(maps / "b", b"k\t4\n", map_type="cdb")  # new bytes
+    assert run(a, b, c) == ["b"]
+    c = output(maps / "c", b"k\t3\n", mode=0o640)  # a new mode alone
+    assert run(a, b, c) == ["c"]
+    (maps / "a.db").unlink()  # the compiled map is gone: only it is rebuilt
+    assert run(a, b, c) == ["a"]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 # -- failures before the renames ---------------------------------------------------------
@@ -567,3 +601,118 @@ def test_a_compiled_map_not_installed_with_its_source_is_rebuilt(tmp_path: Path,
     assert install([m], pfconf) == ["m"]
     assert postmap_q("k", map_type, maps / "m", pfconf) == "v1"
     assert install([m], pfconf) == []
+
+
+# -- patching a compiled map instead of compiling all of it ------------------------------------
+def patch_of(old: bytes, new: bytes) -> commit.Patch:
+    """What the renderer reports for a splice: the removed keys and the added or changed lines."""
+    old_lines, new_lines = set(old.splitlines(keepends=True)), set(new.splitlines(keepends=True))
+    kept = {line.split(b"\t")[0] for line in new_lines}
+    gone = sorted(k.decode() for k in {line.split(b"\t")[0] for line in old_lines} - kept)
+    return commit.Patch(hashlib.sha256(old).hexdigest(), tuple(gone), tuple(sorted(new_lines - old_lines)))
+
+
+def answers(map_type: str, path: Path, conf: Path) -> list[str]:
+    """What the compiled map answers for every key of OLD_MAP and NEW_MAP (`postmap -q -`)."""
+    keys = sorted({line.split(b"\t")[0].decode() for line in (OLD_MAP + NEW_MAP).splitlines()})
+    proc = subprocess.run(
+        [str(POSTMAP), "-c", str(conf), "-q", "-", f"{map_type}:{path}"],
+        input="".join(f"{k}\n" for k in keys),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.stdout.splitlines()
+
+
+def logging_postmap(tmp: Path, fail_on: str = "") -> tuple[Path, Path]:
+    """A postmap that logs its arguments (and exits 1 when they contain `fail_on`)."""
+    calls, wrapper = tmp / "postmap-calls", tmp / "postmap"
+    fail = f'case " $* " in *" {fail_on} "*) exit 1;; esac\n' if fail_on else ""
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n{fail}exec "{POSTMAP}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, calls
+
+
+OLD_MAP = b"".join(b"user%03d@example.org\tuser%03d@elsewhere.example\n" % (i, i) for i in range(300))
+NEW_MAP = (
+    OLD_MAP.replace(b"user007@elsewhere.example", b"user007@moved.example,user007@example.org")
+    .replace(b"user100@example.org\tuser100@elsewhere.example\n", b"")
+    .replace(b"user200@example.org\t", b"user199x@example.org\tnew@example.net\nuser200@example.org\t")
+)
+
+
+@pytest.mark.parametrize("map_type", ["hash", "lmdb"])
+def test_a_spliced_map_patches_a_copy_of_the_installed_compiled_map(
+    tmp_path: Path, pfconf: Path, map_type: str
+) -> None:
+    """Same answers as compiling the new text whole, from two small postmap runs on a copy."""
+    wrapper, calls = logging_postmap(tmp_path)
+    maps = tmp_path / "maps"
+    assert install([output(maps / "m", OLD_MAP, map_type=map_type)], pfconf) == ["m"]
+    before = (maps / f"m{commit.COMPILED_SUFFIX[map_type]}").stat().st_ino
+    patched = output(maps / "m", NEW_MAP, map_type=map_type, patch=patch_of(OLD_MAP, NEW_MAP))
+    assert install([patched], pfconf, postmap=str(wrapper)) == ["m"]
+
+    argv = [line.split()[-3:-1] for line in calls.read_text().splitlines()]
+    assert argv == [["-d", "-"], ["-i", "-r"]], "only the changed keys are written"
+    compiled = maps / f"m{commit.COMPILED_SUFFIX[map_type]}"
+    assert compiled.stat().st_ino != before, "installed by rename, not updated in place"
+    assert compiled.stat().st_mtime_ns == (maps / "m").stat().st_mtime_ns  # a pair installed together
+    whole = tmp_path / "whole"
+    install([output(whole / "m", NEW_MAP, map_type=map_type)], pfconf)
+    assert answers(map_type, maps / "m", pfconf) == answers(map_type, whole / "m", pfconf)
+    assert postmap_q("user100@example.org", map_type, maps / "m", pfconf) is None
+    assert postmap_q("user007@example.org", map_type, maps / "m", pfconf) == "user007@moved.example,user007@example.org"
+    assert_no_staging_litter(maps)
+
+
+@pytest.mark.parametrize(
+    "situation", ["installed-text-is-not-the-base", "pair-not-installed-together", "postmap-i-fails", "cdb"]
+)
+def test_a_map_that_cannot_be_patched_is_compiled_whole(tmp_path: Path, pfconf: Path, situation: str) -> None:
+    wrapper, calls = logging_postmap(tmp_path, fail_on="-i -r" if situation == "postmap-i-fails" else "")
+    map_type = "cdb" if situation == "cdb" else "hash"
+    maps = tmp_path / "maps"
+    first = OLD_MAP + b"zz@example.org\tz\n" if situation == "installed-text-is-not-the-base" else OLD_MAP
+    install([output(maps / "m", first, map_type=map_type)], pfconf)
+    if situation == "pair-not-installed-together":  # e.g. someone ran postmap by hand
+        os.utime(maps / "m.db", ns=((maps / "m.db").stat().st_mtime_ns + 1,) * 2)
+    patched = output(maps / "m", NEW_MAP, map_type=map_type, patch=patch_of(OLD_MAP, NEW_MAP))
+    with capture_logs() as logs:
+        assert install([patched], pfconf, postmap=str(wrapper)) == ["m"]
+
+    argv = [line.split()[-3:-1] for line in calls.read_text().splitlines()]
+    tried = [["-d", "-"], ["-i", "-r"]] if situation == "postmap-i-fails" else []
+    assert argv[:-1] == tried and argv[-1][0] not in ("-d", "-i"), "compiled whole after trying a patch or not"
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warned) == (situation == "postmap-i-fails"), "only a failed patch is worth a warning"
+    whole = tmp_path / "whole"
+    install([output(whole / "m", NEW_MAP, map_type=map_type)], pfconf)
+    assert answers(map_type, maps / "m", pfconf) == answers(map_type, whole / "m", pfconf)
+    assert_no_staging_litter(maps)
+
+
+def test_an_agent_patches_the_compiled_maps_a_change_touches(tmp_path: Path, pfconf: Path) -> None:
+    """Through the pipeline: a long-lived agent's second sync patches, and answers like a fresh --once."""
+    wrapper, calls = logging_postmap(tmp_path)
+    ldif = tmp_path / "users.ldif"
+    ldif.write_text(DEMO_LDIF.read_text())
+    postfix = {"postmap": str(wrapper), "config_dir": str(pfconf)}
+    agent = sync.Pipeline(config_mod.load(write_config(tmp_path, ldif=ldif, postfix=postfix)))
+    assert agent.run().status == "installed"
+    ldif.write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
+    calls.unlink()
+    assert agent.run().changed == ["alias"]
+    assert [line.split()[-3:-1] for line in calls.read_text().splitlines()] == [["-i", "-r"]]
+    assert postmap_q("bob@example.org", "hash", tmp_path / "out" / "maps" / "alias", pfconf) == "bob@new.example"
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    once = sync.Pipeline(config_mod.load(write_config(fresh, ldif=ldif, postfix=postfix)))
+    assert once.run().status == "installed"
+    keys = sorted({line.split("\t")[0] for line in (tmp_path / "out" / "maps" / "alias").read_text().splitlines()})
+    for key in [*keys, "bob@example.net", "nobody@example.org"]:
+        want = postmap_q(key, "hash", fresh / "out" / "maps" / "alias", pfconf)
+        assert postmap_q(key, "hash", tmp_path / "out" / "maps" / "alias", pfconf) == want, key

@@ -113,13 +113,13 @@ def answers(data: bytes, keys: list[str]) -> dict[str, str | None]:
     return {k: table.get(k) for k in keys}
 
 
-def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
-    rng = random.Random(int(os.environ.get("LDAPSYNC_CRASH_SEED", "4")))
-    iterations = int(os.environ.get("LDAPSYNC_CRASH_ITERATIONS", "30"))
-    ldif = tmp_path / "users.ldif"
-    texts = [DEMO_LDIF.read_text(), version2()]
+Versions = list[dict[str, bytes]]
+Probe = dict[str, list[str]]
+Answers = dict[str, list[dict[str, str | None]]]
 
-    # reference: what each version installs
+
+def reference(tmp_path: Path, texts: list[str]) -> tuple[Versions, Probe, Answers, float]:
+    """What each version installs, keys to ask each map, their answers, the longest run."""
     ref = tmp_path / "ref"
     ref.mkdir()
     versions: list[dict[str, bytes]] = []
@@ -138,6 +138,32 @@ def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
         if e["kind"] != "dovecot-passwd"
     }
     expected_answers = {path: [answers(v[path], keys) for v in versions] for path, keys in probe.items()}
+    return versions, probe, expected_answers, max(durations)
+
+
+def assert_whole_versions(site: Path, versions: Versions, probe: Probe, expected: Answers, i: int) -> None:
+    installed = sources(site)
+    for e in EXPORTERS:
+        path = e["path"]
+        assert installed[path] in (versions[0][path], versions[1][path]), f"iteration {i}: {path} is partial/mixed"
+        if path in probe:
+            got = query_all(site, e, probe[path])
+            assert got in expected[path], f"iteration {i}: compiled {path} answers {got}"
+            compiled = site / (path + COMPILED[e.get("map_type", "hash")])
+            assert compiled.exists()
+            if compiled.stat().st_mtime_ns == (site / path).stat().st_mtime_ns:  # a pair: in step with its text
+                version = 0 if installed[path] == versions[0][path] else 1
+                assert got == expected[path][version], f"iteration {i}: {path} paired with another version's text"
+    gens = State(site / "state").generations()  # loads, damaged ones are skipped
+    assert gens, f"iteration {i}: no readable generation left"
+
+
+def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("LDAPSYNC_CRASH_SEED", "4")))
+    iterations = int(os.environ.get("LDAPSYNC_CRASH_ITERATIONS", "30"))
+    ldif = tmp_path / "users.ldif"
+    texts = [DEMO_LDIF.read_text(), version2()]
+    versions, probe, expected_answers, longest = reference(tmp_path, texts)
 
     # a slow check hook widens the window between staging and the renames
     hook = ["sh", "-c", "sleep 0.05"]
@@ -148,7 +174,7 @@ def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
     config = write_config(site, ldif, hooks={"check": [hook]}, safety={"window": 0})
     ldif.write_text(texts[0])
     assert once(config).returncode == 0
-    span = max(durations) + 0.1
+    span = longest + 0.1
     killed = 0
     for i in range(iterations):
         tmp = ldif.with_suffix(".tmp")
@@ -165,17 +191,7 @@ def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()
-
-        installed = sources(site)
-        for e in EXPORTERS:
-            path = e["path"]
-            assert installed[path] in (versions[0][path], versions[1][path]), f"iteration {i}: {path} is partial/mixed"
-            if path in probe:
-                got = query_all(site, e, probe[path])
-                assert got in expected_answers[path], f"iteration {i}: compiled {path} answers {got}"
-                assert (site / (path + COMPILED[e.get("map_type", "hash")])).exists()
-        gens = State(site / "state").generations()  # loads, damaged ones are skipped
-        assert gens, f"iteration {i}: no readable generation left"
+        assert_whole_versions(site, versions, probe, expected_answers, i)
 
     print(f"kill -9 loop: {iterations} runs, {killed} killed mid-run, span {span:.2f}s")
     assert killed >= iterations // 3, "the kills mostly missed the runs: the test would prove little"
@@ -191,6 +207,70 @@ def test_kill_9_at_random_points_leaves_whole_versions(tmp_path: Path) -> None:
     litter = [p.name for p in (site / "out").iterdir() if p.name.startswith((".", "__db."))]
     assert not litter, f"staging litter (a killed postmap's Berkeley DB temporaries too): {litter}"
     assert not [p.name for p in (site / "state" / "generations").iterdir() if p.name.startswith(".")]
+
+
+# A long-lived pipeline (as in the agent) alternating two versions: from its second sync on, the
+# hash and lmdb maps are patched copies of the installed ones, not compiled whole.
+AGENT = """
+import os, sys
+from pathlib import Path
+from ldapsync import config, sync
+pipeline = sync.Pipeline(config.load(Path(sys.argv[1])))
+ldif, texts = Path(sys.argv[2]), [Path(p).read_text() for p in sys.argv[3:]]
+i = 0
+while True:
+    tmp = ldif.with_suffix(".tmp")
+    tmp.write_text(texts[i % 2])
+    os.replace(tmp, ldif)
+    pipeline.run()
+    i += 1
+"""
+
+
+def test_kill_9_while_patching_compiled_maps_leaves_whole_versions(tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("LDAPSYNC_CRASH_SEED", "4")))
+    iterations = int(os.environ.get("LDAPSYNC_CRASH_ITERATIONS", "30")) // 3
+    texts = [DEMO_LDIF.read_text(), version2()]
+    versions, probe, expected_answers, longest = reference(tmp_path, texts)
+    site = tmp_path / "site"
+    site.mkdir()
+    calls, wrapper = tmp_path / "postmap-calls", tmp_path / "postmap"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\nexec "{POSTMAP}" "$@"\n')
+    wrapper.chmod(0o755)
+    ldif = site / "users.ldif"
+    ldif.write_text(texts[0])
+    hooks = {"check": [["sh", "-c", "sleep 0.05"]]}  # widens the window between staging and the renames
+    # window 0: hundreds of alternations must not add up to a held mass change
+    config = write_config(site, ldif, postfix={"postmap": str(wrapper)}, hooks=hooks, safety={"window": 0})
+    (tmp_path / "agent.py").write_text(AGENT)
+    for n, text in enumerate(texts):
+        (tmp_path / f"v{n}.ldif").write_text(text)
+    for i in range(iterations):
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "agent.py"), str(config), str(ldif)]
+            + [str(tmp_path / f"v{n}.ldif") for n in range(2)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # so the kill takes its postmap children too
+        )
+        time.sleep(rng.uniform(2 * longest, 5 * longest))  # past the first (whole) sync, into the patched ones
+        assert proc.poll() is None, "the pipeline loop stopped"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert_whole_versions(site, versions, probe, expected_answers, i)
+    patched = [line for line in calls.read_text().splitlines() if " -i -r " in f" {line} "]
+    assert len(patched) >= iterations, "the kills did not hit patching runs: the test would prove little"
+
+    final = once(config)  # a fresh run afterwards installs the current version
+    assert final.returncode == 0, final.stderr
+    current = 0 if ldif.read_text() == texts[0] else 1
+    assert sources(site) == versions[current]
+    for e in EXPORTERS:
+        if e["path"] in probe:
+            got = {k: query(site, e, k) for k in probe[e["path"]]}
+            assert got == expected_answers[e["path"]][current], e["path"]
+    litter = [p.name for p in (site / "out").iterdir() if p.name.startswith((".", "__db."))]
+    assert not litter, f"staging litter: {litter}"
 
 
 def test_disk_full_while_staging_leaves_old_files(tmp_path: Path) -> None:

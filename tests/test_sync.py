@@ -486,6 +486,37 @@ def test_plan_has_no_side_effects_and_counts_each_output(tmp_path: Path) -> None
     assert site.outputs() == outputs and tree(tmp_path / "state" / "generations") == generations
 
 
+def test_an_agent_after_a_change_plans_what_a_fresh_run_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived pipeline splices its outputs and takes the guards' counts from the splice;
+    they must be what a fresh --once computes by parsing the installed files."""
+    site = Site(tmp_path)
+    pipeline = pipeline_for(site)
+    assert pipeline.apply(pipeline.plan(pipeline.read_source())).status == SyncResult.INSTALLED
+    parsed: list[str] = []
+    full_diff = sync.guards.diff
+    monkeypatch.setattr(sync.guards, "diff", lambda name, *a, **kw: parsed.append(name) or full_diff(name, *a, **kw))
+
+    def fresh_plan() -> sync.Plan:
+        fresh = pipeline_for(site)  # the first render of a pipeline is whole: what --once does
+        return fresh.plan(fresh.read_source())
+
+    text = DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example")
+    site.ldif.write_text(text.replace("uid: alice", "uid: alicia") + "\n" + generate_users_ldif(2))
+    plan, fresh = pipeline.plan(pipeline.read_source()), fresh_plan()
+    assert [o.data for o in plan.outputs] == [o.data for o in fresh.outputs]
+    assert plan.counts == fresh.counts
+    assert plan.counts["alias"] == sync.Delta(4, 1, 1) and plan.counts["dovecot-passwd"] == sync.Delta(3, 1, 0)
+    assert parsed == NAMES, "only the fresh pipeline parses the installed files"
+
+    # not installed (a dry run, a held change): the next plan counts against what IS installed
+    parsed.clear()
+    site.ldif.write_text(text + "\n" + generate_users_ldif(3))
+    plan, fresh = pipeline.plan(pipeline.read_source()), fresh_plan()
+    assert [o.data for o in plan.outputs] == [o.data for o in fresh.outputs]
+    assert plan.counts == fresh.counts and plan.counts["dovecot-passwd"] == sync.Delta(3, 0, 0)
+    assert parsed == NAMES * 2
+
+
 def test_plan_holds_what_a_guard_refuses_and_apply_keeps_it(tmp_path: Path) -> None:
     site = Site(tmp_path)
     site.run("--once", check=0)

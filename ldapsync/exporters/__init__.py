@@ -9,7 +9,8 @@ import, is not an Exporter or declares another kind, is a ConfigError naming the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -35,6 +36,9 @@ class Exporter(ABC):
     reads_passwords: ClassVar[bool] = True
     default_mode: ClassVar[int] = 0o644
     options: ClassVar[Mapping[str, type]] = {}
+    # Implements rows() and row_keys(), and render() writes one `key + separator + value` line
+    # per key, sorted by key: after a change the renderer splices lines instead of rendering whole.
+    incremental: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]):
         self.settings = dict(options)
@@ -53,13 +57,33 @@ class Exporter(ABC):
     def validate(cls, options: Mapping[str, Any], *, file: Path, key: str) -> None:
         """Check option values beyond their type."""
 
-    def inputs(self, model: RoutingModel) -> object:
-        """What render() reads from the model, compared with == to skip an unchanged render.
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        """The (key, value) lines of render(model) that derive from these model keys, in any order.
 
-        Must cover everything render() uses (the exporter's own settings are fixed for its
-        lifetime). The default, the whole model, is always safe.
+        `addresses` are keys of the model's address tables, `logins` of `passwords` and
+        `mailboxes`. A line is `key + separator + value`, so the value is what parse() returns.
+        Only exporters with `incremental` implement it (with row_keys()): after a change, the
+        renderer rewrites just these lines instead of calling render() (ldapsync.render).
         """
-        return model
+        raise NotImplementedError(f"{self.kind} renders whole")
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        """Every key a line derived from these model keys can have, whatever their values (a
+        superset is fine): the lines the renderer drops before adding rows(). No two model keys
+        may give a line the same key. Lines keyed by a value of another model key's record are
+        linked() instead. The default: each address in its domain and alias domains, each login.
+        """
+        for address in addresses:
+            yield from model.variants(address)
+        yield from logins
+
+    def linked(self, model: RoutingModel, logins: AbstractSet[str] | None) -> Iterable[tuple[str, str]]:
+        """(login, key) of the lines rows() gives for a login but keyed by something its record
+        holds (the userdb's address lines); None: every login. The renderer remembers them, so
+        it can drop them when the record changes or goes. Empty by default."""
+        return ()
 
     @abstractmethod
     def render(self, model: RoutingModel) -> bytes:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ldapsync.errors import ConfigError
 from ldapsync.exporters import Exporter, lines
-from ldapsync.model import RoutingModel
+from ldapsync.model import Mailbox, RoutingModel
 
 
 class PasswdExporter(Exporter):
@@ -25,11 +26,18 @@ class PasswdExporter(Exporter):
     separator = ":"
     default_mode = 0o640
 
-    def inputs(self, model: RoutingModel) -> object:
-        return model.passwords
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
-        return lines(model.passwords, sep=self.separator)
+        return lines(sorted(model.passwords.items()), sep=self.separator)
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        return [(login, model.passwords[login]) for login in logins if login in model.passwords]
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        return logins
 
     def redact(self, line: str) -> str:
         login, sep, secret = line.partition(":")
@@ -86,32 +94,71 @@ class UserdbExporter(Exporter):
                         f"unknown placeholder {{{field_name}}} (allowed: {allowed})", file=file, key=where
                     )
 
-    def inputs(self, model: RoutingModel) -> object:
-        return (model.mailboxes, model.users) if self.settings.get("address_keys") else model.mailboxes
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
-        fields: Mapping[str, str] = self.settings.get("fields", {})
         rows: list[tuple[str, str]] = []
         by_login: dict[str, str] = {}
         for login, box in model.mailboxes.items():
-            values = {
-                "login": login,
-                "domain": box.address.rpartition("@")[2],
-                "home": box.home,
-                "uid": str(box.uid),
-                "gid": str(box.gid),
-                "quota": box.quota,
-            }
-            # A field whose template names a value the account does not have (no quota) is left out.
-            extra = [
-                f"userdb_{name}={template.format(**values)}"
-                for name, template in sorted(fields.items())
-                if all(values.get(f) is not None for _, f, _, _ in string.Formatter().parse(template) if f)
-            ]
-            rest = f"{box.uid}:{box.gid}::{box.home}::"
-            rows.append((login, f"{rest}{' '.join(extra)}"))
-            by_login[login] = f"{rest}{' '.join(['userdb_user=' + login, *extra])}"
+            own, by_address = self._values(login, box)
+            rows.append((login, own))
+            by_login[login] = by_address
         if self.settings.get("address_keys"):
             # LMTP looks the recipient address up; these lines map it to the login's mailbox.
             rows += [(a, by_login[login]) for a, login in model.users.items() if login in by_login]
         return "".join(f"{k}::{v}\n" for k, v in sorted(rows)).encode("ascii")
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        # An address line derives from the address (which login it is) and from the login's
+        # mailbox record: either may be the one that changed.
+        out: dict[str, str] = {}
+        address_keys = self.settings.get("address_keys")
+        for login in logins:
+            box = model.mailboxes.get(login)
+            if box is not None:
+                own, by_address = self._values(login, box)
+                out[login] = ":" + own  # the line is `login::fields`: parse() splits at the first ':'
+                if address_keys and model.users.get(box.address) == login:
+                    out[box.address] = ":" + by_address
+        if address_keys:
+            for a in addresses:
+                owner = model.users.get(a)
+                box = model.mailboxes.get(owner) if owner is not None else None
+                if owner is not None and box is not None:
+                    out[a] = ":" + self._values(owner, box)[1]
+        return out.items()
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        yield from logins
+        if self.settings.get("address_keys"):
+            yield from addresses
+
+    def linked(self, model: RoutingModel, logins: AbstractSet[str] | None) -> Iterable[tuple[str, str]]:
+        if not self.settings.get("address_keys"):
+            return
+        for login in model.mailboxes if logins is None else logins:
+            box = model.mailboxes.get(login)
+            if box is not None and model.users.get(box.address) == login:
+                yield login, box.address
+
+    def _values(self, login: str, box: Mailbox) -> tuple[str, str]:
+        """What follows `key::` in the login's line and in its address lines (which name the login)."""
+        fields: Mapping[str, str] = self.settings.get("fields", {})
+        values = {
+            "login": login,
+            "domain": box.address.rpartition("@")[2],
+            "home": box.home,
+            "uid": str(box.uid),
+            "gid": str(box.gid),
+            "quota": box.quota,
+        }
+        # A field whose template names a value the account does not have (no quota) is left out.
+        extra = [
+            f"userdb_{name}={template.format(**values)}"
+            for name, template in sorted(fields.items())
+            if all(values.get(f) is not None for _, f, _, _ in string.Formatter().parse(template) if f)
+        ]
+        rest = f"{box.uid}:{box.gid}::{box.home}::"
+        return rest + " ".join(extra), rest + " ".join(["userdb_user=" + login, *extra])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,9 +35,7 @@ class VirtualExporter(Exporter):
         if bad or not include:
             raise ConfigError(f"must be a non-empty subset of {list(CATEGORIES)}", file=file, key=f"{key}.include")
 
-    def inputs(self, model: RoutingModel) -> object:
-        # domain_rewrites() derives from the deliverable keys and the alias domains
-        return (model.aliases, model.forwards, model.users.keys(), model.domain_aliases, model.domain, model.hosted)
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
         include = self.settings.get("include", list(CATEGORIES))
@@ -47,6 +46,26 @@ class VirtualExporter(Exporter):
         if "forwards" in include:
             table.update({a: ",".join(t) for a, t in model.forwards.items()})
         return lines(dict(sorted(table.items())))
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        include = self.settings.get("include", list(CATEGORIES))
+        aliases, forwards = "aliases" in include, "forwards" in include
+        for a in addresses:
+            row: dict[str, str] = {}  # the same precedence as render(): forwards last
+            if aliases:
+                if a in model.aliases:
+                    row[a] = ",".join(model.aliases[a])
+                if a in model.users or a in model.aliases or a in model.forwards:  # deliverable: rewrites
+                    row.update((v, a) for v in model.variants(a)[1:])
+            if forwards and a in model.forwards:
+                row[a] = ",".join(model.forwards[a])
+            yield from row.items()
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        for a in addresses:
+            yield from model.variants(a)
 
 
 class TransportExporter(Exporter):
@@ -63,12 +82,20 @@ class TransportExporter(Exporter):
         if not nexthop or any(c.isspace() for c in nexthop) or ":" not in nexthop:
             raise ConfigError('is required, like "smtp:[srs.example.org]"', file=file, key=f"{key}.nexthop")
 
-    def inputs(self, model: RoutingModel) -> object:
-        return model.forwards.keys()
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
         nexthop = self.settings["nexthop"]
-        return lines({a: nexthop for a in model.forwards})
+        return lines([(a, nexthop) for a in sorted(model.forwards)])
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        nexthop = self.settings["nexthop"]
+        return [(a, nexthop) for a in addresses if a in model.forwards]
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        return addresses
 
 
 class RecipientsExporter(Exporter):
@@ -77,11 +104,21 @@ class RecipientsExporter(Exporter):
     reads_passwords = False
     kind = "postfix-recipients"
 
-    def inputs(self, model: RoutingModel) -> object:
-        return (model.users.keys(), model.aliases.keys(), model.forwards.keys(), model.domain_aliases, model.hosted)
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
         return lines(sorted((v, "OK") for a in model.deliverable() for v in model.variants(a)))
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        for a in addresses:
+            if a in model.users or a in model.aliases or a in model.forwards:
+                yield from ((v, "OK") for v in model.variants(a))
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        for a in addresses:
+            yield from model.variants(a)
 
 
 class SenderLoginExporter(Exporter):
@@ -90,13 +127,24 @@ class SenderLoginExporter(Exporter):
     reads_passwords = False
     kind = "postfix-sender-login"
 
-    def inputs(self, model: RoutingModel) -> object:
-        return (model.sender_logins, model.domain_aliases, model.hosted)
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
         return lines(
             sorted((v, ",".join(logins)) for a, logins in model.sender_logins.items() for v in model.variants(a))
         )
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        for a in addresses:
+            if a in model.sender_logins:
+                value = ",".join(model.sender_logins[a])
+                yield from ((v, value) for v in model.variants(a))
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        for a in addresses:
+            yield from model.variants(a)
 
 
 class AccessExporter(Exporter):
@@ -112,12 +160,24 @@ class AccessExporter(Exporter):
         if action not in ("REJECT", "DEFER", "554", "550", "450"):
             raise ConfigError("must be REJECT, DEFER, 550, 554 or 450", file=file, key=f"{key}.action")
 
-    def inputs(self, model: RoutingModel) -> object:
-        return (model.disabled, model.domain_aliases, model.hosted)
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
         action = self.settings.get("action", "REJECT")
         return lines(sorted((v, f"{action} {msg}") for a, msg in model.disabled.items() for v in model.variants(a)))
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        action = self.settings.get("action", "REJECT")
+        for a in addresses:
+            if a in model.disabled:
+                value = f"{action} {model.disabled[a]}"
+                yield from ((v, value) for v in model.variants(a))
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        for a in addresses:
+            yield from model.variants(a)
 
 
 DEFAULT_MAILBOX_PATH = "{domain}/{login}/Maildir/"
@@ -165,13 +225,25 @@ class VirtualMailboxExporter(Exporter):
         if not any(f in template for f in ("{login}", "{local}")):
             raise ConfigError(f"{template!r} must contain {{login}} or {{local}}", file=file, key=where)
 
-    def inputs(self, model: RoutingModel) -> object:
-        return model.local
+    incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
+        return lines(self._rows(model, sorted(model.local)))
+
+    def rows(
+        self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
+    ) -> Iterable[tuple[str, str]]:
+        return self._rows(model, addresses)
+
+    def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
+        return addresses
+
+    def _rows(self, model: RoutingModel, addresses: Iterable[str]) -> list[tuple[str, str]]:
         template = self.settings.get("path_template", DEFAULT_MAILBOX_PATH)
-        rows = []
-        for address, login in model.local.items():
-            local, _, domain = address.rpartition("@")
-            rows.append((address, template.format(login=login, domain=domain, local=local)))
-        return lines(rows)
+        out = []
+        for address in addresses:
+            login = model.local.get(address)
+            if login is not None:
+                local, _, domain = address.rpartition("@")
+                out.append((address, template.format(login=login, domain=domain, local=local)))
+        return out
