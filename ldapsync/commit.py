@@ -79,9 +79,13 @@ class Output:
     sensitive: bool = False
     sha256: str = ""  # of data, when the renderer already computed it
     patch: Patch | None = None  # data as an edit of earlier bytes, for patching the compiled map
+    lines: int | None = None  # of data, when the renderer already counted them
 
     def digest(self) -> str:
         return self.sha256 or hashlib.sha256(self.data).hexdigest()
+
+    def line_count(self) -> int:
+        return self.lines if self.lines is not None else self.data.count(b"\n")
 
     @property
     def compiled(self) -> Path | None:

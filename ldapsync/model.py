@@ -524,9 +524,7 @@ def _parse_entry(
     try:
         login = validate.login(logins[0])
     except validate.Invalid as e:
-        return _Parsed(
-            rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),)
-        )
+        return _Parsed(rejections=(Rejection(entry.dn, attributes.login, f"{e}; entry skipped"),))
 
     def canonical(addr: str) -> str:
         local, _, dom = addr.rpartition("@")

@@ -421,7 +421,7 @@ class State:
                 "snapshot_sum": [entry_sum.count, f"{entry_sum.total:x}"],
                 "store": ref.to_json(),
                 "hashes": dict(hashes),
-                "lines": {n: d.count(b"\n") for n, d in outputs.items()},
+                "lines": meta.get("lines") or {n: d.count(b"\n") for n, d in outputs.items()},  # known: not recounted
             }
             _write_new(tmp / "meta.json", json.dumps(full_meta, indent=1, sort_keys=True).encode())
             fsync_dir(tmp / "outputs")

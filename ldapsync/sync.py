@@ -178,6 +178,7 @@ class Pipeline:
                     sensitive=exp.sensitive,
                     sha256=rendered.sha256,
                     patch=patch,
+                    lines=rendered.lines,
                 )
             )
         self._in_step = True
@@ -419,7 +420,7 @@ class Pipeline:
             extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
         )
         if changed:
-            log.info("installed", generation=generation, changed={o.name: o.data.count(b"\n") for o in changed})
+            log.info("installed", generation=generation, changed={o.name: o.line_count() for o in changed})
         return changed
 
     def _record_generation(self, plan: Plan) -> None:
@@ -429,6 +430,7 @@ class Pipeline:
             "rejected": plan.rejected,
             "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
             "config": str(self.config.path),
+            "lines": {o.name: o.line_count() for o in plan.outputs},
         }
         data = {o.name: o.data for o in plan.outputs}
         hashes = {o.name: o.digest() for o in plan.outputs}
@@ -599,7 +601,7 @@ def _failed(record: Status, error: str) -> Status:
 
 
 def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState]:
-    return MappingProxyType({o.name: OutputState(o.data.count(b"\n"), o.digest()) for o in outputs})
+    return MappingProxyType({o.name: OutputState(o.line_count(), o.digest()) for o in outputs})
 
 
 def _guarded(delta: guards.Delta, exp: Exporter) -> guards.Delta:
