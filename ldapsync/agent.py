@@ -100,7 +100,7 @@ class Agent:
     def __init__(self, config: Config, *, force_first: bool = False):
         self.config = config
         self.loaded_files = _file_stamps(config)  # before reading them: an edit from here on is seen
-        self.pipeline = sync.Pipeline(config)
+        self.pipeline = sync.Pipeline(config, follow=True)
         # SimpleQueue: put() is reentrant, so the signal handler may post while get() runs
         self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
         self.notifier = sdnotify.SystemdNotifier()
@@ -334,7 +334,7 @@ class Agent:
                     file=new.path,
                     key="state_dir",
                 )
-            pipeline = sync.Pipeline(new)
+            pipeline = sync.Pipeline(new, follow=True)
         except ConfigError as e:
             log.error("new configuration rejected; the running one stays in force", error=str(e))
             return sched.ConfigRejected(time.monotonic())

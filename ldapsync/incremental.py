@@ -158,8 +158,10 @@ def _keys(held: Any) -> Iterable[str]:
 class Engine:
     """Routing model + report for successive snapshots, each change costing its components."""
 
-    def __init__(self, settings: Settings, static: Static) -> None:
+    def __init__(self, settings: Settings, static: Static, *, index: bool = True) -> None:
+        """`index=False`: every update is a full build, without the index (a one-shot run)."""
         self.settings = settings
+        self.index = index
         self.static = static
         self._canon = model.canonical_domains(settings.domain, settings.domain_aliases, dict(settings.hosted))
         self._statics: dict[str, Names] = {}
@@ -194,7 +196,7 @@ class Engine:
         The model returned is updated in place by the next call: its tables iterate in no
         particular order (exporters sort)."""
         try:
-            if self._model is None or today != self._day or not self._exact:
+            if self._model is None or today != self._day or not self._exact or not self.index:
                 return self._full(snapshot, today)
             changed = self._delta(snapshot)
             if changed is None:
@@ -216,7 +218,11 @@ class Engine:
     def _full(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
         self.reset()
         parse = self._parser(today)
-        routing, report = self.settings.build(snapshot, self.static, today, self._cache)
+        routing, report = self.settings.build(snapshot, self.static, today, self._cache if self.index else None)
+        self._model = routing
+        self.last_full = True
+        if not self.index:
+            return routing, report, ModelChange(full=True)
         entries: dict[str, Entry] = {}
         index = self._index
         cache = self._cache

@@ -92,7 +92,9 @@ class Result:
 class Pipeline:
     """Wires a Config to its exporters and state dir; cheap to rebuild on config reload."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, follow: bool = False):
+        """`follow`: syncs will come change after change (the agent): keep what makes the next
+        one cost its change; a one-shot run does not pay for that."""
         self.config = config
         self.state = State(config.state_dir)
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
@@ -112,6 +114,7 @@ class Pipeline:
                 mailbox=cfg.mailbox,
             ),
             self.static,
+            index=follow,
         )
         self._renderers = {spec.name: Renderer(exp) for spec, exp in self.exporters}
         self._in_step = False  # every renderer has seen the engine's last model

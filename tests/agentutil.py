@@ -118,8 +118,12 @@ class AgentSetup:
         main_cf.touch()
         past = time.time() - 3600
         os.utime(main_cf, (past, past))  # postmap sleeps ~2 s while main.cf is only seconds old
-        ldap: dict[str, Any] = {"uri": [uris] if isinstance(uris, str) else list(uris), "base_dn": base_dn,
-                                "timeout": timeout, "watch": watch}
+        ldap: dict[str, Any] = {
+            "uri": [uris] if isinstance(uris, str) else list(uris),
+            "base_dn": base_dn,
+            "timeout": timeout,
+            "watch": watch,
+        }
         if bind_dn is not None:
             ldap["bind_dn"] = bind_dn
             ldap["bind_password_file"] = str(bind_password_file)
@@ -148,8 +152,9 @@ class AgentSetup:
     @classmethod
     def for_slapd(cls, root: Path, slapd: Any, **kwargs: Any) -> AgentSetup:
         """Config for a tests/slapd.py Slapd, bound as its service account (limits apply)."""
-        return cls.create(root, slapd.uri, bind_dn=slapd.service_dn,
-                          bind_password_file=slapd.service_password_file, **kwargs)
+        return cls.create(
+            root, slapd.uri, bind_dn=slapd.service_dn, bind_password_file=slapd.service_password_file, **kwargs
+        )
 
     # -- editing -------------------------------------------------------------------------
     def write_config(self, text: str | None = None) -> None:
@@ -179,7 +184,10 @@ class AgentSetup:
             return None
         proc = subprocess.run(
             [exe, "-c", str(self.postfix_dir), "-q", key, f"lmdb:{self.virtual}"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         if proc.returncode == 1:
             return None
@@ -188,8 +196,12 @@ class AgentSetup:
         return proc.stdout.strip()
 
     def wait_map(self, key: str, expected: str | None, timeout: float = 10.0) -> None:
-        wait_until(lambda: self.postmap_q(key) == expected, timeout, interval=0.03,
-                   what=f"postmap -q {key} == {expected!r} (now {self.postmap_q(key)!r})")
+        wait_until(
+            lambda: self.postmap_q(key) == expected,
+            timeout,
+            interval=0.03,
+            what=f"postmap -q {key} == {expected!r} (now {self.postmap_q(key)!r})",
+        )
 
     def passwd_users(self) -> set[str]:
         try:
@@ -232,7 +244,11 @@ class AgentProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child, closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ldapsync", "-c", str(config)],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, env=child_env, cwd=str(config.parent),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            env=child_env,
+            cwd=str(config.parent),
         )
         self.stopped = False
 
@@ -255,8 +271,9 @@ class AgentProcess:
         return len(self.logs())
 
     def find(self, event: str, since: int = 0, **match: Any) -> list[dict[str, Any]]:
-        return [r for r in self.logs()[since:] if r.get("event") == event
-                and all(r.get(k) == v for k, v in match.items())]
+        return [
+            r for r in self.logs()[since:] if r.get("event") == event and all(r.get(k) == v for k, v in match.items())
+        ]
 
     def wait_log(self, event: str, since: int = 0, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
         """The first record with this event (and fields) after since; fails early if the agent died."""
@@ -369,8 +386,11 @@ class NotifyListener:
             return [t for t, m in self.messages if m == line]
 
     def wait(self, prefix: str, count: int = 1, timeout: float = 10.0) -> list[str]:
-        return wait_until(lambda: len(self.lines(prefix)) >= count and self.lines(prefix), timeout,
-                          what=f"{count} x {prefix!r} on NOTIFY_SOCKET (got {self.lines()[-5:]})")
+        return wait_until(
+            lambda: len(self.lines(prefix)) >= count and self.lines(prefix),
+            timeout,
+            what=f"{count} x {prefix!r} on NOTIFY_SOCKET (got {self.lines()[-5:]})",
+        )
 
     def close(self) -> None:
         self._halt.set()
@@ -459,15 +479,23 @@ class Ds389:
         inf_dir.mkdir(parents=True)
         defaults = DS389_DEFAULTS.read_text()
         for old, new in (
-            ("/etc/dirsrv", f"{p}/etc/dirsrv"), ("= /var/lib/dirsrv", f"= {p}/var/lib/dirsrv"),
-            ("= /var/log/dirsrv", f"= {p}/var/log/dirsrv"), ("= /run/", f"= {p}/run/"),
+            ("/etc/dirsrv", f"{p}/etc/dirsrv"),
+            ("= /var/lib/dirsrv", f"= {p}/var/lib/dirsrv"),
+            ("= /var/log/dirsrv", f"= {p}/var/log/dirsrv"),
+            ("= /run/", f"= {p}/run/"),
         ):
             defaults = defaults.replace(old, new)
-        settings = {"sysconf_dir": f"{p}/etc", "initconfig_dir": f"{p}/etc/default", "local_state_dir": f"{p}/var",
-                    "with_systemd": "0", "tmpfiles_d": f"{p}/tmpfiles.d"}
+        settings = {
+            "sysconf_dir": f"{p}/etc",
+            "initconfig_dir": f"{p}/etc/default",
+            "local_state_dir": f"{p}/var",
+            "with_systemd": "0",
+            "tmpfiles_d": f"{p}/tmpfiles.d",
+        }
         defaults = "\n".join(
             f"{line.split('=')[0].strip()} = {settings[line.split('=')[0].strip()]}"
-            if "=" in line and line.split("=")[0].strip() in settings else line
+            if "=" in line and line.split("=")[0].strip() in settings
+            else line
             for line in defaults.splitlines()
         )
         (inf_dir / "defaults.inf").write_text(defaults + "\n")
@@ -490,20 +518,32 @@ class Ds389:
             f"cert_dir = {self.config_dir}\nconfig_dir = {self.config_dir}\nschema_dir = {self.config_dir}/schema\n"
             f"[backend-userroot]\nsuffix = {self.suffix}\ncreate_suffix_entry = False\n"
         )
-        proc = subprocess.run([shutil.which("dscreate", path=_SBIN_PATH) or "dscreate", "from-file", str(inf)],
-                              capture_output=True, text=True, env=self._env, timeout=300, check=False)
+        proc = subprocess.run(
+            [shutil.which("dscreate", path=_SBIN_PATH) or "dscreate", "from-file", str(inf)],
+            capture_output=True,
+            text=True,
+            env=self._env,
+            timeout=300,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"dscreate failed rc={proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
         (self.config_dir / "schema" / "98ldapsync.ldif").write_text(
-            _ds389_schema(REPO / "ldapsync" / "schema" / "ud-ldap.ldif"))
+            _ds389_schema(REPO / "ldapsync" / "schema" / "ud-ldap.ldif")
+        )
 
     def start(self, timeout: float = 30.0) -> None:
         exe = shutil.which("ns-slapd", path=_SBIN_PATH)
         assert exe is not None
         log = open(self.root / "ns-slapd.out", "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen([exe, "-D", str(self.config_dir), "-i", str(self.root / "ns-slapd.pid"),
-                                          "-d", "0"], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self._env)
+            self.proc = subprocess.Popen(
+                [exe, "-D", str(self.config_dir), "-i", str(self.root / "ns-slapd.pid"), "-d", "0"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self._env,
+            )
         finally:
             log.close()
         weakref.finalize(self, _kill_child, self.proc)  # no orphan ns-slapd, even if close() is never called
@@ -528,8 +568,15 @@ class Ds389:
         exe = shutil.which("ldapmodify", path=_SBIN_PATH)
         assert exe is not None
         argv = [exe, "-x", "-H", self.uri, "-D", DS389_ROOT_DN, "-w", DS389_ROOT_PW, *(["-a"] if add else [])]
-        proc = subprocess.run(argv, input=ldif_text, capture_output=True, text=True, timeout=60, check=False,
-                              env=dict(os.environ, LDAPNOINIT="1"))
+        proc = subprocess.run(
+            argv,
+            input=ldif_text,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(os.environ, LDAPNOINIT="1"),
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"ldapmodify on 389-ds failed rc={proc.returncode}: {proc.stderr}")
 

@@ -79,7 +79,7 @@ def write_config(tmp: Path, **top: Any) -> Path:
 
 
 def pipeline(tmp: Path, **top: Any) -> sync.Pipeline:
-    return sync.Pipeline(config_mod.load(write_config(tmp, **top)))
+    return sync.Pipeline(config_mod.load(write_config(tmp, **top)), follow=True)  # long-lived, as in the agent
 
 
 def recorder(tmp: Path, log: Path, *args: str) -> list[str]:
@@ -700,7 +700,7 @@ def test_an_agent_patches_the_compiled_maps_a_change_touches(tmp_path: Path, pfc
     ldif = tmp_path / "users.ldif"
     ldif.write_text(DEMO_LDIF.read_text())
     postfix = {"postmap": str(wrapper), "config_dir": str(pfconf)}
-    agent = sync.Pipeline(config_mod.load(write_config(tmp_path, ldif=ldif, postfix=postfix)))
+    agent = sync.Pipeline(config_mod.load(write_config(tmp_path, ldif=ldif, postfix=postfix)), follow=True)
     assert agent.run().status == "installed"
     ldif.write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
     calls.unlink()

@@ -215,7 +215,7 @@ AGENT = """
 import os, sys
 from pathlib import Path
 from ldapsync import config, sync
-pipeline = sync.Pipeline(config.load(Path(sys.argv[1])))
+pipeline = sync.Pipeline(config.load(Path(sys.argv[1])), follow=True)
 ldif, texts = Path(sys.argv[2]), [Path(p).read_text() for p in sys.argv[3:]]
 i = 0
 while True:

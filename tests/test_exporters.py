@@ -273,7 +273,7 @@ def test_rebuild_renders_again_exactly_the_outputs_whose_inputs_changed(tmp_path
     for e in doc["exporters"]:
         e["path"] = str(tmp_path / "out" / Path(e["path"]).name)
     (tmp_path / "ldapsync.yaml").write_text(yaml.safe_dump(doc))
-    pipeline = sync.Pipeline(config_mod.load(tmp_path / "ldapsync.yaml"))
+    pipeline = sync.Pipeline(config_mod.load(tmp_path / "ldapsync.yaml"), follow=True)
     snap = pipeline.read_source()
     first = {o.name: o.data for o in pipeline.render(snap)[0]}
 

@@ -51,8 +51,14 @@ def entry_item(dn: str, attrs: dict[str, list[bytes]], ecn: bytes | None) -> dic
 
 
 def done_item(result: int, message: str = "") -> dict[str, Any]:
-    return {"type": "searchResDone", "result": result, "description": "x", "message": message, "dn": "",
-            "referrals": None}
+    return {
+        "type": "searchResDone",
+        "result": result,
+        "description": "x",
+        "message": message,
+        "dn": "",
+        "referrals": None,
+    }
 
 
 def feed(items: list[dict[str, Any]]) -> list[psearch.Event]:
@@ -67,11 +73,13 @@ def feed(items: list[dict[str, Any]]) -> list[psearch.Event]:
 
 
 def test_add_modify_delete_sequence() -> None:
-    events = feed([
-        entry_item(BOB, BOB_ATTRS, ECN_ADD),
-        entry_item(BOB, {**BOB_ATTRS, "emailForward": [b"bob@near.example"]}, ECN_MODIFY_WITH_NUMBER),
-        entry_item(BOB, BOB_ATTRS, ECN_DELETE),
-    ])
+    events = feed(
+        [
+            entry_item(BOB, BOB_ATTRS, ECN_ADD),
+            entry_item(BOB, {**BOB_ATTRS, "emailForward": [b"bob@near.example"]}, ECN_MODIFY_WITH_NUMBER),
+            entry_item(BOB, BOB_ATTRS, ECN_DELETE),
+        ]
+    )
     assert events == [
         Upsert(BOB, BOB_ATTRS),
         Upsert(BOB, {**BOB_ATTRS, "emailForward": [b"bob@near.example"]}),

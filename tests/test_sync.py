@@ -443,8 +443,8 @@ def test_hooks_and_log_only_ever_see_listed_generations(tmp_path: Path) -> None:
 
 
 # -- plan and apply ---------------------------------------------------------------------------------
-def pipeline_for(site: Site) -> sync.Pipeline:
-    return sync.Pipeline(config_mod.load(site.config))
+def pipeline_for(site: Site, *, follow: bool = False) -> sync.Pipeline:
+    return sync.Pipeline(config_mod.load(site.config), follow=follow)
 
 
 def tree(root: Path) -> dict[str, tuple[bytes | None, int]]:
@@ -490,7 +490,7 @@ def test_an_agent_after_a_change_plans_what_a_fresh_run_plans(tmp_path: Path, mo
     """A long-lived pipeline splices its outputs and takes the guards' counts from the splice;
     they must be what a fresh --once computes by parsing the installed files."""
     site = Site(tmp_path)
-    pipeline = pipeline_for(site)
+    pipeline = pipeline_for(site, follow=True)
     assert pipeline.apply(pipeline.plan(pipeline.read_source())).status == SyncResult.INSTALLED
     parsed: list[str] = []
     full_diff = sync.guards.diff
