@@ -97,14 +97,17 @@ class _Index:
         self.to_addresses: dict[str, Any] = {}
         self.to_dns: dict[str, Any] = {}
 
-    def add(self, key: str, names: Names) -> None:
-        for table, held in (
+    def _pairs(self, names: Names) -> tuple[tuple[dict[str, Any], tuple[str, ...]], ...]:
+        return (
             (self.logins, names.logins),
             (self.addresses, names.addresses),
             (self.dns, names.dns),
             (self.to_addresses, names.to_addresses),
             (self.to_dns, names.to_dns),
-        ):
+        )
+
+    def add(self, key: str, names: Names) -> None:
+        for table, held in self._pairs(names):
             for name in held:
                 found = table.get(name)
                 if found is None:
@@ -115,13 +118,7 @@ class _Index:
                     table[name] = {found, key}
 
     def remove(self, key: str, names: Names) -> None:
-        for table, held in (
-            (self.logins, names.logins),
-            (self.addresses, names.addresses),
-            (self.dns, names.dns),
-            (self.to_addresses, names.to_addresses),
-            (self.to_dns, names.to_dns),
-        ):
+        for table, held in self._pairs(names):
             for name in held:
                 found = table.get(name)
                 if found == key:
