@@ -630,7 +630,7 @@ class Changes:
 
 # Logged at error level when a restart finds what a kill -9 left: a generation half removed by
 # pruning, a follow-snapshot.json newer than the follow.json naming it (a full read follows).
-CRASH_RECOVERY = frozenset({"damaged generation ignored", "saved sync state unusable; starting with a full read"})
+CRASH_RECOVERY: frozenset[str] = frozenset()  # none left: what a kill -9 leaves is recovered without an error
 DN_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 STATIC_SAFE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 STATIC_AT_START: dict[str, Any] = {
