@@ -365,6 +365,11 @@ def make_entry(
     return Entry(dn, attrs, uuid)
 
 
+def entry_key(e: Entry) -> str:
+    """How a mirror and the model engine know an entry across changes: entryUUID, else the DN."""
+    return e.uuid or e.dn
+
+
 def entry_order(e: Entry) -> tuple[str, str, str]:
     """The sort key of entries: DN case-insensitively first; DNs equal but for case, or equal
     (a rename not yet matched by a delete), still ordered the same on every host."""

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
-from ldapsync import model, validate
+from ldapsync import incremental, model, validate
 from ldapsync.config import Config, ExporterSpec
 from ldapsync.directory import Snapshot
 from ldapsync.errors import LdapsyncError
@@ -118,19 +118,7 @@ def explain(
     an output missing there is rendered from the snapshot."""
     asked, canonical, login = normalise(address, config)
     trace: model.Trace = []
-    routing, _ = model.build(
-        snapshot,
-        static,
-        domain=config.domain,
-        domain_aliases=config.domain_aliases,
-        attributes=config.attributes,
-        today=today or date.today(),
-        weak_passwords=config.weak_passwords,
-        hosted=config.hosted,
-        groups=config.groups,
-        mailbox=config.mailbox,
-        trace=trace,
-    )
+    routing, _ = incremental.Settings.of(config).build(snapshot, static, today or date.today(), trace=trace)
     login = routing.users.get(canonical, login)
     keys = {asked, canonical} | ({login} if login else set())
     answers = []

@@ -27,7 +27,8 @@ from datetime import date
 from typing import Any
 
 from ldapsync import model, validate
-from ldapsync.directory import Entry, Rejection, Snapshot, entry_order
+from ldapsync.config import Config
+from ldapsync.directory import Entry, Rejection, Snapshot, entry_key, entry_order
 from ldapsync.model import BuildReport, GroupSettings, MailboxSettings, ModelChange, RoutingModel
 from ldapsync.schema import AttributeMap
 from ldapsync.static import Static, StaticEntry
@@ -52,8 +53,26 @@ class Settings:
     groups: GroupSettings | None = None
     mailbox: MailboxSettings | None = None
 
+    @classmethod
+    def of(cls, config: Config) -> Settings:
+        return cls(
+            domain=config.domain,
+            domain_aliases=config.domain_aliases,
+            attributes=config.attributes,
+            weak_passwords=config.weak_passwords,
+            hosted=dict(config.hosted),
+            groups=config.groups,
+            mailbox=config.mailbox,
+        )
+
     def build(
-        self, snapshot: Snapshot, static: Static, today: date, cache: model.EntryCache | None = None
+        self,
+        snapshot: Snapshot,
+        static: Static,
+        today: date,
+        cache: model.EntryCache | None = None,
+        *,
+        trace: model.Trace | None = None,
     ) -> tuple[RoutingModel, BuildReport]:
         return model.build(
             snapshot,
@@ -64,14 +83,11 @@ class Settings:
             today=today,
             cache=cache,
             weak_passwords=self.weak_passwords,
+            trace=trace,
             hosted=self.hosted,
             groups=self.groups,
             mailbox=self.mailbox,
         )
-
-
-def entry_key(entry: Entry) -> str:
-    return entry.uuid or entry.dn
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,17 +230,17 @@ class Engine:
     # -- full build: the reference, plus the index ------------------------------------------
     def _full(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
         self.reset()
-        parse = self._parser(today)
         routing, report = self.settings.build(snapshot, self.static, today, self._cache if self.index else None)
         self._model = routing
         self.last_full = True
         if not self.index:
             return routing, report, ModelChange(full=True)
+        parse = self._parser(today)
         entries: dict[str, Entry] = {}
         index = self._index
         cache = self._cache
         for e in snapshot.entries:
-            key = e.uuid or e.dn
+            key = entry_key(e)
             entries[key] = e
             hit = cache.get(e.dn)
             parsed = hit[1] if hit is not None and hit[0] is e else parse(e)
@@ -233,14 +249,12 @@ class Engine:
             index.add(key, names)
         self._exact = len(entries) == len(snapshot.entries)
         self._entries = entries
-        self._model = routing
         self._day = today
         known = len(snapshot.rejections)
         self._rejections = Counter(report.rejections[known:])
         self._warnings = Counter(report.warnings)
         self._notices = Counter(report.notices)
         self._retired, self._skipped, self._weak = report.retired, report.skipped, report.weak_passwords
-        self.last_full = True
         return routing, self._report(snapshot), ModelChange(full=True)
 
     def _parser(self, today: date) -> Any:
@@ -258,13 +272,17 @@ class Engine:
         return self._parse
 
     # -- what changed ----------------------------------------------------------------------
+    def _limit(self) -> int:
+        """Entries a change may reach before one full build is cheaper than piecewise work."""
+        return max(64, len(self._entries) // FULL_FRACTION)
+
     def _delta(self, snapshot: Snapshot) -> dict[str, Entry | None] | None:
         """What changed, as the mirror says, if this engine saw the snapshot it is relative to."""
         delta = snapshot.delta
         if delta is None or self._seen != (delta.origin, delta.since):
             return None
         entries = self._entries
-        if len(delta.changed) > max(64, len(entries) // FULL_FRACTION):
+        if len(delta.changed) > self._limit():
             return None
         changed = {k: e for k, e in delta.changed.items() if e is not None or k in entries}
         size = len(entries) + sum(1 for k, e in changed.items() if e is not None and k not in entries)
@@ -278,11 +296,11 @@ class Engine:
 
         None when the change is too large to be worth doing piecewise (or keys repeat)."""
         entries = self._entries
-        limit = max(64, len(entries) // FULL_FRACTION)
+        limit = self._limit()
         changed: dict[str, Entry | None] = {}
         kept = 0
         for e in snapshot.entries:
-            key = e.uuid or e.dn
+            key = entry_key(e)
             old = entries.get(key)
             if old is e:
                 kept += 1
@@ -295,7 +313,7 @@ class Engine:
             if len(changed) > limit:
                 return None
         if kept != len(entries):  # some keys are gone
-            present = {e.uuid or e.dn for e in snapshot.entries}
+            present = {entry_key(e) for e in snapshot.entries}
             for key in entries:
                 if key not in present:
                     changed[key] = None
@@ -341,8 +359,7 @@ class Engine:
         hit = self._cache.get(entry.dn)
         if hit is not None and hit[0] is entry:
             return hit[1]
-        parsed = self._parse(entry)  # the DN is shared with another entry (a rename under way)
-        return parsed
+        return self._parse(entry)  # the DN is shared with another entry (a rename under way)
 
     # -- a change: rebuild its components --------------------------------------------------
     def _partial(
@@ -356,7 +373,7 @@ class Engine:
         new_names = {k: self._names(e, new_parsed[k]) for k, e in changed.items() if e is not None}
 
         # Every key linked to a changed entry, before or after the change, transitively.
-        limit = max(64, len(entries) // FULL_FRACTION)
+        limit = self._limit()
         component = set(changed)
         todo = list(changed)
         while todo:
@@ -379,11 +396,7 @@ class Engine:
         new_part.sort(key=entry_order)
         static = self._static_subset(component)
         old_cache = {e.dn: (e, self._parsed_of(e)) for e in old_part}
-        new_cache = {
-            e.dn: (e, new_parsed[k] if k in new_parsed else self._parsed_of(e))
-            for e in new_part
-            for k in (e.uuid or e.dn,)
-        }
+        new_cache = {e.dn: (e, new_parsed.get(entry_key(e)) or self._parsed_of(e)) for e in new_part}
         build = self.settings.build
         old_model, old_report = build(Snapshot(tuple(old_part), snapshot.source), static, today, old_cache)
         new_model, new_report = build(Snapshot(tuple(new_part), snapshot.source), static, today, new_cache)
@@ -405,17 +418,9 @@ class Engine:
                 names_set.update(new_t)
         logins.update(old_model.users.values())
         logins.update(new_model.users.values())
-        self._rejections.subtract(old_report.rejections)
-        self._rejections.update(new_report.rejections)
-        self._warnings.subtract(old_report.warnings)
-        self._warnings.update(new_report.warnings)
-        self._notices.subtract(old_report.notices)
-        self._notices.update(new_report.notices)
-        for counter in (self._rejections, self._notices):
-            for gone in [r for r, n in counter.items() if n <= 0]:
-                del counter[gone]
-        for text in [w for w, n in self._warnings.items() if n <= 0]:
-            del self._warnings[text]
+        _swap(self._rejections, old_report.rejections, new_report.rejections)
+        _swap(self._warnings, old_report.warnings, new_report.warnings)
+        _swap(self._notices, old_report.notices, new_report.notices)
         self._retired += new_report.retired - old_report.retired
         self._skipped += new_report.skipped - old_report.skipped
         self._weak += new_report.weak_passwords - old_report.weak_passwords
@@ -451,6 +456,16 @@ class Engine:
             skipped=self._skipped,
             weak_passwords=self._weak,
         )
+
+
+def _swap(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any]) -> None:
+    """Replace a component's old problems by its new ones, in O(change)."""
+    old = list(old)
+    counter.subtract(old)
+    counter.update(new)
+    for problem in old:
+        if counter[problem] <= 0:
+            del counter[problem]
 
 
 def _problem_order(r: Rejection) -> tuple[str, str, str, str]:

@@ -30,6 +30,7 @@ from ldapsync.directory import (
     Rejection,
     Snapshot,
     SnapshotDelta,
+    entry_key,
     entry_order,
     make_entry,
     sort_entries,
@@ -72,7 +73,7 @@ class Mirror:
         self._since: dict[str, Entry | None] | None = None
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
-        entries = {(e.uuid or e.dn): compact(e) for e in snapshot.entries}
+        entries = {entry_key(e): compact(e) for e in snapshot.entries}
         entry_sum: EntrySum | None = vars(snapshot).get("entry_sum")  # known if computed or saved
         ordered = sort_entries(entries.values())
         rejections: dict[str, list[Rejection]] = {}

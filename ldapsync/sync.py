@@ -102,17 +102,8 @@ class Pipeline:
         ]
         self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
         self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
-        cfg = config
         self.engine = incremental.Engine(
-            incremental.Settings(
-                domain=cfg.domain,
-                domain_aliases=cfg.domain_aliases,
-                attributes=cfg.attributes,
-                weak_passwords=cfg.weak_passwords,
-                hosted=dict(cfg.hosted),
-                groups=cfg.groups,
-                mailbox=cfg.mailbox,
-            ),
+            incremental.Settings.of(config),
             self.static,
             index=follow,
         )
