@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = generate.write(args.users, root / "data")
     cfg = config_mod.load(write_config(root, data))
     os.chdir(root)
-    read = ldifsource.read(LdifSource(data.ldif, generate.USERS_DN), cfg.attributes)
+    read = ldifsource.read(LdifSource(data.ldif, generate.USERS_DN), cfg.routing.attributes)
     entries = tuple(Entry(e.dn, e.attributes, f"uuid-{i:08d}") for i, e in enumerate(read.entries))
     snapshot = Snapshot(entries, "ldap:ldap://127.0.0.1:1")
 
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.users} users; first sync (everything installed): {time.perf_counter() - t0:.3f} s")
     TIMES.clear()
 
-    wanted = cfg.attributes.ldap_attributes()
+    wanted = cfg.routing.attributes.ldap_attributes()
     step = max(1, len(entries) // (args.changes + 1))
     for n in range(args.changes):
         e = entries[(n + 1) * step]

@@ -25,7 +25,7 @@ import yaml
 
 from ldapsync import schema
 from ldapsync.errors import ConfigError
-from ldapsync.model import GroupSettings, MailboxSettings
+from ldapsync.routing.types import GroupSettings, MailboxSettings, Settings
 
 T = TypeVar("T")
 
@@ -106,10 +106,8 @@ class Agent:
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
-    domain: str
-    domain_aliases: tuple[str, ...]
+    routing: Settings  # domains, attributes, groups, mailboxes: everything the routing model reads
     source: LdapSource | LdifSource
-    attributes: schema.AttributeMap
     state_dir: Path
     exporters: tuple[ExporterSpec, ...]
     static: Path | None = None
@@ -122,14 +120,6 @@ class Config:
     metrics_textfile: Path | None = None
     log_format: str = "auto"
     log_level: str = "info"
-    weak_passwords: str = "warn"  # passwords.weak: unsalted digests and DES-CRYPT
-    hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # further domains -> alias domains
-    groups: GroupSettings | None = None
-    mailbox: MailboxSettings | None = None
-
-    def all_domains(self) -> tuple[str, ...]:
-        """Every domain mail is accepted for: hosted domains and their alias domains."""
-        return (self.domain, *self.domain_aliases, *(d for h, a in self.hosted.items() for d in (h, *a)))
 
 
 class _Section:
@@ -317,10 +307,17 @@ def parse(data: object, path: Path) -> Config:
     config = _build(
         Config,
         path=path,
-        domain=domain,
-        domain_aliases=domain_aliases,
+        routing=_build(
+            Settings,
+            domain=domain,
+            domain_aliases=domain_aliases,
+            attributes=attributes,
+            weak_passwords=weak_passwords,
+            hosted=hosted,
+            groups=groups,
+            mailbox=mailbox,
+        ),
         source=source,
-        attributes=attributes,
         static=top.path("static"),
         state_dir=state_dir,
         exporters=exporters,
@@ -333,10 +330,6 @@ def parse(data: object, path: Path) -> Config:
         metrics_textfile=metrics_textfile,
         log_format=log_format,
         log_level=log_level,
-        weak_passwords=weak_passwords,
-        hosted=hosted,
-        groups=groups,
-        mailbox=mailbox,
     )
     top.done()
     return config

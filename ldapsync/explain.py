@@ -1,6 +1,6 @@
 """`ldapsync explain ADDRESS`: where an address goes in every output, and which rules decided it.
 
-The routing model is rebuilt once with a trace (model.Event per decision); the outputs'
+The routing model is rebuilt once with a trace (routing.Event per decision); the outputs'
 lines come from the installed generation (what the MTA really answers) or, with --live,
 from a fresh read of the directory. Nothing is written: explain is a read-only command.
 """
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 
-from ldapsync import incremental, model, validate
+from ldapsync import routing, validate
 from ldapsync.config import Config, ExporterSpec
 from ldapsync.directory import Snapshot
 from ldapsync.errors import LdapsyncError
@@ -40,7 +40,7 @@ class Explanation:
     canonical: str
     origin: str  # "generation <id>" or "live <source>"
     outputs: tuple[OutputAnswer, ...]
-    events: tuple[model.Event, ...]
+    events: tuple[routing.Event, ...]
 
     @property
     def found(self) -> bool:
@@ -83,21 +83,20 @@ class Explanation:
 
 def normalise(address: str, config: Config) -> tuple[str, str, str | None]:
     """(address as asked, canonical address, login if the address is in our domains)."""
+    settings = config.routing
     if "@" not in address:
-        address = f"{address}@{config.domain}"
+        address = f"{address}@{settings.domain}"
     try:
         checked = validate.address(address)
     except validate.Invalid as e:
         raise ExplainError(f"{address!r} {e}") from e
     local, _, domain = checked.rpartition("@")
-    canon = {d: config.domain for d in (config.domain, *config.domain_aliases)}
-    for hosted, alias_domains in config.hosted.items():
-        canon.update({d: hosted for d in (hosted, *alias_domains)})
+    canon = settings.canonical_domains()
     if domain not in canon:
         return checked, checked, None
     local = local.lower()
     # In a further hosted domain the login is whatever account owns the address (see explain).
-    login = local if canon[domain] == config.domain else None
+    login = local if canon[domain] == settings.domain else None
     return f"{local}@{domain}", f"{local}@{canon[domain]}", login
 
 
@@ -117,13 +116,13 @@ def explain(
     `installed` (output name -> bytes of the installed generation) is what is answered from;
     an output missing there is rendered from the snapshot."""
     asked, canonical, login = normalise(address, config)
-    trace: model.Trace = []
-    routing, _ = incremental.Settings.of(config).build(snapshot, static, today or date.today(), trace=trace)
-    login = routing.users.get(canonical, login)
+    trace: routing.Trace = []
+    model, _ = routing.build(snapshot, static, config.routing, today or date.today(), trace=trace)
+    login = model.users.get(canonical, login)
     keys = {asked, canonical} | ({login} if login else set())
     answers = []
     for spec, exp in exporters:
-        rendered = exp.render(routing)
+        rendered = exp.render(model)
         data = installed.get(spec.name) if installed is not None else None
         differs = data is not None and data != rendered
         answers.append(OutputAnswer(spec.name, spec.kind, _lines(data or rendered, exp, keys), differs))

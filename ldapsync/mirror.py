@@ -210,7 +210,7 @@ def fingerprint(config: Config) -> str:
         getattr(src, "base_dn", None),
         getattr(src, "filter", None),
         getattr(src, "scope", None),
-        config.attributes.ldap_attributes(),
+        config.routing.attributes.ldap_attributes(),
     ]
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ldapsync.exporters import Exporter
-from ldapsync.model import ModelChange, RoutingModel
+from ldapsync.routing import ModelChange, RoutingModel
 
 FULL = ModelChange(full=True)
 SPLICE_MIN = 256  # changed model keys always spliced up to this many ...

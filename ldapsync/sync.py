@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import structlog
 
-from ldapsync import commit, incremental, ldapsource, ldifsource, metrics, model, static
+from ldapsync import commit, ldapsource, ldifsource, metrics, static
 from ldapsync import guard as guards
 from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
@@ -32,6 +32,7 @@ from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.render import FULL, Rendered, Renderer
+from ldapsync.routing import BuildReport, Engine
 from ldapsync.state import Generation, State
 from ldapsync.status import OutputState, Status, SyncResult
 
@@ -100,13 +101,10 @@ class Pipeline:
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
         ]
-        self.static = static.load(config.static, config.domain, config.domain_aliases, config.hosted)
+        rs = config.routing
+        self.static = static.load(config.static, rs.domain, rs.domain_aliases, rs.hosted)
         self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
-        self.engine = incremental.Engine(
-            incremental.Settings.of(config),
-            self.static,
-            index=follow,
-        )
+        self.engine = Engine(rs, self.static, index=follow)
         self._renderers = {spec.name: Renderer(exp) for spec, exp in self.exporters}
         self._in_step = False  # every renderer has seen the engine's last model
         self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
@@ -127,10 +125,10 @@ class Pipeline:
     def read_source(self) -> Snapshot:
         src = self.config.source
         if isinstance(src, LdapSource):
-            return ldapsource.read(src, self.config.attributes)
-        return ldifsource.read(src, self.config.attributes)
+            return ldapsource.read(src, self.config.routing.attributes)
+        return ldifsource.read(src, self.config.routing.attributes)
 
-    def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], model.BuildReport]:
+    def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], BuildReport]:
         routing, report, change = self.engine.update(snapshot, date.today())
         if log_problems:
             current = {_problem_key(p) for p in (*report.warnings, *report.rejections, *report.notices)}
@@ -178,14 +176,14 @@ class Pipeline:
         self._in_step = True
         return outputs, report
 
-    def redacted(self, snapshot: Snapshot, report: model.BuildReport | None = None) -> Snapshot:
+    def redacted(self, snapshot: Snapshot, report: BuildReport | None = None) -> Snapshot:
         """`snapshot` as it may be stored: mail passwords the model refused (plaintext, unknown
         scheme) replaced by markers that it refuses as well, so outputs stay the same."""
         if self._redacted is not None and self._redacted[0]() is snapshot:
             return self._redacted[1] or snapshot
         if report is None:
             _, report = self.render(snapshot, log_problems=False)
-        attr = (self.config.attributes.mail_password or "").lower()
+        attr = (self.config.routing.attributes.mail_password or "").lower()
         refused = {r.dn for r in report.rejections if r.attribute.lower() == attr} if attr else set()
         stored = without_secrets(snapshot, attr, refused)
         # a weak reference: an agent's 100k-entry snapshot must not outlive its sync
@@ -223,7 +221,7 @@ class Pipeline:
         self,
         snapshot: Snapshot,
         outputs: Sequence[commit.Output],
-        report: model.BuildReport,
+        report: BuildReport,
         deltas: Sequence[guards.Delta] | None = None,
     ) -> str | None:
         """Why this change must be held for review, or None (the rules: ldapsync.guard)."""

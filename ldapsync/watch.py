@@ -267,7 +267,7 @@ class Follower(threading.Thread):
         encoded and decoded by syncwire (ldapsync.ber), the protocol decided by syncrepl."""
         uri = check.uri
         with self._raw_stream(src, check) as stream:
-            wanted = self.config.attributes.ldap_attributes()
+            wanted = self.config.routing.attributes.ldap_attributes()
             consumer = syncrepl.SyncConsumer(known=self.mirror.keys(), cookie=self.mirror.cookie)
             mid = stream.conn.server.next_message_id()
             request = consumer.request(syncrepl.Mode.REFRESH_AND_PERSIST)
@@ -385,7 +385,7 @@ class Follower(threading.Thread):
     def _follow_psearch(self, src: LdapSource, check: ldapsource.Connected) -> None:
         uri = check.uri
         with self._stream(src, check) as conn:
-            wanted = self.config.attributes.ldap_attributes()
+            wanted = self.config.routing.attributes.ldap_attributes()
             ps = conn.extend.standard.persistent_search(
                 src.base_dn,
                 src.filter,
@@ -398,7 +398,7 @@ class Follower(threading.Thread):
             )
             consumer = psearch.PsearchConsumer()
             # psearch has no cookie: after (re)connecting, a full read compared by content.
-            snapshot = ldapsource.search(check, src, self.config.attributes)
+            snapshot = ldapsource.search(check, src, self.config.routing.attributes)
             changed = self.mirror.replace_all(snapshot)
             self._following(uri)
             self._worked = True
@@ -434,7 +434,7 @@ class Follower(threading.Thread):
             try:
                 csn = ldapsource.context_csn(connected, src.base_dn)
                 if csn is None or csn != last_csn:
-                    snapshot = ldapsource.search(connected, src, self.config.attributes)
+                    snapshot = ldapsource.search(connected, src, self.config.routing.attributes)
                     changed = self.mirror.replace_all(snapshot)
                     self.mirror.source = snapshot.source
                     self._following(connected.uri)
@@ -465,7 +465,7 @@ class Follower(threading.Thread):
                 continue
             if sig != last:
                 try:
-                    snapshot = ldifsource.read(src, self.config.attributes)
+                    snapshot = ldifsource.read(src, self.config.routing.attributes)
                 except SourceError as e:
                     self.status.error = str(e)
                     log.error("LDIF source unreadable", error=str(e))

@@ -53,8 +53,8 @@ def error(tmp_path: Path, doc: object) -> ConfigError:
 
 def test_example_demo_config_loads() -> None:
     cfg = config.load(REPO / "examples" / "demo.yaml")
-    assert cfg.domain == "example.org"
-    assert cfg.domain_aliases == ("host1.example.org", "example.net")
+    assert cfg.routing.domain == "example.org"
+    assert cfg.routing.domain_aliases == ("host1.example.org", "example.net")
     assert isinstance(cfg.source, config.LdifSource)
     assert cfg.source.path == REPO / "fixtures" / "ldif" / "demo.ldif", "paths are shown without ../"
     assert cfg.source.path.exists()
@@ -79,7 +79,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.exporters[0].map_type == "hash"
     assert cfg.exporters[0].name == "postfix-virtual"
     assert cfg.exporters[0].mode is None
-    assert cfg.attributes.login == "uid" and cfg.attributes.forward == "emailForward"
+    assert cfg.routing.attributes.login == "uid" and cfg.routing.attributes.forward == "emailForward"
     assert cfg.static is None
     assert cfg.hooks == config.Hooks((), (), 60.0)
     assert cfg.safety == config.Safety(500, 0.2, False)
@@ -88,8 +88,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.postmap == "postmap" and cfg.postfix_config_dir is None
     assert cfg.metrics_textfile is None
     assert (cfg.log_format, cfg.log_level) == ("auto", "info")
-    assert cfg.weak_passwords == "warn"
-    assert load(tmp_path, base(passwords={"weak": "refuse"})).weak_passwords == "refuse"
+    assert cfg.routing.weak_passwords == "warn"
+    assert load(tmp_path, base(passwords={"weak": "refuse"})).routing.weak_passwords == "refuse"
 
 
 def test_full_ldap_source(tmp_path: Path) -> None:
@@ -141,9 +141,9 @@ def test_full_ldap_source(tmp_path: Path) -> None:
         "poll",
         30.0,
     )
-    assert cfg.domain == "example.org"  # domains are case-folded
-    assert cfg.attributes.login == "uid" and cfg.attributes.alias == "mailLocalAddress"
-    assert cfg.attributes.mail_password == "userPassword" and cfg.attributes.status is None
+    assert cfg.routing.domain == "example.org"  # domains are case-folded
+    assert cfg.routing.attributes.login == "uid" and cfg.routing.attributes.alias == "mailLocalAddress"
+    assert cfg.routing.attributes.mail_password == "userPassword" and cfg.routing.attributes.status is None
     assert cfg.static == etc / "mail.yaml"
     assert cfg.hooks.check == (("/usr/bin/true", "--flag", "two words"),)  # strings split like a shell, no shell
     assert cfg.hooks.reload == (("systemctl", "reload", "postfix"),)
@@ -351,7 +351,7 @@ def test_single_uri_and_defaults_of_ldap_source(tmp_path: Path) -> None:
     assert (src.bind_dn, src.bind_password_file, src.watch, src.poll_interval) == (None, None, "auto", 60.0)
 
 
-SECTIONS = [(config.Hooks, "hooks"), (config.Safety, "safety"), (config.Agent, "agent")]
+SECTIONS = [(config.Hooks, "hooks"), (config.Safety, "safety"), (config.Agent, "agent"), (config.Settings, "routing")]
 
 
 def test_an_absent_key_takes_the_field_default(tmp_path: Path) -> None:
@@ -406,29 +406,29 @@ def test_hosted_domains_groups_and_mailbox(tmp_path: Path) -> None:
             ],
         ),
     )
-    assert cfg.hosted == {"example.com": ("example.info",), "other.example": ()}
-    assert cfg.all_domains() == ("example.org", "example.net", "example.com", "example.info", "other.example")
-    assert cfg.groups is not None and cfg.groups.object_classes == ("groupOfNames",)
-    assert cfg.groups.members_send_as_group and cfg.groups.name_attribute == "mail"
+    assert cfg.routing.hosted == {"example.com": ("example.info",), "other.example": ()}
+    assert cfg.routing.all_domains() == ("example.org", "example.net", "example.com", "example.info", "other.example")
+    assert cfg.routing.groups is not None and cfg.routing.groups.object_classes == ("groupOfNames",)
+    assert cfg.routing.groups.members_send_as_group and cfg.routing.groups.name_attribute == "mail"
     assert {"objectClass", "mail", "member", "uniqueMember", "rfc822MailMember"} <= set(
-        cfg.attributes.ldap_attributes()
+        cfg.routing.attributes.ldap_attributes()
     )
-    assert cfg.mailbox is not None and cfg.mailbox.home_root == "/var/vmail"
-    assert cfg.mailbox.id_range == (1000, 60000)
+    assert cfg.routing.mailbox is not None and cfg.routing.mailbox.home_root == "/var/vmail"
+    assert cfg.routing.mailbox.id_range == (1000, 60000)
 
 
 def test_empty_groups_section_turns_groups_on_with_the_defaults(tmp_path: Path) -> None:
-    from ldapsync.model import GroupSettings
+    from ldapsync.routing import GroupSettings
 
-    assert load(tmp_path, base(groups={})).groups == GroupSettings()
-    assert load(tmp_path, base(groups=None)).groups is None
+    assert load(tmp_path, base(groups={})).routing.groups == GroupSettings()
+    assert load(tmp_path, base(groups=None)).routing.groups is None
 
 
 def test_without_the_new_sections_nothing_changes(tmp_path: Path) -> None:
     both = [{"kind": "postfix-virtual", "path": "maps/alias"}, {"kind": "dovecot-passwd", "path": "pw"}]
     cfg = load(tmp_path, base(exporters=both))
-    assert cfg.hosted == {} and cfg.groups is None and cfg.mailbox is None
-    assert cfg.attributes.ldap_attributes() == [
+    assert cfg.routing.hosted == {} and cfg.routing.groups is None and cfg.routing.mailbox is None
+    assert cfg.routing.attributes.ldap_attributes() == [
         "accountStatus",
         "createTimestamp",
         "emailForward",
@@ -525,8 +525,8 @@ def test_unknown_key_suggests_the_near_miss(tmp_path: Path) -> None:
 def test_hashes_are_read_only_when_an_exporter_writes_them(tmp_path: Path) -> None:
     """An MX without a passwd-file never fetches mail password hashes (least privilege)."""
     mx = config.load(write(tmp_path, base(exporters=[{"kind": "postfix-virtual", "path": "out/virtual"}])))
-    assert mx.attributes.mail_password is None
-    assert "mailPassword" not in mx.attributes.ldap_attributes()
+    assert mx.routing.attributes.mail_password is None
+    assert "mailPassword" not in mx.routing.attributes.ldap_attributes()
     doc = base(
         exporters=[
             {"kind": "postfix-virtual", "path": "out/virtual"},
@@ -534,5 +534,5 @@ def test_hashes_are_read_only_when_an_exporter_writes_them(tmp_path: Path) -> No
         ]
     )
     imap = config.load(write(tmp_path, doc, "imap.yaml"))
-    assert imap.attributes.mail_password == "mailPassword"
-    assert "mailPassword" in imap.attributes.ldap_attributes()
+    assert imap.routing.attributes.mail_password == "mailPassword"
+    assert "mailPassword" in imap.routing.attributes.ldap_attributes()

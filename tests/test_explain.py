@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import siteconfig
 
-from ldapsync import config, explain, model
+from ldapsync import config, explain, routing
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.exporters import exporter_class
 from ldapsync.static import Static, StaticEntry
@@ -73,8 +73,8 @@ def ask(
     )
 
 
-def rules(answer: explain.Explanation) -> dict[model.Rule, list[model.Event]]:
-    out: dict[model.Rule, list[model.Event]] = {}
+def rules(answer: explain.Explanation) -> dict[routing.Rule, list[routing.Event]]:
+    out: dict[routing.Rule, list[routing.Event]] = {}
     for e in answer.events:
         out.setdefault(e.rule, []).append(e)
     return out
@@ -109,32 +109,32 @@ def group(cn: str, *members: str) -> Entry:
 
 
 # Every rule, with the smallest directory that triggers it for `address`.
-CASES: dict[model.Rule, Case] = {
-    model.Rule.ACCOUNT: Case("alice@example.org", (user("alice"),), source=f"uid=alice,{OU}", detail="login alice"),
-    model.Rule.FORWARD: Case(
+CASES: dict[routing.Rule, Case] = {
+    routing.Rule.ACCOUNT: Case("alice@example.org", (user("alice"),), source=f"uid=alice,{OU}", detail="login alice"),
+    routing.Rule.FORWARD: Case(
         "bob@example.org", (user("bob", emailForward="bob@far.example"),), source=f"uid=bob,{OU}", detail="far"
     ),
-    model.Rule.LDAP_ALIAS: Case(
+    routing.Rule.LDAP_ALIAS: Case(
         "sales@example.org", (user("frank", mailLocalAddress="sales@example.org"),), source=f"uid=frank,{OU}"
     ),
-    model.Rule.STATIC: Case(
+    routing.Rule.STATIC: Case(
         "postmaster@example.org", (user("alice"),), static_of(postmaster=["alice"]), source="aliases.postmaster"
     ),
-    model.Rule.PASSWORD: Case("alice@example.org", (user("alice", mailPassword=SSHA),), detail="{SSHA}"),
-    model.Rule.STATIC_OVERRIDE: Case(
+    routing.Rule.PASSWORD: Case("alice@example.org", (user("alice", mailPassword=SSHA),), detail="{SSHA}"),
+    routing.Rule.STATIC_OVERRIDE: Case(
         "alice@example.org",
         (user("alice", emailForward="alice@far.example"), user("bob")),
         static_of(alice=["bob"]),
         source="aliases.alice",
         detail=f"uid=alice,{OU}",
     ),
-    model.Rule.LOOP_BROKEN: Case(
+    routing.Rule.LOOP_BROKEN: Case(
         "k@example.org",
         (user("k", emailForward="y@example.org, k@external.example"), user("y", emailForward="k@example.org")),
         source=K,
         detail="k@external.example kept",
     ),
-    model.Rule.ALIAS_CLAIMED: Case(
+    routing.Rule.ALIAS_CLAIMED: Case(
         "sales@example.org",
         (
             user("frank", mailLocalAddress="sales@example.org", createTimestamp="20200101000000Z"),
@@ -143,13 +143,13 @@ CASES: dict[model.Rule, Case] = {
         source=f"cn=aaa,{OU}",
         detail=f"held by uid=frank,{OU} (older by createTimestamp)",
     ),
-    model.Rule.ALIAS_IS_ACCOUNT: Case(
+    routing.Rule.ALIAS_IS_ACCOUNT: Case(
         "alice@example.org",
         (user("alice"), user("mallory", mailLocalAddress="alice@example.org")),
         source=f"uid=mallory,{OU}",
         detail=f"the address of uid=alice,{OU}",
     ),
-    model.Rule.LOGIN_CONFLICT: Case(
+    routing.Rule.LOGIN_CONFLICT: Case(
         "sam@example.org",
         (
             user("sam", createTimestamp="20200101000000Z", mailPassword=SSHA),
@@ -158,38 +158,40 @@ CASES: dict[model.Rule, Case] = {
         source=f"cn=aaa-sam,{OU}",
         detail=f"held by uid=sam,{OU}",
     ),
-    model.Rule.RETIRED: Case("oscar@example.org", (user("oscar", accountStatus="inactive"),), detail="inactive"),
-    model.Rule.DISABLED: Case("dora@example.org", (user("dora", mailDisableMessage="gone fishing"),), detail="gone"),
-    model.Rule.STATUS_UNRECOGNISED: Case(
+    routing.Rule.RETIRED: Case("oscar@example.org", (user("oscar", accountStatus="inactive"),), detail="inactive"),
+    routing.Rule.DISABLED: Case("dora@example.org", (user("dora", mailDisableMessage="gone fishing"),), detail="gone"),
+    routing.Rule.STATUS_UNRECOGNISED: Case(
         "ivy@example.org", (user("ivy", accountStatus="Inactive"),), detail="case-sensitive"
     ),
-    model.Rule.HASH_REFUSED: Case("pat@example.org", (user("pat", mailPassword="{PLAIN}hunter2"),), detail="plaintext"),
-    model.Rule.HASH_WEAK: Case("wes@example.org", (user("wes", mailPassword="{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="),)),
-    model.Rule.VALUE_DROPPED: Case(
+    routing.Rule.HASH_REFUSED: Case(
+        "pat@example.org", (user("pat", mailPassword="{PLAIN}hunter2"),), detail="plaintext"
+    ),
+    routing.Rule.HASH_WEAK: Case("wes@example.org", (user("wes", mailPassword="{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="),)),
+    routing.Rule.VALUE_DROPPED: Case(
         "val@example.org", (user("val", emailForward="|/bin/sh, val@far.example"),), detail="command"
     ),
-    model.Rule.NOT_HOSTED: Case(
+    routing.Rule.NOT_HOSTED: Case(
         "eve@outside.example",
         (user("eve", mail="eve@outside.example"),),
         top=MAIL_ADDRESS,
         source=f"uid=eve,{OU}",
         detail="not in a hosted domain",
     ),
-    model.Rule.GROUP_LOST: Case(
+    routing.Rule.GROUP_LOST: Case(
         "alice@example.org",
         (user("alice"), user("bob"), group("alice", f"uid=bob,{OU}")),
         top=GROUPS_ON,
         source=f"cn=alice,{GOU}",
         detail="the account wins",
     ),
-    model.Rule.GROUP_MEMBER_SKIPPED: Case(
+    routing.Rule.GROUP_MEMBER_SKIPPED: Case(
         "staff@example.org",
         (user("alice"), user("dora", mailDisableMessage="gone"), group("staff", f"uid=alice,{OU}", f"uid=dora,{OU}")),
         top=GROUPS_ON,
         source=f"cn=staff,{GOU}",
         detail="is disabled",
     ),
-    model.Rule.GROUP_CYCLE: Case(
+    routing.Rule.GROUP_CYCLE: Case(
         "ops@example.org",
         (
             user("alice"),
@@ -201,7 +203,7 @@ CASES: dict[model.Rule, Case] = {
         source=f"cn=ops,{GOU}",
         detail="group cycle through",
     ),
-    model.Rule.NO_MAILBOX: Case(
+    routing.Rule.NO_MAILBOX: Case(
         "mal@example.org",
         (user("mal", homeDirectory="/etc"),),
         top=BOXES,
@@ -212,11 +214,11 @@ CASES: dict[model.Rule, Case] = {
 
 
 def test_every_rule_has_a_case() -> None:
-    assert set(CASES) == set(model.Rule), "a new Rule needs a case here (and a docs line)"
+    assert set(CASES) == set(routing.Rule), "a new Rule needs a case here (and a docs line)"
 
 
-@pytest.mark.parametrize("rule", list(model.Rule), ids=lambda r: r.value)
-def test_each_rule_is_reported_for_the_address_it_concerns(rule: model.Rule, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rule", list(routing.Rule), ids=lambda r: r.value)
+def test_each_rule_is_reported_for_the_address_it_concerns(rule: routing.Rule, tmp_path: Path) -> None:
     case = CASES[rule]
     answer = ask(cfg(tmp_path, **(case.top or {})), case.address, *case.entries, static=case.static)
     found = rules(answer).get(rule)
@@ -227,30 +229,30 @@ def test_each_rule_is_reported_for_the_address_it_concerns(rule: model.Rule, tmp
 
 
 def test_a_broken_loop_shows_what_each_output_still_holds(tmp_path: Path) -> None:
-    case = CASES[model.Rule.LOOP_BROKEN]
+    case = CASES[routing.Rule.LOOP_BROKEN]
     answer = ask(cfg(tmp_path), "k@example.net", *case.entries)
     assert (answer.address, answer.canonical) == ("k@example.net", "k@example.org")
     outputs = present(answer)
     assert outputs["postfix-virtual"] == (("k@example.net", "k@example.org"), ("k@example.org", "k@external.example"))
     assert outputs["postfix-transport"] == (("k@example.org", "smtp:[srs.example.org]"),)
     assert "postfix-access" not in outputs and "dovecot-passwd" not in outputs
-    loop = rules(answer)[model.Rule.LOOP_BROKEN][0]
+    loop = rules(answer)[routing.Rule.LOOP_BROKEN][0]
     assert (loop.source, loop.attribute) == (K, "emailForward") and Y in loop.detail
 
 
 def test_retired_and_disabled_accounts_are_absent_or_only_refused(tmp_path: Path) -> None:
     c = cfg(tmp_path)
-    retired = ask(c, "oscar", *CASES[model.Rule.RETIRED].entries)
+    retired = ask(c, "oscar", *CASES[routing.Rule.RETIRED].entries)
     assert not retired.found and present(retired) == {}
-    disabled = ask(c, "dora@example.org", *CASES[model.Rule.DISABLED].entries)
+    disabled = ask(c, "dora@example.org", *CASES[routing.Rule.DISABLED].entries)
     assert present(disabled) == {"postfix-access": (("dora@example.org", "REJECT gone fishing"),)}
 
 
 def test_the_passwd_line_is_shown_redacted_and_a_login_conflict_names_both_dns(tmp_path: Path) -> None:
-    answer = ask(cfg(tmp_path), "SAM@Example.ORG", *CASES[model.Rule.LOGIN_CONFLICT].entries)
+    answer = ask(cfg(tmp_path), "SAM@Example.ORG", *CASES[routing.Rule.LOGIN_CONFLICT].entries)
     (login, value), *_ = present(answer)["dovecot-passwd"]
     assert login == "sam" and value.startswith("{SSHA}<hash sha256:") and SSHA[6:] not in answer.render()
-    conflict = rules(answer)[model.Rule.LOGIN_CONFLICT][0]
+    conflict = rules(answer)[routing.Rule.LOGIN_CONFLICT][0]
     assert conflict.source == f"cn=aaa-sam,{OU}" and f"uid=sam,{OU}" in conflict.detail
 
 
@@ -261,7 +263,7 @@ def test_an_external_address_and_an_unknown_one(tmp_path: Path) -> None:
     assert "not present" in unknown.render() and "rules: none" in unknown.render()
     outside = ask(c, "x@other.example", user("m", mailLocalAddress="x@other.example"))
     assert outside.canonical == "x@other.example"
-    assert [e.rule for e in outside.events] == [model.Rule.VALUE_DROPPED]
+    assert [e.rule for e in outside.events] == [routing.Rule.VALUE_DROPPED]
 
 
 def test_a_bad_address_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -279,7 +281,7 @@ def test_installed_bytes_are_answered_and_a_difference_is_flagged(tmp_path: Path
 
 
 def test_json_lists_every_output_and_rule(tmp_path: Path) -> None:
-    case = CASES[model.Rule.LOOP_BROKEN]
+    case = CASES[routing.Rule.LOOP_BROKEN]
     doc = json.loads(explain.dumps(ask(cfg(tmp_path), "k@example.org", *case.entries)))
     assert doc["found"] is True and doc["canonical"] == "k@example.org"
     assert [o["name"] for o in doc["outputs"]] == [e["kind"] for e in EXPORTERS]
@@ -289,15 +291,10 @@ def test_json_lists_every_output_and_rule(tmp_path: Path) -> None:
 def test_a_trace_does_not_change_the_model(tmp_path: Path) -> None:
     entries = tuple(e for case in CASES.values() for e in case.entries)
     c = cfg(tmp_path)
-    kwargs: dict[str, Any] = {
-        "domain": DOMAIN,
-        "domain_aliases": c.domain_aliases,
-        "attributes": c.attributes,
-        "today": TODAY,
-    }
+    s = routing.Settings(DOMAIN, c.routing.domain_aliases, c.routing.attributes)
     snap = Snapshot(entries, "test")
-    trace: model.Trace = []
-    assert model.build(snap, Static(), **kwargs, trace=trace)[0] == model.build(snap, Static(), **kwargs)[0]
+    trace: routing.Trace = []
+    assert routing.build(snap, Static(), s, TODAY, trace=trace)[0] == routing.build(snap, Static(), s, TODAY)[0]
     assert trace
 
 
@@ -382,4 +379,4 @@ def test_a_hosted_domain_address_shows_its_mailbox_and_the_owning_login(tmp_path
     assert found["postfix-virtual"] == (("bob.smith@example.info", "bob.smith@example.com"),)
     assert [k for k, _ in found["postfix-virtual-mailbox"]] == ["bob.smith@example.com"]
     assert [k for k, _ in found["dovecot-userdb"]] == ["bsmith"] and found["dovecot-passwd"][0][0] == "bsmith"
-    assert rules(answer)[model.Rule.ACCOUNT][0].detail == "login bsmith"
+    assert rules(answer)[routing.Rule.ACCOUNT][0].detail == "login bsmith"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ldapsync import config, exporters, model, schema
+from ldapsync import config, exporters, routing, schema
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.errors import ConfigError
 from ldapsync.exporters import exporter_class
@@ -190,7 +190,7 @@ def test_rerun_is_unchanged(demo: dict[str, Path]) -> None:
 
 
 # -- exporter options, on a small model ---------------------------------------------------------
-def small_model() -> model.RoutingModel:
+def small_model() -> routing.RoutingModel:
     ssha = "{SSHA}ow0LAeWbDHFRqvvqMuYH/9Oia266syS2t5zYUQ=="
     entries = (
         Entry("uid=alice,dc=x", {"uid": ("alice",), "mailpassword": (ssha,)}),
@@ -199,13 +199,11 @@ def small_model() -> model.RoutingModel:
         Entry("uid=dora,dc=x", {"uid": ("dora",), "maildisablemessage": ("Gone",)}),
     )
     attrs = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
-    m, _ = model.build(
+    m, _ = routing.build(
         Snapshot(entries, "t"),
         Static(),
-        domain="example.org",
-        domain_aliases=("example.net",),
-        attributes=attrs,
-        today=date(2026, 1, 1),
+        routing.Settings(domain="example.org", domain_aliases=("example.net",), attributes=attrs),
+        date(2026, 1, 1),
     )
     return m
 
@@ -415,10 +413,10 @@ def test_builtins_are_there_without_their_metadata_even_beside_a_plugin(
 
 
 # -- mailbox host: virtual_mailbox_maps and the Dovecot userdb ---------------------------------
-BOX_SETTINGS = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+BOX_SETTINGS = routing.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
 
 
-def mailbox_model() -> model.RoutingModel:
+def mailbox_model() -> routing.RoutingModel:
     entries = (
         Entry("uid=alice,dc=x", {"uid": ("alice",), "mailquota": ("2G",)}),
         Entry("uid=bob,dc=x", {"uid": ("bob",), "emailforward": ("bob@elsewhere.example",)}),
@@ -427,15 +425,17 @@ def mailbox_model() -> model.RoutingModel:
         Entry("uid=erin,dc=x", {"uid": ("erin",), "mail": ("erin.e@example.com",), "uidnumber": ("5001",)}),
     )
     attrs = schema.resolve("ud-ldap", {"address": "mail", "quota": "mailQuota", "uid_number": "uidNumber"}, file=None)
-    m, report = model.build(
+    m, report = routing.build(
         Snapshot(entries, "t"),
         Static(),
-        domain="example.org",
-        domain_aliases=("example.net",),
-        attributes=attrs,
-        today=date(2026, 1, 1),
-        hosted={"example.com": ()},
-        mailbox=BOX_SETTINGS,
+        routing.Settings(
+            domain="example.org",
+            domain_aliases=("example.net",),
+            attributes=attrs,
+            hosted={"example.com": ()},
+            mailbox=BOX_SETTINGS,
+        ),
+        date(2026, 1, 1),
     )
     assert report.rejections == []
     return m

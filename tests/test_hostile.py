@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
-from ldapsync import config, ldifsource, model, schema
+from ldapsync import config, ldifsource, routing, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
 from ldapsync.exporters import exporter_class
 from ldapsync.static import Static, StaticEntry
@@ -179,14 +179,14 @@ def variants(addr: str) -> list[str]:
 def check(
     snapshot: Snapshot,
     outputs: Mapping[str, bytes],
-    report: model.BuildReport,
+    report: routing.BuildReport,
     good_hashes: Mapping[str, str] = GOOD_HASHES,
 ) -> dict[str, dict[str, str]]:
     maps = {k: parse_postfix(k, outputs[k]) for k in KINDS}
     passwd = parse_passwd(outputs["dovecot-passwd"])
     accts = accounts(snapshot)
     # Any mailDisableMessage value (even an empty one) disables the account; a static entry for
-    # the address takes over its routing (and its access-map line), the account stays disabled.
+    # the address takes over its routed (and its access-map line), the account stays disabled.
     disabled = {a: acct for a, acct in accts.items() if acct.entry.get("mailDisableMessage")}
     active = {a: acct for a, acct in accts.items() if a not in disabled}
     by_login = {acct.login: acct for acct in active.values()}
@@ -208,7 +208,7 @@ def check(
         msg = sorted(acct.entry.get("mailDisableMessage"))[0].strip()
         ok = msg and len(msg) <= 200 and all(" " <= c <= "~" for c in msg)
         for v in variants(a):
-            expected_access[v] = "REJECT " + (msg if ok else model.DEFAULT_DISABLED_MESSAGE)
+            expected_access[v] = "REJECT " + (msg if ok else routing.DEFAULT_DISABLED_MESSAGE)
     assert maps["postfix-access"] == expected_access
 
     # LDAP aliases that could legitimately exist: plain addresses in our domains, of an active account.
@@ -345,9 +345,9 @@ def entries(draw: st.DrawFn) -> tuple[Entry, list[Rejection]]:
 directories = st.lists(entries(), min_size=1, max_size=8)
 
 
-def render(snapshot: Snapshot) -> tuple[dict[str, bytes], model.BuildReport]:
-    m, report = model.build(
-        snapshot, STATIC, domain=DOMAIN, domain_aliases=DOMAIN_ALIASES, attributes=ATTRS, today=TODAY
+def render(snapshot: Snapshot) -> tuple[dict[str, bytes], routing.BuildReport]:
+    m, report = routing.build(
+        snapshot, STATIC, routing.Settings(domain=DOMAIN, domain_aliases=DOMAIN_ALIASES, attributes=ATTRS), TODAY
     )
     options = {"postfix-transport": {"nexthop": NEXTHOP}}
     kinds = (*KINDS, "dovecot-passwd")
@@ -492,9 +492,9 @@ BOX_ATTRS = schema.resolve(
     },
     file=None,
 )
-GROUPS = model.GroupSettings(members_send_as_group=True)
+GROUPS = routing.GroupSettings(members_send_as_group=True)
 BOX_ATTRS_WANTED = [*BOX_ATTRS.ldap_attributes(), *GROUPS.ldap_attributes()]
-MAILBOX = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+MAILBOX = routing.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
 USERDB_OPTIONS = {"fields": {"quota_rule": "*:storage={quota}", "mail": "maildir:~/Maildir"}, "address_keys": True}
 USERDB_RE = re.compile(
     r"(?P<key>[a-z0-9][a-z0-9._-]{0,63}|[A-Za-z0-9_%+=.-]+@[a-z0-9.-]+)::(?P<uid>[0-9]+):(?P<gid>[0-9]+)::"
@@ -552,7 +552,7 @@ def mailbox_entries(draw: st.DrawFn) -> tuple[Entry, list[Rejection]]:
     rejections: list[Rejection] = []
     if draw(st.integers(0, 3)) == 0:  # a group
         cn = draw(group_names)
-        raw: dict[str, list[bytes | str]] = {"objectClass": [draw(st.sampled_from(model.GROUP_CLASSES))], "cn": [cn]}
+        raw: dict[str, list[bytes | str]] = {"objectClass": [draw(st.sampled_from(routing.GROUP_CLASSES))], "cn": [cn]}
         members = draw(st.lists(st.sampled_from(["alice", "bob", "carol", "staff", "nobody"]), max_size=4))
         raw["member"] = [f"uid={m},ou=u0,dc=example,dc=org" for m in members] + [
             "cn=staff,ou=g,dc=example,dc=org"
@@ -583,16 +583,18 @@ def test_hostile_mailbox_and_group_values_never_escape_their_fields(
     generated: list[tuple[Entry, list[Rejection]]],
 ) -> None:
     snapshot = snapshot_of(generated)
-    m, report = model.build(
+    m, report = routing.build(
         snapshot,
         STATIC,
-        domain=DOMAIN,
-        domain_aliases=DOMAIN_ALIASES,
-        attributes=BOX_ATTRS,
-        today=TODAY,
-        hosted=HOSTED,
-        groups=GROUPS,
-        mailbox=MAILBOX,
+        routing.Settings(
+            domain=DOMAIN,
+            domain_aliases=DOMAIN_ALIASES,
+            attributes=BOX_ATTRS,
+            hosted=HOSTED,
+            groups=GROUPS,
+            mailbox=MAILBOX,
+        ),
+        TODAY,
     )
     for kind in KINDS:
         options = {"nexthop": NEXTHOP} if kind == "postfix-transport" else {}

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
-from ldapsync import model, schema
+from ldapsync import routing, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry, sort_entries
 from ldapsync.errors import ConfigError
-from ldapsync.incremental import ADDRESS_TABLES, LOGIN_TABLES, Engine, Settings
 from ldapsync.mirror import Mirror, compact
+from ldapsync.routing import ADDRESS_TABLES, LOGIN_TABLES, Engine, Settings
 from ldapsync.static import Static, StaticEntry
 from ldapsync.validate import RETIRING_GRACE
 
@@ -124,9 +124,11 @@ def config(draw: Any) -> tuple[Settings, Static]:
     hosted = {"example.com": ("example.biz",)} if draw(st.booleans()) else {}
     attrs = replace(ATTRS, address="mail") if draw(st.booleans()) else ATTRS
     groups = (
-        model.GroupSettings(base_dn=GOU, members_send_as_group=draw(st.booleans())) if draw(st.integers(0, 3)) else None
+        routing.GroupSettings(base_dn=GOU, members_send_as_group=draw(st.booleans()))
+        if draw(st.integers(0, 3))
+        else None
     )
-    mailbox = model.MailboxSettings(home="/srv/mail/{login}", home_root="/srv/mail", uid=3000, gid=3000)
+    mailbox = routing.MailboxSettings(home="/srv/mail/{login}", home_root="/srv/mail", uid=3000, gid=3000)
     s = Settings(
         domain=DOMAIN,
         domain_aliases=("example.net",) if draw(st.booleans()) else (),
@@ -139,11 +141,13 @@ def config(draw: Any) -> tuple[Settings, Static]:
     return s, STATIC if draw(st.booleans()) else Static()
 
 
-def tables(m: model.RoutingModel) -> dict[str, dict[str, Any]]:
+def tables(m: routing.RoutingModel) -> dict[str, dict[str, Any]]:
     return {name: dict(sorted(getattr(m, name).items())) for name in (*ADDRESS_TABLES, *LOGIN_TABLES)}
 
 
-def problems(report: model.BuildReport) -> tuple[Counter[Rejection], Counter[str], Counter[Rejection], tuple[int, ...]]:
+def problems(
+    report: routing.BuildReport,
+) -> tuple[Counter[Rejection], Counter[str], Counter[Rejection], tuple[int, ...]]:
     return (
         Counter(report.rejections),
         Counter(report.warnings),
@@ -154,20 +158,20 @@ def problems(report: model.BuildReport) -> tuple[Counter[Rejection], Counter[str
 
 def check(engine: Engine, snapshot: Snapshot, today: date, *, via_delta: bool = False) -> None:
     try:
-        full, full_report = engine.settings.build(snapshot, engine.static, today)
+        full, full_report = routing.build(snapshot, engine.static, engine.settings, today)
     except ConfigError as e:
         with pytest.raises(ConfigError) as raised:
             engine.update(snapshot, today)
         assert str(raised.value) == str(e)
         return
     before = tables(engine._model) if engine._model is not None else None
-    routing, report, change = engine.update(snapshot, today)
+    routed, report, change = engine.update(snapshot, today)
     if via_delta and before is not None:
         assert engine._seen is not None  # the mirror's delta was taken, not a scan of every entry
-    assert tables(routing) == tables(full)
+    assert tables(routed) == tables(full)
     assert problems(report) == problems(full_report)
     if before is not None and not change.full:  # every key that moved is named in the change
-        after = tables(routing)
+        after = tables(routed)
         for name in ADDRESS_TABLES:
             moved = {k for k in before[name].keys() | after[name].keys() if before[name].get(k) != after[name].get(k)}
             assert moved <= change.addresses, name
@@ -235,9 +239,9 @@ def test_a_single_change_rebuilds_only_its_component() -> None:
     engine.update(Snapshot(sort_entries(users.values()), "test"), TODAY)
     assert engine.last_full
     users["id7"] = make(f"uid=user7,{OU}", "id7", {"uid": ["user7"], "emailForward": ["x@ext.example"]})
-    routing, _, change = engine.update(Snapshot(sort_entries(users.values()), "test"), TODAY)
+    routed, _, change = engine.update(Snapshot(sort_entries(users.values()), "test"), TODAY)
     assert not engine.last_full
-    assert routing.forwards == {"user7@example.org": ("x@ext.example",)}
+    assert routed.forwards == {"user7@example.org": ("x@ext.example",)}
     assert change.addresses == {"user7@example.org"} and change.logins == {"user7"}
 
 
@@ -255,13 +259,13 @@ def test_an_alias_taken_by_a_new_entry_rebuilds_the_older_claimant_too() -> None
         f"uid=aaa,{OU}", "id2", {"uid": ["aaa"], "mailLocalAddress": ["x@example.org"], "createTimestamp": [STAMPS[1]]}
     )
     entries["id2"] = newer
-    routing, report, _ = engine.update(Snapshot(sort_entries(entries.values()), "test"), TODAY)
+    routed, report, _ = engine.update(Snapshot(sort_entries(entries.values()), "test"), TODAY)
     assert not engine.last_full
-    assert routing.aliases["x@example.org"] == ("old@example.org",)
+    assert routed.aliases["x@example.org"] == ("old@example.org",)
     assert any(r.dn == newer.dn and "already claimed" in r.reason for r in report.rejections)
     del entries["id1"]
-    routing, report, change = engine.update(Snapshot(sort_entries(entries.values()), "test"), TODAY)
-    assert routing.aliases["x@example.org"] == ("aaa@example.org",)
+    routed, report, change = engine.update(Snapshot(sort_entries(entries.values()), "test"), TODAY)
+    assert routed.aliases["x@example.org"] == ("aaa@example.org",)
     assert "x@example.org" in change.addresses
     assert not any("already claimed" in r.reason for r in report.rejections)
 
@@ -272,7 +276,7 @@ def test_a_new_day_rebuilds_everything() -> None:
     tomorrow = TODAY + timedelta(days=1)
     e = make(f"uid=r,{OU}", "id1", {"uid": ["r"], "accountStatus": [f"retiring {TODAY - RETIRING_GRACE}"]})
     snapshot = Snapshot((e,), "test")
-    routing, _, _ = engine.update(snapshot, TODAY)
-    assert "r@example.org" in routing.users
-    routing, _, change = engine.update(snapshot, tomorrow)
-    assert change.full and "r@example.org" not in routing.users
+    routed, _, _ = engine.update(snapshot, TODAY)
+    assert "r@example.org" in routed.users
+    routed, _, change = engine.update(snapshot, tomorrow)
+    assert change.full and "r@example.org" not in routed.users

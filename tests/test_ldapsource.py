@@ -222,7 +222,7 @@ def load(tmp: Path, server: Slapd, uris: list[str] | None = None, **ldap: Any) -
 
 def read(cfg: config_mod.Config) -> Any:
     assert isinstance(cfg.source, LdapSource)
-    return ldapsource.read(cfg.source, cfg.attributes)
+    return ldapsource.read(cfg.source, cfg.routing.attributes)
 
 
 def outputs(tmp: Path) -> dict[str, bytes]:
@@ -245,7 +245,7 @@ def test_full_read_matches_the_ldif_it_was_loaded_from(tmp_path: Path, slapd: Sl
 
     ldif = tmp_path / "all.ldif"
     ldif.write_bytes(b"\n".join(p.read_bytes() for p in DEFAULT_LDIF))
-    offline = ldifsource.read(config_mod.LdifSource(ldif, slapd.users_dn), cfg.attributes)
+    offline = ldifsource.read(config_mod.LdifSource(ldif, slapd.users_dn), cfg.routing.attributes)
     classes = _classes(ldif)
     expected = {e.dn.lower(): dict(e.attributes) for e in offline.entries if "inetorgperson" in classes[e.dn.lower()]}
     got = {e.dn.lower(): dict(e.attributes) for e in snap.entries}
@@ -309,7 +309,7 @@ def test_search_requests_only_the_needed_attributes(
     cfg = load(tmp_path, slapd, [proxy.uri])
     read(cfg)
     (request, *_) = proxy.search_requests()
-    assert {a.lower() for a in request["attributes"]} == {a.lower() for a in cfg.attributes.ldap_attributes()}
+    assert {a.lower() for a in request["attributes"]} == {a.lower() for a in cfg.routing.attributes.ldap_attributes()}
     assert "mailpassword" in {a.lower() for a in request["attributes"]}
     assert request["deref"] == 0, "derefAliases must be neverDerefAliases (syncprov rejects the others)"
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ldapsync import model, schema
+from ldapsync import routing, schema
 from ldapsync.directory import Entry, Rejection, Snapshot, make_entry
 from ldapsync.errors import ConfigError
 from ldapsync.exporters import exporter_class
@@ -41,14 +41,12 @@ def build(
     static: Static | None = None,
     attributes: schema.AttributeMap = UD,
     domain_aliases: tuple[str, ...] = ALIASES,
-) -> tuple[model.RoutingModel, model.BuildReport]:
-    return model.build(
+) -> tuple[routing.RoutingModel, routing.BuildReport]:
+    return routing.build(
         Snapshot(tuple(entries), "test"),
         static or Static(),
-        domain=DOMAIN,
-        domain_aliases=domain_aliases,
-        attributes=attributes,
-        today=TODAY,
+        routing.Settings(domain=DOMAIN, domain_aliases=domain_aliases, attributes=attributes),
+        TODAY,
     )
 
 
@@ -63,7 +61,7 @@ def static_of(aliases: dict[str, list[str]] | None = None, forwards: dict[str, s
     )
 
 
-def render_all(m: model.RoutingModel) -> dict[str, bytes]:
+def render_all(m: routing.RoutingModel) -> dict[str, bytes]:
     options = {"postfix-transport": {"nexthop": "smtp:[srs.example.org]"}}
     kinds = [
         "postfix-virtual",
@@ -529,14 +527,11 @@ def test_weak_hashes_are_accepted_counted_and_reported_by_dn_by_default() -> Non
 
 def test_weak_hashes_are_refused_by_policy_and_plaintext_always() -> None:
     users = [entry(f"w{i}", mailPassword=h) for i, h in enumerate(WEAK)]
-    m, report = model.build(
+    m, report = routing.build(
         Snapshot((*users, entry("p", mailPassword="{PLAIN}hunter2")), "test"),
         Static(),
-        domain=DOMAIN,
-        domain_aliases=ALIASES,
-        attributes=UD,
-        today=TODAY,
-        weak_passwords="refuse",
+        routing.Settings(domain=DOMAIN, domain_aliases=ALIASES, attributes=UD, weak_passwords="refuse"),
+        TODAY,
     )
     assert m.passwords == {} and report.weak_passwords == 0 and len(m.users) == 4
     reasons = [r.reason for r in report.rejections]
@@ -582,10 +577,10 @@ def test_real_slapd_the_entry_created_first_keeps_its_login(slapd: Any, tmp_path
     )
     cfg = config_mod.load(tmp_path / "ldapsync.yaml")
     assert isinstance(cfg.source, config_mod.LdapSource)
-    snap = ldapsource.read(cfg.source, cfg.attributes)
+    snap = ldapsource.read(cfg.source, cfg.routing.attributes)
     stamps = {e.dn.split(",")[0]: e.attributes.get("createtimestamp") for e in snap.entries}
     assert stamps["uid=owner"] and stamps["cn=aaa-owner"], "createTimestamp must be requested explicitly"
-    m, report = model.build(snap, Static(), domain=DOMAIN, domain_aliases=(), attributes=cfg.attributes, today=TODAY)
+    m, report = routing.build(snap, Static(), routing.Settings(DOMAIN, (), cfg.routing.attributes), TODAY)
     assert m.passwords["owner"] == old_hash and "owner@example.org" not in m.forwards
     conflict = [r for r in report.rejections if "owner" in r.reason]
     assert [r.dn for r in conflict] == ["cn=aaa-owner,ou=users,dc=example,dc=org"]
@@ -636,20 +631,18 @@ def test_fixture_directory_outputs_are_byte_identical_to_the_reference() -> None
         ),
         (StaticEntry("bounces@example.org", ("bounces@lists.example.net",), "forwards.bounces"),),
     )
-    m, _ = model.build(
+    m, _ = routing.build(
         Snapshot(tuple(entries), "fixtures", tuple(rejections)),
         static,
-        domain=DOMAIN,
-        domain_aliases=ALIASES,
-        attributes=attrs,
-        today=TODAY,
+        routing.Settings(domain=DOMAIN, domain_aliases=ALIASES, attributes=attrs),
+        TODAY,
     )
     for kind, data in render_all(m).items():
         assert data == (GOLDEN / "fixtures" / kind).read_bytes(), kind
 
 
 # -- groups ----------------------------------------------------------------------------------------
-GROUPS = model.GroupSettings()
+GROUPS = routing.GroupSettings()
 GOU = "ou=groups,dc=example,dc=org"
 
 
@@ -662,14 +655,15 @@ def dn(uid: str) -> str:
     return f"uid={uid},{OU}"
 
 
-def build_with(*entries: Entry, **kwargs: object) -> tuple[model.RoutingModel, model.BuildReport]:
-    params: dict[str, object] = {"domain": DOMAIN, "domain_aliases": ALIASES, "attributes": UD, "today": TODAY}
+def build_with(*entries: Entry, **kwargs: object) -> tuple[routing.RoutingModel, routing.BuildReport]:
+    params: dict[str, object] = {"domain": DOMAIN, "domain_aliases": ALIASES, "attributes": UD}
     static = kwargs.pop("static", Static())
     params.update(kwargs)
-    return model.build(Snapshot(tuple(entries), "test"), static, **params)  # type: ignore[arg-type]
+    settings = routing.Settings(**params)  # type: ignore[arg-type]
+    return routing.build(Snapshot(tuple(entries), "test"), static, settings, TODAY)  # type: ignore[arg-type]
 
 
-def reasons(report: model.BuildReport) -> list[tuple[str, str, str]]:
+def reasons(report: routing.BuildReport) -> list[tuple[str, str, str]]:
     return [(r.dn, r.attribute, r.reason) for r in report.rejections]
 
 
@@ -804,12 +798,12 @@ def test_group_senders_only_when_members_may_send_as_the_group() -> None:
     entries = (entry("alice"), entry("bob"), group("staff", member=[dn("alice"), dn("bob")]))
     m, _ = build_with(*entries, groups=GROUPS)
     assert "staff@example.org" not in m.sender_logins
-    m, _ = build_with(*entries, groups=model.GroupSettings(members_send_as_group=True))
+    m, _ = build_with(*entries, groups=routing.GroupSettings(members_send_as_group=True))
     assert m.sender_logins["staff@example.org"] == ("alice", "bob")
 
 
 def test_group_settings_name_attribute_and_base_dn() -> None:
-    settings = model.GroupSettings(name_attribute="mail", base_dn=GOU)
+    settings = routing.GroupSettings(name_attribute="mail", base_dn=GOU)
     m, report = build_with(
         entry("alice"),
         group("Staff Team", mail="staff@example.org", member=dn("alice")),
@@ -826,7 +820,7 @@ def test_group_name_outside_hosted_domains_is_dropped() -> None:
     m, report = build_with(
         entry("alice"),
         group("x", mail="x@outside.example", member=dn("alice")),
-        groups=model.GroupSettings(name_attribute="mail"),
+        groups=routing.GroupSettings(name_attribute="mail"),
     )
     assert m.aliases == {}
     assert reasons(report)[0][2] == "'x@outside.example' is not in a hosted domain; value dropped"
@@ -935,7 +929,7 @@ def test_disabled_account_is_refused_at_every_address() -> None:
 
 
 # -- local delivery and mailboxes ------------------------------------------------------------------
-BOXES = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+BOXES = routing.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
 BOX_ATTRS = schema.resolve(
     "ud-ldap",
     {"uid_number": "uidNumber", "gid_number": "gidNumber", "home": "homeDirectory", "quota": "mailQuota"},
@@ -963,8 +957,8 @@ def test_mailboxes_from_defaults_and_attributes() -> None:
         mailbox=BOXES,
     )
     assert m.mailboxes == {
-        "alice": model.Mailbox("alice", "alice@example.org", 5000, 5000, "/var/vmail/example.org/alice"),
-        "bob": model.Mailbox("bob", "bob@example.org", 6001, 6002, "/var/vmail/special/bob", "2G"),
+        "alice": routing.Mailbox("alice", "alice@example.org", 5000, 5000, "/var/vmail/example.org/alice"),
+        "bob": routing.Mailbox("bob", "bob@example.org", 6001, 6002, "/var/vmail/special/bob", "2G"),
     }
     assert reasons(report) == []
 
@@ -1001,7 +995,7 @@ def test_bad_mailbox_attributes_are_rejected_with_dn_and_attribute(
 
 
 def test_account_without_a_mailbox_is_not_delivered_locally() -> None:
-    settings = model.MailboxSettings(home="/var/vmail/{login}", home_root="/var/vmail", uid=None, gid=5000)
+    settings = routing.MailboxSettings(home="/var/vmail/{login}", home_root="/var/vmail", uid=None, gid=5000)
     m, report = build_with(entry("alice"), entry("bob", uidNumber="5001"), attributes=BOX_ATTRS, mailbox=settings)
     assert m.local == {"bob@example.org": "bob"}
     assert set(m.mailboxes) == {"bob"}
@@ -1046,7 +1040,7 @@ def test_groups_read_from_slapd(tmp_path: Path, slapd_factory: Any) -> None:
 
     server = slapd_factory(ldif_files=(BASE_LDIF, DEMO_LDIF, FIXTURES / "groups.ldif"))
     cfg = config.load(slapd_config(tmp_path, server, groups={"members_send_as_group": True}))
-    assert cfg.groups is not None and "member" in cfg.attributes.ldap_attributes()
+    assert cfg.routing.groups is not None and "member" in cfg.routing.attributes.ldap_attributes()
     pipeline = Pipeline(cfg)
     outputs, report = pipeline.render(pipeline.read_source(), log_problems=False)
     virtual = {o.name: o.data.decode() for o in outputs}["postfix-virtual"]
@@ -1101,18 +1095,20 @@ def test_hosted_domains_and_mailboxes_read_from_slapd(tmp_path: Path, slapd_fact
         ("uid=eve", "mail", "'eve@outside.example' is not in a hosted domain; value dropped"),
         ("uid=mallory", "homeDirectory", "'/etc' is not under /var/vmail; no mailbox"),
     }
-    routing, _ = model.build(
+    routed, _ = routing.build(
         pipeline.read_source(),
         Static(),
-        domain=cfg.domain,
-        domain_aliases=cfg.domain_aliases,
-        attributes=cfg.attributes,
-        today=TODAY,
-        hosted=cfg.hosted,
-        mailbox=cfg.mailbox,
+        routing.Settings(
+            cfg.routing.domain,
+            cfg.routing.domain_aliases,
+            cfg.routing.attributes,
+            hosted=cfg.routing.hosted,
+            mailbox=cfg.routing.mailbox,
+        ),
+        TODAY,
     )
-    assert routing.mailboxes["bsmith"] == model.Mailbox(
+    assert routed.mailboxes["bsmith"] == routing.Mailbox(
         "bsmith", "bob.smith@example.com", 5001, 5000, "/var/vmail/example.com/bsmith"
     )
-    assert routing.mailboxes["alice"].home == "/var/vmail/example.org/alice"
-    assert "mallory" not in routing.mailboxes and "mallory@example.com" not in routing.local
+    assert routed.mailboxes["alice"].home == "/var/vmail/example.org/alice"
+    assert "mallory" not in routed.mailboxes and "mallory@example.com" not in routed.local

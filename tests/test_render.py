@@ -19,12 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ldapsync import guard, model, schema
+from ldapsync import guard, routing, schema
 from ldapsync.directory import Entry, Snapshot, make_entry, sort_entries
 from ldapsync.exporters import Exporter, exporter_class
-from ldapsync.incremental import Engine, Settings
-from ldapsync.model import ModelChange, RoutingModel
 from ldapsync.render import FULL, Renderer, diff_models, splice
+from ldapsync.routing import Engine, ModelChange, RoutingModel, Settings
 from ldapsync.static import Static, StaticEntry
 
 DOMAIN = "example.org"
@@ -43,7 +42,7 @@ ATTRS = schema.resolve(
     file=None,
 )
 HOSTED = {"example.com": ("example.info",), "other.example": ()}
-BOXES = model.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
+BOXES = routing.MailboxSettings(home="/var/vmail/{domain}/{login}", home_root="/var/vmail", uid=5000, gid=5000)
 SSHA = "{SSHA}ow0LAeWbDHFRqvvqMuYH/9Oia266syS2t5zYUQ=="
 SSHA512 = "{SSHA512}nhq5J9y0EeACnKDvYP1Km20MoVnJek4+1UhT4NEbr+JQ4Fq3EyPguA1GqV4muhb8ryob8y5ejhEhi1+dEhV0P+bOBbw72kvb"
 STATIC = Static(
@@ -138,7 +137,9 @@ def build_settings(draw: st.DrawFn) -> dict[str, Any]:
         "domain": DOMAIN,
         "domain_aliases": draw(st.sampled_from([(), ("example.net",), ("host1.example.org", "example.net")])),
         "hosted": draw(st.sampled_from([{}, HOSTED])),
-        "groups": draw(st.sampled_from([None, model.GroupSettings(), model.GroupSettings(members_send_as_group=True)])),
+        "groups": draw(
+            st.sampled_from([None, routing.GroupSettings(), routing.GroupSettings(members_send_as_group=True)])
+        ),
         "mailbox": draw(st.sampled_from([None, BOXES])),
         "static": draw(st.sampled_from([Static(), STATIC])),
     }
@@ -148,7 +149,7 @@ def build(entries: list[Entry], options: dict[str, Any]) -> RoutingModel:
     unique = {e.dn: e for e in entries}  # a directory has one entry per DN
     opts = dict(options)
     static = opts.pop("static")
-    m, _ = model.build(Snapshot(tuple(unique.values()), "test"), static, attributes=ATTRS, today=TODAY, **opts)
+    m, _ = routing.build(Snapshot(tuple(unique.values()), "test"), static, Settings(attributes=ATTRS, **opts), TODAY)
     return m
 
 
@@ -214,10 +215,10 @@ def test_the_model_engines_changes_splice_into_whole_renders(
     renderers = [Renderer(exp) for exp in exporters()]
     for version in versions:
         entries = sort_entries({e.dn: e for e in version}.values())
-        routing, _, change = engine.update(Snapshot(entries, "test"), TODAY)
+        routed, _, change = engine.update(Snapshot(entries, "test"), TODAY)
         for renderer in renderers:
-            got = renderer.render(routing, change)
-            assert got.data == renderer.exporter.render(routing), (renderer.exporter.kind, renderer.exporter.settings)
+            got = renderer.render(routed, change)
+            assert got.data == renderer.exporter.render(routed), (renderer.exporter.kind, renderer.exporter.settings)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)

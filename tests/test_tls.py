@@ -155,7 +155,7 @@ def source(tmp: Path, server: Slapd, uris: list[str], **ldap: Any) -> tuple[conf
 
 def read(tmp: Path, server: Slapd, uris: list[str], **ldap: Any) -> Snapshot:
     cfg, src = source(tmp, server, uris, **ldap)
-    return ldapsource.read(src, cfg.attributes)
+    return ldapsource.read(src, cfg.routing.attributes)
 
 
 def has_alice(snap: Snapshot) -> bool:

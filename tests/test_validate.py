@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from passlib import hash as ph
 
-from ldapsync import model, schema, validate
+from ldapsync import routing, schema, validate
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.exporters.dovecot import PasswdExporter
 from ldapsync.static import Static
@@ -324,21 +324,19 @@ def test_every_accepted_scheme_logs_in_through_a_real_dovecot(tmp_path_factory: 
         Entry(f"uid={login},ou=users,dc=example,dc=org", {"uid": (login,), "mailpassword": (value,)})
         for login, value in stored.items()
     )
-    routing, report = model.build(
+    routed, report = routing.build(
         Snapshot(entries, "test"),
         Static(),
-        domain="example.org",
-        domain_aliases=(),
-        attributes=schema.PRESETS["ud-ldap"],
-        today=TODAY,
+        routing.Settings(domain="example.org", domain_aliases=(), attributes=schema.PRESETS["ud-ldap"]),
+        TODAY,
     )
-    assert report.rejections == [] and sorted(routing.passwords) == sorted(stored)
+    assert report.rejections == [] and sorted(routed.passwords) == sorted(stored)
     assert report.weak_passwords == sum(weak for _, _, weak in PRODUCERS.values())
     root = Path(tempfile.mkdtemp(prefix="ldapsync-schemes-"))
     root.chmod(0o755)  # the dovecot user reads the passwd-file
     try:
         passwd = root / "passwd"
-        passwd.write_bytes(PasswdExporter({}).render(routing))
+        passwd.write_bytes(PasswdExporter({}).render(routed))
         for d in ("run", "state"):
             (root / d).mkdir()
         conf = root / "dovecot.conf"

@@ -181,8 +181,8 @@ def saved(tmp_path: Path, cookie: bytes | None = b"rid=000,csn=20261121\xff") ->
     state = State(cfg.state_dir)
     state.ensure()
     m = watch.Mirror()
-    m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), cfg.attributes.ldap_attributes())
-    m.upsert("u-dave", dn("dave"), raw("dave", emailForward=[b"\xff"]), cfg.attributes.ldap_attributes())
+    m.upsert("u-bob", dn("bob"), raw("bob", "bob@far.example"), cfg.routing.attributes.ldap_attributes())
+    m.upsert("u-dave", dn("dave"), raw("dave", emailForward=[b"\xff"]), cfg.routing.attributes.ldap_attributes())
     if cookie is not None:
         m.set_cookie(cookie)
     snap, c = m.snapshot()
@@ -553,7 +553,7 @@ def test_a_lying_server_is_named_and_leaves_no_trace_in_the_mirror(
         mirrored, cookie = follower.mirror.snapshot()
         source = follower.config.source
         assert isinstance(source, LdapSource)
-        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.attributes)
+        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
         assert mirrored.entries == truth.entries and cookie
     finally:
         proxy.close()
@@ -570,13 +570,13 @@ def test_refresh_and_persist_decode_what_the_paged_read_decodes(slapd: Slapd, fo
     )
     follower, notes = followers([slapd.uri], slapd, passwords=True, watch="syncrepl")
     notes.wait("synced", timeout=30)
-    assert "mailPassword" in follower.config.attributes.ldap_attributes()
+    assert "mailPassword" in follower.config.routing.attributes.ldap_attributes()
     source = follower.config.source
     assert isinstance(source, LdapSource)
 
     def same_as_paged_read() -> None:
         mirrored, _ = follower.mirror.snapshot()
-        truth = ldapsource.read(source, follower.config.attributes)
+        truth = ldapsource.read(source, follower.config.routing.attributes)
         assert mirrored.entries == truth.entries
         assert sorted(mirrored.rejections, key=str) == sorted(truth.rejections, key=str)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ldapsync.errors import ConfigError
-from ldapsync.model import RoutingModel
+from ldapsync.routing import RoutingModel
 
 GROUP = "ldapsync.exporters"
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ldapsync.errors import ConfigError
 from ldapsync.exporters import Exporter, lines
-from ldapsync.model import Mailbox, RoutingModel
+from ldapsync.routing import Mailbox, RoutingModel
 
 
 class PasswdExporter(Exporter):

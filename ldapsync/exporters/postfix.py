@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ldapsync.errors import ConfigError
 from ldapsync.exporters import Exporter, lines
-from ldapsync.model import RoutingModel
+from ldapsync.routing import RoutingModel
 
 CATEGORIES = ("aliases", "forwards")
 

@@ -1,12 +1,12 @@
-"""The routing model kept up to date change by change; model.build stays the reference.
+"""The routing model kept up to date change by change; routing.build stays the reference.
 
 Entries decide each other's routing only through names they share: a login two entries want,
 an address (own, alias, group name) one claims and another claims too or routes to (forward
 target, alias or group member), a DN a group lists as a member. Those links split the
-directory into components, and the model is the union of what model.build gives for each
+directory into components, and the model is the union of what routing.build gives for each
 component on its own. So after a change the engine finds the component(s) the changed
 entries belong to, before and after the change (a breadth-first walk over an index of
-claimed and referenced names), runs model.build on just those entries (once as they were,
+claimed and referenced names), runs routing.build on just those entries (once as they were,
 once as they are), and swaps the old part of the model for the new one. Conflicts, loops,
 groups, static overrides and sender logins are decided by the same code as a full build,
 over the same entries, in the same order.
@@ -21,16 +21,14 @@ equals a full build of the final directory.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import date
 from typing import Any
 
-from ldapsync import model, validate
-from ldapsync.config import Config
 from ldapsync.directory import Entry, Rejection, Snapshot, entry_key, entry_order
-from ldapsync.model import BuildReport, GroupSettings, MailboxSettings, ModelChange, RoutingModel
-from ldapsync.schema import AttributeMap
+from ldapsync.routing.build import build
+from ldapsync.routing.entry import EntryCache, Names, Parsed, entry_names, entry_parser
+from ldapsync.routing.types import BuildReport, ModelChange, RoutingModel, Settings
 from ldapsync.static import Static, StaticEntry
 
 FULL_FRACTION = 4  # a change whose components hold more than 1/FULL_FRACTION of the entries: full build
@@ -39,66 +37,6 @@ _STATIC = "\x00static:"  # keys of the static entries in the index (never an ent
 # The model's tables keyed by address, and those keyed by login.
 ADDRESS_TABLES = ("users", "aliases", "forwards", "disabled", "sender_logins", "local", "groups")
 LOGIN_TABLES = ("passwords", "mailboxes")
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything model.build takes besides the snapshot, the static file and the day."""
-
-    domain: str
-    domain_aliases: tuple[str, ...]
-    attributes: AttributeMap
-    weak_passwords: str = "warn"
-    hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    groups: GroupSettings | None = None
-    mailbox: MailboxSettings | None = None
-
-    @classmethod
-    def of(cls, config: Config) -> Settings:
-        return cls(
-            domain=config.domain,
-            domain_aliases=config.domain_aliases,
-            attributes=config.attributes,
-            weak_passwords=config.weak_passwords,
-            hosted=dict(config.hosted),
-            groups=config.groups,
-            mailbox=config.mailbox,
-        )
-
-    def build(
-        self,
-        snapshot: Snapshot,
-        static: Static,
-        today: date,
-        cache: model.EntryCache | None = None,
-        *,
-        trace: model.Trace | None = None,
-    ) -> tuple[RoutingModel, BuildReport]:
-        return model.build(
-            snapshot,
-            static,
-            domain=self.domain,
-            domain_aliases=self.domain_aliases,
-            attributes=self.attributes,
-            today=today,
-            cache=cache,
-            weak_passwords=self.weak_passwords,
-            trace=trace,
-            hosted=self.hosted,
-            groups=self.groups,
-            mailbox=self.mailbox,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Names:
-    """The names one entry (or static entry) claims and the names it routes to."""
-
-    logins: tuple[str, ...] = ()
-    addresses: tuple[str, ...] = ()
-    dns: tuple[str, ...] = ()
-    to_addresses: tuple[str, ...] = ()
-    to_dns: tuple[str, ...] = ()
 
 
 class _Index:
@@ -176,7 +114,7 @@ class Engine:
         self.settings = settings
         self.index = index
         self.static = static
-        self._canon = model.canonical_domains(settings.domain, settings.domain_aliases, dict(settings.hosted))
+        self._canon = settings.canonical_domains()
         self._statics: dict[str, Names] = {}
         self._static_entries: dict[str, tuple[str, StaticEntry]] = {}
         for kind, group in (("alias", static.aliases), ("forward", static.forwards)):
@@ -190,9 +128,9 @@ class Engine:
     def reset(self) -> None:
         """Forget everything: the next update is a full build."""
         self._day: date | None = None
-        self._parse: Any = None
+        self._parse: Callable[[Entry], Parsed] | None = None
         self._entries: dict[str, Entry] = {}
-        self._cache: model.EntryCache = {}  # per DN, reused while the Entry object is the same
+        self._cache: EntryCache = {}  # per DN, reused while the Entry object is the same
         self._index = _Index()
         self._model: RoutingModel | None = None
         self._seen: tuple[object, int] | None = None  # (mirror, serial) of the last snapshot built
@@ -230,7 +168,7 @@ class Engine:
     # -- full build: the reference, plus the index ------------------------------------------
     def _full(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
         self.reset()
-        routing, report = self.settings.build(snapshot, self.static, today, self._cache if self.index else None)
+        routing, report = build(snapshot, self.static, self.settings, today, cache=self._cache if self.index else None)
         self._model = routing
         self.last_full = True
         if not self.index:
@@ -257,18 +195,9 @@ class Engine:
         self._retired, self._skipped, self._weak = report.retired, report.skipped, report.weak_passwords
         return routing, self._report(snapshot), ModelChange(full=True)
 
-    def _parser(self, today: date) -> Any:
+    def _parser(self, today: date) -> Callable[[Entry], Parsed]:
         if self._parse is None or self._day != today:
-            s = self.settings
-            self._parse = model.entry_parser(
-                domain=s.domain,
-                domain_aliases=s.domain_aliases,
-                attributes=s.attributes,
-                today=today,
-                weak_passwords=s.weak_passwords,
-                hosted=s.hosted,
-                groups=s.groups,
-            )
+            self._parse = entry_parser(self.settings, today)
         return self._parse
 
     # -- what changed ----------------------------------------------------------------------
@@ -321,32 +250,8 @@ class Engine:
                 return None
         return changed
 
-    def _names(self, entry: Entry, parsed: Any) -> Names:
-        dns = (model.dn_key(entry.dn),) if self.settings.groups is not None else ()
-        if parsed.group:
-            groups = self.settings.groups
-            assert groups is not None
-            return Names(
-                addresses=self._group_addresses(entry, (groups.name_attribute,)),
-                dns=dns,
-                to_addresses=self._group_addresses(entry, groups.address_attributes),
-                to_dns=tuple(model.dn_key(v) for a in groups.member_attributes for v in entry.get(a)),
-            )
-        login = parsed.login
-        if login is None:
-            return Names(dns=dns)
-        own = parsed.addresses or (f"{login}@{self.settings.domain}",)
-        return Names(logins=(login,), addresses=own + parsed.aliases, dns=dns, to_addresses=parsed.targets)
-
-    def _group_addresses(self, entry: Entry, attributes: Iterable[str]) -> tuple[str, ...]:
-        out = []
-        for attr in attributes:
-            for value in entry.get(attr):
-                try:
-                    out.append(model.group_address(value, self.settings.domain, self._canon))
-                except validate.Invalid:
-                    continue
-        return tuple(out)
+    def _names(self, entry: Entry, parsed: Parsed) -> Names:
+        return entry_names(entry, parsed, self.settings, self._canon)
 
     def _names_of(self, key: str) -> Names:
         static = self._statics.get(key)
@@ -355,10 +260,11 @@ class Engine:
         entry = self._entries[key]
         return self._names(entry, self._parsed_of(entry))
 
-    def _parsed_of(self, entry: Entry) -> Any:
+    def _parsed_of(self, entry: Entry) -> Parsed:
         hit = self._cache.get(entry.dn)
         if hit is not None and hit[0] is entry:
             return hit[1]
+        assert self._parse is not None
         return self._parse(entry)  # the DN is shared with another entry (a rename under way)
 
     # -- a change: rebuild its components --------------------------------------------------
@@ -397,9 +303,9 @@ class Engine:
         static = self._static_subset(component)
         old_cache = {e.dn: (e, self._parsed_of(e)) for e in old_part}
         new_cache = {e.dn: (e, new_parsed.get(entry_key(e)) or self._parsed_of(e)) for e in new_part}
-        build = self.settings.build
-        old_model, old_report = build(Snapshot(tuple(old_part), snapshot.source), static, today, old_cache)
-        new_model, new_report = build(Snapshot(tuple(new_part), snapshot.source), static, today, new_cache)
+        s = self.settings
+        old_model, old_report = build(Snapshot(tuple(old_part), snapshot.source), static, s, today, cache=old_cache)
+        new_model, new_report = build(Snapshot(tuple(new_part), snapshot.source), static, s, today, cache=new_cache)
 
         # Nothing is changed above this line: an exception leaves the engine as it was.
         routing = self._model

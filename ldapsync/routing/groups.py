@@ -1,0 +1,122 @@
+"""Mail groups: an entry's name(s) become an alias to its members, nested groups flattened.
+
+Nested groups are expanded here, not left to Postfix, so a cycle is found and reported once
+(every group on it gets the members of all of them) instead of looping in the MTA. A group
+address an account or LDAP alias already holds stays the account's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ldapsync import validate
+from ldapsync.directory import Entry
+from ldapsync.routing.claims import Tables
+from ldapsync.routing.decisions import Decisions
+from ldapsync.routing.entry import dn_key, group_address, show
+from ldapsync.routing.loops import strongly_connected
+from ldapsync.routing.types import GroupSettings, Rule
+
+
+def add_groups(t: Tables, settings: GroupSettings, domain: str, canon: Mapping[str, str], decide: Decisions) -> None:
+    """Each group address not held by an account becomes an alias to the group's members."""
+    if not t.group_entries:
+        return
+    resolved = resolve_groups(t.group_entries, settings, t.member_state, domain, canon, decide)
+    for address, (dn, targets) in resolved.items():
+        claimed = t.owner_dn.get(address) or t.alias_dn.get(address)
+        if claimed:
+            reason = f"{address} is an address of {claimed}; the account wins, group address dropped"
+            decide.reject(dn, settings.name_attribute, reason, Rule.GROUP_LOST, address)
+            continue
+        t.aliases[address] = list(targets)
+        t.alias_dn[address] = t.group_dn[address] = dn
+
+
+def resolve_groups(
+    entries: list[Entry],
+    settings: GroupSettings,
+    member_state: Mapping[str, tuple[str, str | None]],
+    domain: str,
+    canon: Mapping[str, str],
+    decide: Decisions,
+) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """group address -> (DN, every member address, nested groups flattened)."""
+    by_key = {dn_key(e.dn): e for e in entries}
+    direct: dict[str, set[str]] = {}
+    nested: dict[str, list[str]] = {}
+    names: dict[str, list[str]] = {}
+    name_attr = settings.name_attribute.lower()
+
+    def as_address(value: str) -> str:
+        return group_address(value, domain, canon)
+
+    for key, entry in sorted(by_key.items(), key=lambda kv: (kv[1].dn.lower(), kv[1].dn)):
+        dn = entry.dn
+        own: list[str] = []
+        for value in sorted(entry.attributes.get(name_attr, ())):
+            try:
+                address = as_address(value)
+            except validate.Invalid as e:
+                decide.reject(dn, settings.name_attribute, f"{show(value)} {e}; value dropped")
+                continue
+            if address.rpartition("@")[2] not in canon.values():
+                decide.reject(dn, settings.name_attribute, f"{show(value)} is not in a hosted domain; value dropped")
+                continue
+            own.append(address)
+        names[key] = own
+        members: set[str] = set()
+        subgroups: list[str] = []
+        for attr in settings.member_attributes:
+            for value in entry.attributes.get(attr.lower(), ()):
+                member = dn_key(value)
+                if member in by_key:
+                    subgroups.append(member)
+                    continue
+                kind, account = member_state.get(member, ("unknown", None))
+                if kind == "account" and account is not None:
+                    members.add(account)
+                else:
+                    what = "not a mail account or group" if kind == "unknown" else kind
+                    decide.reject(dn, attr, f"member {show(value)} is {what}; skipped", Rule.GROUP_MEMBER_SKIPPED, own)
+        for attr in settings.address_attributes:
+            for value in entry.attributes.get(attr.lower(), ()):
+                try:
+                    members.add(as_address(value))
+                except validate.Invalid as e:
+                    decide.reject(dn, attr, f"{show(value)} {e}; value dropped")
+        direct[key] = members
+        nested[key] = sorted(set(subgroups))
+
+    for cycle in strongly_connected(nested):
+        if len(cycle) > 1 or cycle[0] in nested.get(cycle[0], ()):
+            dns = [by_key[k].dn for k in sorted(cycle)]
+            attr = settings.member_attributes[0]
+            for k in sorted(cycle):
+                reason = f"group cycle through {'; '.join(dns)}; each gets the members of all, no loop installed"
+                decide.reject(by_key[k].dn, attr, reason, Rule.GROUP_CYCLE, names[k])
+
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for key in sorted(by_key, key=lambda k: (by_key[k].dn.lower(), by_key[k].dn)):
+        if not names[key]:
+            continue
+        reach: set[str] = set()
+        todo = [key]
+        while todo:
+            k = todo.pop()
+            if k in reach:
+                continue
+            reach.add(k)
+            todo.extend(nested.get(k, ()))
+        targets = set().union(*(direct[k] for k in reach)) - set(names[key])
+        dn = by_key[key].dn
+        if not targets:
+            decide.reject(dn, settings.name_attribute, "no deliverable member; group skipped")
+            continue
+        for address in names[key]:
+            if address in out:
+                reason = f"{address} already claimed by group {out[address][0]}; value dropped"
+                decide.reject(dn, settings.name_attribute, reason)
+                continue
+            out[address] = (dn, tuple(sorted(targets)))
+    return out
