@@ -210,6 +210,19 @@ CASES: dict[routing.Rule, Case] = {
         source=f"uid=mal,{OU}",
         detail="is not under /var/vmail; no mailbox",
     ),
+    routing.Rule.TARGET_DROPPED: Case(
+        "hostmaster@example.org",
+        (user("alice"), user("dora", mailDisableMessage="gone")),
+        static_of(hostmaster=["alice", "dora"]),
+        source="aliases.hostmaster",
+        detail="target dora@example.org is disabled; dropped",
+    ),
+    routing.Rule.NO_TARGET: Case(
+        "x001@example.org",
+        (user("x001", emailForward="d001@example.org"), user("d001", mailDisableMessage="gone")),
+        source=f"uid=x001,{OU}",
+        detail="rejected with the message of d001@example.org",
+    ),
 }
 
 

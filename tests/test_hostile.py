@@ -171,6 +171,9 @@ def intended_forwards(entry: Entry) -> set[str]:
     return targets
 
 
+DEAD_RE = re.compile(r"(\S+) has no target left; not accepted(?:, rejected with the message of (\S+))?")
+
+
 def variants(addr: str) -> list[str]:
     local = addr.rpartition("@")[0]
     return [f"{local}@{d}" for d in OURS]
@@ -188,13 +191,21 @@ def check(
     # Any mailDisableMessage value (even an empty one) disables the account; a static entry for
     # the address takes over its routed (and its access-map line), the account stays disabled.
     disabled = {a: acct for a, acct in accts.items() if acct.entry.get("mailDisableMessage")}
-    active = {a: acct for a, acct in accts.items() if a not in disabled}
-    by_login = {acct.login: acct for acct in active.values()}
+    accounts_active = {a: acct for a, acct in accts.items() if a not in disabled}
+    by_login = {acct.login: acct for acct in accounts_active.values()}
     rejected_dns = {(r.dn, r.attribute) for r in report.rejections}
+    # Addresses whose every target was dead (disabled, retired or unknown in our domains): not
+    # accepted anywhere, rejected with a disabled target's message when there was one.
+    dead: dict[str, str | None] = {}
+    for reason in [r.reason for r in report.rejections] + report.warnings:
+        m = DEAD_RE.search(reason)
+        if m:
+            dead[m[1]] = m[2]
+    active = {a: acct for a, acct in accounts_active.items() if a not in dead}
 
     # Dovecot: exactly the active accounts with one known-good hash, normalised.
     expected_pw = {}
-    for acct in active.values():
+    for acct in accounts_active.values():
         hashes = acct.entry.get("mailPassword")
         if len(hashes) == 1 and hashes[0] in good_hashes:
             expected_pw[acct.login] = good_hashes[hashes[0]]
@@ -209,6 +220,11 @@ def check(
         ok = msg and len(msg) <= 200 and all(" " <= c <= "~" for c in msg)
         for v in variants(a):
             expected_access[v] = "REJECT " + (msg if ok else routing.DEFAULT_DISABLED_MESSAGE)
+    for _ in dead:  # a dead address takes its disabled target's line (the target may be dead itself)
+        for a, target in dead.items():
+            if target is not None and target in expected_access:
+                for v in variants(a):
+                    expected_access[v] = expected_access[target]
     assert maps["postfix-access"] == expected_access
 
     # LDAP aliases that could legitimately exist: plain addresses in our domains, of an active account.
@@ -225,8 +241,10 @@ def check(
             assert value == canonical(key) and value in set(active) | canon_keys, (key, value)
             continue
         targets = value.split(",")
-        if key in STATIC_TARGETS:
-            assert tuple(targets) == STATIC_TARGETS[key]
+        if key in STATIC_TARGETS:  # less the targets in our domains that accept no mail
+            accepted = {canonical(k) for k in maps["postfix-recipients"]}
+            kept = tuple(t for t in STATIC_TARGETS[key] if t.rpartition("@")[2] not in OURS or t in accepted)
+            assert tuple(targets) == kept, (key, value)
         elif key in active:
             acct = active[key]
             intended = sorted(intended_forwards(acct.entry))
@@ -238,8 +256,14 @@ def check(
         if a not in STATIC_TARGETS and intended_forwards(acct.entry) and a not in virtual:
             assert (acct.dn, "emailForward") in rejected_dns, a
 
-    deliverable = set(active) | set(STATIC_TARGETS) | canon_keys
+    deliverable = set(active) | (set(STATIC_TARGETS) - set(dead)) | canon_keys
     assert set(maps["postfix-recipients"]) == {v for a in deliverable for v in variants(a)}
+    for key, value in virtual.items():  # never accepted and then bounced: every target in our domains exists
+        for target in value.split(","):
+            if target.rpartition("@")[2] in OURS:
+                assert target in deliverable, (key, target)
+    for a in dead:
+        assert a not in deliverable and a not in virtual, a
     forwarded = {k for k in canon_keys if k not in alias_owner or k in active or k in STATIC_TARGETS}
     forwarded -= {k for k in canon_keys if k in STATIC_TARGETS and any(s.address == k for s in STATIC.aliases)}
     assert set(maps["postfix-transport"]) == forwarded
@@ -614,7 +638,9 @@ def test_hostile_mailbox_and_group_values_never_escape_their_fields(
         assert match["key"] not in keys
         keys.add(match["key"])
     logins = {k for k in keys if "@" not in k}
-    assert logins == set(m.mailboxes) <= set(m.users.values())
+    assert logins == set(m.mailboxes)
+    for login, box in m.mailboxes.items():  # an account whose forward is all dead keeps its mailbox, not mail
+        assert m.users.get(box.address) == login or box.address not in m.deliverable()
     assert set(vmailbox) == set(m.local) <= set(m.users)
     for r in report.rejections:
         assert r.dn and r.attribute and "\n" not in r.reason

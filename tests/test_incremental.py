@@ -40,13 +40,18 @@ STATIC = Static(
     (
         StaticEntry("postmaster@example.org", ("a@example.org", "root@ext.example"), "aliases.postmaster"),
         StaticEntry("team@example.org", ("b@example.org", "c@example.org"), "aliases.team"),
+        # dead targets: any of these may be disabled, retired, unknown or forward to dead ones
+        StaticEntry("hostmaster@example.org", ("e@example.org", "f@example.org", "ghost@example.org"), "aliases.h"),
     ),
-    (StaticEntry("d@example.org", ("d@ext.example",), "forwards.d"),),
+    (
+        StaticEntry("d@example.org", ("d@ext.example",), "forwards.d"),
+        StaticEntry("orders@example.org", ("x@example.org",), "forwards.orders"),
+    ),
 )
 
 # Small pools: conflicts, loops and shared names are the point.
 LOGINS = ("a", "b", "c", "d", "e", "f", "Bad Login")
-LOCAL = tuple(f"{n}@example.org" for n in ("a", "b", "c", "d", "e", "team", "postmaster", "x", "y"))
+LOCAL = tuple(f"{n}@example.org" for n in ("a", "b", "c", "d", "e", "f", "team", "postmaster", "x", "y", "orders"))
 FOREIGN = ("a@ext.example", "b@ext.example", "A@Example.NET", "root@ext.example")
 STATUS = (
     "inactive",
@@ -92,7 +97,7 @@ def group(draw: Any) -> dict[str, list[str]]:
         "objectClass": [draw(st.sampled_from(("groupOfNames", "nisMailAlias")))],
         "cn": draw(st.lists(st.sampled_from(("team", "staff", "a", "x")), min_size=1, max_size=2)),
         "member": draw(st.lists(st.sampled_from(dns), max_size=3)),
-        "rfc822MailMember": draw(st.lists(st.sampled_from(("y", "b@ext.example", "staff")), max_size=2)),
+        "rfc822MailMember": draw(st.lists(st.sampled_from(("y", "b@ext.example", "staff", "e", "ghost")), max_size=2)),
     }
     return {k: v for k, v in attrs.items() if v}
 

@@ -686,6 +686,8 @@ def test_group_of_names_delivers_to_its_members_addresses() -> None:
 def test_unique_member_and_nis_mail_alias_members() -> None:
     m, report = build_with(
         entry("alice"),
+        entry("carol"),
+        entry("dave"),  # the members exist: dead ones would be dropped
         group("team", "groupOfUniqueNames", uniqueMember=dn("alice")),
         group("list", "nisMailAlias", rfc822MailMember=["carol", "Dave@Example.NET", "x@outside.example", "a b"]),
         groups=GROUPS,
@@ -911,6 +913,7 @@ def test_the_older_account_keeps_a_contested_hosted_address_or_alias() -> None:
 def test_aliases_and_forwards_canonicalise_into_their_own_hosted_domain() -> None:
     m, _ = build_with(
         entry("carol", mail="carol@example.com", mailLocalAddress="c@example.info", emailForward="x@EXAMPLE.INFO"),
+        entry("x", mail="x@example.com"),  # the target exists: a dead one would be dropped
         hosted=HOSTED,
         attributes=MAIL,
     )
@@ -1112,3 +1115,117 @@ def test_hosted_domains_and_mailboxes_read_from_slapd(tmp_path: Path, slapd_fact
     )
     assert routed.mailboxes["alice"].home == "/var/vmail/example.org/alice"
     assert "mallory" not in routed.mailboxes and "mallory@example.com" not in routed.local
+
+
+# -- dead targets --------------------------------------------------------------------------------
+def lines_with(outputs: dict[str, bytes], address: str) -> dict[str, list[str]]:
+    """Every output's lines that mention `address` (as key or value)."""
+    out: dict[str, list[str]] = {}
+    for kind, data in outputs.items():
+        found = [line for line in data.decode().splitlines() if address in line.replace("\t", " ").split(" ")[0]]
+        if found:
+            out[kind] = found
+    return out
+
+
+def test_static_alias_drops_disabled_and_unknown_targets_with_a_warning() -> None:
+    st = static_of(aliases={"hostmaster": ["alice", "dora", "nosuchuser"]})
+    m, report = build(entry("alice"), entry("dora", mailDisableMessage="Gone"), static=st)
+    assert m.aliases["hostmaster@example.org"] == ("alice@example.org",)
+    assert report.warnings == [
+        f"{STATIC_FILE}: aliases.hostmaster: target nosuchuser@example.org is unknown; dropped",
+        f"{STATIC_FILE}: aliases.hostmaster: target dora@example.org is disabled; dropped",
+    ]
+
+
+def test_forward_to_a_disabled_account_is_not_accepted_but_rejected_with_its_message() -> None:
+    m, report = build(
+        entry("x001", emailForward="d001@example.org", mailPassword=SSHA),
+        entry("d001", mailDisableMessage="d001 has left"),
+    )
+    out = render_all(m)
+    assert "x001@example.org" not in m.deliverable()
+    assert lines_with(out, "x001@example.org") == {
+        "postfix-access": ["x001@example.org\tREJECT d001 has left"],
+    }
+    assert "x001@example.net\tREJECT d001 has left\n" in out["postfix-access"].decode()
+    assert m.passwords == {"x001": SSHA}  # the account still exists; it accepts no mail
+    x001 = f"uid=x001,{OU}"
+    assert (x001, "emailForward", "target d001@example.org is disabled; dropped") in reasons(report)
+    verdict = "x001@example.org has no target left; not accepted, rejected with the message of d001@example.org"
+    assert (x001, "emailForward", verdict) in reasons(report)
+
+
+def test_a_dead_target_is_dropped_from_a_forward_that_keeps_others() -> None:
+    m, report = build(
+        entry("eve", emailForward="oscar@example.org, eve@elsewhere.example"), entry("oscar", accountStatus="inactive")
+    )
+    assert m.forwards == {"eve@example.org": ("eve@elsewhere.example",)}
+    assert (f"uid=eve,{OU}", "emailForward", "target oscar@example.org is retired; dropped") in reasons(report)
+    assert m.disabled == {}
+
+
+def test_a_kept_copy_chains_and_forwards_into_aliases_stay() -> None:
+    st = static_of(aliases={"team": ["alice", "bob"]})
+    m, report = build(
+        entry("mallory", emailForward="mallory@example.org, mallory@elsewhere.example"),
+        entry("alice"),
+        entry("bob", emailForward="carol@example.org"),
+        entry("carol", emailForward="carol@far.example"),
+        entry("dan", emailForward="team@example.net"),
+        static=st,
+    )
+    assert m.forwards == {
+        "bob@example.org": ("carol@example.org",),
+        "carol@example.org": ("carol@far.example",),
+        "dan@example.org": ("team@example.org",),
+        "mallory@example.org": ("mallory@elsewhere.example", "mallory@example.org"),
+    }
+    assert m.aliases == {"team@example.org": ("alice@example.org", "bob@example.org")}
+    assert report.rejections == [] and report.warnings == []
+
+
+def test_dead_targets_cascade_through_aliases_and_static_entries() -> None:
+    # sales (LDAP alias of x) -> x -> nobody: x and sales are gone, and so is the static
+    # forward to sales; the static alias keeps its other target.
+    st = static_of(aliases={"both": ["sales", "alice"]}, forwards={"orders": "sales@example.org"})
+    m, report = build(
+        entry("alice"),
+        entry("x", emailForward="nobody@example.org", mailLocalAddress="sales@example.org"),
+        static=st,
+        attributes=UD_ALIAS,
+    )
+    assert "x@example.org" not in m.deliverable() and "sales@example.org" not in m.deliverable()
+    assert "orders@example.org" not in m.deliverable()
+    assert m.aliases == {"both@example.org": ("alice@example.org",)}
+    assert m.disabled == {}  # nothing disabled on the way: simply unknown, so no access line
+    assert f"{STATIC_FILE}: forwards.orders: target sales@example.org is not accepted (no target left); dropped" in (
+        report.warnings
+    )
+    x = f"uid=x,{OU}"
+    assert (x, "mailLocalAddress", "target x@example.org is not accepted (no target left); dropped") in reasons(report)
+
+
+UD_ALIAS = schema.resolve("ud-ldap", {"alias": "mailLocalAddress"}, file=None)
+
+
+def test_group_address_members_that_are_dead_are_dropped_naming_the_attribute() -> None:
+    m, report = build_with(
+        entry("alice"),
+        entry("dora", mailDisableMessage="Gone"),
+        group("list", "nisMailAlias", rfc822MailMember=["alice", "dora", "ghost"]),
+        group("gone", member=dn("dora")),
+        groups=GROUPS,
+    )
+    assert m.aliases == {"list@example.org": ("alice@example.org",)}
+    got = reasons(report)
+    assert (f"cn=list,{GOU}", "rfc822MailMember", "target ghost@example.org is unknown; dropped") in got
+    assert (f"cn=list,{GOU}", "rfc822MailMember", "target dora@example.org is disabled; dropped") in got
+    # a group whose only members are disabled is rejected with a member's message
+    assert m.disabled == {"dora@example.org": "Gone", "gone@example.org": "Gone"}
+
+
+def test_targets_outside_our_domains_and_in_subdomains_are_never_judged() -> None:
+    m, report = build(entry("al", emailForward="x@lists.example.net, y@far.example"))
+    assert m.forwards == {"al@example.org": ("x@lists.example.net", "y@far.example")}
+    assert report.rejections == []

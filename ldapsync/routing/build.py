@@ -2,7 +2,9 @@
 
 The phases, in order, each in its own module:
 parse (entry.py) -> claim (claims.py) -> groups (groups.py) -> statics (here) -> loops
-(loops.py) -> senders (here) -> mailboxes (mailbox.py). Every phase reports what it drops
+(loops.py) -> dead targets (targets.py) -> senders (here) -> mailboxes (mailbox.py).
+Dead targets come after loops: breaking a loop can leave an address without targets, and
+dropping a target cannot make a loop. Every phase reports what it drops
 through one Decisions object (decisions.py), which also feeds `ldapsync explain`'s trace.
 """
 
@@ -18,6 +20,7 @@ from ldapsync.routing.entry import EntryCache, Parsed, entry_parser
 from ldapsync.routing.groups import add_groups
 from ldapsync.routing.loops import break_loops
 from ldapsync.routing.mailbox import mailbox
+from ldapsync.routing.targets import drop_dead_targets
 from ldapsync.routing.types import BuildReport, Mailbox, RoutingModel, Rule, Settings, Trace
 from ldapsync.static import Static
 
@@ -48,6 +51,7 @@ def build(
     _add_statics(t, static, report, decide)
     attributes = settings.attributes
     break_loops(t, static.file, attributes.forward or "", attributes.alias or "", decide)
+    drop_dead_targets(t, settings, canon, static.file, report, decide)
 
     senders = t.aliases
     if t.group_dn and not (settings.groups is not None and settings.groups.members_send_as_group):

@@ -38,6 +38,8 @@ class Tables:
     records: dict[str, tuple[str, str, Parsed]] = field(default_factory=dict)  # login -> (address, DN, parsed)
     group_dn: dict[str, str] = field(default_factory=dict)  # group address -> group DN
     static_keys: dict[str, str] = field(default_factory=dict)  # address -> static key that routes it
+    retired: set[str] = field(default_factory=set)  # addresses of retired accounts (for the dead-target warning)
+    member_attr: dict[str, dict[str, str]] = field(default_factory=dict)  # group address -> member -> attribute
 
 
 def precedence(holder_created: str, created: str) -> str:
@@ -81,6 +83,7 @@ def claim(
             continue
         if parsed.retired:
             report.retired += 1
+            t.retired.update(parsed.addresses)
             if member_key:
                 t.member_state[member_key] = ("retired", None)
             continue

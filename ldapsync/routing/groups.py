@@ -23,13 +23,19 @@ def add_groups(t: Tables, settings: GroupSettings, domain: str, canon: Mapping[s
     if not t.group_entries:
         return
     resolved = resolve_groups(t.group_entries, settings, t.member_state, domain, canon, decide)
-    for address, (dn, targets) in resolved.items():
+    for address, (dn, targets, disabled) in resolved.items():
         claimed = t.owner_dn.get(address) or t.alias_dn.get(address)
         if claimed:
             reason = f"{address} is an address of {claimed}; the account wins, group address dropped"
             decide.reject(dn, settings.name_attribute, reason, Rule.GROUP_LOST, address)
             continue
-        t.aliases[address] = list(targets)
+        if not targets:  # every member is disabled: the group is rejected with the first one's message
+            message = next((t.disabled[d] for d in disabled if d in t.disabled), None)
+            if message is not None:
+                t.disabled.setdefault(address, message)
+            continue
+        t.aliases[address] = [m for m, _ in targets]
+        t.member_attr[address] = dict(targets)
         t.alias_dn[address] = t.group_dn[address] = dn
 
 
@@ -40,10 +46,12 @@ def resolve_groups(
     domain: str,
     canon: Mapping[str, str],
     decide: Decisions,
-) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """group address -> (DN, every member address, nested groups flattened)."""
+) -> dict[str, tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]]:
+    """group address -> (DN, (member address, attribute it came from) for every member with nested
+    groups flattened, the disabled members' addresses when that leaves no member)."""
     by_key = {dn_key(e.dn): e for e in entries}
-    direct: dict[str, set[str]] = {}
+    direct: dict[str, dict[str, str]] = {}  # group key -> member address -> attribute
+    disabled: dict[str, set[str]] = {}  # group key -> disabled members' addresses
     nested: dict[str, list[str]] = {}
     names: dict[str, list[str]] = {}
     name_attr = settings.name_attribute.lower()
@@ -65,7 +73,8 @@ def resolve_groups(
                 continue
             own.append(address)
         names[key] = own
-        members: set[str] = set()
+        members: dict[str, str] = {}
+        gone: set[str] = set()
         subgroups: list[str] = []
         for attr in settings.member_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
@@ -75,17 +84,20 @@ def resolve_groups(
                     continue
                 kind, account = member_state.get(member, ("unknown", None))
                 if kind == "account" and account is not None:
-                    members.add(account)
+                    members.setdefault(account, attr)
                 else:
+                    if kind == "disabled" and account is not None:
+                        gone.add(account)
                     what = "not a mail account or group" if kind == "unknown" else kind
                     decide.reject(dn, attr, f"member {show(value)} is {what}; skipped", Rule.GROUP_MEMBER_SKIPPED, own)
         for attr in settings.address_attributes:
             for value in entry.attributes.get(attr.lower(), ()):
                 try:
-                    members.add(as_address(value))
+                    members.setdefault(as_address(value), attr)
                 except validate.Invalid as e:
                     decide.reject(dn, attr, f"{show(value)} {e}; value dropped")
         direct[key] = members
+        disabled[key] = gone
         nested[key] = sorted(set(subgroups))
 
     for cycle in strongly_connected(nested):
@@ -96,7 +108,7 @@ def resolve_groups(
                 reason = f"group cycle through {'; '.join(dns)}; each gets the members of all, no loop installed"
                 decide.reject(by_key[k].dn, attr, reason, Rule.GROUP_CYCLE, names[k])
 
-    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    out: dict[str, tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]] = {}
     for key in sorted(by_key, key=lambda k: (by_key[k].dn.lower(), by_key[k].dn)):
         if not names[key]:
             continue
@@ -108,15 +120,23 @@ def resolve_groups(
                 continue
             reach.add(k)
             todo.extend(nested.get(k, ()))
-        targets = set().union(*(direct[k] for k in reach)) - set(names[key])
+        targets: dict[str, str] = {}
+        for k in sorted(reach):
+            for member, attr in direct[k].items():
+                targets.setdefault(member, attr)
+        for own_address in names[key]:
+            targets.pop(own_address, None)
         dn = by_key[key].dn
+        silenced: tuple[str, ...] = ()
         if not targets:
             decide.reject(dn, settings.name_attribute, "no deliverable member; group skipped")
-            continue
+            silenced = tuple(sorted(set().union(*(disabled[k] for k in reach))))
+            if not silenced:
+                continue
         for address in names[key]:
             if address in out:
                 reason = f"{address} already claimed by group {out[address][0]}; value dropped"
                 decide.reject(dn, settings.name_attribute, reason)
                 continue
-            out[address] = (dn, tuple(sorted(targets)))
+            out[address] = (dn, tuple(sorted(targets.items())), silenced)
     return out
