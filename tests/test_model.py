@@ -997,6 +997,25 @@ def test_bad_mailbox_attributes_are_rejected_with_dn_and_attribute(
     assert box is None or (box.uid, box.gid, box.quota) == (5000, 5000, None)
 
 
+@pytest.mark.parametrize(
+    ("home", "problem"),
+    [
+        ("/var/vmail/../etc", "'/var/vmail/../etc' contains a '.' or '..' component; no mailbox"),
+        ("/var/vmail/a b", "'/var/vmail/a b' is not an absolute path"),
+        ("/var/vmail/%u", "'/var/vmail/%u' is not an absolute path"),
+        ("var/vmail/bob", "'var/vmail/bob' is not an absolute path"),
+        (["/var/vmail/b1", "/var/vmail/b2"], "multi-valued; no mailbox"),
+    ],
+)
+def test_an_invalid_home_means_no_mailbox_not_the_default_one(home: str | list[str], problem: str) -> None:
+    m, report = build_with(entry("alice"), entry("bob", homeDirectory=home), attributes=BOX_ATTRS, mailbox=BOXES)
+    assert set(m.mailboxes) == {"alice"} and m.local == {"alice@example.org": "alice"}
+    assert m.users == {"alice@example.org": "alice", "bob@example.org": "bob"}
+    [(where, attribute, reason)] = reasons(report)
+    assert (where, attribute) == (dn("bob"), "homeDirectory")
+    assert reason.startswith(problem.removesuffix("; no mailbox")) and reason.endswith("; no mailbox")
+
+
 def test_account_without_a_mailbox_is_not_delivered_locally() -> None:
     settings = routing.MailboxSettings(home="/var/vmail/{login}", home_root="/var/vmail", uid=None, gid=5000)
     m, report = build_with(entry("alice"), entry("bob", uidNumber="5001"), attributes=BOX_ATTRS, mailbox=settings)

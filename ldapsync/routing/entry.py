@@ -43,6 +43,7 @@ class Parsed:
     uid: int | None = None
     gid: int | None = None
     home: str | None = None
+    home_error: str | None = None  # the home value is unusable: the account gets no mailbox (not a default one)
     quota: str | None = None
     group: bool = False  # a mail group, resolved after every account is known
 
@@ -289,11 +290,11 @@ def _parse_entry(
                 decide.notice(entry.dn, pw_attr, reason, Rule.HASH_WEAK, me)
     if refused is not None:
         decide.reject(entry.dn, pw_attr, refused, Rule.HASH_REFUSED, me)
-    uid = gid = home = quota = None
+    uid = gid = home = home_error = quota = None
     if names["uid_number"] or names["gid_number"] or names["home"] or names["quota"]:  # a mailbox host
         uid = _single(entry, attributes.uid_number, names["uid_number"], validate.numeric_id, rej)
         gid = _single(entry, attributes.gid_number, names["gid_number"], validate.numeric_id, rej)
-        home = _single(entry, attributes.home, names["home"], validate.home, rej)
+        home, home_error = _home(entry, names["home"])
         quota = _single(entry, attributes.quota, names["quota"], validate.quota, rej)
     return Parsed(
         login=login,
@@ -308,8 +309,23 @@ def _parse_entry(
         uid=int(uid) if uid is not None else None,
         gid=int(gid) if gid is not None else None,
         home=home,
+        home_error=home_error,
         quota=quota,
     )
+
+
+def _home(entry: Entry, name: str) -> tuple[str | None, str | None]:
+    """(the home value, or None; why it cannot be used, or None). A bad home is not replaced by the
+    default: mail for that account would land in a directory the admin did not choose."""
+    values = entry.attributes.get(name, ()) if name else ()
+    if not values:
+        return None, None
+    if len(values) > 1:
+        return None, "multi-valued"
+    try:
+        return validate.home(values[0]), None
+    except validate.Invalid as e:
+        return None, f"{show(values[0])} {e}"
 
 
 def _single(entry: Entry, attr: str | None, name: str, check: Callable[[str], str], rej: list[Rejection]) -> str | None:

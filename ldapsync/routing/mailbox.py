@@ -27,6 +27,9 @@ def mailbox(
     def refuse(attribute: str, reason: str) -> None:
         decide.reject(dn, attribute, reason, Rule.NO_MAILBOX, address)
 
+    if parsed.home_error is not None:
+        refuse(attributes.home or "home", f"{parsed.home_error}; no mailbox")
+        return None
     lo, hi = settings.id_range
     ids: list[int] = []
     for value, default, attr in (
