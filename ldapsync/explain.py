@@ -35,12 +35,24 @@ class OutputAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class Reference:
+    """An alias, group, forward or static entry whose targets include the address."""
+
+    address: str  # the address that routes to the one explained
+    kind: str  # "alias", "group", "forward", "static alias" or "static forward"
+    source: str  # the entry DN, or `file: key`
+    attribute: str = ""
+    dropped: str = ""  # why the reference was dropped (the address accepts no mail); "" if it stands
+
+
+@dataclass(frozen=True, slots=True)
 class Explanation:
     address: str
     canonical: str
     origin: str  # "generation <id>" or "live <source>"
     outputs: tuple[OutputAnswer, ...]
     events: tuple[routing.Event, ...]
+    references: tuple[Reference, ...] = ()
 
     @property
     def found(self) -> bool:
@@ -62,6 +74,11 @@ class Explanation:
                 | {"detail": e.detail}
                 for e in self.events
             ],
+            "referenced_by": [
+                {"address": r.address, "kind": r.kind, "source": r.source, "attribute": r.attribute}
+                | ({"dropped": r.dropped} if r.dropped else {})
+                for r in self.references
+            ],
         }
 
     def render(self) -> str:
@@ -78,6 +95,13 @@ class Explanation:
         for e in self.events:
             where = f"{e.source} ({e.attribute})" if e.attribute else e.source
             out.append(f"  {e.rule.value:<20} {where}: {e.detail}" if e.detail else f"  {e.rule.value:<20} {where}")
+        out.append(
+            "referenced by:" if self.references else "referenced by: nothing (no alias, group, forward or static entry)"
+        )
+        for r in self.references:
+            where = f"{r.source} ({r.attribute})" if r.attribute else r.source
+            line = f"  {r.kind:<14} {r.address}  from {where}"
+            out.append(line + (f"  DROPPED: {r.dropped}" if r.dropped else ""))
         return "\n".join(out) + "\n"
 
 
@@ -127,7 +151,35 @@ def explain(
         differs = data is not None and data != rendered
         answers.append(OutputAnswer(spec.name, spec.kind, _lines(data or rendered, exp, keys), differs))
     events = tuple(e for e in trace if e.address == canonical)
-    return Explanation(asked, canonical, origin, tuple(answers), events)
+    return Explanation(asked, canonical, origin, tuple(answers), events, references(model, trace, canonical))
+
+
+def references(model: routing.RoutingModel, trace: routing.Trace, target: str) -> tuple[Reference, ...]:
+    """Every address whose targets include `target` (in the model, or dropped because `target`
+    accepts no mail), with the entry or static key that routes it."""
+    origin: dict[str, tuple[str, str, str]] = {}  # address -> (kind, source, attribute); later rules win
+    dead: list[routing.Event] = []
+    for e in trace:
+        if e.rule is routing.Rule.FORWARD:
+            origin[e.address] = ("forward", e.source, e.attribute)
+        elif e.rule is routing.Rule.LDAP_ALIAS:
+            origin[e.address] = ("alias", e.source, e.attribute)
+        elif e.rule is routing.Rule.GROUP:
+            origin[e.address] = ("group", e.source, e.attribute)
+        elif e.rule is routing.Rule.STATIC:
+            origin[e.address] = (f"static {e.detail.partition(' ')[0]}", e.source, e.attribute)
+        elif e.rule is routing.Rule.TARGET_DROPPED and e.detail.startswith(f"target {target} is "):
+            dead.append(e)
+    out = []
+    for table in (model.aliases, model.forwards):
+        for address, targets in table.items():
+            if target in targets and address != target:
+                kind, source, attribute = origin.get(address, ("alias", "", ""))
+                out.append(Reference(address, kind, source, attribute))
+    for e in dead:
+        kind = origin.get(e.address, ("alias", "", ""))[0]
+        out.append(Reference(e.address, kind, e.source, e.attribute, e.detail))
+    return tuple(sorted(out, key=lambda r: (r.address, r.kind, r.dropped)))
 
 
 def _lines(data: bytes, exp: Exporter, keys: set[str]) -> tuple[tuple[str, str], ...]:

@@ -210,6 +210,13 @@ CASES: dict[routing.Rule, Case] = {
         source=f"uid=mal,{OU}",
         detail="is not under /var/vmail; no mailbox",
     ),
+    routing.Rule.GROUP: Case(
+        "staff@example.org",
+        (user("alice"), group("staff", f"uid=alice,{OU}")),
+        top=GROUPS_ON,
+        source=f"cn=staff,{GOU}",
+        detail="alice@example.org",
+    ),
     routing.Rule.TARGET_DROPPED: Case(
         "hostmaster@example.org",
         (user("alice"), user("dora", mailDisableMessage="gone")),
@@ -393,3 +400,44 @@ def test_a_hosted_domain_address_shows_its_mailbox_and_the_owning_login(tmp_path
     assert [k for k, _ in found["postfix-virtual-mailbox"]] == ["bob.smith@example.com"]
     assert [k for k, _ in found["dovecot-userdb"]] == ["bsmith"] and found["dovecot-passwd"][0][0] == "bsmith"
     assert rules(answer)[routing.Rule.ACCOUNT][0].detail == "login bsmith"
+
+
+def test_explain_lists_what_points_at_an_address_including_dropped_dead_references(tmp_path: Path) -> None:
+    entries = (
+        user("alice"),
+        user("dora", mailDisableMessage="gone"),
+        user("bob", emailForward="dora@example.org, bob@far.example"),
+        user("carl", emailForward="alice@example.org"),
+        group("staff", f"uid=alice,{OU}", f"uid=dora,{OU}"),
+    )
+    static = static_of(hostmaster=["alice", "dora"])
+    c = cfg(tmp_path, **GROUPS_ON)
+    dora = ask(c, "dora@example.org", *entries, static=static)
+    got = {(r.address, r.kind, r.source, r.attribute, r.dropped) for r in dora.references}
+    assert got == {
+        ("bob@example.org", "forward", f"uid=bob,{OU}", "emailForward", "target dora@example.org is disabled; dropped"),
+        (
+            "hostmaster@example.org",
+            "static alias",
+            f"{STATIC_FILE}: aliases.hostmaster",
+            "",
+            ("target dora@example.org is disabled; dropped"),
+        ),
+        ("staff@example.org", "group", f"cn=staff,{GOU}", "member", "target dora@example.org is disabled; dropped"),
+    }
+    alice = ask(c, "alice@example.org", *entries, static=static)
+    assert {(r.address, r.kind, r.source, r.dropped) for r in alice.references} == {
+        ("carl@example.org", "forward", f"uid=carl,{OU}", ""),
+        ("hostmaster@example.org", "static alias", f"{STATIC_FILE}: aliases.hostmaster", ""),
+        ("staff@example.org", "group", f"cn=staff,{GOU}", ""),
+    }
+    text = dora.render()
+    assert "referenced by:" in text and f"bob@example.org  from uid=bob,{OU} (emailForward)  DROPPED:" in text
+    doc = json.loads(explain.dumps(alice))
+    assert {r["address"] for r in doc["referenced_by"]} == {
+        "carl@example.org",
+        "hostmaster@example.org",
+        "staff@example.org",
+    }
+    lone = ask(c, "carl@example.org", *entries, static=static)
+    assert lone.references == () and "referenced by: nothing" in lone.render()

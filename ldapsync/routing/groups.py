@@ -37,6 +37,7 @@ def add_groups(t: Tables, settings: GroupSettings, domain: str, canon: Mapping[s
         t.aliases[address] = [m for m, _ in targets]
         t.member_attr[address] = dict(targets)
         t.alias_dn[address] = t.group_dn[address] = dn
+        decide.event(Rule.GROUP, address, dn, settings.name_attribute, ", ".join(t.aliases[address]))
 
 
 def resolve_groups(
@@ -88,6 +89,8 @@ def resolve_groups(
                 else:
                     if kind == "disabled" and account is not None:
                         gone.add(account)
+                        # for explain's "referenced by" of the member's address; the warning names the DN
+                        decide.event(Rule.TARGET_DROPPED, own, dn, attr, f"target {account} is disabled; dropped")
                     what = "not a mail account or group" if kind == "unknown" else kind
                     decide.reject(dn, attr, f"member {show(value)} is {what}; skipped", Rule.GROUP_MEMBER_SKIPPED, own)
         for attr in settings.address_attributes:

@@ -178,6 +178,7 @@ class Rule(Enum):
     GROUP_MEMBER_SKIPPED = "group-member-skipped"  # a member is disabled, retired or not a mail account
     GROUP_CYCLE = "group-cycle"  # nested groups form a cycle: each gets the members of all
     NO_MAILBOX = "no-mailbox"  # the account has no userdb record, so no local delivery
+    GROUP = "group"  # a group entry's name gives the address (its members are the targets)
     TARGET_DROPPED = "target-dropped"  # a target in our domains is disabled, retired or unknown
     NO_TARGET = "no-target"  # every target was dropped: the address is not accepted
 
