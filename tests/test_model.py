@@ -1248,3 +1248,23 @@ def test_targets_outside_our_domains_and_in_subdomains_are_never_judged() -> Non
     m, report = build(entry("al", emailForward="x@lists.example.net, y@far.example"))
     assert m.forwards == {"al@example.org": ("x@lists.example.net", "y@far.example")}
     assert report.rejections == []
+
+
+# -- several addresses: the primary one, and logging in by address --------------------------------
+def test_the_primary_address_is_the_login_named_one_then_by_configured_domain_order() -> None:
+    m, _ = build_with(
+        entry("victor", mail=["v@example.info", "victor@example.com"]),  # v@ sorts first, but is not the login
+        entry("ann", mail=["a@example.com", "ann@other.example"]),  # the login's name wins over domain order
+        entry("quinn", mail=["zz@example.com", "q@other.example"]),  # no login-named one: domain order
+        hosted=HOSTED,
+        attributes=MAIL,
+    )
+    assert m.users == {"victor@example.com": "victor", "ann@other.example": "ann", "zz@example.com": "quinn"}
+    assert m.aliases == {
+        "v@example.com": ("victor@example.com",),
+        "a@example.com": ("ann@other.example",),
+        "q@other.example": ("zz@example.com",),
+    }
+    swapped = {"other.example": (), "example.com": ("example.info",)}  # the admin's order decides
+    m, _ = build_with(entry("quinn", mail=["zz@example.com", "q@other.example"]), hosted=swapped, attributes=MAIL)
+    assert m.users == {"q@other.example": "quinn"}

@@ -112,11 +112,12 @@ def entry_parser(settings: Settings, today: date, trace: Trace | None = None) ->
     canon = settings.canonical_domains()
     names = {f: (getattr(settings.attributes, f) or "").lower() for f in LOGICAL_FIELDS}
     is_group = group_test(settings.groups)
+    rank = {d: i for i, d in enumerate((settings.domain, *settings.hosted))}
 
     def parse(entry: Entry) -> Parsed:
         if is_group is not None and is_group(entry):
             return Parsed(group=True)
-        return _parse_entry(entry, settings, names, canon, today, trace)
+        return _parse_entry(entry, settings, names, canon, rank, today, trace)
 
     return parse
 
@@ -156,6 +157,7 @@ def _parse_entry(
     settings: Settings,
     names: dict[str, str],
     canon: Mapping[str, str],
+    rank: Mapping[str, int],
     today: date,
     trace: Trace | None,
 ) -> Parsed:
@@ -200,8 +202,10 @@ def _parse_entry(
                 decide_address.reject(entry.dn, addr_attr, reason, Rule.NOT_HOSTED, address)
                 continue
             own.append(canonical(address))
-    addresses = tuple(sorted(set(own))) if len(own) > 1 else tuple(own)  # unordered in LDAP: lowest is primary
-    addresses = addresses or (f"{login}@{domain}",)  # made once, shared with the model's tables
+    if len(own) > 1:  # unordered in LDAP: the primary is chosen by a rule the admin controls
+        addresses = tuple(sorted(set(own), key=lambda a: primary_order(a, login, rank)))
+    else:
+        addresses = tuple(own) or (f"{login}@{domain}",)  # made once, shared with the model's tables
     me = addresses[0]
     created = ""
     stamps = attrs.get(CREATE_TIMESTAMP, ())
@@ -312,6 +316,17 @@ def _parse_entry(
         home_error=home_error,
         quota=quota,
     )
+
+
+def primary_order(address: str, login: str, rank: Mapping[str, int]) -> tuple[bool, int, str]:
+    """Sort key of an account's own addresses; the first is its primary address.
+
+    The address whose local part is the login comes first, in the first domain of the config's
+    order (`domain`, then `domains:` as written); then the others in that domain order, each
+    domain's addresses sorted. LDAP returns values in no particular order, so the order there
+    cannot decide."""
+    local, _, dom = address.rpartition("@")
+    return local != login, rank.get(dom, len(rank)), address
 
 
 def _home(entry: Entry, name: str) -> tuple[str | None, str | None]:
