@@ -296,6 +296,7 @@ def parse(data: object, path: Path) -> Config:
 
     passwords_s = top.sub("passwords")
     weak_passwords = _choice(passwords_s, "weak", ("warn", "refuse"))
+    login_by_address = passwords_s.get("login_by_address", bool)
     passwords_s.done()
 
     keep = top.get("keep_generations", int)
@@ -313,6 +314,7 @@ def parse(data: object, path: Path) -> Config:
             domain_aliases=domain_aliases,
             attributes=attributes,
             weak_passwords=weak_passwords,
+            login_by_address=login_by_address,
             hosted=hosted,
             groups=groups,
             mailbox=mailbox,

@@ -90,6 +90,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert (cfg.log_format, cfg.log_level) == ("auto", "info")
     assert cfg.routing.weak_passwords == "warn"
     assert load(tmp_path, base(passwords={"weak": "refuse"})).routing.weak_passwords == "refuse"
+    assert cfg.routing.login_by_address is False
+    assert load(tmp_path, base(passwords={"login_by_address": True})).routing.login_by_address is True
+    err = error(tmp_path, base(passwords={"login_by_address": "yes"}))
+    assert err.key == "passwords.login_by_address" and "must be of type bool" in str(err)
 
 
 def test_full_ldap_source(tmp_path: Path) -> None:

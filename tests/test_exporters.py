@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import date
@@ -621,3 +622,96 @@ def test_mailbox_outputs_parse_into_keys_and_values_for_the_guards() -> None:
     vmailbox = exporter_class("postfix-virtual-mailbox")({})
     assert vmailbox.parse(vmailbox.render(mailbox_model()))["alice@example.org"] == "example.org/alice/Maildir/"
     assert vmailbox.guarded_values
+
+
+# -- logging in by address (passwords.login_by_address) -----------------------------------------
+def address_login_model(login_by_address: bool) -> routing.RoutingModel:
+    secret = subprocess.run(
+        ["doveadm", "pw", "-s", "SSHA", "-p", "victor-secret"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    entries = (
+        Entry(
+            "uid=victor,dc=x",
+            {"uid": ("victor",), "mail": ("v@example.info", "victor@example.com"), "mailpassword": (secret,)},
+        ),
+        Entry("uid=nopw,dc=x", {"uid": ("nopw",), "mail": ("nopw@example.com",)}),
+        Entry("uid=alice,dc=x", {"uid": ("alice",), "mailpassword": (secret,)}),
+    )
+    attrs = schema.resolve("ud-ldap", {"address": "mail"}, file=None)
+    m, report = routing.build(
+        Snapshot(entries, "t"),
+        Static(),
+        routing.Settings(
+            domain="example.org",
+            domain_aliases=(),
+            attributes=attrs,
+            hosted={"example.com": ("example.info",)},
+            mailbox=BOX_SETTINGS,
+            login_by_address=login_by_address,
+        ),
+        date(2026, 1, 1),
+    )
+    assert report.rejections == []
+    return m
+
+
+def test_login_by_address_is_off_by_default_and_adds_the_own_addresses_when_on() -> None:
+    off, on = address_login_model(False), address_login_model(True)
+    passwd = PasswdExporter({})
+    assert off.login_addresses == {} and passwd.render(off).count(b"\n") == 2
+    assert on.login_addresses == {
+        "alice": ("alice@example.org",),
+        "nopw": ("nopw@example.com",),
+        "victor": ("victor@example.com", "v@example.com"),
+    }
+    lines = passwd.render(on).decode().splitlines()
+    hash_ = on.passwords["victor"]
+    assert lines == sorted(lines) and len(lines) == 5  # no password, no line: nopw has none
+    assert f"victor@example.com:{hash_}::::::user=victor" in lines and f"victor:{hash_}" in lines
+    assert len({line.partition(":")[0] for line in lines}) == 5  # keys stay unique
+    sender = exporter_class("postfix-sender-login")({}).render(on).decode()
+    assert "victor@example.com\tv@example.com,victor,victor@example.com\n" in sender
+    assert "victor@example.com\tvictor\n" in exporter_class("postfix-sender-login")({}).render(off).decode()
+
+
+def test_address_logins_log_in_through_a_real_dovecot_as_the_account() -> None:
+    """doveadm auth login: the address authenticates, and the userdb record found is the login's."""
+    m = address_login_model(True)
+    root = Path(tempfile.mkdtemp(prefix="ldapsync-addrlogin-"))
+    root.chmod(0o755)  # the dovecot user reads the files
+    try:
+        (root / "passwd").write_bytes(PasswdExporter({}).render(m))
+        (root / "userdb").write_bytes(exporter_class("dovecot-userdb")({}).render(m))
+        for d in ("run", "state"):
+            (root / d).mkdir()
+        conf = root / "dovecot.conf"
+        conf.write_text(
+            f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/dovecot.log\n"
+            "protocols =\nssl = no\nauth_failure_delay = 0\n"
+            f"passdb {{\n  driver = passwd-file\n  args = {root}/passwd\n}}\n"
+            f"userdb {{\n  driver = passwd-file\n  args = {root}/userdb\n}}\n"
+        )
+        proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not (root / "run" / "auth-client").exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "dovecot did not start"
+                time.sleep(0.05)
+
+            def login(user: str, password: str) -> tuple[int, str]:
+                cmd = ["doveadm", "-c", str(conf), "auth", "login", "-x", "no-penalty", user, password]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+                return done.returncode, done.stdout
+
+            for name in ("victor", "victor@example.com", "v@example.com"):
+                rc, out = login(name, "victor-secret")
+                assert rc == 0, out
+                assert "user=victor" in out and "home=/var/vmail/example.com/victor" in out, out
+            assert login("victor@example.com", "wrong")[0] != 0
+            assert login("v@example.info", "victor-secret")[0] != 0  # canonical addresses only
+            assert login("alice@example.org", "victor-secret")[0] == 0
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

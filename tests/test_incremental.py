@@ -142,6 +142,7 @@ def config(draw: Any) -> tuple[Settings, Static]:
         hosted=hosted,
         groups=groups,
         mailbox=mailbox if draw(st.booleans()) else None,
+        login_by_address=draw(st.booleans()),
     )
     return s, STATIC if draw(st.booleans()) else Static()
 

@@ -141,6 +141,7 @@ def build_settings(draw: st.DrawFn) -> dict[str, Any]:
             st.sampled_from([None, routing.GroupSettings(), routing.GroupSettings(members_send_as_group=True)])
         ),
         "mailbox": draw(st.sampled_from([None, BOXES])),
+        "login_by_address": draw(st.booleans()),
         "static": draw(st.sampled_from([Static(), STATIC])),
     }
 

@@ -1,6 +1,10 @@
 """Dovecot passwd-file of mail passwords: `login:{SCHEME}hash`, nothing else.
 
-Only two fields are ever written, so no LDAP value can add a uid, home or extra field.
+Only two fields are ever written, so no LDAP value can add a uid, home or extra field. With
+passwords.login_by_address an account's own addresses are logins too: `address:{SCHEME}hash`
+followed by the one extra field `user=<login>`, so Dovecot continues as the login (same
+userdb record, same mailbox) whichever name was typed. The login and the address are
+validated in the model (no ':', space, '%' or control character).
 """
 
 from __future__ import annotations
@@ -29,15 +33,31 @@ class PasswdExporter(Exporter):
     incremental = True
 
     def render(self, model: RoutingModel) -> bytes:
-        return lines(sorted(model.passwords.items()), sep=self.separator)
+        if not model.login_addresses:
+            return lines(sorted(model.passwords.items()), sep=self.separator)
+        return lines(sorted(self.rows(model, frozenset(), model.passwords.keys())), sep=self.separator)
 
     def rows(
         self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]
     ) -> Iterable[tuple[str, str]]:
-        return [(login, model.passwords[login]) for login in logins if login in model.passwords]
+        out = []
+        for login in logins:
+            secret = model.passwords.get(login)
+            if secret is None:
+                continue
+            out.append((login, secret))
+            # passwd-file fields: user:password:uid:gid:gecos:home:shell:extra
+            out += [(a, f"{secret}::::::user={login}") for a in model.login_addresses.get(login, ())]
+        return out
 
     def row_keys(self, model: RoutingModel, addresses: AbstractSet[str], logins: AbstractSet[str]) -> Iterable[str]:
         return logins
+
+    def linked(self, model: RoutingModel, logins: AbstractSet[str] | None) -> Iterable[tuple[str, str]]:
+        """An address login's line belongs to the login's record: it goes with the password."""
+        for login in model.login_addresses if logins is None else logins:
+            for address in model.login_addresses.get(login, ()):
+                yield login, address
 
     def redact(self, line: str) -> str:
         login, sep, secret = line.partition(":")

@@ -57,6 +57,12 @@ def build(
     if t.group_dn and not (settings.groups is not None and settings.groups.members_send_as_group):
         senders = {a: x for a, x in t.aliases.items() if a not in t.group_dn}
     sender = sender_logins(t.users, senders)
+    login_addresses = _login_addresses(t) if settings.login_by_address else {}
+    if login_addresses:  # whoever may send as an address may do so under either of its names
+        for a, logins in sender.items():
+            if any(login in login_addresses for login in logins):
+                names = {*logins, *(x for login in logins for x in login_addresses.get(login, ()))}
+                sender[a] = tuple(sorted(names))
 
     # Delivered here: no forward, or a forward that keeps a copy (lists the account itself).
     local = {
@@ -86,8 +92,21 @@ def build(
         local=dict(sorted(local.items())),
         mailboxes=mailboxes,
         groups=dict(sorted(t.group_dn.items())),
+        login_addresses=login_addresses,
     )
     return model, report
+
+
+def _login_addresses(t: Tables) -> dict[str, tuple[str, ...]]:
+    """login -> the account's own addresses it still holds (accepted, as its address or as an alias
+    of it): each is unique to one account, and has an '@' that no login has."""
+    out: dict[str, tuple[str, ...]] = {}
+    for login, own in sorted(t.own.items()):
+        primary = own[0]
+        if t.users.get(primary) != login:  # its mail is refused: every target of its forward died
+            continue
+        out[login] = tuple(a for a in own if a == primary or t.aliases.get(a) == [primary])
+    return out
 
 
 def _parse(

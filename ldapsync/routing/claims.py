@@ -40,6 +40,7 @@ class Tables:
     static_keys: dict[str, str] = field(default_factory=dict)  # address -> static key that routes it
     retired: set[str] = field(default_factory=set)  # addresses of retired accounts (for the dead-target warning)
     member_attr: dict[str, dict[str, str]] = field(default_factory=dict)  # group address -> member -> attribute
+    own: dict[str, tuple[str, ...]] = field(default_factory=dict)  # login -> its own addresses, primary first
 
 
 def precedence(holder_created: str, created: str) -> str:
@@ -63,6 +64,7 @@ def claim(
     attributes = settings.attributes
     members = settings.groups is not None
     keep_records = settings.mailbox is not None
+    login_by_address = settings.login_by_address
     alias_attr = attributes.alias or ""
     addr_attr = attributes.address or ""
     fwd_attr = attributes.forward or ""
@@ -116,6 +118,8 @@ def claim(
         if member_key:
             t.member_state[member_key] = ("account", addr)
         t.users[addr] = login
+        if login_by_address:
+            t.own[login] = parsed.addresses
         decide.event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}")
         if keep_records:
             t.records[login] = (addr, entry.dn, parsed)

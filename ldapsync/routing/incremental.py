@@ -36,7 +36,7 @@ _STATIC = "\x00static:"  # keys of the static entries in the index (never an ent
 
 # The model's tables keyed by address, and those keyed by login.
 ADDRESS_TABLES = ("users", "aliases", "forwards", "disabled", "sender_logins", "local", "groups")
-LOGIN_TABLES = ("passwords", "mailboxes")
+LOGIN_TABLES = ("passwords", "mailboxes", "login_addresses")
 
 
 class _Index:

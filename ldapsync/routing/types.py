@@ -59,6 +59,7 @@ class Settings:
     hosted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # further domains -> alias domains
     groups: GroupSettings | None = None
     mailbox: MailboxSettings | None = None
+    login_by_address: bool = False  # passwords.login_by_address: an account's own addresses are logins too
 
     def __post_init__(self) -> None:
         if self.weak_passwords not in WEAK_POLICIES:
@@ -101,6 +102,8 @@ class RoutingModel:
     local: Mapping[str, str] = field(default_factory=dict)  # address delivered to its own mailbox -> login
     mailboxes: Mapping[str, Mailbox] = field(default_factory=dict)  # login -> mailbox (with MailboxSettings)
     groups: Mapping[str, str] = field(default_factory=dict)  # group address -> group DN
+    # login -> its own addresses that are logins too (passwords.login_by_address), primary first
+    login_addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def variants(self, address: str) -> list[str]:
         """The address in its domain and in every alias domain of that domain."""
