@@ -129,7 +129,8 @@ def run(n: int, changes: int, work: Path) -> dict[str, list[float]]:
     commit.install = timer("install", commit.install)  # type: ignore[assignment]
     index = {e.dn: k for k, e in enumerate(snap.entries)}
     step = max(1, n // (changes + 1)) // 100 * 100 or 100
-    users = [i for i in range(120, n, step)][:changes]  # i % 100 == 20: active, local, no forward
+    # i % 100 == 22: active, local, no forward, and no one forwards to it (disabling it refuses only it)
+    users = [i for i in range(122, n, step)][:changes]
     for count, i in enumerate(users):
         k = index[f"uid={generate.uid(i)},{generate.USERS_DN}"]
         original = dict(snap.entries[k].attributes)
