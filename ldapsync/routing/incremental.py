@@ -11,6 +11,11 @@ once as they are), and swaps the old part of the model for the new one. Conflict
 groups, static overrides and sender logins are decided by the same code as a full build,
 over the same entries, in the same order.
 
+Whether an address is accepted can depend on its targets (a forward or alias whose every target
+in our domains is disabled, retired or unknown is dropped, routing/targets.py): the same
+links carry that, since a target is a name one entry routes to and another claims (or, once it
+exists, will claim), so the entries along a chain are one component.
+
 The index over-approximates (an entry claims every name it could hold, won or not): a bigger
 component costs time, never correctness. When a change reaches a large part of the
 directory, on a new day (retirement dates) or on the first snapshot, the engine falls back to
