@@ -29,6 +29,7 @@ def drop_dead_targets(
     report: BuildReport,
     decide: Decisions,
 ) -> None:
+    """Drop every dead target in our domains from `t`, then every address left without one."""
     aliases, forwards, users = t.aliases, t.forwards, t.users
     attributes = settings.attributes
     groups = settings.groups
