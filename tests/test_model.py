@@ -1268,3 +1268,27 @@ def test_the_primary_address_is_the_login_named_one_then_by_configured_domain_or
     swapped = {"other.example": (), "example.com": ("example.info",)}  # the admin's order decides
     m, _ = build_with(entry("quinn", mail=["zz@example.com", "q@other.example"]), hosted=swapped, attributes=MAIL)
     assert m.users == {"q@other.example": "quinn"}
+
+
+def test_a_primary_address_attribute_chooses_among_the_own_addresses() -> None:
+    attrs = schema.resolve("ud-ldap", {"address": "mail", "primary_address": "mailPrimaryAddress"}, file=None)
+    mail = ["v@example.info", "victor@example.com"]
+    m, report = build_with(
+        entry("victor", mail=mail, mailPrimaryAddress="V@Example.INFO"),  # an alias-domain spelling: canonical
+        entry("wrong", mail=["wrong@example.com", "w@example.com"], mailPrimaryAddress="x@example.com"),
+        entry(
+            "many", mail=["many@example.com", "m@example.com"], mailPrimaryAddress=["m@example.com", "many@example.com"]
+        ),
+        hosted=HOSTED,
+        attributes=attrs,
+    )
+    assert m.users == {"v@example.com": "victor", "wrong@example.com": "wrong", "many@example.com": "many"}
+    assert "mailPrimaryAddress" in attrs.ldap_attributes()
+    assert reasons(report) == [
+        (dn("many"), "mailPrimaryAddress", "multi-valued; value ignored, the primary address rule decides"),
+        (
+            dn("wrong"),
+            "mailPrimaryAddress",
+            "'x@example.com' is not one of the entry's addresses; value ignored, the primary address rule decides",
+        ),
+    ]

@@ -204,6 +204,10 @@ def _parse_entry(
             own.append(canonical(address))
     if len(own) > 1:  # unordered in LDAP: the primary is chosen by a rule the admin controls
         addresses = tuple(sorted(set(own), key=lambda a: primary_order(a, login, rank)))
+        attr = attributes.primary_address or ""
+        chosen = _chosen_primary(entry, attr, names["primary_address"], addresses, canonical, decide_address)
+        if chosen is not None:
+            addresses = (chosen, *(a for a in addresses if a != chosen))
     else:
         addresses = tuple(own) or (f"{login}@{domain}",)  # made once, shared with the model's tables
     me = addresses[0]
@@ -327,6 +331,33 @@ def primary_order(address: str, login: str, rank: Mapping[str, int]) -> tuple[bo
     cannot decide."""
     local, _, dom = address.rpartition("@")
     return local != login, rank.get(dom, len(rank)), address
+
+
+def _chosen_primary(
+    entry: Entry,
+    attr: str,
+    name: str,
+    addresses: tuple[str, ...],
+    canonical: Callable[[str], str],
+    decide: Decisions,
+) -> str | None:
+    """The address the `primary_address` attribute names, if it is one of the entry's own."""
+    values = entry.attributes.get(name, ()) if name else ()
+    if not values:
+        return None
+    if len(values) > 1:
+        decide.reject(entry.dn, attr, "multi-valued; value ignored, the primary address rule decides")
+        return None
+    try:
+        wanted = canonical(validate.address(values[0]))
+    except validate.Invalid as e:
+        decide.reject(entry.dn, attr, f"{show(values[0])} {e}; value ignored, the primary address rule decides")
+        return None
+    if wanted in addresses:
+        return wanted
+    reason = f"{show(values[0])} is not one of the entry's addresses; value ignored, the primary address rule decides"
+    decide.reject(entry.dn, attr, reason)
+    return None
 
 
 def _home(entry: Entry, name: str) -> tuple[str | None, str | None]:

@@ -27,6 +27,7 @@ class AttributeMap:
     status: str | None = None
     disable_message: str | None = None
     address: str | None = None  # the account's own address(es) in hosted domains (`mail`)
+    primary_address: str | None = None  # which of those is the primary one (single-valued; optional)
     uid_number: str | None = None  # mailbox owner, for the Dovecot userdb
     gid_number: str | None = None
     home: str | None = None
