@@ -33,7 +33,7 @@ ATTRS = replace(
     uid_number="uidNumber",
     gid_number="gidNumber",
     home="homeDirectory",
-    extra=("objectClass", "cn", "member", "rfc822MailMember"),
+    extra=("objectClass", "cn", "member", "rfc822MailMember", "mail", "mailPrimaryAddress"),
 )
 STATIC = Static(
     Path("/etc/ldapsync/mail.yaml"),
@@ -76,6 +76,11 @@ def account(draw: Any) -> dict[str, list[str]]:
         )
     if draw(st.booleans()):
         attrs["mailLocalAddress"] = draw(st.lists(st.sampled_from((*LOCAL, "z@ext.example", "bad addr")), max_size=3))
+    if draw(st.booleans()):  # own addresses (with `address: mail`), in hosted and alias domains
+        own = (*LOCAL[:4], "a@example.com", "b@example.biz", "z@ext.example")
+        attrs["mail"] = draw(st.lists(st.sampled_from(own), max_size=3))
+        if draw(st.booleans()):
+            attrs["mailPrimaryAddress"] = draw(st.lists(st.sampled_from(own), min_size=1, max_size=2))
     if draw(st.booleans()):
         attrs["mailPassword"] = [draw(st.sampled_from((SSHA, WEAK, "plaintext")))]
     if draw(st.integers(0, 3)) == 0:
@@ -127,7 +132,7 @@ def step(draw: Any) -> tuple[str, Any]:
 
 def config(draw: Any) -> tuple[Settings, Static]:
     hosted = {"example.com": ("example.biz",)} if draw(st.booleans()) else {}
-    attrs = replace(ATTRS, address="mail") if draw(st.booleans()) else ATTRS
+    attrs = replace(ATTRS, address="mail", primary_address="mailPrimaryAddress") if draw(st.booleans()) else ATTRS
     groups = (
         routing.GroupSettings(base_dn=GOU, members_send_as_group=draw(st.booleans()))
         if draw(st.integers(0, 3))
