@@ -132,14 +132,15 @@ class Health:
         elif r.result is SyncResult.ROLLED_BACK:
             parts.append(f"ROLLED BACK to {r.generation} until the next directory change")
         if r.follower_connected is False:
-            since = "" if r.ldap_lost is None else f" since {_clock(r.ldap_lost)}"
+            since = "" if r.ldap_lost is None else f" since {clock_time(r.ldap_lost)}"
             parts.append(f"directory unreachable{since} ({r.follower_error or 'connecting'})")
         elif following:
             parts.append(f"following {following}")
-        installed = "" if r.last_success is None else f", last install {_clock(r.last_success)}"
+        installed = "" if r.last_success is None else f", last sync {clock_time(r.last_success)}"
         parts.append(serving + installed)
         return "; ".join(parts)
 
 
-def _clock(t: float) -> str:
+def clock_time(t: float) -> str:
+    """A time of day, for lines that are not rewritten as time passes."""
     return time.strftime("%H:%M:%S", time.localtime(t))

@@ -20,7 +20,7 @@ from ldapsync.state import LockHolder, State
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check", "locate", "snapshots", "status", "status_unloaded"]
 DEFAULT_STATE_DIR = Path("/var/lib/ldapsync")  # the unit's StateDirectory= and the documented state_dir
-LIVE_TIMEOUT = 5.0  # the agent answers `status` from its control thread, at once
+LIVE_TIMEOUT = 1.0  # the agent answers `status` from its control thread at once; a hung one must not hang status
 
 
 def _collect(
@@ -70,8 +70,6 @@ def _collect(
             )
         ),
     )
-    if agent["running"]:
-        agent["live"] = _live(state_dir)
 
     def age(t: float | None) -> float | None:
         return None if t is None else round(now - t, 3)
@@ -103,6 +101,7 @@ def _collect(
         "outputs": outputs,
         "modified": list(health.modified),
         "agent": agent,
+        "live": _live(state_dir) if agent["running"] else None,  # what the running agent says
     }
     return info, health
 
@@ -185,7 +184,7 @@ def _print_status(info: dict[str, Any], *, as_json: bool) -> int:
     attempt = info["last_attempt"]
     when = "" if attempt is None else f", {time.time() - attempt:.0f}s ago"
     print(f"agent:          {_agent_line(info['agent'])}")
-    live = info["agent"].get("live") or {}
+    live = info["live"] or {}
     if live.get("status_line"):
         print(f"agent status:   {live['status_line']}")
     if info["config_error"]:

@@ -527,14 +527,20 @@ def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: P
     assert f"PID {pid}" in refused["error"] and str(setup.state / "lock") in refused["error"]
     assert first.alive
 
-    # the three wait for the agent's lock side by side: none of them can get it
+    # --once waits for the agent's lock and cannot get it; approve and rollback are answered by
+    # the agent itself (its one writer carries them out), side by side and at once
     commands = (["--once"], ["approve"], ["rollback"])
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-        results = list(pool.map(lambda args: timed_cli(setup.config, *args), commands))
-        for args, (proc, took) in zip(commands, results, strict=True):
-            assert proc.returncode == 1, f"{args}: rc={proc.returncode}\n{proc.stderr}"
-            assert f"ldapsync agent (PID {pid})" in proc.stderr, f"{args} must name the agent's PID:\n{proc.stderr}"
-            assert took >= 4.0, f"{args} should wait a little for the lock first"
+        results = dict(zip(map(tuple, commands), pool.map(lambda args: timed_cli(setup.config, *args), commands)))
+    proc, took = results[("--once",)]
+    assert proc.returncode == 1, f"--once: rc={proc.returncode}\n{proc.stderr}"
+    assert f"ldapsync agent (PID {pid})" in proc.stderr, f"--once must name the agent's PID:\n{proc.stderr}"
+    assert took >= 4.0, "--once should wait a little for the lock first"
+    proc, took = results[("approve",)]
+    assert (proc.returncode, proc.stdout) == (0, "no held change\n"), proc.stderr
+    proc, took = results[("rollback",)]
+    assert proc.returncode == 1 and "the agent answered: no earlier generation" in proc.stderr, proc.stderr
+    assert took < 4.0, "the agent answers at once"
 
     status = json.loads(cli(setup.config, "status", "--json").stdout)
     assert status["agent"] == {"running": True, "pid": int(pid), "lock": {"pid": int(pid), "role": "agent"}}
@@ -627,7 +633,7 @@ def test_a_static_edit_before_the_file_watcher_starts_is_not_lost(
         edited = agent_mod.Agent(config_mod.load(conf))
         static.write_text("aliases: {postmaster: [alice], sales: [bob]}\n")
         edited._catch_early_edits()
-        _, event = edited.events.get_nowait()
-        assert isinstance(event, sched_mod.ConfigEdited)
+        posted = edited.events.get_nowait()
+        assert isinstance(posted, agent_mod.Happened) and isinstance(posted.event, sched_mod.ConfigEdited)
         for agent in (quiet, edited):
-            agent.notifier.socket.close()  # the process's lifetime, not a test's
+            agent.notifier.sender.socket.close()  # the process's lifetime, not a test's

@@ -50,7 +50,13 @@ from ldapsync.scheduler import (
 )
 
 T = Timing(
-    debounce=0.1, max_delay=2.0, retry_initial=1.0, retry_max=8.0, heartbeat=1000.0, ready_within=60.0, confirm_every=30.0
+    debounce=0.1,
+    max_delay=2.0,
+    retry_initial=1.0,
+    retry_max=8.0,
+    heartbeat=1000.0,
+    ready_within=60.0,
+    confirm_every=30.0,
 )
 
 
