@@ -14,6 +14,8 @@ from ldapsync import __version__
 from ldapsync import config as config_mod
 from ldapsync import log as log_mod
 from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
+from ldapsync.health import min_max_age
+from ldapsync.scheduler import CONFIRM_EVERY
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
@@ -87,9 +89,21 @@ def parser() -> argparse.ArgumentParser:
     )
     ck = command("check", "Nagios/Icinga plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also on a usage error)")
     ck.add_argument(
-        "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
+        "--max-age",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="CRITICAL if the installed outputs were last confirmed to match the directory longer ago; "
+        f"use at least {min_max_age():.0f} (2 x (source timeout + 15) in general): a healthy quiet agent "
+        f"confirms every {CONFIRM_EVERY:.0f} s what the server last answered",
     )
-    ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
+    ck.add_argument(
+        "--warn-age",
+        type=float,
+        metavar="SECONDS",
+        help="WARNING if older (default: half of --max-age); a running agent that has lost LDAP for longer "
+        "than the source timeout is WARNING regardless",
+    )
     ex = sub.add_parser(
         "explain", help="where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)"
     )

@@ -365,12 +365,13 @@ class Scheduler:
             case Requested(request=request):
                 self._requests.append(request)
             case Approved(ok=ok):
-                # the held snapshot is installed, not necessarily the mirror: sync the mirror next
+                # The held snapshot was the mirror when it was held; a change since then made the
+                # mirror dirty and is synced as usual (guarded again), so nothing more to do here.
                 if ok:
                     self._failures, self._retry_at = 0, None
                     self._force = False
-                if self._synced:
-                    self._mark_dirty(at, at - self.timing.debounce)
+                    self._in_step = True
+                    self._last_confirm = at
                 out += self._attempt_done()
             case RolledBack():
                 self._in_step = False  # an earlier generation is installed: nothing to confirm

@@ -531,7 +531,9 @@ def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: P
     # the agent itself (its one writer carries them out), side by side and at once
     commands = (["--once"], ["approve"], ["rollback"])
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-        results = dict(zip(map(tuple, commands), pool.map(lambda args: timed_cli(setup.config, *args), commands)))
+        results = dict(
+            zip(map(tuple, commands), pool.map(lambda a: timed_cli(setup.config, *a), commands), strict=True)
+        )
     proc, took = results[("--once",)]
     assert proc.returncode == 1, f"--once: rc={proc.returncode}\n{proc.stderr}"
     assert f"ldapsync agent (PID {pid})" in proc.stderr, f"--once must name the agent's PID:\n{proc.stderr}"

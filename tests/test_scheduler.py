@@ -593,12 +593,15 @@ def test_requests_not_served_are_declined_at_stop() -> None:
     assert s.handle(Terminate(5.3)) == [Decline(3), Stop()]
 
 
-def test_an_approved_change_is_followed_by_a_sync_of_the_mirror() -> None:
-    s = synced(Timing(debounce=0.1, retry_initial=100.0, retry_max=100.0, heartbeat=1000.0))
+def test_an_approved_change_is_in_step_and_a_later_change_is_synced_as_usual() -> None:
+    s = synced(Timing(debounce=0.1, confirm_every=10.0, heartbeat=1000.0))
     s.handle(Changed(1.0))
     s.handle(Tick(1.1))
     s.handle(SyncFinished(1.2, ok=True, held=True))
-    assert work(s.handle(Approved(3.0, ok=True))) == [Sync()]
+    assert work(s.handle(Approved(3.0, ok=True))) == []
+    assert work(s.handle(Tick(13.0))) == [Confirm()], "the approved install is the mirror: confirmed"
+    s.handle(Changed(14.0))
+    assert work(s.handle(Tick(14.1))) == [Sync()]
 
 
 def test_a_rollback_is_not_confirmed_and_a_resync_request_restarts_the_follower() -> None:
