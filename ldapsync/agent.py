@@ -60,6 +60,7 @@ log = structlog.get_logger(__name__)
 
 FOLLOWER_STALL = 120.0  # no heartbeat for this long: stop pinging the systemd watchdog
 LOCK_WAIT = 1.0  # a restarting predecessor may still be exiting; then refuse to run beside it
+RESYNC_AFTER_RELOAD = "configuration reloaded; resyncing from the directory"
 DAY_MARGIN = 1.0  # seconds after midnight: date.today() has surely moved on
 # Only writes count: reading the file (opened, closed_no_write) must not trigger a reload,
 # or the agent's own read of a file it was told about would trigger the next reload, forever.
@@ -259,6 +260,7 @@ class Agent:
         self.config_error: str | None = None  # the config file on disk was rejected; the running one stays
         self.requests: dict[int, control.Pending] = {}
         self.request_ids = 0
+        self.resync_reason = RESYNC_AFTER_RELOAD  # what the next Resync is logged as
         self.failure: tuple[str, str] | None = None  # the last sync failure (logged once the retry is known)
         self.lock: StateLock | None = None
         self.described: Mapping[str, Any] = MappingProxyType({"pid": os.getpid()})
@@ -559,7 +561,8 @@ class Agent:
         else:
             self.mirror.set_cookie(None)  # full refresh; the present phase drops what is gone
         self._start_follower()
-        log.info("resyncing from the directory")
+        log.info(self.resync_reason)
+        self.resync_reason = RESYNC_AFTER_RELOAD
 
     # -- operators' requests (between syncs, in this thread: the only writer) --------------
     def _serve(self, rid: int) -> list[sched.Event]:
@@ -582,6 +585,7 @@ class Agent:
                     {"generation": result.generation, "changed": list(result.changed)},
                 )
             elif request.command == "resync":
+                self.resync_reason = "resync requested; reading the whole directory again"
                 events = [sched.ResyncRequested(self.clock.monotonic())]
                 reply = control.Reply(True, "resync started: the agent reads the whole directory again")
             else:  # status is answered by the control thread itself

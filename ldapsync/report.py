@@ -20,7 +20,7 @@ from ldapsync.state import LockHolder, State
 
 __all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check", "locate", "snapshots", "status", "status_unloaded"]
 DEFAULT_STATE_DIR = Path("/var/lib/ldapsync")  # the unit's StateDirectory= and the documented state_dir
-LIVE_TIMEOUT = 1.0  # the agent answers `status` from its control thread at once; a hung one must not hang status
+LIVE_TIMEOUT = 0.5  # the agent answers `status` from its control thread at once; a hung one must not hang status
 
 
 def _collect(
