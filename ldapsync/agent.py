@@ -291,7 +291,7 @@ class Agent:
         self.files.watch(self.config)
         self._catch_early_edits()
         self._start_control()
-        self._feed(sched.DayScheduled(self.clock.monotonic(), self._next_day()))
+        self._execute(self._feed(sched.DayScheduled(self.clock.monotonic(), self._next_day())))
         self._guarded("cannot record the configuration's state", self.pipeline.note_config, None)
         self.notifier.status("starting: reading the directory")
         return True
