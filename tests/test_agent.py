@@ -639,3 +639,33 @@ def test_a_static_edit_before_the_file_watcher_starts_is_not_lost(
         assert isinstance(posted, agent_mod.Happened) and isinstance(posted.event, sched_mod.ConfigEdited)
         for agent in (quiet, edited):
             agent.notifier.sender.socket.close()  # the process's lifetime, not a test's
+
+
+def test_a_held_change_is_approved_while_the_agent_runs(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """`approve` used to wait 5 s for the agent's lock and fail: the admin had to stop the service."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    setup.doc["safety"] = {"max_deletions": 1}
+    setup.write_config()
+    agent = start_ready(agents, setup)
+    slapd.modify(user_ldif("leaving1", "l1@far.example") + "\n" + user_ldif("leaving2", "l2@far.example"))
+    wait_until(lambda: {"leaving1", "leaving2"} <= setup.passwd_users(), 5, what="two new users installed")
+    mark = agent.mark()
+    slapd.modify(f"dn: uid=leaving1,{USERS}\nchangetype: delete\n\ndn: uid=leaving2,{USERS}\nchangetype: delete\n")
+    agent.wait_log("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it", mark)
+    assert {"leaving1", "leaving2"} <= setup.passwd_users(), "a held change is not installed"
+
+    proc, took = timed_cli(setup.config, "approve")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("approved held change (") and "dovecot-passwd" in proc.stdout, proc.stdout
+    assert not {"leaving1", "leaving2"} & setup.passwd_users(), "installed by the time approve answers"
+    assert took < 4.0, f"approve took {took:.1f}s (it must not wait for the lock)"
+    done = agent.wait_log("control request done", mark, command="approve")
+    assert done["ok"] is True
+    status = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert status["held"] is None and status["live"]["pid"] == agent.proc.pid
+    assert agent.alive
+    no_errors(
+        agent,
+        mark,
+        allow=("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",),
+    )
