@@ -598,6 +598,9 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     down = json.loads(cli(setup.config, "status", "--json").stdout)
     assert down["ldap_reachable"] is False
     assert down["follower_error"], f"no error recorded: {down}"
+    # monitoring agrees: away for longer than `timeout` is WARNING, naming LDAP (not "OK, confirmed")
+    proc = cli(setup.config, "check", "--max-age", "900")
+    assert proc.returncode == 1 and "LDAP unreachable for" in proc.stdout, proc.stdout
     wait_until(lambda: metric() == 0, 5, what="ldapsync_ldap_reachable 0")
     assert agent.alive and agent.find("directory connection failed; retrying", since=mark)
 
@@ -606,6 +609,7 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     wait_until(lambda: status().get("ldap_reachable") is True, 15, what="ldap_reachable true after slapd returns")
     up = json.loads(cli(setup.config, "status", "--json").stdout)
     assert up["ldap_reachable"] is True
+    assert cli(setup.config, "check", "--max-age", "900").returncode == 0
     assert not up["follower_error"] and not up["error"], f"error not cleared: {up}"
     wait_until(lambda: metric() == 1, 5, what="ldapsync_ldap_reachable 1")
 

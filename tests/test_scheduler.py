@@ -619,3 +619,48 @@ def test_a_quiet_agent_confirms_well_within_the_smallest_warning_age() -> None:
     confirms = [t for t in range(1, 600) if Confirm() in s.handle(Tick(float(t)))]
     gaps = [b - a for a, b in itertools.pairwise([0, *confirms])]
     assert confirms and max(gaps) <= CONFIRM_EVERY
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["request", "change", "tick", "finish", "terminate"]), st.floats(0.0, 0.5)),
+        max_size=60,
+    )
+)
+def test_every_request_is_served_once_between_syncs_or_declined(steps: list[tuple[str, float]]) -> None:
+    s = synced()
+    t, next_id = 1.0, 0
+    syncing = False
+    served: list[int] = []
+    asked: list[int] = []
+
+    def take(decisions: list[Decision]) -> None:
+        nonlocal syncing
+        for d in decisions:
+            if isinstance(d, Sync):
+                syncing = True
+            elif isinstance(d, Serve | Decline):
+                assert not (isinstance(d, Serve) and syncing), "a request served beside a sync"
+                served.append(d.request)
+
+    for kind, gap in steps:
+        t += gap
+        if kind == "request":
+            next_id += 1
+            asked.append(next_id)
+            take(s.handle(Requested(t, next_id)))
+        elif kind == "change":
+            take(s.handle(Changed(t)))
+        elif kind == "finish" and syncing:
+            syncing = False
+            take(s.handle(SyncFinished(t, ok=True)))
+        elif kind == "terminate":
+            take(s.handle(Terminate(t)))
+            break
+        take(s.handle(Tick(t)))
+    else:
+        if syncing:
+            take(s.handle(SyncFinished(t, ok=True)))
+        take(s.handle(Terminate(t + 1)))
+    assert sorted(served) == asked, "each request answered exactly once"
