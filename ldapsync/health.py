@@ -138,7 +138,7 @@ class Health:
             parts.append(f"following {following}")
         installed = "" if r.last_success is None else f", last sync {clock_time(r.last_success)}"
         parts.append(serving + installed)
-        return "; ".join(parts)
+        return " ".join("; ".join(parts).split())  # one line: sd_notify reads a newline as the next field
 
 
 def clock_time(t: float) -> str:

@@ -162,7 +162,7 @@ def status_unloaded(config_path: Path, error: ConfigError, *, as_json: bool) -> 
     if as_json:
         print(json.dumps({"config_error": str(error), "state": info}, indent=2, sort_keys=True))
         return 2
-    print(f"config:         REJECTED: {error}")
+    print(f"config:         REJECTED: {_one_line(str(error))}")
     print("                (a running agent keeps its previous configuration; a restart would fail)")
     if info is None:
         print(f"state:          unknown (no agent recorded where its state lives for {config_path})")
@@ -188,7 +188,7 @@ def _print_status(info: dict[str, Any], *, as_json: bool) -> int:
     if live.get("status_line"):
         print(f"agent status:   {live['status_line']}")
     if info["config_error"]:
-        print(f"config error:   {info['config_error']}")
+        print(f"config error:   {_one_line(info['config_error'])}")
     print(f"last attempt:   {info['result'] or 'no attempt yet'}{when}")
     print(f"last success:   {ago('last_success_age')}")
     print(f"confirmed:      {ago('last_confirmed_age')} (installed outputs last known to match the directory)")

@@ -56,7 +56,11 @@ class Sender:
         self.messages: list[str] = []
 
     def notify(self, message: str) -> None:
-        self.messages.extend(message.splitlines())
+        lines = message.splitlines()
+        assert all(line.split("=", 1)[0] in ("READY", "STATUS", "WATCHDOG", "STOPPING") for line in lines), (
+            f"not one field per line: {message!r}"
+        )
+        self.messages.extend(lines)
 
     def statuses(self) -> list[str]:
         return [m.removeprefix("STATUS=") for m in self.messages if m.startswith("STATUS=")]

@@ -56,6 +56,12 @@ def test_a_rejected_config_is_a_warning_and_leads_the_status_line() -> None:
     assert line.startswith("config file REJECTED") and "ldapsync.yaml" in line and "following ldap://x" in line
 
 
+def test_status_line_is_one_line_whatever_the_error() -> None:
+    """sd_notify reads each line as a field: a YAML error's newlines must not end the STATUS."""
+    h = health(replace(GOOD, config_error="c.yaml: not valid YAML: while parsing\n  in line 2\n    ^"))
+    assert "\n" not in h.status_line() and "while parsing in line 2 ^" in h.status_line()
+
+
 def test_status_line_says_what_is_wrong_first() -> None:
     held = health(replace(GOOD, held="too many deletions", result=SyncResult.HELD))
     assert held.status_line().startswith("change HELD for review (too many deletions)")
