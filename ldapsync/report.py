@@ -29,6 +29,7 @@ def _collect(
     *,
     timeout: float = health_mod.DEFAULT_TIMEOUT,
     config_error: str | None = None,
+    live: bool = True,
 ) -> tuple[dict[str, Any], Health]:
     """Read-only: the status record, the installed files, the generation, the running agent.
 
@@ -101,7 +102,7 @@ def _collect(
         "outputs": outputs,
         "modified": list(health.modified),
         "agent": agent,
-        "live": _live(state_dir) if agent["running"] else None,  # what the running agent says
+        "live": _live(state_dir) if live and agent["running"] else None,  # what the running agent says
     }
     return info, health
 
@@ -259,9 +260,9 @@ def check(config_path: Path, max_age: float, warn_age: float | None) -> int:
             state_dir = locate(config_path)
             if state_dir is None:
                 raise
-            info, health = _collect(state_dir, None, config_error=str(e))
+            info, health = _collect(state_dir, None, config_error=str(e), live=False)
         else:
-            info, health = _collect(cfg.state_dir, _exporters(cfg), timeout=_timeout(cfg))
+            info, health = _collect(cfg.state_dir, _exporters(cfg), timeout=_timeout(cfg), live=False)
     except (ConfigError, OSError) as e:
         print(f"LDAPSYNC UNKNOWN - {_one_line(str(e))}")
         return UNKNOWN
