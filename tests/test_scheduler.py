@@ -661,6 +661,7 @@ def test_every_request_is_served_once_between_syncs_or_declined(steps: list[tupl
         take(s.handle(Tick(t)))
     else:
         if syncing:
+            syncing = False
             take(s.handle(SyncFinished(t, ok=True)))
         take(s.handle(Terminate(t + 1)))
     assert sorted(served) == asked, "each request answered exactly once"
