@@ -270,6 +270,12 @@ def test_an_agent_that_stops_answers_pending_requests(site: Site) -> None:
 def test_status_line_follows_each_change_and_names_a_rejected_config(running: Running, site: Site) -> None:
     first = running.sender.statuses()[-1]
     assert "following" in first and "last change" in first, first
+    site.write_ldif(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@moved.example"))
+    running.until(lambda: site.record().generation not in first, "a new generation")
+    generation = site.record().generation
+    assert (
+        running.sender.statuses()[-1] != first and f"serving generation {generation}" in running.sender.statuses()[-1]
+    )
     site.config.write_text("domain: [\n")
     running.until(lambda: "REJECTED" in running.sender.statuses()[-1], "STATUS naming the rejected config")
     line = running.sender.statuses()[-1]
