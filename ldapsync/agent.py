@@ -1,28 +1,38 @@
 """The long-running agent: a thin shell around the sans-I/O Scheduler.
 
-One main thread owns every sync (so installs never overlap) and talks to systemd; the
-Follower thread only updates the Mirror and posts events to a queue. The main thread waits
-on that queue until the scheduler's next deadline, feeds what arrived (stamped with
-time.monotonic()) into the Scheduler and carries out its decisions; every timing rule lives
-in `scheduler.py`. A config or static-file edit re-renders from the Mirror without reading
-LDAP; SIGHUP re-reads the config and resyncs from LDAP; SIGTERM finishes the current sync and
-exits 0. The agent holds the state lock for its lifetime: a second one on the same state_dir
-refuses to start. Nothing but a broken configuration at start-up stops the agent.
+One main thread owns every write to the state directory and the outputs (so installs never
+overlap) and talks to systemd. Everything else only posts typed events to one queue: the
+Follower thread (the directory changed, a refresh completed, the connection came or went),
+the config file watcher, the control socket (an operator's approve, rollback, resync),
+signals. The main thread waits on that queue until the scheduler's next deadline, feeds what
+arrived (stamped by the clock) into the Scheduler and carries out its decisions; every timing
+rule lives in `scheduler.py`, every I/O piece is a small collaborator here (Notifier,
+ConfigWatcher, FollowStateSaver, control.ControlServer).
+
+A config or static-file edit re-renders from the Mirror without reading LDAP; SIGHUP
+re-reads the config and resyncs from LDAP; SIGTERM finishes the current sync and exits 0.
+The agent holds the state lock for its lifetime: a second one on the same state_dir refuses
+to start, and one-shot commands that would write (approve, rollback, resync) ask it over
+the control socket instead. Nothing but a broken configuration at start-up stops the agent.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
+import datetime
 import gc
 import os
 import queue
 import signal
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from types import FrameType, MappingProxyType
+from typing import Any, Protocol
 
 import sdnotify
 import structlog
@@ -38,31 +48,107 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from ldapsync import config as config_mod
+from ldapsync import control, sync, watch
 from ldapsync import scheduler as sched
-from ldapsync import sync, watch
+from ldapsync import status as status_mod
 from ldapsync.config import Config, LdapSource
 from ldapsync.errors import ConfigError, LdapsyncError, StateError
+from ldapsync.health import Health, clock_time
 from ldapsync.state import StateLock
 
 log = structlog.get_logger(__name__)
 
 FOLLOWER_STALL = 120.0  # no heartbeat for this long: stop pinging the systemd watchdog
 LOCK_WAIT = 1.0  # a restarting predecessor may still be exiting; then refuse to run beside it
+RESYNC_AFTER_RELOAD = "configuration reloaded; resyncing from the directory"
+DAY_MARGIN = 1.0  # seconds after midnight: date.today() has surely moved on
 # Only writes count: reading the file (opened, closed_no_write) must not trigger a reload,
 # or the agent's own read of a file it was told about would trigger the next reload, forever.
 _EDIT_EVENTS = frozenset(
     {EVENT_TYPE_MODIFIED, EVENT_TYPE_CREATED, EVENT_TYPE_MOVED, EVENT_TYPE_DELETED, EVENT_TYPE_CLOSED}
 )
 
-# What the queue carries: (the follower that posted it, or None) and a scheduler event.
-Posted = tuple[watch.Follower | None, sched.Event]
+
+# -- the clock -------------------------------------------------------------------------------------
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+    def time(self) -> float: ...
 
 
-class _ConfigWatcher(FileSystemEventHandler):
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+
+def until_next_day(wall: float) -> float:
+    """Seconds from `wall` (Unix time) to just after the next local midnight: the date
+    `--once` and the agent call "today" (date.today(), local time) changes then."""
+    now = datetime.datetime.fromtimestamp(wall)
+    midnight = datetime.datetime.combine(now.date() + datetime.timedelta(days=1), datetime.time())
+    return max(0.0, midnight.timestamp() - wall) + DAY_MARGIN
+
+
+# -- what the queue carries ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FollowerSaid:
+    """The follower `follower` reported `event` (ignored if that follower was replaced)."""
+
+    follower: watch.Follower
+    event: watch.FollowerEvent
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Happened:
+    """A scheduler event from the file watcher or a signal."""
+
+    event: sched.Event
+
+
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """An operator's request from the control socket; its connection waits for the answer."""
+
+    pending: control.Pending
+    at: float
+
+
+Posted = FollowerSaid | Happened | Asked
+
+
+# -- the I/O collaborators -------------------------------------------------------------------------
+class Notifier:
+    """sd_notify: READY once, the watchdog, and the STATUS line whenever it changes."""
+
+    def __init__(self, sender: Any = None):
+        self.sender = sender if sender is not None else sdnotify.SystemdNotifier()
+        self.line: str | None = None
+
+    def ready(self, line: str) -> None:
+        self.line = line
+        self.sender.notify("READY=1\nSTATUS=" + line)
+
+    def status(self, line: str) -> None:
+        if line != self.line:
+            self.line = line
+            self.sender.notify("STATUS=" + line)
+
+    def watchdog(self) -> None:
+        self.sender.notify("WATCHDOG=1")
+
+    def stopping(self) -> None:
+        self.sender.notify("STOPPING=1")
+
+
+class _EditHandler(FileSystemEventHandler):
     """Posts ConfigEdited when the config file or the static file is written or replaced."""
 
-    def __init__(self, events: queue.SimpleQueue[Posted], paths: set[Path]):
-        self.events = events
+    def __init__(self, post: Any, clock: Clock, paths: set[Path]):
+        self.post = post
+        self.clock = clock
         self.paths = {p.resolve() for p in paths}
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -70,12 +156,59 @@ class _ConfigWatcher(FileSystemEventHandler):
             return
         for raw in (event.src_path, getattr(event, "dest_path", None)):
             if raw and Path(os.fsdecode(raw)).resolve() in self.paths:
-                self.events.put((None, sched.ConfigEdited(time.monotonic())))
+                self.post(Happened(sched.ConfigEdited(self.clock.monotonic())))
                 return
 
 
+class ConfigWatcher:
+    """Watches the config and static files' directories (inotify, through watchdog)."""
+
+    def __init__(self, post: Any, clock: Clock):
+        self.post = post
+        self.clock = clock
+        self.observer: Any = None
+        self.watched: set[Path] = set()
+
+    def watch(self, config: Config) -> None:
+        paths = {config.path}
+        if config.static is not None:
+            paths.add(config.static)
+        if self.observer is not None:
+            if paths == self.watched:
+                return  # restarting the observer on every reload races inside watchdog (spurious error logs)
+            self.observer.stop()
+        self.watched = paths
+        observer = Observer()
+        handler = _EditHandler(self.post, self.clock, paths)
+        for directory in sorted({p.parent for p in paths}):
+            if directory.is_dir():
+                observer.schedule(handler, str(directory), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self.observer = observer
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
+
+
+class FollowStateSaver:
+    """Saves the mirror a sync installed and its cookie, so a restart resumes instead of rereading."""
+
+    def save(self, pipeline: sync.Pipeline, snapshot: Any, cookie: Any, generation: str | None) -> None:
+        config = pipeline.config
+        if not isinstance(config.source, LdapSource):
+            return
+        try:
+            stored = pipeline.redacted(snapshot)  # no refused secret on disk
+            watch.save_follow_state(pipeline.state, config, stored, cookie, generation=generation)
+        except OSError as e:
+            log.error("cannot save sync state; a restart will do a full read", error=str(e))
+
+
 def _heartbeat() -> float:
-    """Half of systemd's WATCHDOG_USEC, else every 10 s (the STATUS line is refreshed too)."""
+    """Half of systemd's WATCHDOG_USEC, else every 10 s."""
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
     return usec / 2e6 if usec > 0 else 10.0
 
@@ -97,58 +230,92 @@ def _timing(config: Config) -> sched.Timing:
 
 
 class Agent:
-    def __init__(self, config: Config, *, force_first: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        force_first: bool = False,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+    ):
         self.config = config
+        self.clock: Clock = clock or SystemClock()
         self.loaded_files = _file_stamps(config)  # before reading them: an edit from here on is seen
         self.pipeline = sync.Pipeline(config, follow=True)
         # SimpleQueue: put() is reentrant, so the signal handler may post while get() runs
         self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
-        self.notifier = sdnotify.SystemdNotifier()
+        self.notifier = notifier or Notifier()
         self.mirror = watch.Mirror()
         self.mirror_fingerprint = watch.fingerprint(config)
         self.follower: watch.Follower | None = None
-        self.observer: Any = None
-        self.watched: set[Path] = set()
-        self.scheduler = sched.Scheduler(_timing(config), now=time.monotonic(), force_first=force_first)
+        self.files = ConfigWatcher(self.events.put, self.clock)
+        self.saver = FollowStateSaver()
+        self.control: control.ControlServer | None = None
+        self.pointer: Path | None = None
+        self.scheduler = sched.Scheduler(_timing(config), now=self.clock.monotonic(), force_first=force_first)
         self.rebuilds = 0
         self.last_result: sync.Result | None = None
-        self.sync_error: str | None = None  # the last sync failed with this; None after a success
         self.follower_noted: tuple[bool, str | None] | None = None  # last (connected, error) recorded
         self.change_received: float | None = None  # wall time of the first change the next sync installs
+        self.config_error: str | None = None  # the config file on disk was rejected; the running one stays
+        self.requests: dict[int, control.Pending] = {}
+        self.request_ids = 0
+        self.resync_reason = RESYNC_AFTER_RELOAD  # what the next Resync is logged as
+        self.failure: tuple[str, str] | None = None  # the last sync failure (logged once the retry is known)
         self.lock: StateLock | None = None
+        self.described: Mapping[str, Any] = MappingProxyType({"pid": os.getpid()})
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
+        if not self.start():
+            return 1
+        try:
+            while self.step():
+                pass
+        finally:
+            self.finish()
+        return 0
+
+    def start(self, *, signals: bool = True) -> bool:
+        """Take the lock and start the collaborators; False if another agent runs."""
         self.pipeline.state.ensure()
         try:
             self.lock = self.pipeline.state.acquire("agent", wait=LOCK_WAIT)
         except StateError as e:
             log.error("not starting: another agent runs on this state_dir", error=str(e))
-            return 1
-        try:
+            return False
+        if signals:
             self._install_signals()
-            self._restore_mirror()
-            self._start_follower()
-            self._watch_files()
-            self._catch_early_edits()
-            self.notifier.notify("STATUS=starting: reading the directory")
-            try:
-                self._loop()
-            finally:
-                self.notifier.notify("STOPPING=1")
-                if self.follower is not None:
-                    self.follower.stop()
-                if self.observer is not None:
-                    self.observer.stop()
-        finally:
+        self._restore_mirror()
+        self._start_follower()
+        self.files.watch(self.config)
+        self._catch_early_edits()
+        self._start_control()
+        self._execute(self._feed(sched.DayScheduled(self.clock.monotonic(), self._next_day())))
+        self._guarded("cannot record the configuration's state", self.pipeline.note_config, None)
+        self.notifier.status("starting: reading the directory")
+        return True
+
+    def finish(self) -> None:
+        self.notifier.stopping()
+        if self.control is not None:
+            self.control.close()
+        for pending in self.requests.values():
+            pending.answer(control.Reply(False, "the agent is stopping; the request was not carried out"))
+        if self.follower is not None:
+            self.follower.stop()
+        self.files.stop()
+        if self.pointer is not None:
+            with contextlib.suppress(OSError):
+                self.pointer.unlink()
+        if self.lock is not None:
             self.lock.release()
         log.info("stopped")
-        return 0
 
     def _install_signals(self) -> None:
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            now = time.monotonic()
-            self.events.put((None, sched.Hangup(now) if signum == signal.SIGHUP else sched.Terminate(now)))
+            now = self.clock.monotonic()
+            self.events.put(Happened(sched.Hangup(now) if signum == signal.SIGHUP else sched.Terminate(now)))
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, on_signal)
@@ -165,68 +332,85 @@ class Agent:
     def _start_follower(self) -> None:
         follower: watch.Follower | None = None
 
-        def notify(what: str) -> None:
-            now = time.monotonic()
-            if what in ("down", "error"):  # "error": each failed attempt (the LDIF source has no "down")
-                error = (follower.status.error if follower else None) or "directory unreachable"
-                self.events.put((follower, sched.FollowerDown(now, error)))
-            elif what == "up":
-                self.events.put((follower, sched.FollowerUp(now)))
-            elif what in ("changed", "synced"):
-                # a change or a complete refresh also means the source was reached (LDIF has no "up")
-                self.events.put((follower, sched.FollowerUp(now)))
-                self.events.put((follower, sched.Refreshed(now) if what == "synced" else sched.Changed(now)))
+        def notify(event: watch.FollowerEvent) -> None:
+            assert follower is not None
+            self.events.put(FollowerSaid(follower, event, self.clock.monotonic()))
 
         follower = watch.Follower(self.config, self.mirror, notify)
         self.follower = follower
         follower.start()
 
+    def _start_control(self) -> None:
+        path = control.socket_path(self.config.state_dir)
+        server = control.ControlServer(path, self._asked, self._describe)
+        try:
+            server.start()
+        except OSError as e:
+            log.error("cannot open the control socket; approve/rollback need the agent stopped", error=str(e))
+            return
+        self.control = server
+        self.pointer = control.write_pointer(self.config.path, self.config.state_dir)
+
+    def _asked(self, pending: control.Pending) -> None:
+        self.events.put(Asked(pending, self.clock.monotonic()))
+
     def _catch_early_edits(self) -> None:
         """An edit between reading the files and watching them is an edit all the same."""
         if _file_stamps(self.config) != self.loaded_files:
-            self.events.put((None, sched.ConfigEdited(time.monotonic())))
+            self.events.put(Happened(sched.ConfigEdited(self.clock.monotonic())))
 
-    def _watch_files(self) -> None:
-        paths = {self.config.path}
-        if self.config.static is not None:
-            paths.add(self.config.static)
-        if self.observer is not None:
-            if paths == self.watched:
-                return  # restarting the observer on every reload races inside watchdog (spurious error logs)
-            self.observer.stop()
-        self.watched = paths
-        observer = Observer()
-        handler = _ConfigWatcher(self.events, paths)
-        for directory in sorted({p.parent for p in paths}):
-            if directory.is_dir():
-                observer.schedule(handler, str(directory), recursive=False)
-        observer.daemon = True
-        observer.start()
-        self.observer = observer
+    def _next_day(self) -> float:
+        return self.clock.monotonic() + until_next_day(self.clock.time())
 
     # -- main loop ----------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            deadline = self.scheduler.deadline()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            posted: list[Posted] = []
-            try:
-                posted.append(self.events.get(timeout=timeout))
-                # and whatever else arrived meanwhile: one sync serves a whole burst
-                while True:
-                    posted.append(self.events.get_nowait())
-            except queue.Empty:
-                pass
-            decisions: list[sched.Decision] = []
-            for source, event in posted:
-                if source is not None and source is not self.follower:
-                    continue  # from a follower stopped by a resync
+    def step(self, *, wait: float | None = None) -> bool:
+        """Wait for events (until the scheduler's deadline, or at most `wait` s), handle them and
+        carry out the decisions; False once the agent is to stop."""
+        deadline = self.scheduler.deadline()
+        timeout = None if deadline is None else max(0.0, deadline - self.clock.monotonic())
+        if wait is not None:
+            timeout = wait if timeout is None else min(wait, timeout)
+        posted: list[Posted] = []
+        try:
+            posted.append(self.events.get(timeout=timeout))
+            # and whatever else arrived meanwhile: one sync serves a whole burst
+            while True:
+                posted.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        decisions: list[sched.Decision] = []
+        for item in posted:
+            for event in self._translate(item):
                 decisions += self._feed(event)
-            decisions += self.scheduler.handle(sched.Tick(time.monotonic()))
-            if any(isinstance(d, sched.Stop) for d in decisions):
-                log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
-                return
-            self._execute(decisions)
+        decisions += self.scheduler.handle(sched.Tick(self.clock.monotonic()))
+        stop = self._execute(decisions)
+        self._publish()
+        if stop:
+            log.info("SIGTERM: finishing", rebuilds=self.rebuilds)
+        return not stop
+
+    def _translate(self, item: Posted) -> list[sched.Event]:
+        """The scheduler events a posted item means."""
+        match item:
+            case Happened(event=event):
+                return [event]
+            case Asked(pending=pending, at=at):
+                self.request_ids += 1
+                self.requests[self.request_ids] = pending
+                return [sched.Requested(at, self.request_ids)]
+            case FollowerSaid(follower=follower, event=event, at=at):
+                if follower is not self.follower:
+                    return []  # from a follower stopped by a resync
+                match event:
+                    case watch.Disconnected(error=error) | watch.AttemptFailed(error=error):
+                        return [sched.FollowerDown(at, error or "directory unreachable")]
+                    case watch.Connected():
+                        return [sched.FollowerUp(at)]
+                    case watch.MirrorChanged():  # a change also means the source was reached
+                        return [sched.FollowerUp(at), sched.Changed(at)]
+                    case watch.RefreshDone():
+                        return [sched.FollowerUp(at), sched.Refreshed(at)]
+        return []
 
     def _feed(self, event: sched.Event) -> list[sched.Decision]:
         """Record what the event says about the directory, then let the scheduler decide."""
@@ -236,17 +420,26 @@ class Agent:
             self._note_follower(False, event.error)
         elif isinstance(event, sched.Changed) and self.change_received is None:
             # for the propagation histogram: change received (in the follower) to installed
-            self.change_received = time.time() - (time.monotonic() - event.at)
+            self.change_received = self.clock.time() - (self.clock.monotonic() - event.at)
         elif isinstance(event, sched.Hangup):
             log.info("SIGHUP: re-reading the configuration and resyncing")
-        return self.scheduler.handle(event)
+        decisions = self.scheduler.handle(event)
+        if isinstance(event, sched.SyncFinished) and not event.ok and self.failure is not None:
+            retry = self.scheduler.retry_at
+            retry_in = None if retry is None else round(max(0.0, retry - event.at), 3)
+            log.error(self.failure[0], error=self.failure[1], retry_in=retry_in)
+        return decisions
 
-    def _execute(self, decisions: list[sched.Decision]) -> None:
+    def _execute(self, decisions: list[sched.Decision]) -> bool:
+        """Carry out decisions and their consequences in order; True if one was Stop."""
         work = collections.deque(decisions)
+        stop = False
         while work:
             decision = work.popleft()
+            stop = stop or isinstance(decision, sched.Stop)
             for event in self._do(decision):  # its consequences come before the rest
                 work.extendleft(reversed(self._feed(event)))
+        return stop
 
     def _do(self, decision: sched.Decision) -> list[sched.Event]:
         """Carry out one decision; the events it produced (a sync's outcome, a loaded config)."""
@@ -260,12 +453,22 @@ class Agent:
             case sched.Resync():
                 self._resync()
             case sched.Confirm():
-                self._guarded("cannot record the confirmation", self.pipeline.note_confirmed)
+                self._confirm()
             case sched.NotifyReady():
-                self.notifier.notify("READY=1\nSTATUS=" + self.status_line())
-                log.info("ready", status=self.status_line())
+                line = self.status_line()
+                self.notifier.ready(line)
+                log.info("ready", status=line)
             case sched.Heartbeat():
                 self._ping()
+            case sched.ScheduleDay():
+                log.info("a new day: re-evaluating date-based account states")
+                return [sched.DayScheduled(self.clock.monotonic(), self._next_day())]
+            case sched.Serve(request=rid):
+                return self._serve(rid)
+            case sched.Decline(request=rid):
+                pending = self.requests.pop(rid, None)
+                if pending is not None:
+                    pending.answer(control.Reply(False, "the agent is stopping; the request was not carried out"))
             case sched.Stop():
                 pass
         return []
@@ -273,57 +476,54 @@ class Agent:
     # -- carrying out decisions ---------------------------------------------------------
     def _sync(self, force: bool) -> sched.SyncFinished:
         snapshot, cookie = self.mirror.snapshot()
-        started = time.monotonic()
+        started = self.clock.monotonic()
         received, self.change_received = self.change_received, None  # later changes: the next sync
         try:
             result = self.pipeline.run(snapshot=snapshot, force=force, received_at=received)
         except (LdapsyncError, OSError) as e:
             if self.change_received is None:
                 self.change_received = received  # still to install: the retry measures from the first change
-            self.sync_error = str(e)
-            retry_in = self.scheduler.timing.backoff(self.scheduler.failures + 1)
             what = "configuration error" if isinstance(e, ConfigError) else "sync failed"
-            log.error(f"{what}; installed files stay; will retry", error=str(e), retry_in=round(retry_in, 3))
-            return sched.SyncFinished(time.monotonic(), ok=False)
+            self.failure = (f"{what}; installed files stay; will retry", str(e))
+            return sched.SyncFinished(self.clock.monotonic(), ok=False)
         finally:
             if not self.scheduler.connected and self.follower_noted is not None:
                 # a sync from the mirror says nothing about LDAP: keep recording it as away
                 self._note_follower(*self.follower_noted, force=True)
-        self.sync_error = None
+        self.failure = None
         self.rebuilds += 1
         self.last_result = result
         log.info(
             "sync done",
             result=result.status,
             changed=result.changed,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(self.clock.monotonic() - started, 3),
             entries=len(snapshot.entries),
         )
-        if isinstance(self.config.source, LdapSource):
-            try:
-                stored = self.pipeline.redacted(snapshot)  # no refused secret on disk
-                state = self.pipeline.state
-                watch.save_follow_state(state, self.config, stored, cookie, generation=result.generation)
-            except OSError as e:
-                log.error("cannot save sync state; a restart will do a full read", error=str(e))
+        self.saver.save(self.pipeline, snapshot, cookie, result.generation)
         if self.pipeline.engine.last_full:
             # Everything built so far lives until the next full build: out of the cyclic
             # collector's sight, so a change's small garbage does not make it walk millions.
             gc.freeze()
         _release_memory()
-        return sched.SyncFinished(time.monotonic(), ok=True, held=result.status == "held")
+        return sched.SyncFinished(self.clock.monotonic(), ok=True, held=result.status == "held")
 
     def _fallback(self, error: str) -> None:
         """LDAP unreachable before the first sync: make sure last-known-good is installed."""
         try:
-            result = self.pipeline.fallback(error)
+            self.pipeline.fallback(error)
         except (LdapsyncError, OSError) as e:
             log.error("last-known-good install failed; installed files stay", error=str(e))
-            self.sync_error = str(e)
+
+    def _confirm(self) -> None:
+        """Record as confirmed the moment the server last answered: the mirror had all it sent
+        then, and the installed outputs were rendered from that mirror."""
+        f = self.follower.status if self.follower else None
+        answered = f.answered if f is not None else None
+        if answered is None:
             return
-        if result.status == "failed" and result.generation is None:
-            # no generation to serve (or restoring one failed); an unreachable directory alone is not a sync error
-            self.sync_error = result.error
+        when = min(answered, self.clock.time())
+        self._guarded("cannot record the confirmation", lambda: self.pipeline.note_confirmed(now=when))
 
     def _reload_config(self) -> sched.Event:
         try:
@@ -337,15 +537,19 @@ class Agent:
             pipeline = sync.Pipeline(new, follow=True)
         except ConfigError as e:
             log.error("new configuration rejected; the running one stays in force", error=str(e))
-            return sched.ConfigRejected(time.monotonic())
+            self.config_error = str(e)
+            self._guarded("cannot record the rejected configuration", self.pipeline.note_config, self.config_error)
+            return sched.ConfigRejected(self.clock.monotonic())
         old = self.config
         pipeline.state.inherit(self.pipeline.state)  # the next generation records the change only
         self.config, self.pipeline = new, pipeline
-        self._watch_files()
+        self.config_error = None
+        self._guarded("cannot record the configuration's state", self.pipeline.note_config, None)
+        self.files.watch(new)
         search_changed = old.source != new.source or watch.fingerprint(old) != watch.fingerprint(new)
         if not search_changed:
             log.info("configuration reloaded; re-rendering from the directory in memory")
-        return sched.ConfigLoaded(time.monotonic(), _timing(new), search_changed=search_changed)
+        return sched.ConfigLoaded(self.clock.monotonic(), _timing(new), search_changed=search_changed)
 
     def _resync(self) -> None:
         if self.follower is not None:
@@ -357,8 +561,62 @@ class Agent:
         else:
             self.mirror.set_cookie(None)  # full refresh; the present phase drops what is gone
         self._start_follower()
-        log.info("configuration reloaded; resyncing from the directory")
+        log.info(self.resync_reason)
+        self.resync_reason = RESYNC_AFTER_RELOAD
 
+    # -- operators' requests (between syncs, in this thread: the only writer) --------------
+    def _serve(self, rid: int) -> list[sched.Event]:
+        pending = self.requests.pop(rid, None)
+        if pending is None:
+            return []
+        request = pending.request
+        events: list[sched.Event] = []
+        try:
+            if request.command == "approve":
+                reply, events = self._approve()
+            elif request.command == "rollback":
+                result = sync.rollback(self.pipeline, request.generation)
+                events = [sched.RolledBack(self.clock.monotonic())]
+                changed = ", ".join(result.changed) or "nothing"
+                reply = control.Reply(
+                    True,
+                    f"rolled back to {result.generation}; changed: {changed} "
+                    "(in force until the next directory change)",
+                    {"generation": result.generation, "changed": list(result.changed)},
+                )
+            elif request.command == "resync":
+                self.resync_reason = "resync requested; reading the whole directory again"
+                events = [sched.ResyncRequested(self.clock.monotonic())]
+                reply = control.Reply(True, "resync started: the agent reads the whole directory again")
+            else:  # status is answered by the control thread itself
+                reply = control.Reply(False, f"{request.command!r} is not carried out by the agent's main loop")
+        except (LdapsyncError, OSError) as e:
+            log.error("control request failed", command=request.command, error=str(e))
+            reply = control.Reply(False, str(e))
+        log.info("control request done", command=request.command, ok=reply.ok, message=reply.message)
+        pending.answer(reply)
+        return events
+
+    def _approve(self) -> tuple[control.Reply, list[sched.Event]]:
+        held = self.pipeline.state.held()
+        if held is None:
+            return control.Reply(True, "no held change"), []
+        snapshot, meta = held
+        try:
+            result = self.pipeline.run(force=True, snapshot=snapshot)
+        except (LdapsyncError, OSError) as e:
+            return control.Reply(False, f"installing the held change failed: {e}"), [
+                sched.Approved(self.clock.monotonic(), ok=False)
+            ]
+        changed = ", ".join(result.changed) or "nothing"
+        reply = control.Reply(
+            True,
+            f"approved held change ({meta.get('reason')}); changed: {changed}",
+            {"generation": result.generation, "changed": list(result.changed), "reason": meta.get("reason")},
+        )
+        return reply, [sched.Approved(self.clock.monotonic(), ok=True)]
+
+    # -- what the agent tells ------------------------------------------------------------
     def _note_follower(self, connected: bool, error: str | None, *, force: bool = False) -> None:
         """Record reachability in status.json when it changes (not on every reconnect attempt)."""
         if not force and self.follower_noted == (connected, error):
@@ -376,28 +634,64 @@ class Agent:
         f = self.follower
         alive = f is not None and f.is_alive() and time.monotonic() - f.status.heartbeat < FOLLOWER_STALL
         if alive:
-            self.notifier.notify("WATCHDOG=1")
+            self.notifier.watchdog()
         elif f is not None and not f.is_alive():
             log.error("follower thread died; restarting it")
             self._start_follower()
-        self.notifier.notify("STATUS=" + self.status_line())
 
-    def status_line(self) -> str:
-        """systemd's one-line status: what is wrong first, else what the agent follows."""
-        serving = f"serving generation {self.pipeline.state.current_id() or 'none'}"
-        if self.sync_error is not None:
-            retry = self.scheduler.retry_at
-            when = "" if retry is None else f"; retry in {max(0.0, retry - time.monotonic()):.0f}s"
-            return f"sync FAILED ({self.sync_error}); {serving}{when}"
+    def health(self) -> Health:
+        """The same record `check` judges, from this agent's state dir."""
+        return Health(
+            at=self.clock.time(),
+            record=status_mod.load(self.config.state_dir),
+            ldap_timeout=self.config.source.timeout if isinstance(self.config.source, LdapSource) else 10.0,
+            agent_pid=os.getpid(),
+            config_error=self.config_error,
+            generation=self.pipeline.state.current_id(),
+        )
+
+    def status_line(self, health: Health | None = None) -> str:
+        """systemd's one-line status, from the health record: what is wrong first."""
+        health = health or self.health()
         f = self.follower.status if self.follower else None
-        held = self.last_result.held_reason if self.last_result and self.last_result.status == "held" else None
-        if held:
-            return f"change HELD for review ({held}); {serving}"
-        if f is None or not f.connected:
-            err = f.error if f else None
-            return f"directory unreachable ({err or 'connecting'}); serving installed maps"
-        age = "never" if f.last_change is None else f"{time.time() - f.last_change:.0f}s ago"
-        return f"following {f.server} ({f.method}), {len(self.mirror)} entries, last change {age}"
+        following = None
+        if f is not None and f.connected:
+            change = "none since start" if f.last_change is None else clock_time(f.last_change)
+            following = f"{f.server} ({f.method}), {len(self.mirror)} entries, last change {change}"
+        retry = self.scheduler.retry_at
+        retry_in = None if retry is None else max(0.0, retry - self.clock.monotonic())
+        if self.scheduler.readiness != "ready" and health.record.result is None:
+            return "starting: reading the directory"
+        return health.status_line(following=following, retry_in=retry_in)
+
+    def _publish(self) -> None:
+        """After each step: the STATUS line (sent when it changed) and what `status` is told."""
+        health = self.health()
+        line = self.status_line(health)
+        if self.scheduler.readiness == "ready":
+            self.notifier.status(line)
+        f = self.follower.status if self.follower else None
+        retry = self.scheduler.retry_at
+        self.described = MappingProxyType(
+            {
+                "pid": os.getpid(),
+                "config": str(self.config.path),
+                "config_error": self.config_error,
+                "state_dir": str(self.config.state_dir),
+                "status_line": line,
+                "readiness": self.scheduler.readiness,
+                "server": f.server if f else None,
+                "method": f.method if f else None,
+                "connected": f.connected if f else False,
+                "entries": len(self.mirror),
+                "failures": self.scheduler.failures,
+                "retry_in": None if retry is None else round(max(0.0, retry - self.clock.monotonic()), 3),
+                "rebuilds": self.rebuilds,
+            }
+        )
+
+    def _describe(self) -> Mapping[str, Any]:
+        return self.described  # swapped whole by the main thread: safe to hand out
 
 
 def _release_memory() -> None:

@@ -14,11 +14,14 @@ from ldapsync import __version__
 from ldapsync import config as config_mod
 from ldapsync import log as log_mod
 from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
+from ldapsync.health import min_max_age
+from ldapsync.scheduler import CONFIRM_EVERY
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
 EXIT_CHECK_UNKNOWN = 3  # the monitoring plugin convention: a plugin that cannot run is UNKNOWN
-COMMANDS = ("status", "snapshots", "rollback", "approve", "check")
+COMMANDS = ("status", "snapshots", "rollback", "approve", "resync", "check")
+AGENT_COMMANDS = ("approve", "rollback", "resync")  # carried out by a running agent when there is one
 
 
 def _global_options(p: argparse.ArgumentParser, *, default: bool) -> None:
@@ -80,11 +83,27 @@ def parser() -> argparse.ArgumentParser:
         "generation", nargs="?", help="generation id from `snapshots` (default: the one before the current)"
     )
     command("approve", "install the change a safety guard held (see it first with --dry-run)")
+    command(
+        "resync",
+        "make the running agent read the whole directory again (without an agent: one full sync, as --once)",
+    )
     ck = command("check", "Nagios/Icinga plugin: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also on a usage error)")
     ck.add_argument(
-        "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
+        "--max-age",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="CRITICAL if the installed outputs were last confirmed to match the directory longer ago; "
+        f"use at least {min_max_age():.0f} (2 x (source timeout + 15) in general): a healthy quiet agent "
+        f"confirms every {CONFIRM_EVERY:.0f} s what the server last answered",
     )
-    ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
+    ck.add_argument(
+        "--warn-age",
+        type=float,
+        metavar="SECONDS",
+        help="WARNING if older (default: half of --max-age); a running agent that has lost LDAP for longer "
+        "than the source timeout is WARNING regardless",
+    )
     ex = sub.add_parser(
         "explain", help="where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)"
     )
@@ -141,6 +160,10 @@ def _main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log_mod.configure()
         structlog.get_logger("ldapsync").error("configuration error", error=str(e))
+        if args.command == "status":  # then what the running agent (on its previous config) does
+            from ldapsync import report
+
+            return report.status_unloaded(args.config, e, as_json=args.json)
         return EXIT_CONFIG
     level = "warning" if args.quiet and cfg.log_level in ("debug", "info") else cfg.log_level
     log_mod.configure(cfg.log_format, level)
@@ -178,6 +201,10 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     if args.command == "status":
         return report.status(cfg, as_json=args.json)
+    if args.command in AGENT_COMMANDS:
+        answered = _ask_agent(cfg, args)
+        if answered is not None:
+            return answered
     pipeline = sync.Pipeline(cfg)
     if args.command == "explain":
         return _explain(pipeline, args.address, as_json=args.json, live=args.live)
@@ -200,6 +227,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         print(f"approved held change ({meta.get('reason')}); changed: {', '.join(result.changed) or 'nothing'}")
         return EXIT_OK
     _preflight(cfg)
+    if args.command == "resync":
+        args.once = True  # no agent: a one-shot sync always reads the whole directory
     if args.dry_run:
         return _dry_run(pipeline, args.force, stat_only=args.stat)
     if args.once:
@@ -219,6 +248,25 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from ldapsync import agent
 
     return agent.run(cfg, force_first=args.force)
+
+
+def _ask_agent(cfg: config_mod.Config, args: argparse.Namespace) -> int | None:
+    """Have the running agent carry out the command; None if no agent listens (act directly)."""
+    from ldapsync import control
+
+    request = control.Request(args.command, getattr(args, "generation", None))
+    try:
+        reply = control.ask(cfg.state_dir, request)
+    except control.ControlError as e:
+        print(f"ldapsync: {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    if reply is None:
+        return None
+    if not reply.ok:
+        print(f"ldapsync: {args.command}: the agent answered: {reply.message}", file=sys.stderr)
+        return EXIT_FAIL
+    print(reply.message)
+    return EXIT_OK
 
 
 def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> int:

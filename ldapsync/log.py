@@ -3,8 +3,9 @@
 Libraries (ldap3, watchdog, tenacity) log through the standard `logging` module; their
 records are rendered by the same structlog renderer, so the stream stays one format.
 
-Off a terminal (the journal, cron, a pipe) each line starts with its syslog priority as
-`<N>`: systemd's SyslogLevelPrefix= reads it, so `journalctl -p warning -u ldapsync` works.
+When stderr is the journal, each line starts with its syslog priority as `<N>`: systemd's
+SyslogLevelPrefix= reads it, so `journalctl -p warning -u ldapsync` works. Anywhere else
+(cron mail, a pipe into jq, a file) a line is just the line.
 """
 
 from __future__ import annotations
@@ -21,8 +22,26 @@ PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, 
 
 
 def wants_priority_prefix() -> bool:
-    """Prefix lines when stderr is the journal or not a terminal (a terminal reader wants none)."""
-    return bool(os.environ.get("JOURNAL_STREAM")) or not sys.stderr.isatty()
+    """Prefix lines only when stderr is the journal's stream.
+
+    systemd sets JOURNAL_STREAM to the "device:inode" of the stream it connected to stderr;
+    the variable is inherited by children whose stderr goes elsewhere (`ldapsync --once
+    2>&1 | jq` in a unit's shell, a cron job started from a service), so it counts only when
+    it names our own stderr.
+    """
+    return on_journal(os.environ.get("JOURNAL_STREAM"), sys.stderr)
+
+
+def on_journal(journal_stream: str | None, stream: Any) -> bool:
+    """Whether `stream` is the journal stream that JOURNAL_STREAM ("dev:ino") names."""
+    if not journal_stream:
+        return False
+    dev, sep, ino = journal_stream.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:

@@ -82,6 +82,17 @@ class _StatusCollector:
         yield from gauge(
             "ldapsync_reload_pending", "1 while a failed reload hook is owed a retry.", 1.0 if s.reload_pending else 0.0
         )
+        yield from gauge(
+            "ldapsync_config_rejected",
+            "1 while the agent runs its previous configuration because the config file on disk was rejected.",
+            1.0 if s.config_error else 0.0,
+        )
+        if s.ldap_lost is not None:
+            yield from gauge(
+                "ldapsync_ldap_lost_timestamp_seconds",
+                "When the agent's follower lost the directory (present only while it is away).",
+                s.ldap_lost,
+            )
         entries = GaugeMetricFamily("ldapsync_output_entries", "Lines in each installed output.", labels=["output"])
         info = GaugeMetricFamily(
             "ldapsync_output_info",

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from ldapsync.config import Agent as AgentConfig
 
 CONFIG_SETTLE = 0.2  # quiet time after a config/static edit before it is read (editors write in steps)
-CONFIRM_EVERY = 30.0  # how often a quiet, connected agent records "installed outputs match LDAP"
+CONFIRM_EVERY = 10.0  # how often a quiet, connected agent records "installed outputs match LDAP": well
+# under the smallest useful warning age of `ldapsync check` (half of its minimum --max-age)
 READY_WITHIN = 60.0  # READY by then whatever the directory does (systemd's start timeout); a
 # directory that has not answered is a failure (last-known-good), one still streaming a large
 # first read is not
@@ -121,6 +122,48 @@ class Tick:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class DayScheduled:
+    """The shell's calendar: the next day (the date the model calls "today") starts at `rollover`.
+
+    Date-based rules (an account retired from a date on) change with the day even when the
+    directory does not: at `rollover` the mirror is rebuilt, and ScheduleDay asks for the next.
+    """
+
+    at: float
+    rollover: float
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    """An operator's request over the control socket (approve, rollback, resync, status)."""
+
+    at: float
+    request: int  # the shell's handle for it
+
+
+@dataclass(frozen=True, slots=True)
+class Approved:
+    """The shell installed a held change as an operator asked; ok=False: that install failed."""
+
+    at: float
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RolledBack:
+    """The shell reinstalled an earlier generation: what is installed is not the directory's answer."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequested:
+    """An operator asked for a full refresh from the directory."""
+
+    at: float
+
+
 Event = (
     Changed
     | Refreshed
@@ -133,6 +176,11 @@ Event = (
     | Hangup
     | Terminate
     | Tick
+    | DayScheduled
+    | Requested
+    | Approved
+    | RolledBack
+    | ResyncRequested
 )
 
 
@@ -177,11 +225,32 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleDay:
+    """Tell me when the next day starts (answer with DayScheduled)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """Carry out an operator's request now: no sync runs (answer approve with Approved, ...)."""
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decline:
+    """Answer an operator's request with "the agent is stopping": it was not carried out."""
+
+    request: int
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """Exit: nothing else is decided after this."""
 
 
-Decision = Sync | Fallback | ReloadConfig | Resync | Confirm | NotifyReady | Heartbeat | Stop
+Decision = (
+    Sync | Fallback | ReloadConfig | Resync | Confirm | NotifyReady | Heartbeat | ScheduleDay | Serve | Decline | Stop
+)
 
 
 class Scheduler:
@@ -213,6 +282,8 @@ class Scheduler:
         self._in_step = False  # the last sync succeeded and installed what the mirror holds
         self._last_confirm: float | None = None
         self._next_heartbeat = now + timing.heartbeat
+        self._day_at: float | None = None  # when the next day starts (None: not known yet)
+        self._requests: list[int] = []  # operators' requests waiting for the running sync
 
     # -- what the shell may read -------------------------------------------------------------
     @property
@@ -243,7 +314,9 @@ class Scheduler:
         match event:
             case Terminate():
                 self._stopped = True
-                return [Stop()]
+                declined: list[Decision] = [Decline(r) for r in self._requests]
+                self._requests = []
+                return [*declined, Stop()]
             case Changed():
                 self._synced = True
                 self._mark_dirty(at, at)
@@ -287,6 +360,23 @@ class Scheduler:
             case ConfigRejected():
                 if self._resync_after_reload:
                     out += self._resync()
+            case DayScheduled(rollover=rollover):
+                self._day_at = rollover
+            case Requested(request=request):
+                self._requests.append(request)
+            case Approved(ok=ok):
+                # The held snapshot was the mirror when it was held; a change since then made the
+                # mirror dirty and is synced as usual (guarded again), so nothing more to do here.
+                if ok:
+                    self._failures, self._retry_at = 0, None
+                    self._force = False
+                    self._in_step = True
+                    self._last_confirm = at
+                out += self._attempt_done()
+            case RolledBack():
+                self._in_step = False  # an earlier generation is installed: nothing to confirm
+            case ResyncRequested():
+                out += self._resync()
             case Tick():
                 pass
         return out + self._due(at)
@@ -306,6 +396,10 @@ class Scheduler:
         confirm = self._confirm_due()
         if confirm is not None:
             times.append(confirm)
+        if self._day_at is not None:
+            times.append(self._day_at)
+        if self._requests and not self._syncing:
+            times.append(self._started)  # now
         return min(times)
 
     # -- internals ---------------------------------------------------------------------------
@@ -348,6 +442,14 @@ class Scheduler:
 
     def _due(self, at: float) -> list[Decision]:
         out: list[Decision] = []
+        if not self._syncing:  # between syncs, never beside one
+            out += [Serve(r) for r in self._requests]
+            self._requests = []
+        if self._day_at is not None and at >= self._day_at:
+            self._day_at = None
+            out.append(ScheduleDay())
+            if self._synced:  # rebuild: the model's "today" moved on
+                self._mark_dirty(at, at - self.timing.debounce)
         if self._config_due is not None and at >= self._config_due:
             self._config_due = None
             out.append(ReloadConfig())  # the sync that follows uses the new config

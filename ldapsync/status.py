@@ -96,6 +96,8 @@ class Status:
     ldap_reachable: bool | None = None
     follower_connected: bool | None = None  # None: no follower (cron, --once)
     follower_error: str | None = None
+    ldap_lost: float | None = None  # the agent's follower lost the directory then; None while connected
+    config_error: str | None = None  # the agent rejected the config file on disk (it runs the previous one)
     error: str | None = None  # why the last attempt failed; None after a success
     source: str | None = None
     held: str | None = None  # why a change is held for review
@@ -125,6 +127,8 @@ class Status:
             "ldap_reachable": self.ldap_reachable,
             "follower_connected": self.follower_connected,
             "follower_error": self.follower_error,
+            "ldap_lost": self.ldap_lost,
+            "config_error": self.config_error,
             "error": self.error,
             "source": self.source,
             "held": self.held,
@@ -180,6 +184,8 @@ class Status:
             ldap_reachable=_bool(doc.get("ldap_reachable")),
             follower_connected=_bool(doc.get("follower_connected")),
             follower_error=_str(doc.get("follower_error")),
+            ldap_lost=_num(doc.get("ldap_lost")),
+            config_error=_str(doc.get("config_error")),
             error=_str(doc.get("error")),
             source=_str(doc.get("source")),
             held=_str(doc.get("held")),

@@ -39,7 +39,7 @@ from ldapsync.status import OutputState, Status, SyncResult
 log = structlog.get_logger(__name__)
 
 FALLBACK_POSTFIX_DIR = "postfix-config"
-CONFIRM_REFRESH = 30.0  # seconds: how often a quiet, connected follower rewrites last_confirmed
+CONFIRM_REFRESH = 5.0  # seconds: a confirmation newer than this is not rewritten (the agent confirms every 10 s)
 
 
 class Verdict(StrEnum):
@@ -556,9 +556,20 @@ class Pipeline:
         """
         record = status_mod.load(self.config.state_dir)
         same = record.follower_connected == connected and record.ldap_reachable == connected
-        if same and record.follower_error == error:
+        lost = None if connected else (record.ldap_lost if record.follower_connected is False else None) or time.time()
+        if same and record.follower_error == error and record.ldap_lost == lost:
             return
-        self._save_note(replace(record, follower_connected=connected, follower_error=error, ldap_reachable=connected))
+        self._save_note(
+            replace(
+                record, follower_connected=connected, follower_error=error, ldap_reachable=connected, ldap_lost=lost
+            )
+        )
+
+    def note_config(self, error: str | None) -> None:
+        """Record that the config file on disk was rejected (None: the one on disk is in force)."""
+        record = status_mod.load(self.config.state_dir)
+        if record.config_error != error:
+            self._save_note(replace(record, config_error=error))
 
     def note_confirmed(self, *, now: float | None = None) -> None:
         """The follower is connected and nothing is pending: the installed outputs match the directory.
@@ -575,7 +586,11 @@ class Pipeline:
         fresh = record.last_confirmed is not None and now - record.last_confirmed < CONFIRM_REFRESH
         if fresh and record.ldap_reachable and record.follower_connected:
             return
-        self._save_note(replace(record, last_confirmed=now, ldap_reachable=True, follower_connected=True))
+        if record.last_confirmed is not None and now <= record.last_confirmed:
+            return  # confirmations only move forward (`now` may be when the server last answered)
+        self._save_note(
+            replace(record, last_confirmed=now, ldap_reachable=True, follower_connected=True, ldap_lost=None)
+        )
 
     def _save_note(self, record: Status) -> None:
         self.state.ensure()

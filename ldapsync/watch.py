@@ -5,8 +5,9 @@ here ldap3 messages are translated into its input messages and its events applie
 Mirror, an in-memory copy of the directory keyed by entryUUID. A Follower runs in its own
 thread, connects through ldapsource.connect (failover across `uri`), checks that a quiet
 server still answers, reconnects with exponential backoff and jitter (reset once a connection
-worked), and tells the agent "changed", "up", "down" through a callback; it never raises out
-of its thread.
+worked), and tells the agent what happened through a callback, as typed events
+(MirrorChanged, RefreshDone, AttemptFailed, Connected, Disconnected); it never raises out of
+its thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import ldap3
 import structlog
@@ -61,11 +62,50 @@ class FollowerStatus:
     last_change: float | None = None
     error: str | None = None
     heartbeat: float = 0.0
+    answered: float | None = None  # time.time() the server last answered (data, a refresh, a liveness read)
 
 
-# "changed" | "synced" | "error" (each failed attempt) | "up" (connected and following) |
-# "down" (a connection failed or was lost; once per outage, until the next "up")
-Notify = Callable[[str], None]
+# -- what the follower tells the agent ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MirrorChanged:
+    """Changes were applied to the mirror (one event per chunk received: a burst is one wake-up)."""
+
+    kind: ClassVar[str] = "changed"
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshDone:
+    """A complete refresh arrived: the mirror is the directory now."""
+
+    kind: ClassVar[str] = "synced"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailed:
+    """One attempt failed (each one; the LDIF source has no connection to lose)."""
+
+    error: str
+    kind: ClassVar[str] = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Connected and following `server`: once per connection."""
+
+    server: str
+    kind: ClassVar[str] = "up"
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """A connection failed or was lost: once per outage, until the next Connected."""
+
+    error: str
+    kind: ClassVar[str] = "down"
+
+
+FollowerEvent = MirrorChanged | RefreshDone | AttemptFailed | Connected | Disconnected
+Notify = Callable[[FollowerEvent], None]
 
 
 class Backoff:
@@ -120,6 +160,9 @@ class Follower(threading.Thread):
             with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
 
+    def _answered(self) -> None:
+        self.status.answered = time.time()
+
     @property
     def stopping(self) -> bool:
         return self._halt.is_set()
@@ -160,7 +203,7 @@ class Follower(threading.Thread):
         except Exception as e:  # the agent's watchdog notices a dead follower
             log.exception("follower crashed", error=str(e))
             self.status.error = f"follower crashed: {e}"
-            self.notify("error")
+            self.notify(AttemptFailed(self.status.error))
 
     def _failed(self, exc: Exception, delay: float) -> None:
         if not isinstance(exc, (LdapsyncError, LDAPException, OSError)):
@@ -170,16 +213,17 @@ class Follower(threading.Thread):
         log.warning("directory connection failed; retrying", error=str(exc), retry_in=round(delay, 2))
         if self._up is not False:
             self._up = False
-            self.notify("down")
-        self.notify("error")
+            self.notify(Disconnected(str(exc)))
+        self.notify(AttemptFailed(str(exc)))
         self.sleep(delay)
 
     def _following(self, uri: str) -> None:
         """Connected to `uri` and following: "up" once per connection."""
         self.status.server, self.status.connected, self.status.error = uri, True, None
+        self._answered()
         if self._up is not True:
             self._up = True
-            self.notify("up")
+            self.notify(Connected(uri))
 
     # -- methods --------------------------------------------------------------------------
     def _follow_ldap(self, src: LdapSource) -> None:
@@ -235,6 +279,7 @@ class Follower(threading.Thread):
             now = time.monotonic()
             if item is not None:
                 heard = now
+                self._answered()
                 yield item
             elif conn.closed or not _receiver_alive(conn):
                 raise ConnectionLost(f"{uri}: connection closed")
@@ -254,11 +299,13 @@ class Follower(threading.Thread):
         within = max(0.5, self.config.source.timeout / 2)
         try:
             if ldapsource.alive(check, within):
+                self._answered()
                 return
             check.close()
             self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
             if not ldapsource.alive(check, within):
                 raise SourceError(f"{check.uri}: the server closed a new connection at once")
+            self._answered()
         except SourceError as e:
             raise ConnectionLost(str(e)) from e
 
@@ -315,7 +362,7 @@ class Follower(threading.Thread):
                             self._following(uri)
                             self._worked = True
                             log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
-                            self.notify("synced")
+                            self.notify(RefreshDone())
                             changed = False  # what the refresh brought is in that sync
                         elif isinstance(ev, syncrepl.RefreshRequired):
                             log.warning("server refused the cookie; doing a full refresh", server=uri)
@@ -337,7 +384,7 @@ class Follower(threading.Thread):
                 # one notification per chunk received: a burst of changes is one wake-up of the agent
                 if changed and not refreshing:
                     self.status.last_change = time.time()
-                    self.notify("changed")
+                    self.notify(MirrorChanged())
 
     @contextlib.contextmanager
     def _raw_stream(self, src: LdapSource, check: ldapsource.Connected) -> Iterator[ldapsource.Connected]:
@@ -377,6 +424,7 @@ class Follower(threading.Thread):
                 if not data:
                     raise ConnectionLost(f"{uri}: connection closed")
                 heard = now
+                self._answered()
                 yield data
             if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX:
                 self._check_alive()
@@ -403,7 +451,7 @@ class Follower(threading.Thread):
             self._following(uri)
             self._worked = True
             log.info("following the directory", method="psearch", server=uri, entries=len(snapshot.entries))
-            self.notify("synced" if not changed else "changed")
+            self.notify(RefreshDone() if not changed else MirrorChanged())
             for item in self._items(ps, conn, uri):
                 for ev in consumer.receive(psearch.from_ldap3(item)):
                     if isinstance(ev, psearch.Upsert):
@@ -417,7 +465,7 @@ class Follower(threading.Thread):
                     elif isinstance(ev, psearch.Finished):
                         raise ConnectionLost(f"{uri}: persistent search ended: {ev.message} ({ev.result_code})")
                     self.status.last_change = time.time()
-                    self.notify("changed")
+                    self.notify(MirrorChanged())
 
     def _follow_poll(self, src: LdapSource, check: ldapsource.Connected) -> None:
         """Read when the suffix's contextCSN moved (every time where there is none).
@@ -441,7 +489,7 @@ class Follower(threading.Thread):
                     if changed:
                         self.status.last_change = time.time()
                         log.info("directory changed", method="poll", entries=len(snapshot.entries))
-                    self.notify("changed" if changed else "synced")
+                    self.notify(MirrorChanged() if changed else RefreshDone())
                     last_csn = csn
                 self._following(connected.uri)
                 self._worked = True
@@ -458,9 +506,11 @@ class Follower(threading.Thread):
             try:
                 st = src.path.stat()
                 sig = (st.st_mtime, st.st_size)
+                if self.status.connected:
+                    self._answered()
             except OSError as e:
                 self.status.error = str(e)
-                self.notify("error")
+                self.notify(AttemptFailed(str(e)))
                 self.sleep(1.0)
                 continue
             if sig != last:
@@ -469,14 +519,14 @@ class Follower(threading.Thread):
                 except SourceError as e:
                     self.status.error = str(e)
                     log.error("LDIF source unreadable", error=str(e))
-                    self.notify("error")
+                    self.notify(AttemptFailed(str(e)))
                 else:
                     changed = self.mirror.replace_all(snapshot)
                     self.mirror.source = snapshot.source
                     self.status.connected, self.status.error = True, None
                     if changed:
                         self.status.last_change = time.time()
-                    self.notify("changed" if changed else "synced")
+                    self.notify(MirrorChanged() if changed else RefreshDone())
                 last = sig
             self.sleep(0.5)
 

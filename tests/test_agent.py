@@ -527,14 +527,22 @@ def test_single_instance_per_state_dir(slapd: Slapd, agents: Agents, tmp_path: P
     assert f"PID {pid}" in refused["error"] and str(setup.state / "lock") in refused["error"]
     assert first.alive
 
-    # the three wait for the agent's lock side by side: none of them can get it
+    # --once waits for the agent's lock and cannot get it; approve and rollback are answered by
+    # the agent itself (its one writer carries them out), side by side and at once
     commands = (["--once"], ["approve"], ["rollback"])
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-        results = list(pool.map(lambda args: timed_cli(setup.config, *args), commands))
-        for args, (proc, took) in zip(commands, results, strict=True):
-            assert proc.returncode == 1, f"{args}: rc={proc.returncode}\n{proc.stderr}"
-            assert f"ldapsync agent (PID {pid})" in proc.stderr, f"{args} must name the agent's PID:\n{proc.stderr}"
-            assert took >= 4.0, f"{args} should wait a little for the lock first"
+        results = dict(
+            zip(map(tuple, commands), pool.map(lambda a: timed_cli(setup.config, *a), commands), strict=True)
+        )
+    proc, took = results[("--once",)]
+    assert proc.returncode == 1, f"--once: rc={proc.returncode}\n{proc.stderr}"
+    assert f"ldapsync agent (PID {pid})" in proc.stderr, f"--once must name the agent's PID:\n{proc.stderr}"
+    assert took >= 4.0, "--once should wait a little for the lock first"
+    proc, took = results[("approve",)]
+    assert (proc.returncode, proc.stdout) == (0, "no held change\n"), proc.stderr
+    proc, took = results[("rollback",)]
+    assert proc.returncode == 1 and "the agent answered: no earlier generation" in proc.stderr, proc.stderr
+    assert took < 4.0, "the agent answers at once"
 
     status = json.loads(cli(setup.config, "status", "--json").stdout)
     assert status["agent"] == {"running": True, "pid": int(pid), "lock": {"pid": int(pid), "role": "agent"}}
@@ -590,6 +598,9 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     down = json.loads(cli(setup.config, "status", "--json").stdout)
     assert down["ldap_reachable"] is False
     assert down["follower_error"], f"no error recorded: {down}"
+    # monitoring agrees: away for longer than `timeout` is WARNING, naming LDAP (not "OK, confirmed")
+    proc = cli(setup.config, "check", "--max-age", "900")
+    assert proc.returncode == 1 and "LDAP unreachable for" in proc.stdout, proc.stdout
     wait_until(lambda: metric() == 0, 5, what="ldapsync_ldap_reachable 0")
     assert agent.alive and agent.find("directory connection failed; retrying", since=mark)
 
@@ -598,6 +609,7 @@ def test_ldap_reachable_follows_the_follower(slapd: Slapd, agents: Agents, tmp_p
     wait_until(lambda: status().get("ldap_reachable") is True, 15, what="ldap_reachable true after slapd returns")
     up = json.loads(cli(setup.config, "status", "--json").stdout)
     assert up["ldap_reachable"] is True
+    assert cli(setup.config, "check", "--max-age", "900").returncode == 0
     assert not up["follower_error"] and not up["error"], f"error not cleared: {up}"
     wait_until(lambda: metric() == 1, 5, what="ldapsync_ldap_reachable 1")
 
@@ -627,7 +639,37 @@ def test_a_static_edit_before_the_file_watcher_starts_is_not_lost(
         edited = agent_mod.Agent(config_mod.load(conf))
         static.write_text("aliases: {postmaster: [alice], sales: [bob]}\n")
         edited._catch_early_edits()
-        _, event = edited.events.get_nowait()
-        assert isinstance(event, sched_mod.ConfigEdited)
+        posted = edited.events.get_nowait()
+        assert isinstance(posted, agent_mod.Happened) and isinstance(posted.event, sched_mod.ConfigEdited)
         for agent in (quiet, edited):
-            agent.notifier.socket.close()  # the process's lifetime, not a test's
+            agent.notifier.sender.socket.close()  # the process's lifetime, not a test's
+
+
+def test_a_held_change_is_approved_while_the_agent_runs(slapd: Slapd, agents: Agents, tmp_path: Path) -> None:
+    """`approve` used to wait 5 s for the agent's lock and fail: the admin had to stop the service."""
+    setup = AgentSetup.for_slapd(tmp_path / "a", slapd, agent=FAST)
+    setup.doc["safety"] = {"max_deletions": 1}
+    setup.write_config()
+    agent = start_ready(agents, setup)
+    slapd.modify(user_ldif("leaving1", "l1@far.example") + "\n" + user_ldif("leaving2", "l2@far.example"))
+    wait_until(lambda: {"leaving1", "leaving2"} <= setup.passwd_users(), 5, what="two new users installed")
+    mark = agent.mark()
+    slapd.modify(f"dn: uid=leaving1,{USERS}\nchangetype: delete\n\ndn: uid=leaving2,{USERS}\nchangetype: delete\n")
+    agent.wait_log("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it", mark)
+    assert {"leaving1", "leaving2"} <= setup.passwd_users(), "a held change is not installed"
+
+    proc, took = timed_cli(setup.config, "approve")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("approved held change (") and "dovecot-passwd" in proc.stdout, proc.stdout
+    assert not {"leaving1", "leaving2"} & setup.passwd_users(), "installed by the time approve answers"
+    assert took < 4.0, f"approve took {took:.1f}s (it must not wait for the lock)"
+    done = agent.wait_log("control request done", mark, command="approve")
+    assert done["ok"] is True
+    status = json.loads(cli(setup.config, "status", "--json").stdout)
+    assert status["held"] is None and status["live"]["pid"] == agent.proc.pid
+    assert agent.alive
+    no_errors(
+        agent,
+        mark,
+        allow=("change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",),
+    )

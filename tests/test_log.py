@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -26,18 +27,24 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(args: tuple[str, ...] = (), **env: str) -> list[str]:
-    """Log from a real process whose stderr is a pipe (as under systemd or cron)."""
+def run(args: tuple[str, ...] = (), *, journal: bool = True, **env: str) -> list[str]:
+    """Log from a real process whose stderr is a file; journal: JOURNAL_STREAM names that file,
+    as systemd names the stream it connects to a service's stderr."""
     child_env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"} | env
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(args=args)],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=60,
-        check=True,
-    )
-    return proc.stderr.splitlines()
+    with tempfile.TemporaryFile() as err:
+        if journal:
+            st = os.fstat(err.fileno())
+            child_env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        subprocess.run(
+            [sys.executable, "-c", SCRIPT.format(args=args)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=child_env,
+            timeout=60,
+            check=True,
+        )
+        err.seek(0)
+        return err.read().decode().splitlines()
 
 
 def priorities(lines: list[str]) -> dict[str, int]:
@@ -53,14 +60,14 @@ def priorities(lines: list[str]) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-def test_off_a_terminal_each_line_starts_with_its_syslog_priority(fmt: str) -> None:
+def test_on_the_journal_each_line_starts_with_its_syslog_priority(fmt: str) -> None:
     got = priorities(run((fmt, "info")))
     assert got == {"starting": 6, "a value was rejected": 4, "install failed": 3, "a library warning": 4}
 
 
 def test_journal_filtering_by_warning_keeps_warnings_and_errors_only() -> None:
     """What `journalctl -p warning` keeps (priority <= 4) from a service's stderr."""
-    lines = run(("json", "info"), JOURNAL_STREAM="8:12345")
+    lines = run(("json", "info"))
     kept = [PREFIX.match(line).group(2) for line in lines if int(PREFIX.match(line).group(1)) <= 4]  # type: ignore[union-attr]
     assert len(kept) == 3
     assert not any('"starting"' in k for k in kept)
@@ -109,3 +116,23 @@ def test_no_prefix_on_a_terminal() -> None:
         os.close(master)
     text = out.decode()
     assert "w" in text and not re.match(r"<[0-7]>", text), text
+
+
+@pytest.mark.parametrize("inherited", [None, "8:12345"])
+def test_no_prefix_off_the_journal(inherited: str | None) -> None:
+    """Cron mail and `ldapsync --once 2>&1 | jq` read plain lines: a pipe is not the journal,
+    even when JOURNAL_STREAM was inherited from a service and names another stream."""
+    env = {} if inherited is None else {"JOURNAL_STREAM": inherited}
+    lines = run(("json", "info"), journal=False, **env)
+    assert lines and all(line.startswith("{") for line in lines), lines
+
+
+def test_journal_stream_must_name_our_stderr() -> None:
+    from ldapsync import log
+
+    with tempfile.TemporaryFile() as f, tempfile.TemporaryFile() as other:
+        st = os.fstat(f.fileno())
+        assert log.on_journal(f"{st.st_dev}:{st.st_ino}", f)
+        assert not log.on_journal(f"{st.st_dev}:{st.st_ino}", other)
+        assert not log.on_journal("garbage", f)
+        assert not log.on_journal(None, f)

@@ -205,3 +205,24 @@ def test_weak_hashes_are_counted_in_status_and_metrics(site: Path) -> None:
     status = cli(site, "status")
     assert "weak hashes:    1" in status.stdout and sha not in status.stdout
     assert json.loads(cli(site, "status", "--json").stdout)["weak_passwords"] == 1
+
+
+def test_lost_directory_and_rejected_config_are_reported(site: Path) -> None:
+    """The metrics say what `check` judges: since when LDAP is away, and a rejected config."""
+    pipeline = sync.Pipeline(config_mod.load(site / "ldapsync.yaml"))
+    pipeline.run()
+    prom = site / "textfile" / "ldapsync.prom"
+    before = time.time()
+    pipeline.note_follower(False, "ldap://ldap-01: connection refused")
+    _, m = parse(prom)
+    lost = value(m, "ldapsync_ldap_lost_timestamp_seconds")
+    assert before <= lost <= time.time()
+    pipeline.note_follower(False, "ldap://ldap-02: connection refused")  # still away: since the first loss
+    assert value(parse(prom)[1], "ldapsync_ldap_lost_timestamp_seconds") == lost
+    pipeline.note_follower(True, None)
+    assert ("ldapsync_ldap_lost_timestamp_seconds", ()) not in parse(prom)[1]
+    assert value(parse(prom)[1], "ldapsync_config_rejected") == 0
+    pipeline.note_config("ldapsync.yaml: domain: not a domain")
+    assert value(parse(prom)[1], "ldapsync_config_rejected") == 1
+    pipeline.note_config(None)
+    assert value(parse(prom)[1], "ldapsync_config_rejected") == 0

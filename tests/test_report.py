@@ -247,3 +247,43 @@ def test_an_output_edited_by_hand_is_reported_until_the_next_sync(site: Path) ->
     assert "MODIFIED" in cli(site, "status").stdout
     assert cli(site, "--once").returncode == 0  # the sync puts back what LDAP says
     assert check(site, "--max-age", "900")[0] == 0 and status_json(site)["modified"] == []
+
+
+def test_check_warns_when_a_running_agent_has_lost_ldap(site: Path) -> None:
+    """status said `LDAP reachable: NO` while check said OK until the confirmation aged out."""
+    import time
+    from dataclasses import replace
+
+    from ldapsync import status as status_mod
+
+    assert cli(site, "--once").returncode == 0
+    state = State(site / "state")
+    now = time.time()
+    record = status_mod.load(site / "state")
+    status_mod.save(
+        site / "state",
+        replace(
+            record,
+            last_confirmed=now - 35,
+            ldap_reachable=False,
+            follower_connected=False,
+            follower_error="ldap://ldap1: connection refused",
+            ldap_lost=now - 35,
+        ),
+    )
+    with state.lock(role="agent"):  # an agent runs (no control socket: status asks nobody)
+        code, line, _ = check(site, "--max-age", "900")
+        assert code == 1, line
+        assert re.search(r"LDAP unreachable for 3\d+s", line) and "connection refused" in line
+        code, line, _ = check(site, "--max-age", "30")
+        assert code == 2 and "LDAP unreachable" in line
+        human = cli(site, "status").stdout
+        assert re.search(r"LDAP reachable: NO, for 3\ds", human), human
+    # without a running agent the record is history, judged by its age alone
+    code, line, _ = check(site, "--max-age", "900")
+    assert code == 0, line
+
+
+def test_check_help_names_the_smallest_sensible_max_age(site: Path) -> None:
+    out = cli(site, "check", "--help").stdout
+    assert "--max-age" in out and "at least 50" in " ".join(out.split())

@@ -15,12 +15,16 @@ from profiles import examples
 
 from ldapsync import config as config_mod
 from ldapsync.scheduler import (
+    CONFIRM_EVERY,
+    Approved,
     Changed,
     ConfigEdited,
     ConfigLoaded,
     ConfigRejected,
     Confirm,
+    DayScheduled,
     Decision,
+    Decline,
     Event,
     Fallback,
     FollowerDown,
@@ -30,8 +34,13 @@ from ldapsync.scheduler import (
     NotifyReady,
     Refreshed,
     ReloadConfig,
+    Requested,
     Resync,
+    ResyncRequested,
+    RolledBack,
+    ScheduleDay,
     Scheduler,
+    Serve,
     Stop,
     Sync,
     SyncFinished,
@@ -40,7 +49,15 @@ from ldapsync.scheduler import (
     Timing,
 )
 
-T = Timing(debounce=0.1, max_delay=2.0, retry_initial=1.0, retry_max=8.0, heartbeat=1000.0, ready_within=60.0)
+T = Timing(
+    debounce=0.1,
+    max_delay=2.0,
+    retry_initial=1.0,
+    retry_max=8.0,
+    heartbeat=1000.0,
+    ready_within=60.0,
+    confirm_every=30.0,
+)
 
 
 def work(decisions: list[Decision]) -> list[Decision]:
@@ -529,3 +546,122 @@ def test_a_burst_with_gaps_under_the_debounce_gives_one_sync(gaps: list[float], 
     assert syncs == 0
     assert s.deadline() == pytest.approx(t + debounce)
     assert work(s.handle(Tick(t + debounce))) == [Sync()]
+
+
+# -- the day boundary ----------------------------------------------------------------------------
+def test_a_quiet_agent_rebuilds_when_the_day_changes() -> None:
+    """Date-based rules (retiring <date>) apply at midnight without any directory change."""
+    s = synced(Timing(confirm_every=1e6, heartbeat=1e6))
+    s.handle(DayScheduled(1.0, rollover=500.0))
+    assert s.deadline() == 500.0
+    assert work(s.handle(Tick(499.9))) == []
+    assert work(s.handle(Tick(500.0))) == [ScheduleDay(), Sync()]
+    s.handle(SyncFinished(500.5, ok=True))
+    assert work(s.handle(Tick(1000.0))) == [], "one rebuild per day, until the shell names the next"
+    s.handle(DayScheduled(1000.0, rollover=86900.0))
+    assert s.deadline() == 86900.0
+
+
+def test_the_day_boundary_waits_for_a_complete_mirror() -> None:
+    s = Scheduler(T, now=0.0)
+    s.handle(DayScheduled(0.0, rollover=5.0))
+    assert work(s.handle(Tick(5.0))) == [ScheduleDay()], "nothing to rebuild before the first refresh"
+    s.handle(FollowerUp(6.0))
+    assert work(s.handle(Refreshed(6.0))) == [Sync()]
+
+
+# -- operators' requests -------------------------------------------------------------------------
+def test_a_request_is_served_at_once_between_syncs() -> None:
+    s = synced()
+    assert work(s.handle(Requested(5.0, request=1))) == [Serve(1)]
+
+
+def test_a_request_during_a_sync_waits_for_it_to_finish() -> None:
+    s = synced()
+    s.handle(Changed(5.0))
+    assert work(s.handle(Tick(5.1))) == [Sync()]
+    assert work(s.handle(Requested(5.2, request=7))) == []
+    assert work(s.handle(Requested(5.3, request=8))) == []
+    assert work(s.handle(SyncFinished(6.0, ok=True))) == [Serve(7), Serve(8)]
+
+
+def test_requests_not_served_are_declined_at_stop() -> None:
+    s = synced()
+    s.handle(Changed(5.0))
+    s.handle(Tick(5.1))
+    s.handle(Requested(5.2, request=3))
+    assert s.handle(Terminate(5.3)) == [Decline(3), Stop()]
+
+
+def test_an_approved_change_is_in_step_and_a_later_change_is_synced_as_usual() -> None:
+    s = synced(Timing(debounce=0.1, confirm_every=10.0, heartbeat=1000.0))
+    s.handle(Changed(1.0))
+    s.handle(Tick(1.1))
+    s.handle(SyncFinished(1.2, ok=True, held=True))
+    assert work(s.handle(Approved(3.0, ok=True))) == []
+    assert work(s.handle(Tick(13.0))) == [Confirm()], "the approved install is the mirror: confirmed"
+    s.handle(Changed(14.0))
+    assert work(s.handle(Tick(14.1))) == [Sync()]
+
+
+def test_a_rollback_is_not_confirmed_and_a_resync_request_restarts_the_follower() -> None:
+    s = synced()
+    s.handle(RolledBack(1.0))
+    decisions = [d for t in range(2, 100) for d in s.handle(Tick(float(t)))]
+    assert Confirm() not in decisions
+    assert work(s.handle(ResyncRequested(100.0))) == [Resync()]
+
+
+def test_a_quiet_agent_confirms_well_within_the_smallest_warning_age() -> None:
+    """`check --max-age 60` warns at 30 s: a healthy agent confirms more often than that."""
+    assert CONFIRM_EVERY <= 10.0
+    s = synced(Timing(heartbeat=1000.0))
+    confirms = [t for t in range(1, 600) if Confirm() in s.handle(Tick(float(t)))]
+    gaps = [b - a for a, b in itertools.pairwise([0, *confirms])]
+    assert confirms and max(gaps) <= CONFIRM_EVERY
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["request", "change", "tick", "finish", "terminate"]), st.floats(0.0, 0.5)),
+        max_size=60,
+    )
+)
+def test_every_request_is_served_once_between_syncs_or_declined(steps: list[tuple[str, float]]) -> None:
+    s = synced()
+    t, next_id = 1.0, 0
+    syncing = False
+    served: list[int] = []
+    asked: list[int] = []
+
+    def take(decisions: list[Decision]) -> None:
+        nonlocal syncing
+        for d in decisions:
+            if isinstance(d, Sync):
+                syncing = True
+            elif isinstance(d, Serve | Decline):
+                assert not (isinstance(d, Serve) and syncing), "a request served beside a sync"
+                served.append(d.request)
+
+    for kind, gap in steps:
+        t += gap
+        if kind == "request":
+            next_id += 1
+            asked.append(next_id)
+            take(s.handle(Requested(t, next_id)))
+        elif kind == "change":
+            take(s.handle(Changed(t)))
+        elif kind == "finish" and syncing:
+            syncing = False
+            take(s.handle(SyncFinished(t, ok=True)))
+        elif kind == "terminate":
+            take(s.handle(Terminate(t)))
+            break
+        take(s.handle(Tick(t)))
+    else:
+        if syncing:
+            syncing = False
+            take(s.handle(SyncFinished(t, ok=True)))
+        take(s.handle(Terminate(t + 1)))
+    assert sorted(served) == asked, "each request answered exactly once"

@@ -289,9 +289,9 @@ class Notifications:
         self.seen: list[str] = []
         self._cond = threading.Condition()
 
-    def __call__(self, what: str) -> None:
+    def __call__(self, event: watch.FollowerEvent) -> None:
         with self._cond:
-            self.seen.append(what)
+            self.seen.append(event.kind)
             self._cond.notify_all()
 
     def wait(self, what: str, *, after: int = 0, timeout: float) -> int:
