@@ -18,7 +18,7 @@ from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
 EXIT_CHECK_UNKNOWN = 3  # the monitoring plugin convention: a plugin that cannot run is UNKNOWN
-COMMANDS = ("status", "snapshots", "rollback", "approve", "check")
+COMMANDS = ("status", "snapshots", "diff", "rollback", "approve", "check", "explain")
 
 
 def _global_options(p: argparse.ArgumentParser, *, default: bool) -> None:
@@ -74,7 +74,18 @@ def parser() -> argparse.ArgumentParser:
     command("status", "last sync, source, held change, rejected values, outputs and their hashes").add_argument(
         "--json", action="store_true", help="machine-readable output"
     )
-    command("snapshots", "list the generations (last-known-good snapshots); * marks the installed one")
+    command(
+        "snapshots",
+        "list the generations (last-known-good snapshots), newest first, with the keys each one "
+        "added, removed and changed per output (+A -R ~C; ? if unknown); * marks the installed one",
+    )
+    df = command(
+        "diff",
+        "unified diff between two generations' outputs, secrets redacted as --dry-run redacts them "
+        "(exit 0 same, 1 different, 2 error)",
+    )
+    df.add_argument("old", nargs="?", metavar="GEN1", help="the older generation (default: the one before GEN2)")
+    df.add_argument("new", nargs="?", metavar="GEN2", help="the newer generation (default: the installed one)")
     rb = command("rollback", "reinstall a generation through the normal commit path (postmap, check and reload hooks)")
     rb.add_argument(
         "generation", nargs="?", help="generation id from `snapshots` (default: the one before the current)"
@@ -182,7 +193,12 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "explain":
         return _explain(pipeline, args.address, as_json=args.json, live=args.live)
     if args.command == "snapshots":
-        return report.snapshots(pipeline.state)
+        from ldapsync import history
+
+        sys.stdout.write(history.snapshots(pipeline.state, {spec.name: exp.parse for spec, exp in pipeline.exporters}))
+        return EXIT_OK
+    if args.command == "diff":
+        return _diff(pipeline, args.old, args.new)
     if args.command == "rollback":
         with pipeline.state.lock(wait=LOCK_WAIT, role="rollback"):
             result = sync.rollback(pipeline, args.generation)
@@ -261,6 +277,24 @@ def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> in
 
 
 REPORTED_FILE = "reported.json"
+
+
+def _diff(pipeline: object, old: str | None, new: str | None) -> int:
+    """Read-only, like diff(1): 0 the outputs are the same, 1 they differ, 2 trouble."""
+    from ldapsync import history
+    from ldapsync.sync import Pipeline
+
+    assert isinstance(pipeline, Pipeline)
+    try:
+        a, b = history.pick(pipeline.state, old, new)
+        diffs = history.diff(a, b, [(spec.name, exp) for spec, exp in pipeline.exporters])
+    except (LdapsyncError, OSError) as e:
+        print(f"ldapsync: diff: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    for text in diffs.values():
+        sys.stdout.write(text)
+    print(f"ldapsync: diff {a.id} {b.id}: {', '.join(diffs) or 'no differences'}", file=sys.stderr)
+    return 1 if diffs else EXIT_OK
 
 
 def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:

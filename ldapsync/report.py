@@ -58,6 +58,8 @@ def _collect(cfg: Config) -> dict[str, Any]:
         "rejected": record.rejected,
         "weak_passwords": record.weak_passwords,
         "syncs": dict(record.syncs),
+        # keys added/removed/changed per output by the last install that changed something
+        "last_changes": {n: d.to_json() for n, d in sorted(record.last_changes.items())},
         "outputs": outputs,
         # installed files whose content is not what the last successful sync installed (edited by hand)
         "modified": sorted(
@@ -101,6 +103,11 @@ def status(cfg: Config, *, as_json: bool) -> int:
     if info["follower_connected"] is False:
         print(f"follower:       disconnected ({info['follower_error'] or 'no error recorded'})")
     print(f"generation:     {info['generation'] or '-'}")
+    if info["last_changes"]:
+        changes = ", ".join(
+            f"{n} +{d['added']} -{d['removed']} ~{d['changed']}" for n, d in info["last_changes"].items()
+        )
+        print(f"last install:   {changes} (keys)")
     if info["error"]:
         print(f"last error:     {info['error']}")
     print(f"held change:    {info['held'] or 'none'}")
@@ -130,22 +137,6 @@ def _agent_line(agent: dict[str, Any]) -> str:
     if lock is not None:
         return f"not running; ldapsync {lock['role'] or ''} (PID {lock['pid']}) holds the state lock"
     return "not running"
-
-
-def snapshots(state: State) -> int:
-    current = state.current_id()
-    gens = state.generations()
-    if not gens:
-        print("no generations yet")
-    for g in gens:
-        mark = "*" if g.id == current else " "
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.meta.get("time", 0)))
-        lines = g.meta.get("lines", {})
-        print(
-            f"{mark} {g.id}  {when}  {g.meta.get('source', '?')}  "
-            + " ".join(f"{k}={v}" for k, v in sorted(lines.items()))
-        )
-    return 0
 
 
 def check(config_path: Path, max_age: float, warn_age: float | None) -> int:

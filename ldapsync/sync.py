@@ -363,9 +363,7 @@ class Pipeline:
             self._finish(replace(record, result=SyncResult.HELD, held=reason, error=None).counted(SyncResult.HELD))
             return Result(SyncResult.HELD, held_reason=reason, counts=plan.counts)
         try:
-            changed, keys = self._commit(
-                plan.outputs, plan.generation, counts=plan.counts, before_rename=before_rename
-            )
+            changed, keys = self._commit(plan.outputs, plan.generation, counts=plan.counts, before_rename=before_rename)
             # Services first; recording the generation (a full snapshot write) can follow.
             record = self._reload(record, changed, plan.generation)
             if plan.new_generation:
