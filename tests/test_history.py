@@ -15,18 +15,20 @@ from ldapsync import history
 from ldapsync.delta import Delta
 from ldapsync.exporters.dovecot import PasswdExporter
 
-ALICE_HASH = "$6$Mwbjj2JAVj1UcS5G$nyzXjxh.GlSMV59F5eiRXhZdNputRFpfSv8PpCyTF5Bl5jVMAOeRlJzp8PZW7XF4SsWhilFZqYVvsmQ6BSpFu1"
+ALICE_HASH = (
+    "$6$Mwbjj2JAVj1UcS5G$nyzXjxh.GlSMV59F5eiRXhZdNputRFpfSv8PpCyTF5Bl5jVMAOeRlJzp8PZW7XF4SsWhilFZqYVvsmQ6BSpFu1"
+)
 NEW_HASH = "{SSHA}UwuA0zzhm0/aklOjCeHV2xdy/5fKTQPBR+7ulQ=="
 
 
 def three_generations(site: Site) -> list[str]:
     """The demo; then bob's forward changed; then alice's password changed. Ids, oldest first."""
     ids = []
-    text = DEMO_LDIF.read_text()
+    demo = DEMO_LDIF.read_text()
     for text in (
-        text,
-        text.replace("bob@elsewhere.example", "bob@new.example"),
-        text.replace("bob@elsewhere.example", "bob@new.example").replace(ALICE_HASH, NEW_HASH),
+        demo,
+        demo.replace("bob@elsewhere.example", "bob@new.example"),
+        demo.replace("bob@elsewhere.example", "bob@new.example").replace(ALICE_HASH, NEW_HASH),
     ):
         site.ldif.write_text(text)
         site.run("--once", check=0)
