@@ -96,9 +96,7 @@ def parser() -> argparse.ArgumentParser:
         "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
     )
     ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
-    ex = sub.add_parser(
-        "explain", help="where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)"
-    )
+    ex = command("explain", "where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)")
     ex.add_argument("address", help="an address, or a bare login (login@domain)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.add_argument("--live", action="store_true", help="read the directory instead of the installed generation")
