@@ -18,7 +18,7 @@ from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
 EXIT_CHECK_UNKNOWN = 3  # the monitoring plugin convention: a plugin that cannot run is UNKNOWN
-COMMANDS = ("status", "snapshots", "diff", "rollback", "approve", "check", "explain")
+COMMANDS = ("status", "snapshots", "diff", "rollback", "approve", "check", "explain", "files")
 
 
 def _global_options(p: argparse.ArgumentParser, *, default: bool) -> None:
@@ -96,6 +96,11 @@ def parser() -> argparse.ArgumentParser:
         "--max-age", type=float, required=True, metavar="SECONDS", help="CRITICAL if the last success is older"
     )
     ck.add_argument("--warn-age", type=float, metavar="SECONDS", help="WARNING if older (default: half of --max-age)")
+    command(
+        "files",
+        "the files ldapsync writes: each output and its compiled map, one absolute path per line "
+        "(what the Debian package's purge removes)",
+    )
     ex = command("explain", "where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)")
     ex.add_argument("address", help="an address, or a bare login (login@domain)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
@@ -187,6 +192,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     if args.command == "status":
         return report.status(cfg, as_json=args.json)
+    if args.command == "files":
+        return _files(cfg)
     pipeline = sync.Pipeline(cfg)
     if args.command == "explain":
         return _explain(pipeline, args.address, as_json=args.json, live=args.live)
@@ -275,6 +282,26 @@ def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> in
 
 
 REPORTED_FILE = "reported.json"
+
+
+def _files(cfg: config_mod.Config) -> int:
+    """Each output's path and its compiled map's, whether or not they exist yet (read-only).
+
+    One path per line for scripts (the package's purge reads it): a path with a newline is
+    refused rather than printed as two."""
+    from ldapsync import commit
+
+    paths = []
+    for spec in cfg.exporters:
+        out = commit.Output(spec.name, spec.path, b"", spec.map_type if spec.map_type != "none" else None, 0)
+        for path in (out.path, out.compiled):
+            if path is None:
+                continue
+            if "\n" in str(path):
+                raise ConfigError(f"exporter {spec.name}: path {str(path)!r} holds a newline", file=cfg.path)
+            paths.append(str(path))
+    sys.stdout.write("".join(f"{p}\n" for p in dict.fromkeys(paths)))
+    return EXIT_OK
 
 
 def _diff(pipeline: object, old: str | None, new: str | None) -> int:
