@@ -292,13 +292,13 @@ def _files(cfg: config_mod.Config) -> int:
     from ldapsync import commit
 
     paths = []
-    for spec in cfg.exporters:
+    for i, spec in enumerate(cfg.exporters):
         out = commit.Output(spec.name, spec.path, b"", spec.map_type if spec.map_type != "none" else None, 0)
         for path in (out.path, out.compiled):
             if path is None:
                 continue
             if "\n" in str(path):
-                raise ConfigError(f"exporter {spec.name}: path {str(path)!r} holds a newline", file=cfg.path)
+                raise ConfigError(f"{str(path)!r} holds a newline", file=cfg.path, key=f"exporters[{i}].path")
             paths.append(str(path))
     sys.stdout.write("".join(f"{p}\n" for p in dict.fromkeys(paths)))
     return EXIT_OK
