@@ -11,8 +11,8 @@ and line) rather than guessing:
   continuation lines indented;
 - fenced code blocks (```), shown as they are;
 - pipe tables with a header row: each row becomes a tagged paragraph, the first cell the tag,
-  a second cell the text, further cells labelled with their column's header (no tbl needed,
-  so a table reads well at any terminal width);
+  a second cell the text; in wider tables every further cell is a line of its own, labelled
+  with its column's header (no tbl needed, so a table reads well at any terminal width);
 - inline `code` (bold, as man pages show literal text), **bold**, *italic*, and links
   [text](target), shown as their text.
 
@@ -289,12 +289,13 @@ def _table(rows: Sequence[str]) -> list[str]:
         if len(cells) != len(header):
             raise ValueError(f"table row has {len(cells)} cells, its header {len(header)}: {row!r}")
         out += [".TP", _line(inline(cells[0]) or "\\&")]
-        body = [_line(inline(cells[1]))] if len(cells) > 1 and cells[1] else []
-        for name, cell in zip(header[2:], cells[2:], strict=True):
+        if len(header) <= 2:  # tag and text
+            out.append(_line(inline(cells[1])) if len(cells) > 1 and cells[1] else "\\&")
+            continue
+        # more columns: each on its own line under the tag, labelled with its header
+        for name, cell in zip(header[1:], cells[1:], strict=True):
             if cell:
-                body += [".br"] if body else []
-                body.append(_line(f"\\fI{_escape(name)}:\\fR " + inline(cell)))
-        out += body or ["\\&"]
+                out += [".br", _line(f"\\fI{_escape(name)}:\\fR " + inline(cell))]
     return out
 
 

@@ -152,7 +152,9 @@ def test_non_ascii_is_named_for_groff() -> None:
 def test_tables_become_tagged_paragraphs_with_labelled_extra_columns() -> None:
     md = "# T\n\n| command | does | exit |\n|---|---|---|\n| `a` | x \\| y | 0 |\n"
     roff = manpage.convert(md, PAGE)
-    assert ".TP\n\\fBa\\fR\nx | y\n.br\n\\fIexit:\\fR 0\n" in roff
+    assert ".TP\n\\fBa\\fR\n.br\n\\fIdoes:\\fR x | y\n.br\n\\fIexit:\\fR 0\n" in roff
+    two = manpage.convert("# T\n\n| option | meaning |\n|---|---|\n| `-q` | quiet |\n", PAGE)
+    assert ".TP\n\\fB\\-q\\fR\nquiet\n" in two
 
 
 @pytest.mark.parametrize(
