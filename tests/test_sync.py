@@ -586,6 +586,9 @@ def test_an_install_reports_keys_added_removed_and_changed_in_log_status_metrics
     assert installed["changed"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
     status = site.status()
     assert status["last_changes"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
+    assert "\nlast install:   alias +0 -0 ~1 (keys)\n" in site.run("status", check=0).stdout
+    shown = json.loads(site.run("status", "--json", check=0).stdout)
+    assert shown["last_changes"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
     assert 'ldapsync_last_install_keys{kind="changed",output="alias"} 1.0' in prom.read_text()
     gen = site.state.get()
     assert gen is not None and gen.meta["delta"]["alias"] == {"added": 0, "removed": 0, "changed": 1}
