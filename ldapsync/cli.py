@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
         prog="ldapsync",
         description="Follow LDAP and atomically install Postfix maps and a Dovecot passwd-file. "
         "Without --once, --dry-run or a command it runs as the agent (a systemd Type=notify service).",
-        epilog="Exit codes and examples: docs/cli.md (installed in /usr/share/doc/ldapsync/).",
+        epilog="Exit codes and examples: docs/cli.md (installed in /usr/share/doc/ldapsync/; "
+        "as man pages: ldapsync(8), ldapsync.yaml(5)).",
     )
     _global_options(p, default=True)
     p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
