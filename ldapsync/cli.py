@@ -20,7 +20,7 @@ from ldapsync.scheduler import CONFIRM_EVERY
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_HELD = 0, 1, 2, 4
 LOCK_WAIT = 5.0  # seconds a one-shot command waits for another one; then it names the holder's PID
 EXIT_CHECK_UNKNOWN = 3  # the monitoring plugin convention: a plugin that cannot run is UNKNOWN
-COMMANDS = ("status", "snapshots", "rollback", "approve", "resync", "check")
+COMMANDS = ("status", "snapshots", "diff", "rollback", "approve", "resync", "check", "explain", "files")
 AGENT_COMMANDS = ("approve", "rollback", "resync")  # carried out by a running agent when there is one
 
 
@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
         prog="ldapsync",
         description="Follow LDAP and atomically install Postfix maps and a Dovecot passwd-file. "
         "Without --once, --dry-run or a command it runs as the agent (a systemd Type=notify service).",
-        epilog="Exit codes and examples: docs/cli.md (installed in /usr/share/doc/ldapsync/).",
+        epilog="Exit codes and examples: docs/cli.md (installed in /usr/share/doc/ldapsync/; "
+        "as man pages: ldapsync(8), ldapsync.yaml(5)).",
     )
     _global_options(p, default=True)
     p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
@@ -77,7 +78,18 @@ def parser() -> argparse.ArgumentParser:
     command("status", "last sync, source, held change, rejected values, outputs and their hashes").add_argument(
         "--json", action="store_true", help="machine-readable output"
     )
-    command("snapshots", "list the generations (last-known-good snapshots); * marks the installed one")
+    command(
+        "snapshots",
+        "list the generations (last-known-good snapshots), newest first, with the keys each one "
+        "added, removed and changed per output (+A -R ~C; ? if unknown); * marks the installed one",
+    )
+    df = command(
+        "diff",
+        "unified diff between two generations' outputs, secrets redacted as --dry-run redacts them "
+        "(exit 0 same, 1 different, 2 error)",
+    )
+    df.add_argument("old", nargs="?", metavar="GEN1", help="the older generation (default: the one before GEN2)")
+    df.add_argument("new", nargs="?", metavar="GEN2", help="the newer generation (default: the installed one)")
     rb = command("rollback", "reinstall a generation through the normal commit path (postmap, check and reload hooks)")
     rb.add_argument(
         "generation", nargs="?", help="generation id from `snapshots` (default: the one before the current)"
@@ -104,9 +116,12 @@ def parser() -> argparse.ArgumentParser:
         help="WARNING if older (default: half of --max-age); a running agent that has lost LDAP for longer "
         "than the source timeout is WARNING regardless",
     )
-    ex = sub.add_parser(
-        "explain", help="where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)"
+    command(
+        "files",
+        "the files ldapsync writes: each output and its compiled map, one absolute path per line "
+        "(what the Debian package's purge removes)",
     )
+    ex = command("explain", "where an address goes in every output, and why (0 present, 1 absent, 2 cannot tell)")
     ex.add_argument("address", help="an address, or a bare login (login@domain)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.add_argument("--live", action="store_true", help="read the directory instead of the installed generation")
@@ -205,11 +220,18 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         answered = _ask_agent(cfg, args)
         if answered is not None:
             return answered
+    if args.command == "files":
+        return _files(cfg)
     pipeline = sync.Pipeline(cfg)
     if args.command == "explain":
         return _explain(pipeline, args.address, as_json=args.json, live=args.live)
     if args.command == "snapshots":
-        return report.snapshots(pipeline.state)
+        from ldapsync import history
+
+        sys.stdout.write(history.snapshots(pipeline.state, {spec.name: exp.parse for spec, exp in pipeline.exporters}))
+        return EXIT_OK
+    if args.command == "diff":
+        return _diff(pipeline, args.old, args.new)
     if args.command == "rollback":
         with pipeline.state.lock(wait=LOCK_WAIT, role="rollback"):
             result = sync.rollback(pipeline, args.generation)
@@ -309,6 +331,44 @@ def _explain(pipeline: object, address: str, *, as_json: bool, live: bool) -> in
 
 
 REPORTED_FILE = "reported.json"
+
+
+def _files(cfg: config_mod.Config) -> int:
+    """Each output's path and its compiled map's, whether or not they exist yet (read-only).
+
+    One path per line for scripts (the package's purge reads it): a path with a newline is
+    refused rather than printed as two."""
+    from ldapsync import commit
+
+    paths = []
+    for i, spec in enumerate(cfg.exporters):
+        out = commit.Output(spec.name, spec.path, b"", spec.map_type if spec.map_type != "none" else None, 0)
+        for path in (out.path, out.compiled):
+            if path is None:
+                continue
+            if "\n" in str(path):
+                raise ConfigError(f"{str(path)!r} holds a newline", file=cfg.path, key=f"exporters[{i}].path")
+            paths.append(str(path))
+    sys.stdout.write("".join(f"{p}\n" for p in dict.fromkeys(paths)))
+    return EXIT_OK
+
+
+def _diff(pipeline: object, old: str | None, new: str | None) -> int:
+    """Read-only, like diff(1): 0 the outputs are the same, 1 they differ, 2 trouble."""
+    from ldapsync import history
+    from ldapsync.sync import Pipeline
+
+    assert isinstance(pipeline, Pipeline)
+    try:
+        a, b = history.pick(pipeline.state, old, new)
+        diffs = history.diff(a, b, [(spec.name, exp) for spec, exp in pipeline.exporters])
+    except (LdapsyncError, OSError) as e:
+        print(f"ldapsync: diff: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    for text in diffs.values():
+        sys.stdout.write(text)
+    print(f"ldapsync: diff {a.id} {b.id}: {', '.join(diffs) or 'no differences'}", file=sys.stderr)
+    return 1 if diffs else EXIT_OK
 
 
 def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:

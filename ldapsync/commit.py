@@ -188,21 +188,29 @@ def installed_bytes(out: Output) -> bytes:
     return _read_installed(out) or b""
 
 
-def installed_text(out: Output) -> str:
-    return installed_bytes(out).decode("utf-8", "replace")
-
-
 def diff(out: Output, redact: Callable[[str], str]) -> str:
     """A unified diff of the installed file against the rendered one, secrets redacted."""
-    old = installed_text(out).splitlines(keepends=True)
-    new = out.data.decode("utf-8", "replace").splitlines(keepends=True)
-    if out.sensitive:
-        old = [redact(line.rstrip("\n")) + "\n" for line in old]
-        new = [redact(line.rstrip("\n")) + "\n" for line in new]
     exists = _read_installed(out) is not None
-    return "".join(
-        difflib.unified_diff(old, new, fromfile=str(out.path) if exists else "/dev/null", tofile=str(out.path))
+    return unified_diff(
+        installed_bytes(out),
+        out.data,
+        fromfile=str(out.path) if exists else "/dev/null",
+        tofile=str(out.path),
+        redact=redact if out.sensitive else None,
     )
+
+
+def unified_diff(
+    old: bytes, new: bytes, *, fromfile: str, tofile: str, redact: Callable[[str], str] | None = None
+) -> str:
+    """A unified diff of two versions of an output, each line through `redact` first if given
+    (the dry run and `ldapsync diff` show the same redacted lines)."""
+    a = old.decode("utf-8", "replace").splitlines(keepends=True)
+    b = new.decode("utf-8", "replace").splitlines(keepends=True)
+    if redact is not None:
+        a = [redact(line.rstrip("\n")) + "\n" for line in a]
+        b = [redact(line.rstrip("\n")) + "\n" for line in b]
+    return "".join(difflib.unified_diff(a, b, fromfile=fromfile, tofile=tofile))
 
 
 def install(

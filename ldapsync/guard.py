@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ldapsync import delta as keys
 from ldapsync.config import Safety
 
 RATIO_FLOOR = 10  # the ratio limits ignore tiny changes: 2 of 5 users is not a mass deletion
@@ -56,16 +57,10 @@ def delta(output: str, old: Mapping[str, str], new: Mapping[str, str], *, values
 def diff(
     output: str, installed: bytes, new: bytes, parse: Callable[[bytes], Mapping[str, str]], *, values: bool
 ) -> Delta:
-    """Compare two versions of an output file; `parse` is its exporter's line parser.
-
-    Only the lines that differ are parsed: after a small change that is a handful, not the
-    100k lines of a large passwd-file.
-    """
-    old_lines, new_lines = set(installed.split(b"\n")), set(new.split(b"\n"))
-    gone = parse(b"\n".join(old_lines - new_lines))
-    came = parse(b"\n".join(new_lines - old_lines))
-    d = delta(output, gone, came, values=values)
-    return Delta(output, installed.count(b"\n"), d.deleted, d.changed, d.added)
+    """Compare two versions of an output file; `parse` is its exporter's line parser (only the
+    lines that differ are parsed: ldapsync.delta.compare)."""
+    d = keys.compare(installed, new, parse)
+    return Delta(output, installed.count(b"\n"), d.removed, d.changed if values else 0, d.added)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from ldapsync.delta import KINDS
 from ldapsync.fileio import write_atomic
 from ldapsync.status import Status, SyncResult
 
@@ -104,6 +105,24 @@ class _StatusCollector:
             info.add_metric([name, o.sha256], 1.0)
         yield entries
         yield info
+        keys = CounterMetricFamily(
+            "ldapsync_keys_changed",
+            "Keys added, removed or changed (kind) in each output, summed over every install.",
+            labels=["output", "kind"],
+        )
+        for name, d in sorted(s.changes_total.items()):
+            for kind in KINDS:
+                keys.add_metric([name, kind], float(getattr(d, kind)))
+        yield keys
+        last = GaugeMetricFamily(
+            "ldapsync_last_install_keys",
+            "Keys added, removed or changed (kind) in each output by the last install that changed something.",
+            labels=["output", "kind"],
+        )
+        for name, d in sorted(s.last_changes.items()):
+            for kind in KINDS:
+                last.add_metric([name, kind], float(getattr(d, kind)))
+        yield last
 
 
 def render(status: Status) -> bytes:

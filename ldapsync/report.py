@@ -18,7 +18,7 @@ from ldapsync.errors import ConfigError, StateError
 from ldapsync.health import CRITICAL, OK, UNKNOWN, WARNING, Health
 from ldapsync.state import LockHolder, State
 
-__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check", "locate", "snapshots", "status", "status_unloaded"]
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check", "locate", "status", "status_unloaded"]
 DEFAULT_STATE_DIR = Path("/var/lib/ldapsync")  # the unit's StateDirectory= and the documented state_dir
 LIVE_TIMEOUT = 0.5  # the agent answers `status` from its control thread at once; a hung one must not hang status
 
@@ -99,6 +99,8 @@ def _collect(
         "rejected": record.rejected,
         "weak_passwords": record.weak_passwords,
         "syncs": dict(record.syncs),
+        # keys added/removed/changed per output by the last install that changed something
+        "last_changes": {n: d.to_json() for n, d in sorted(record.last_changes.items())},
         "outputs": outputs,
         "modified": list(health.modified),
         "agent": agent,
@@ -200,6 +202,11 @@ def _print_status(info: dict[str, Any], *, as_json: bool) -> int:
     if info["follower_connected"] is False:
         print(f"follower:       disconnected ({info['follower_error'] or 'no error recorded'})")
     print(f"generation:     {info['generation'] or '-'}")
+    if info["last_changes"]:
+        changes = ", ".join(
+            f"{n} +{d['added']} -{d['removed']} ~{d['changed']}" for n, d in info["last_changes"].items()
+        )
+        print(f"last install:   {changes} (keys)")
     if info["error"]:
         print(f"last error:     {info['error']}")
     print(f"held change:    {info['held'] or 'none'}")
@@ -229,22 +236,6 @@ def _agent_line(agent: dict[str, Any]) -> str:
     if lock is not None:
         return f"not running; ldapsync {lock['role'] or ''} (PID {lock['pid']}) holds the state lock"
     return "not running"
-
-
-def snapshots(state: State) -> int:
-    current = state.current_id()
-    gens = state.generations()
-    if not gens:
-        print("no generations yet")
-    for g in gens:
-        mark = "*" if g.id == current else " "
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g.meta.get("time", 0)))
-        lines = g.meta.get("lines", {})
-        print(
-            f"{mark} {g.id}  {when}  {g.meta.get('source', '?')}  "
-            + " ".join(f"{k}={v}" for k, v in sorted(lines.items()))
-        )
-    return 0
 
 
 def check(config_path: Path, max_age: float, warn_age: float | None) -> int:

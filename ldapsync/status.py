@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from ldapsync import delta as delta_mod
+from ldapsync.delta import Delta
 from ldapsync.fileio import write_atomic
 
 log = structlog.get_logger(__name__)
@@ -110,6 +112,19 @@ class Status:
     metrics_error: str | None = None
     syncs: Mapping[str, int] = field(default_factory=_empty)  # attempts by SyncResult value
     propagation: Histogram = field(default_factory=Histogram)
+    # keys added/removed/changed per output: by the last install that changed something, and
+    # summed over every install (the counter behind ldapsync_keys_changed_total)
+    last_changes: Mapping[str, Delta] = field(default_factory=_empty)
+    changes_total: Mapping[str, Delta] = field(default_factory=_empty)
+
+    def installed(self, changes: Mapping[str, Delta]) -> Status:
+        """This record after an install that changed `changes` (none: the record as it is)."""
+        if not changes:
+            return self
+        total = dict(self.changes_total)
+        for name, d in changes.items():
+            total[name] = total.get(name, Delta()) + d
+        return replace(self, last_changes=MappingProxyType(dict(changes)), changes_total=MappingProxyType(total))
 
     def counted(self, result: SyncResult) -> Status:
         syncs = dict(self.syncs)
@@ -141,6 +156,8 @@ class Status:
             "metrics_error": self.metrics_error,
             "syncs": dict(sorted(self.syncs.items())),
             "propagation": {"counts": list(self.propagation.counts), "sum": self.propagation.total},
+            "last_changes": delta_mod.to_json(self.last_changes),
+            "changes_total": delta_mod.to_json(self.changes_total),
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -198,6 +215,8 @@ class Status:
             metrics_error=_str(doc.get("metrics_error")),
             syncs=MappingProxyType(syncs),
             propagation=histogram,
+            last_changes=MappingProxyType(delta_mod.mapping(doc.get("last_changes")) or {}),
+            changes_total=MappingProxyType(delta_mod.mapping(doc.get("changes_total")) or {}),
         )
 
 

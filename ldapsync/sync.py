@@ -28,6 +28,7 @@ from ldapsync import commit, ldapsource, ldifsource, metrics, static
 from ldapsync import guard as guards
 from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
+from ldapsync.delta import Delta
 from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
@@ -46,18 +47,6 @@ class Verdict(StrEnum):
     INSTALL = "install"
     HOLD = "hold"
     NOOP = "noop"  # the installed outputs already match
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """Keys added, removed and changed in one output, against what is installed."""
-
-    added: int = 0
-    removed: int = 0
-    changed: int = 0
-
-    def __str__(self) -> str:
-        return f"+{self.added} -{self.removed} ~{self.changed}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +233,15 @@ class Pipeline:
         counts (dry run, held change, log) see them all. One parse serves both.
         """
         exporters = {spec.name: exp for spec, exp in self.exporters}
+        deltas = self.measure(outputs)
+        guarded = [_guarded(d, exporters[d.output]) for d in deltas]
+        self._deltas = ([o.digest() for o in outputs], guarded)
+        return deltas
+
+    def measure(self, outputs: Sequence[commit.Output]) -> list[guards.Delta]:
+        """Each output against what is installed, by key (the renderer's counts when it spliced
+        the installed bytes, else the exporter's parser on the lines that differ); no side effects."""
+        exporters = {spec.name: exp for spec, exp in self.exporters}
         deltas = []
         for out in outputs:
             installed = commit.installed_bytes(out)
@@ -258,8 +256,6 @@ class Pipeline:
                 deltas.append(guards.Delta(out.name, r.lines - e.added + e.removed, e.removed, e.changed, e.added))
             else:
                 deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
-        guarded = [_guarded(d, exporters[d.output]) for d in deltas]
-        self._deltas = ([o.digest() for o in outputs], guarded)
         return deltas
 
     def record_guard(self, outputs: list[commit.Output], *, force: bool) -> None:
@@ -282,7 +278,7 @@ class Pipeline:
         changed = tuple(o.name for o in outputs if commit.needs_install(o))
         deltas = self.deltas(outputs)
         self._rendered.clear()  # the previous outputs they were spliced from need not stay in memory
-        counts = MappingProxyType({d.output: Delta(d.added, d.deleted, d.changed) for d in deltas})
+        counts = _counts(deltas)
         held = None if force else self.guard(snapshot, outputs, report, self._deltas[1] if self._deltas else None)
         if held is not None:
             verdict, generation, new = Verdict.HOLD, self.state.current_id() or "", False
@@ -365,7 +361,7 @@ class Pipeline:
             self._finish(replace(record, result=SyncResult.HELD, held=reason, error=None).counted(SyncResult.HELD))
             return Result(SyncResult.HELD, held_reason=reason, counts=plan.counts)
         try:
-            changed = self._commit(plan.outputs, plan.generation, before_rename=before_rename)
+            changed, keys = self._commit(plan.outputs, plan.generation, counts=plan.counts, before_rename=before_rename)
             # Services first; recording the generation (a full snapshot write) can follow.
             record = self._reload(record, changed, plan.generation)
             if plan.new_generation:
@@ -392,7 +388,7 @@ class Pipeline:
             outputs=_output_states(plan.outputs),
             generation=plan.generation,
             propagation=propagation,
-        )
+        ).installed(keys)
         self._finish(record.counted(result))
         return Result(result, [o.name for o in changed], plan.generation, counts=plan.counts)
 
@@ -401,8 +397,15 @@ class Pipeline:
         outputs: Sequence[commit.Output],
         generation: str,
         *,
+        counts: Mapping[str, Delta] | None = None,
         before_rename: Callable[[], None] | None = None,
-    ) -> list[commit.Output]:
+    ) -> tuple[list[commit.Output], dict[str, Delta]]:
+        """Install what changed; return it, and how each installed output changed by key.
+
+        `counts`: the plan's, measured against what was installed when it was made; without
+        them (rollback, last-known-good) they are measured here, before anything is replaced."""
+        if counts is None:
+            counts = _counts(self.measure(outputs))
         changed = commit.install(
             outputs,
             postmap=self.postmap(),
@@ -411,9 +414,10 @@ class Pipeline:
             before_rename=before_rename,
             extra_env={"LDAPSYNC_OUTPUTS": " ".join(commit.env_name(spec.name) for spec, _ in self.exporters)},
         )
+        keys = {o.name: counts.get(o.name, Delta()) for o in changed}
         if changed:
-            log.info("installed", generation=generation, changed={o.name: o.line_count() for o in changed})
-        return changed
+            log.info("installed", generation=generation, changed={n: d.to_json() for n, d in keys.items()})
+        return changed, keys
 
     def _record_generation(self, plan: Plan) -> None:
         meta = {
@@ -423,6 +427,7 @@ class Pipeline:
             "specs": {spec.name: self.spec_digest(spec) for spec, _ in self.exporters},
             "config": str(self.config.path),
             "lines": {o.name: o.line_count() for o in plan.outputs},
+            "delta": {name: d.to_json() for name, d in sorted(plan.counts.items())},  # against what was installed
         }
         data = {o.name: o.data for o in plan.outputs}
         hashes = {o.name: o.digest() for o in plan.outputs}
@@ -533,7 +538,7 @@ class Pipeline:
             error=error,
         )
         try:
-            changed = self._commit(repair, lkg.id)  # the hooks see the generation they are given
+            changed, keys = self._commit(repair, lkg.id)  # the hooks see the generation they are given
             record = self._reload(record, changed, lkg.id)
         except (CommitError, ConfigError) as e:
             message = f"{error}; last-known-good install failed: {e}"
@@ -544,7 +549,7 @@ class Pipeline:
             result=SyncResult.LAST_KNOWN_GOOD,
             source=f"last-known-good:{lkg.id}",
             outputs=MappingProxyType({**record.outputs, **_output_states(repair)}),
-        )
+        ).installed(keys)
         self._finish(record.counted(SyncResult.LAST_KNOWN_GOOD))
         return Result(SyncResult.LAST_KNOWN_GOOD, [o.name for o in changed], lkg.id, error=error)
 
@@ -611,6 +616,11 @@ def _output_states(outputs: Sequence[commit.Output]) -> Mapping[str, OutputState
     return MappingProxyType({o.name: OutputState(o.line_count(), o.digest()) for o in outputs})
 
 
+def _counts(deltas: Sequence[guards.Delta]) -> Mapping[str, Delta]:
+    """The guards' per-output deltas as key counts (every changed value, guarded or not)."""
+    return MappingProxyType({d.output: Delta(d.added, d.deleted, d.changed) for d in deltas})
+
+
 def _guarded(delta: guards.Delta, exp: Exporter) -> guards.Delta:
     """The delta as the guards count it: changed values only where the exporter guards them."""
     return delta if exp.guarded_values else replace(delta, changed=0)
@@ -646,7 +656,7 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
             )
     record = replace(status_mod.load(pipeline.config.state_dir), last_attempt=time.time())
     try:
-        changed = pipeline._commit(outputs, target.id)
+        changed, keys = pipeline._commit(outputs, target.id)
         record = pipeline._reload(record, changed, target.id)
         pipeline.state.set_current(target.id)
     except (LdapsyncError, OSError) as e:
@@ -659,7 +669,7 @@ def rollback(pipeline: Pipeline, gid: str | None) -> Result:
         error=None,
         outputs=_output_states(outputs),
         generation=target.id,
-    )
+    ).installed(keys)
     pipeline._finish(record.counted(SyncResult.ROLLED_BACK))
     status = SyncResult.INSTALLED if changed else SyncResult.UNCHANGED
     return Result(status, [o.name for o in changed], target.id)

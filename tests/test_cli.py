@@ -196,7 +196,7 @@ def test_config_option_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
 
 def test_every_subcommand_has_help_text() -> None:
     top = ldapsync_cli("--help", check=0).stdout
-    for name in ("status", "snapshots", "rollback", "approve", "check"):
+    for name in ("status", "snapshots", "diff", "rollback", "approve", "check", "explain", "files"):
         line = next((ln for ln in top.splitlines() if ln.strip().startswith(name + " ")), "")
         assert len(line.split(None, 1)[-1]) > 15, f"{name} has no help text in --help"
         sub = ldapsync_cli(name, "--help", check=0).stdout
@@ -402,3 +402,22 @@ def test_output_directories_are_created_traversable_for_the_exporters_group(open
         check=False,
     )
     assert read.returncode == 0 and read.stdout, read.stderr
+
+
+def test_files_lists_each_output_and_its_compiled_map(tmp_path: Path) -> None:
+    exporters = [
+        {"kind": "postfix-virtual", "name": "alias", "path": "out/alias", "include": ["aliases"]},
+        {"kind": "postfix-recipients", "path": "out/recipients", "map_type": "lmdb"},
+        {"kind": "postfix-access", "path": "out/disabled", "map_type": "texthash"},
+        {"kind": "dovecot-passwd", "path": "out/passwd"},
+    ]
+    cfg = write_config(tmp_path, exporters=exporters)
+    proc = ldapsync_cli("files", "-c", cfg, check=0)
+    out = tmp_path / "out"
+    names = ["alias", "alias.db", "recipients", "recipients.lmdb", "disabled", "passwd"]
+    assert proc.stdout.splitlines() == [str(out / n) for n in names]
+    assert not out.exists(), "files only reads"
+
+    bad = write_config(tmp_path, exporters=[{"kind": "dovecot-passwd", "path": "out/pass\nwd"}])
+    proc = ldapsync_cli("files", "-c", bad, check=2)
+    assert proc.stdout == "" and "exporters[0].path" in proc.stderr and "holds a newline" in proc.stderr

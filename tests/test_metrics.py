@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ldapsync import config as config_mod
-from ldapsync import sync
+from ldapsync import metrics, sync
+from ldapsync.delta import Delta
+from ldapsync.status import Histogram, OutputState, Status, SyncResult
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_LDIF = REPO / "fixtures" / "ldif" / "demo.ldif"
@@ -33,6 +36,8 @@ DOCUMENTED = {
     "ldapsync_weak_password_hashes": "gauge",
     "ldapsync_ldap_reachable": "gauge",
     "ldapsync_reload_pending": "gauge",
+    "ldapsync_keys_changed": "counter",
+    "ldapsync_last_install_keys": "gauge",
 }
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -226,3 +231,116 @@ def test_lost_directory_and_rejected_config_are_reported(site: Path) -> None:
     assert value(parse(prom)[1], "ldapsync_config_rejected") == 1
     pipeline.note_config(None)
     assert value(parse(prom)[1], "ldapsync_config_rejected") == 0
+
+
+# -- the shipped dashboard and alerting rules ------------------------------------------------------
+MONITORING = REPO / "monitoring"
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def exported() -> set[str]:
+    """Every sample name the textfile can hold (a record with every field set)."""
+    record = Status(
+        result=SyncResult.INSTALLED,
+        last_attempt=1.0,
+        last_success=1.0,
+        last_confirmed=1.0,
+        duration=1.0,
+        ldap_reachable=True,
+        follower_connected=True,
+        held="held",
+        rejected=1,
+        weak_passwords=1,
+        outputs={"alias": OutputState(1, "0" * 64)},
+        reload_pending=("alias",),
+        syncs={"installed": 1},
+        propagation=Histogram().observe(1.0),
+        last_changes={"alias": Delta(1, 0, 0)},
+        changes_total={"alias": Delta(1, 0, 0)},
+    )
+    text = metrics.render(record).decode()
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not functions, keywords,
+    label names (in {...}, by/on/ignoring/without (...)), strings or range durations."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w.$])([A-Za-z_:][A-Za-z0-9_:]*)\s*(\(?)", expr):
+        if not m.group(2) and m.group(1) not in PROMQL_WORDS:
+            names.add(m.group(1))
+    return names
+
+
+def test_promql_metric_names_are_found() -> None:
+    expr = 'sum by (instance, le) (rate(a_bucket{x="y", i=~"$i"}[$__rate_interval])) > 3 and ignoring(r) b == 1'
+    assert promql_metrics(expr) == {"a_bucket", "b"}
+    assert promql_metrics("time() - c > 900") == {"c"}
+
+
+def rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load((MONITORING / "ldapsync.rules.yml").read_text())
+    assert set(doc) == {"groups"} and len(doc["groups"]) == 1
+    (group,) = doc["groups"]
+    assert set(group) == {"name", "rules"} and group["name"] == "ldapsync"
+    return list(group["rules"])
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    for var in doc["templating"]["list"]:
+        if var["type"] == "query":  # label_values(METRIC, LABEL)
+            m = re.fullmatch(r"label_values\((\w+), *\w+\)", var["definition"])
+            assert m, var["definition"]
+            exprs.append(m.group(1))
+    return exprs
+
+
+def test_dashboard_and_rules_read_only_metrics_we_export() -> None:
+    ours = exported()
+    exprs = [str(r["expr"]) for r in rules()] + dashboard_exprs()
+    used = set().union(*(promql_metrics(e) for e in exprs))
+    assert used - ours == set(), f"not exported by ldapsync.metrics: {sorted(used - ours)}"
+    assert {"ldapsync_last_confirmed_timestamp_seconds", "ldapsync_keys_changed_total"} <= used
+
+
+def test_dashboard_is_importable_grafana_json() -> None:
+    doc = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    assert doc["uid"] == "ldapsync" and doc["title"] and isinstance(doc["schemaVersion"], int)
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in doc["panels"]:
+        pos = p["gridPos"]
+        assert pos["x"] + pos["w"] <= 24 and pos["h"] > 0, p["title"]
+        assert p["targets"] and all(t["expr"].count("(") == t["expr"].count(")") for t in p["targets"])
+        assert p["datasource"]["uid"] == "${datasource}", "the data source is chosen on import"
+
+
+def test_alerting_rules_are_well_formed_and_page_only_for_stale_maps() -> None:
+    seen = set()
+    for rule in rules():
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        name = str(rule["alert"])
+        assert re.fullmatch(r"Ldapsync[A-Z][A-Za-z]+", name) and name not in seen
+        seen.add(name)
+        expr = str(rule["expr"])
+        assert expr.count("(") == expr.count(")") and promql_metrics(expr), name
+        assert re.fullmatch(r"\d+[smhdwy]", str(rule["for"])), f"{name}: every alert waits before firing"
+        labels, notes = rule["labels"], rule["annotations"]
+        assert isinstance(labels, dict) and labels["severity"] in ("critical", "warning", "info"), name
+        assert isinstance(notes, dict) and set(notes) == {"summary", "description"}, name
+        for text in notes.values():
+            assert set(re.findall(r"\$(\w+)", str(text))) <= {"labels", "value"}, name
+        if labels["severity"] == "critical":  # the only page: maps not confirmed for a long time
+            assert promql_metrics(expr) == {"ldapsync_last_confirmed_timestamp_seconds"}, name
+    by_name = {str(r["alert"]): r for r in rules()}
+    assert by_name["LdapsyncLdapUnreachable"]["for"] == "10m", "longer than the liveness timeout and backoff"
+    assert "ldapsync_ldap_reachable == 1" in str(by_name["LdapsyncSyncsFailing"]["expr"]), (
+        "a sync that fails because LDAP is down is the unreachable alert's, not a second one"
+    )
+    assert {"LdapsyncMapsStale", "LdapsyncChangeHeld", "LdapsyncSyncsFailing"} <= seen

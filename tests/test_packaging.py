@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import ldapsync
 
@@ -120,3 +123,121 @@ def test_deb_conffile_and_debian_dependencies(deb: Path) -> None:
     assert "python3-structlog" in depends and "python3-passlib" in depends
     assert all(d == "python3" or d.startswith("python3-") for d in depends), depends
     assert field("Architecture") == "all"
+
+
+def test_deb_ships_man_pages_and_monitoring(deb: Path, tmp_path: Path) -> None:
+    files = _contents(deb)
+    for page in ("/usr/share/man/man8/ldapsync.8.gz", "/usr/share/man/man5/ldapsync.yaml.5.gz"):
+        assert files[page] == "-rw-r--r--", page
+    assert files["/usr/share/ldapsync/ldapsync.rules.yml"] == "-rw-r--r--"
+    assert files["/usr/share/ldapsync/grafana-dashboard.json"] == "-rw-r--r--"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    page = tmp_path / "usr/share/man/man8/ldapsync.8.gz"
+    assert gzip.decompress(page.read_bytes()).startswith(b'.\\" Generated from docs/cli.md')
+    if shutil.which("man") is not None:  # what `man ldapsync` shows once installed
+        proc = subprocess.run(
+            ["man", "--warnings", "-l", str(page)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "MANWIDTH": "80", "LC_ALL": "C.UTF-8"},
+        )
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert "ldapsync - follow LDAP" in proc.stdout and "diff [GEN1] [GEN2]" in proc.stdout
+
+
+# -- removing and purging: the maintainer scripts, run against a scratch root ---------------------
+def _scripts(deb: Path, tmp: Path, root: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """The package's prerm/postrm with /var/lib/ldapsync and /etc/ldapsync moved under `root`, and
+    an environment whose PATH has this checkout's `ldapsync` and no-op systemctl/py3clean."""
+    control = tmp / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    scripts = {}
+    for name in ("prerm", "postrm", "postinst"):
+        text = (control / name).read_text()
+        text = text.replace("/var/lib/ldapsync", f"{root}/var/lib/ldapsync").replace(
+            "/etc/ldapsync", f"{root}/etc/ldapsync"
+        )
+        scripts[name] = tmp / name
+        scripts[name].write_text(text)
+        scripts[name].chmod(0o755)
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for stub in ("systemctl", "py3clean", "py3compile"):
+        (bin_dir / stub).write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "ldapsync").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ldapsync "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(REPO)}
+    return scripts, env
+
+
+def _installed_site(root: Path) -> list[Path]:
+    """A config under root/etc/ldapsync writing under root/etc/{postfix,dovecot}/ldapsync, synced
+    once; the admin's own files next to the outputs. Returns the generated files."""
+    (root / "etc/ldapsync").mkdir(parents=True)
+    (root / "var/lib/ldapsync").mkdir(parents=True, mode=0o700)
+    postfix, dovecot = root / "etc/postfix/ldapsync", root / "etc/dovecot/ldapsync"
+    doc = {
+        "domain": "example.org",
+        "source": {"ldif": {"path": str(REPO / "fixtures/ldif/demo.ldif"), "base_dn": "ou=users,dc=example,dc=org"}},
+        "state_dir": str(root / "var/lib/ldapsync"),
+        "exporters": [
+            {"kind": "postfix-virtual", "name": "alias", "path": str(postfix / "alias"), "include": ["aliases"]},
+            {"kind": "postfix-recipients", "path": str(postfix / "recipients"), "map_type": "texthash"},
+            {"kind": "dovecot-passwd", "path": str(dovecot / "mail-passwords")},
+        ],
+    }
+    (root / "etc/ldapsync/ldapsync.yaml").write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldapsync", "-c", str(root / "etc/ldapsync/ldapsync.yaml"), "--once"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (postfix / "admin-notes").write_text("the admin's own file\n")
+    (root / "etc/postfix/main.cf").write_text("# not ldapsync's\n")
+    generated = [postfix / "alias", postfix / "alias.db", postfix / "recipients", dovecot / "mail-passwords"]
+    assert all(p.is_file() for p in generated)
+    return generated
+
+
+def _run(script: Path, arg: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(script), arg], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 0, f"{script.name} {arg}: {proc.stderr}"
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("postmap") is None, reason="postmap (postfix) not installed")
+def test_purge_removes_the_generated_files_and_nothing_else(deb: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    generated = _installed_site(root)
+    scripts, env = _scripts(deb, tmp_path, root)
+    _run(scripts["prerm"], "remove", env)
+    _run(scripts["postrm"], "remove", env)
+    assert all(p.is_file() for p in generated), "removing (not purging) keeps everything"
+
+    proc = _run(scripts["postrm"], "purge", env)
+    assert not any(p.exists() for p in generated), proc.stdout
+    assert "removed 4 generated files" in proc.stdout
+    assert (root / "etc/postfix/ldapsync/admin-notes").read_text() == "the admin's own file\n"
+    assert (root / "etc/postfix/main.cf").exists()
+    assert not (root / "etc/dovecot/ldapsync").exists(), "an emptied ldapsync/ directory goes"
+    assert (root / "etc/dovecot").is_dir() and not (root / "var/lib/ldapsync").exists()
+
+
+def test_purge_keeps_the_generated_files_and_says_so_without_a_readable_config(deb: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc/ldapsync").mkdir(parents=True)
+    (root / "var/lib/ldapsync").mkdir(parents=True, mode=0o700)
+    (root / "etc/ldapsync/ldapsync.yaml").write_text("domain: [broken\n")
+    kept = root / "etc/postfix/ldapsync/alias"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("a@example.org\tb@example.org\n")
+    scripts, env = _scripts(deb, tmp_path, root)
+    proc = _run(scripts["prerm"], "remove", env)
+    assert "purging will keep the files ldapsync generated" in proc.stderr
+    proc = _run(scripts["postrm"], "purge", env)
+    assert "KEPT" in proc.stderr and kept.exists()
+    assert not (root / "var/lib/ldapsync").exists()

@@ -555,3 +555,60 @@ def test_follower_notes_write_only_when_something_changes(tmp_path: Path) -> Non
     assert site.status()["last_success"] == t0, "confirming is not syncing"
     pipeline.note_follower(False, "ldap://ldap-01: timed out")
     assert site.status()["ldap_reachable"] is False and site.status()["follower_error"] == "ldap://ldap-01: timed out"
+
+
+# -- what an install changed: keys, not lines -------------------------------------------------
+def _events(stderr: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log events named `event` (each line may start with its <N> syslog priority)."""
+    found = []
+    for line in stderr.splitlines():
+        line = re.sub(r"^<\d>", "", line)
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("event") == event:
+                found.append(doc)
+    return found
+
+
+def test_an_install_reports_keys_added_removed_and_changed_in_log_status_metrics_and_generation(
+    tmp_path: Path,
+) -> None:
+    """One changed forward is one changed key in the log, the status record, the metrics and
+    the generation's meta, never the output's line count."""
+    prom = tmp_path / "ldapsync.prom"
+    site = Site(tmp_path, metrics={"textfile": str(prom)})
+    site.run("--once", check=0)
+    first = _events(site.run("--once", check=0).stderr, "installed")
+    assert first == [], "nothing changed: nothing installed"
+
+    text = DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example")
+    site.ldif.write_text(text)
+    proc = site.run("--once", check=0)
+    (installed,) = _events(proc.stderr, "installed")
+    assert installed["changed"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
+    status = site.status()
+    assert status["last_changes"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
+    assert "\nlast install:   alias +0 -0 ~1 (keys)\n" in site.run("status", check=0).stdout
+    shown = json.loads(site.run("status", "--json", check=0).stdout)
+    assert shown["last_changes"] == {"alias": {"added": 0, "removed": 0, "changed": 1}}
+    assert 'ldapsync_last_install_keys{kind="changed",output="alias"} 1.0' in prom.read_text()
+    gen = site.state.get()
+    assert gen is not None and gen.meta["delta"]["alias"] == {"added": 0, "removed": 0, "changed": 1}
+
+    site.ldif.write_text(text + "\n" + generate_users_ldif(1))  # one user: in both domains
+    (installed,) = _events(site.run("--once", check=0).stderr, "installed")
+    assert installed["changed"]["postfix-recipients"] == {"added": 2, "removed": 0, "changed": 0}
+    assert installed["changed"]["dovecot-passwd"] == {"added": 1, "removed": 0, "changed": 0}
+    status = site.status()
+    assert status["last_changes"]["postfix-recipients"] == {"added": 2, "removed": 0, "changed": 0}
+    assert "alias" in status["last_changes"] and status["changes_total"]["alias"]["changed"] == 1
+    assert status["changes_total"]["postfix-recipients"]["added"] > 2, "the first install's keys count too"
+    metrics = prom.read_text()
+    assert 'ldapsync_last_install_keys{kind="added",output="postfix-recipients"} 2.0' in metrics
+    assert 'ldapsync_keys_changed_total{kind="changed",output="alias"} 1.0' in metrics
+
+    # a rollback measures what it changes as well
+    proc = site.run("rollback", check=0)
+    (installed,) = _events(proc.stderr, "installed")
+    assert installed["changed"]["postfix-recipients"] == {"added": 0, "removed": 2, "changed": 0}
+    assert site.status()["last_changes"]["dovecot-passwd"] == {"added": 0, "removed": 1, "changed": 0}
