@@ -30,7 +30,7 @@ from ldapsync.config import LdifSource
 from ldapsync.directory import Attributes, Entry, Snapshot
 
 try:
-    from ldapsync import store
+    from ldapsync.state import store
 except ImportError:  # before the store existed (to measure the previous version)
     store = None  # type: ignore[assignment]
 

@@ -28,14 +28,14 @@ from profiles import examples
 from slapd import Slapd, ssha
 
 from ldapsync import config as config_mod
-from ldapsync import state as state_mod
 from ldapsync import validate, watch
 from ldapsync.config import Config
 from ldapsync.directory import REFUSED_PREFIX, Entry, Rejection, Snapshot, sort_entries
 from ldapsync.errors import StateError
 from ldapsync.fileio import write_atomic
 from ldapsync.guard import Window
-from ldapsync.state import LockHolder, State
+from ldapsync.state import State
+from ldapsync.state import generations as state_mod
 from ldapsync.sync import Pipeline, rollback
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,46 +169,6 @@ def test_damaged_generations_are_detected(state: State, damage: str, monkeypatch
         assert g is not None
         with pytest.raises(StateError, match=bad):
             g.verify()
-
-
-def test_lock_is_exclusive(state: State) -> None:
-    with state.lock(), pytest.raises(StateError, match="another ldapsync"), state.lock():
-        pass
-    with state.lock():  # released
-        pass
-
-
-def test_lock_names_its_holder_and_waits_briefly_before_refusing(state: State) -> None:
-    held = state.acquire("agent")
-    try:
-        assert (state.root / "lock").read_text() == f"{os.getpid()} agent\n"
-        assert state.lock_holder() == LockHolder(os.getpid(), "agent")
-        started = time.monotonic()
-        with pytest.raises(StateError, match=rf"another ldapsync agent \(PID {os.getpid()}\) holds .*lock"):
-            state.acquire("once", wait=0.3)
-        assert time.monotonic() - started >= 0.3
-    finally:
-        held.release()
-    assert state.lock_holder() is None
-    with state.lock(role="once"):
-        assert state.lock_holder() == LockHolder(os.getpid(), "once")
-        with pytest.raises(StateError, match=r"another ldapsync \(once, PID \d+\)"):
-            state.acquire("rollback")
-
-
-def test_lock_holder_never_creates_or_writes(tmp_path: Path) -> None:
-    missing = State(tmp_path / "nothing-here")
-    assert missing.lock_holder() is None
-    assert not missing.root.exists()
-    state = State(tmp_path / "state")
-    state.ensure()
-    assert state.lock_holder() is None
-    assert not (state.root / "lock").exists()
-    state.acquire("agent").release()
-    before = (state.root / "lock").stat()
-    assert state.lock_holder() is None
-    after = (state.root / "lock").stat()
-    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
 def test_write_atomic_and_unreadable_json(state: State) -> None:
@@ -967,5 +927,5 @@ def test_every_kept_generation_restores_exactly_what_was_recorded(steps: list[An
                 assert g.snapshot() == recorded[g.id], f"step {n} {step[0]}: generation {g.id}"
                 g.verify()
             if step[0] in ("record", "prune"):  # a failed record's files are gone by the next prune
-                tail = state._tail.ref.files() if state._tail else ()
+                tail = state.store._tail.ref.files() if state.store._tail else ()
                 assert set(store_files(state)) <= referenced(state) | set(tail)

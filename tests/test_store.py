@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
-from ldapsync import store
 from ldapsync.directory import Attributes, Entry, Rejection, Snapshot, sort_entries
+from ldapsync.state import store
 
 USERS = "ou=users,dc=example,dc=org"
 

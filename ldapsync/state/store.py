@@ -5,7 +5,7 @@ one whole snapshot, written once (the JSON of Snapshot.to_json). After it, each 
 appends one line to the base's journal: the entry groups that differ from the line before
 (a group is the entries with one DN and entryUUID, normally exactly one; a deleted entry is
 a group with no entries left), plus the generation's source label and rejections. A
-generation then is (base, journal length); ldapsync.state writes the files and checks their
+generation then is (base, journal length); ldapsync.state.generations writes the files and checks their
 hashes, this module is the part without I/O: which groups changed, the journal line, and
 the snapshot rebuilt from a base and journal lines.
 
