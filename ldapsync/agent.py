@@ -500,7 +500,8 @@ class Agent:
             seconds=round(self.clock.monotonic() - started, 3),
             entries=len(snapshot.entries),
         )
-        self.saver.save(self.pipeline, snapshot, cookie, result.generation)
+        # a held change's snapshot is on disk already: the follow state names it, not a copy
+        self.saver.save(self.pipeline, snapshot, cookie, result.generation or result.held_id)
         if self.pipeline.engine.last_full:
             # Everything built so far lives until the next full build: out of the cyclic
             # collector's sight, so a change's small garbage does not make it walk millions.

@@ -77,6 +77,7 @@ class Result:
     held_reason: str | None = None
     counts: Mapping[str, Delta] = field(default_factory=dict)
     error: str | None = None
+    held_id: str | None = None  # the held change's id (State.get and State.resume know it)
 
 
 class Pipeline:
@@ -352,14 +353,16 @@ class Pipeline:
         if plan.verdict is Verdict.HOLD:
             reason = plan.held_reason or "held"
             counts = {n: str(d) for n, d in plan.counts.items()}
-            self.state.hold(plan.snapshot, {"reason": reason, "source": plan.snapshot.source, "counts": counts})
+            held_id = self.state.hold(
+                plan.snapshot, {"reason": reason, "source": plan.snapshot.source, "counts": counts}
+            )
             log.error(
                 "change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it",
                 reason=reason,
                 counts=counts,
             )
             self._finish(replace(record, result=SyncResult.HELD, held=reason, error=None).counted(SyncResult.HELD))
-            return Result(SyncResult.HELD, held_reason=reason, counts=plan.counts)
+            return Result(SyncResult.HELD, held_reason=reason, counts=plan.counts, held_id=held_id)
         try:
             changed, keys = self._commit(plan.outputs, plan.generation, counts=plan.counts, before_rename=before_rename)
             # Services first; recording the generation (a full snapshot write) can follow.

@@ -189,10 +189,11 @@ def test_held_change_round_trip_and_damage(state: State) -> None:
     state.hold(snap(2), {"reason": "because"})
     held = state.held()
     assert held is not None and held[0] == snap(2) and held[1]["reason"] == "because"
-    (state.held_dir / "snapshot.json").write_bytes(b"{trunc")
+    saved = state.held_dir / held[1]["id"] / "snapshot.json"
+    saved.write_bytes(b"{trunc")
     with pytest.raises(StateError, match="held change"):
         state.held()
-    assert (state.held_dir / "snapshot.json").read_bytes() == b"{trunc", "reading a held change must not remove it"
+    assert saved.read_bytes() == b"{trunc", "reading a held change must not remove it"
 
 
 # -- trust: the state dir and its files must be ours -------------------------------------------
@@ -365,13 +366,17 @@ def test_refused_passwords_are_not_stored_verbatim(tmp_path: Path, slapd: Slapd)
     setup.write_config()
     slapd.modify(f"dn: uid=alice,{slapd.users_dn}\nchangetype: delete\n")
     once(4)
-    assert (setup.state / "held" / "snapshot.json").exists()
+    assert len(list((setup.state / "held").glob("held-*/snapshot.json"))) == 1
     assert _stored_secrets(setup.state) == []
 
-    with AgentProcess(setup.config) as agent:  # the held change again, and the follow cache
+    def follows_held() -> bool:
+        return str(State(setup.state).read_json("follow.json").get("generation")).startswith("held-")
+
+    with AgentProcess(setup.config) as agent:  # the held change again, and the follow state naming it
         agent.wait_log("sync done", timeout=60)
-        wait_until(lambda: (setup.state / "follow-snapshot.json").exists(), 30)
+        wait_until(follows_held, 30)
         agent.terminate()
+    assert not (setup.state / "follow-snapshot.json").exists(), "the held directory written a second time"
     assert _stored_secrets(setup.state) == []
 
 

@@ -26,12 +26,13 @@ from typing import Any
 import structlog
 
 from ldapsync.directory import Snapshot
+from ldapsync.errors import StateError
 from ldapsync.fileio import write_atomic
 from ldapsync.guard import Window
 from ldapsync.state import lock as lock_mod
 from ldapsync.state import trust
 from ldapsync.state.generations import COMPACT_RATIO, STORE_DIR, Generation, Generations, StoreRef, sha256
-from ldapsync.state.held import Held, HeldChange
+from ldapsync.state.held import PREFIX, Held, HeldChange, is_held_id
 from ldapsync.state.lock import LockHolder, StateLock
 from ldapsync.state.trust import CACHE_FILES, untrusted
 
@@ -126,7 +127,21 @@ class State:
         return self.store.record(gid, snapshot, outputs, meta, keep, hashes, new_base=new_base)
 
     def resume(self, gid: str) -> Snapshot:
-        """The snapshot of generation `gid`, for a mirror to carry on from (see Generations)."""
+        """The snapshot of generation `gid`, or of the held change with that id, for a mirror
+        to carry on from; StateError if unusable.
+
+        A held change approved since is found in the generation that installed its content:
+        the follow state that named it stays usable."""
+        if is_held_id(gid):
+            held = self.held_change.read()
+            if held is not None and held.id == gid:
+                return held.snapshot
+            # approved since: the generation that installed it holds the same directory
+            digest = gid.removeprefix(PREFIX)
+            same = next((g for g in self.generations() if g.meta.get("snapshot_digest") == digest), None)
+            if same is None:
+                raise StateError(f"no held change {gid}, and no generation with its content")
+            return self.store.resume(same.id)
         return self.store.resume(gid)
 
     def prune(self, keep: int) -> None:
@@ -142,7 +157,19 @@ class State:
         return self.store.current_id()
 
     def get(self, gid: str | None = None) -> Generation | None:
-        """A generation by id, or the last-known-good one (current, else newest readable)."""
+        """A generation by id, or the last-known-good one (current, else newest readable).
+
+        A held change's id gives it as a Generation without outputs (its snapshot and digest):
+        the follow state names it instead of writing the directory again.
+        """
+        if gid is not None and is_held_id(gid):
+            try:
+                meta = self.held_change.meta()
+            except StateError:
+                return None
+            if meta is None or meta.get("id") != gid:
+                return None
+            return Generation(gid, self.held_dir / gid, {k: v for k, v in meta.items() if k != "hashes"})
         return self.store.get(gid)
 
     def last_good(self) -> Generation | None:
@@ -152,9 +179,9 @@ class State:
         self.store.set_current(gid)
 
     # -- held change -------------------------------------------------------------------
-    def hold(self, snapshot: Snapshot, meta: Mapping[str, Any]) -> None:
-        """Keep `snapshot` as the held change (see ldapsync.state.held)."""
-        self.held_change.hold(snapshot, meta)
+    def hold(self, snapshot: Snapshot, meta: Mapping[str, Any]) -> str:
+        """Keep `snapshot` as the held change; returns its id (see ldapsync.state.held)."""
+        return self.held_change.hold(snapshot, meta)
 
     def held(self) -> tuple[Snapshot, dict[str, Any]] | None:
         """The held change, None if there is none; never modifies it (readers must not write).
