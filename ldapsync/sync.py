@@ -64,6 +64,7 @@ class Plan:
     rejected: int = 0
     weak_passwords: int = 0
     forced: bool = False  # installed past the guards (--force, approve): the guards' window starts afresh
+    guarded: tuple[guards.Delta, ...] = ()  # what the guards counted: apply() adds it to their window
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,6 @@ class Pipeline:
         self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
-        self._deltas: tuple[list[str], list[guards.Delta]] | None = None  # guard() -> record_guard()
 
     def reported_keys(self) -> list[str]:
         """Opaque keys of the problems logged so far (no LDAP values), to carry across runs."""
@@ -207,19 +207,10 @@ class Pipeline:
         return hashlib.sha256(json.dumps(doc, default=str).encode()).hexdigest()[:16]
 
     # -- guards -------------------------------------------------------------------------
-    def guard(
-        self,
-        snapshot: Snapshot,
-        outputs: Sequence[commit.Output],
-        report: BuildReport,
-        deltas: Sequence[guards.Delta] | None = None,
-    ) -> str | None:
+    def guard(self, snapshot: Snapshot, report: BuildReport, guarded: Sequence[guards.Delta]) -> str | None:
         """Why this change must be held for review, or None (the rules: ldapsync.guard)."""
-        if deltas is None:
-            self.deltas(outputs)
-            deltas = self._deltas[1] if self._deltas else []
         return guards.check(
-            deltas,
+            guarded,
             self.state.guard_window(),
             self.config.safety,
             time.time(),
@@ -227,17 +218,16 @@ class Pipeline:
             entries=len(snapshot.entries),
         )
 
-    def deltas(self, outputs: Sequence[commit.Output]) -> list[guards.Delta]:
-        """Each output against what is installed, parsed by its exporter, every changed value counted.
+    def deltas(self, outputs: Sequence[commit.Output]) -> tuple[list[guards.Delta], list[guards.Delta]]:
+        """Each output against what is installed, parsed by its exporter: (every changed value
+        counted, what the guards count).
 
         The guards see changed values only where the exporter guards them (`_guarded`); the
         counts (dry run, held change, log) see them all. One parse serves both.
         """
         exporters = {spec.name: exp for spec, exp in self.exporters}
         deltas = self.measure(outputs)
-        guarded = [_guarded(d, exporters[d.output]) for d in deltas]
-        self._deltas = ([o.digest() for o in outputs], guarded)
-        return deltas
+        return deltas, [_guarded(d, exporters[d.output]) for d in deltas]
 
     def measure(self, outputs: Sequence[commit.Output]) -> list[guards.Delta]:
         """Each output against what is installed, by key (the renderer's counts when it spliced
@@ -259,15 +249,11 @@ class Pipeline:
                 deltas.append(guards.diff(out.name, installed, out.data, exporters[out.name].parse, values=True))
         return deltas
 
-    def record_guard(self, outputs: list[commit.Output], *, force: bool) -> None:
-        """Count an install in the guards' window; a forced (or approved) one starts a new window."""
+    def record_guard(self, guarded: Sequence[guards.Delta], *, force: bool) -> None:
+        """Count an install (what its plan's guards counted) in the guards' window; a forced
+        (or approved) one starts a new window."""
         before = self.state.guard_window()
-        if force:
-            after = guards.Window()
-        else:
-            deltas = self._deltas[1] if self._deltas and self._deltas[0] == [o.digest() for o in outputs] else []
-            after = before.record(deltas, time.time(), self.config.safety.window)
-        self._deltas = None
+        after = guards.Window() if force else before.record(guarded, time.time(), self.config.safety.window)
         if after != before:
             self.state.save_guard_window(after)
 
@@ -277,10 +263,10 @@ class Pipeline:
         outputs, report = self.render(snapshot, log_problems=log_problems)
         snapshot = self.redacted(snapshot, report)  # what a held change or a generation stores
         changed = tuple(o.name for o in outputs if commit.needs_install(o))
-        deltas = self.deltas(outputs)
+        deltas, guarded = self.deltas(outputs)
         self._rendered.clear()  # the previous outputs they were spliced from need not stay in memory
         counts = _counts(deltas)
-        held = None if force else self.guard(snapshot, outputs, report, self._deltas[1] if self._deltas else None)
+        held = None if force else self.guard(snapshot, report, guarded)
         if held is not None:
             verdict, generation, new = Verdict.HOLD, self.state.current_id() or "", False
         else:
@@ -298,6 +284,7 @@ class Pipeline:
             rejected=len(report.rejections),
             weak_passwords=report.weak_passwords,
             forced=force,
+            guarded=tuple(guarded),
         )
 
     def _generation_for(self, snapshot: Snapshot, outputs: Sequence[commit.Output]) -> tuple[str, bool]:
@@ -369,7 +356,7 @@ class Pipeline:
             record = self._reload(record, changed, plan.generation)
             if plan.new_generation:
                 self._record_generation(plan)
-            self.record_guard(list(plan.outputs), force=plan.forced)
+            self.record_guard(plan.guarded, force=plan.forced)
         except (LdapsyncError, OSError) as e:
             self._finish(_failed(record, str(e)))
             raise

@@ -519,6 +519,25 @@ def test_an_agent_after_a_change_plans_what_a_fresh_run_plans(tmp_path: Path, mo
     assert parsed == NAMES * 2
 
 
+def test_apply_counts_its_own_plan_in_the_guards_window_whatever_was_planned_since(tmp_path: Path) -> None:
+    """The plan carries what its guards counted: apply() needs nothing another plan() may have replaced."""
+    site = Site(tmp_path, safety={"window": 3600})
+    site.run("--once", check=0)
+    site.ldif.write_text(DEMO_LDIF.read_text().replace("bob@elsewhere.example", "bob@new.example"))
+    pipeline = pipeline_for(site)
+    plan = pipeline.plan(pipeline.read_source())
+    assert plan.counts["alias"].changed == 1
+    assert [d for d in plan.guarded if d.counts] and all(d.output in NAMES for d in plan.guarded)
+    site.ldif.write_text(DEMO_LDIF.read_text())
+    other = pipeline.plan(pipeline.read_source())  # e.g. a --dry-run between, or a newer change
+    assert other.verdict is sync.Verdict.NOOP
+
+    assert pipeline.apply(plan).status == SyncResult.INSTALLED
+    window = site.state.guard_window()
+    counted = {name: sum(e.changed for e in events) for name, events in window.events.items()}
+    assert counted.get("alias") == 1, f"the applied plan's change was not counted: {counted}"
+
+
 def test_plan_holds_what_a_guard_refuses_and_apply_keeps_it(tmp_path: Path) -> None:
     site = Site(tmp_path)
     site.run("--once", check=0)
