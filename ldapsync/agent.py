@@ -48,7 +48,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from ldapsync import config as config_mod
-from ldapsync import control, sync, watch
+from ldapsync import control, progress, sync, watch
 from ldapsync import scheduler as sched
 from ldapsync import status as status_mod
 from ldapsync.config import Config, LdapSource
@@ -246,6 +246,7 @@ class Agent:
         self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
         self.notifier = notifier or Notifier()
         self.mirror = watch.Mirror()
+        self.first_read = progress.Progress(self.clock.monotonic())  # the STATUS line until ready
         self.mirror_fingerprint = watch.fingerprint(config)
         self.follower: watch.Follower | None = None
         self.files = ConfigWatcher(self.events.put, self.clock)
@@ -632,6 +633,8 @@ class Agent:
             log.error(what, error=str(e))
 
     def _ping(self) -> None:
+        if self.scheduler.readiness != "ready":
+            self.notifier.status(self.status_line())  # the first read's progress (sent when it changed)
         f = self.follower
         alive = f is not None and f.is_alive() and time.monotonic() - f.status.heartbeat < FOLLOWER_STALL
         if alive:
@@ -662,7 +665,10 @@ class Agent:
         retry = self.scheduler.retry_at
         retry_in = None if retry is None else max(0.0, retry - self.clock.monotonic())
         if self.scheduler.readiness != "ready" and health.record.result is None:
-            return "starting: reading the directory"
+            # a first read of a large directory takes a minute: say how far it got
+            count = len(self.mirror)
+            line = self.first_read.status(self.clock.monotonic(), sync.READING, count if count else None)
+            return f"starting: {line}"
         return health.status_line(following=following, retry_in=retry_in)
 
     def _publish(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from ldapsync import __version__
+from ldapsync import __version__, progress
 from ldapsync import config as config_mod
 from ldapsync import log as log_mod
 from ldapsync.errors import ConfigError, LdapsyncError, SourceError, StateError
@@ -259,7 +259,13 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             if args.quiet:
                 # cron: a rejected value is reported once, not by every run until it is fixed
                 pipeline.restore_reported(pipeline.state.read_json(REPORTED_FILE).get("problems", []))
-            result = pipeline.run(force=args.force)
+            shown = progress.Terminal.for_stderr(cfg.log_format)
+            pipeline.progress = shown
+            try:
+                result = pipeline.run(force=args.force)
+            finally:
+                if isinstance(shown, progress.Terminal):
+                    shown.close()
             if args.quiet:
                 pipeline.state.write_json(REPORTED_FILE, {"problems": pipeline.reported_keys()})
         if result.status == "held":

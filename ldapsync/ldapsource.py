@@ -14,6 +14,7 @@ import socket
 import ssl
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,19 +283,22 @@ def _stream_socket(conn: ldap3.Connection, timeout: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def read(cfg: LdapSource, attributes: AttributeMap) -> Snapshot:
+def read(cfg: LdapSource, attributes: AttributeMap, progress: Callable[[int], None] | None = None) -> Snapshot:
+    """`progress` is told the number of entries read after each page."""
     connected = connect(cfg)
     try:
-        return search(connected, cfg, attributes)
+        return search(connected, cfg, attributes, progress)
     finally:
         connected.close()
 
 
-def search(connected: Connected, cfg: LdapSource, attributes: AttributeMap) -> Snapshot:
+def search(
+    connected: Connected, cfg: LdapSource, attributes: AttributeMap, progress: Callable[[int], None] | None = None
+) -> Snapshot:
     """Read every entry under base_dn (paged); raise SourceError rather than return a partial read."""
     if connected.conn.strategy_type != ldap3.SYNC or connected.conn.closed:
         raise SourceError(f"{connected.uri}: a directory read needs an open synchronous connection")
-    snapshot = _fast_search(connected, cfg, attributes.ldap_attributes())
+    snapshot = _fast_search(connected, cfg, attributes.ldap_attributes(), progress)
     log.debug("read directory", uri=connected.uri, entries=len(snapshot.entries))
     return snapshot
 
@@ -310,7 +314,9 @@ def filter_ber(cfg: LdapSource) -> bytes:
         raise ConfigError(f"invalid LDAP filter {cfg.filter!r}: {e}", key="source.ldap.filter") from e
 
 
-def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Snapshot:
+def _fast_search(
+    connected: Connected, cfg: LdapSource, wanted: list[str], progress: Callable[[int], None] | None = None
+) -> Snapshot:
     """Paged search on the bound socket, decoded with ldapsync.ber.
 
     While page n is decoded, the request for page n+1 is already on the wire, so slapd builds
@@ -376,6 +382,8 @@ def _fast_search(connected: Connected, cfg: LdapSource, wanted: list[str]) -> Sn
             if cookie:
                 mid = send(cookie)  # the server works on the next page while we decode this one
             _decode_page(page, spans, keep, entries, rejections)
+            if progress is not None:
+                progress(len(entries))
             if not cookie:
                 break
         if buf:

@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from ldapsync import progress
+
 # syslog(3) priorities, as systemd reads them from a `<N>` line prefix
 PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
 
@@ -63,6 +65,7 @@ def configure(fmt: str = "auto", level: str = "info", *, priority_prefix: bool |
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
+            progress.erase_for_log,  # a progress line on the terminal is not left under a log line
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             timestamper,

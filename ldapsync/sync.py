@@ -24,7 +24,7 @@ from types import MappingProxyType
 
 import structlog
 
-from ldapsync import commit, ldapsource, ldifsource, metrics, static
+from ldapsync import commit, ldapsource, ldifsource, metrics, progress, static
 from ldapsync import guard as guards
 from ldapsync import status as status_mod
 from ldapsync.config import Config, ExporterSpec, LdapSource
@@ -40,6 +40,8 @@ from ldapsync.status import OutputState, Status, SyncResult
 log = structlog.get_logger(__name__)
 
 FALLBACK_POSTFIX_DIR = "postfix-config"
+# the phases of a sync, as the progress line names them
+READING, BUILDING, INSTALLING = "reading the directory", "building the maps", "installing"
 CONFIRM_REFRESH = 5.0  # seconds: a confirmation newer than this is not rewritten (the agent confirms every 10 s)
 
 
@@ -101,6 +103,8 @@ class Pipeline:
         self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
+        # told the phase of run() and the entries read so far (`--once` on a terminal)
+        self.progress: progress.Report = progress.silent
 
     def reported_keys(self) -> list[str]:
         """Opaque keys of the problems logged so far (no LDAP values), to carry across runs."""
@@ -114,8 +118,10 @@ class Pipeline:
     # -- reading ------------------------------------------------------------------------
     def read_source(self) -> Snapshot:
         src = self.config.source
+        report = self.progress
+        report(READING, 0)
         if isinstance(src, LdapSource):
-            return ldapsource.read(src, self.config.routing.attributes)
+            return ldapsource.read(src, self.config.routing.attributes, lambda n: report(READING, n))
         return ldifsource.read(src, self.config.routing.attributes)
 
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], BuildReport]:
@@ -473,6 +479,7 @@ class Pipeline:
                 if dry_run:  # a dry run changes nothing, not even status.json
                     raise
                 return self.fallback(str(e))
+        self.progress(BUILDING, len(snapshot.entries))
         try:
             plan = self.plan(snapshot, force=force)
         except (LdapsyncError, OSError) as e:
@@ -485,6 +492,7 @@ class Pipeline:
             return Result(
                 SyncResult.DRY_RUN, list(diffs), diffs=diffs, held_reason=plan.held_reason, counts=plan.counts
             )
+        self.progress(INSTALLING, len(snapshot.entries))
         return self.apply(plan, before_rename=before_rename, received_at=received_at, started=started)
 
     def fallback(self, error: str) -> Result:

@@ -350,3 +350,24 @@ def test_until_next_day_is_the_next_local_midnight() -> None:
     assert agent_mod.until_next_day(noon) == 12 * 3600 + agent_mod.DAY_MARGIN
     late = datetime.datetime(2026, 12, 7, 23, 59, 59).timestamp()
     assert agent_mod.until_next_day(late) == 1 + agent_mod.DAY_MARGIN
+
+
+def test_the_status_line_tells_how_far_a_long_first_read_got(site: Site) -> None:
+    """Until the first sync, systemd's STATUS says how many entries were read and how fast."""
+    from ldapsync.directory import Entry, Snapshot
+
+    def users(n: int) -> Snapshot:
+        return Snapshot(
+            tuple(Entry(f"uid=u{i:06d},ou=users,dc=example,dc=org", {"uid": (f"u{i:06d}",)}) for i in range(n)), "t"
+        )
+
+    clock, sender = FakeClock(time.time()), Sender()
+    agent = agent_mod.Agent(config_mod.load(site.config), clock=clock, notifier=agent_mod.Notifier(sender))
+    assert agent.status_line() == "starting: reading the directory: 0s"
+    agent.mirror.load(users(1000), None)  # what the follower has streamed in so far
+    agent._ping()
+    assert sender.statuses()[-1] == "starting: reading the directory: 1,000 entries, 0s"
+    clock.advance(10)
+    agent.mirror.load(users(21_000), None)
+    agent._ping()
+    assert sender.statuses()[-1] == "starting: reading the directory: 21,000 entries, 2,100/s, 10s"

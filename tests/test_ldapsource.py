@@ -293,7 +293,11 @@ def test_paged_read_of_600_users_with_limits_lifted(
 ) -> None:
     server = slapd_factory(extra_ldif=generate_users_ldif(600))
     proxy = proxy_factory(server.port)
-    snap = read(load(tmp_path, server, [proxy.uri], page_size=50))
+    cfg = load(tmp_path, server, [proxy.uri], page_size=50)
+    assert isinstance(cfg.source, LdapSource)
+    told: list[int] = []  # the progress line's count, after each page
+    snap = ldapsource.read(cfg.source, cfg.routing.attributes, told.append)
+    assert told == sorted(told) and len(told) >= 600 // 50 and told[-1] == len(snap.entries)
     dns = {e.dn.lower() for e in snap.entries}
     assert user_dns(600) <= dns
     assert len(snap.entries) == len(server.search(FILTER, ["1.1"], base=server.users_dn, bind="root"))
