@@ -174,9 +174,7 @@ class Window:
                 if width == 4:  # version 1 knew no additions: each event only shrank the output
                     evs.append(Event(float(row[0]), int(row[1]), int(row[2]), int(row[3])))
                 else:
-                    evs.append(
-                        Event(float(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), float(row[5]))
-                    )
+                    evs.append(Event(float(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]), float(row[5])))
             events[str(name)] = tuple(evs)
         return cls(events)
 
