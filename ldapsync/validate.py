@@ -372,16 +372,16 @@ def home(value: str) -> str:
 
 
 def quota(value: str) -> str:
-    """A Dovecot quota size like 1G, 500M or 1048576 (bytes).
+    """A Dovecot quota size like 1G, 500M or 1048576 (a bare number: the template's unit).
 
     No percentage: Dovecot 2.3 reads a percentage only relative to the default rule, and in
     the default rule itself (`*:storage=10%`, what a per-account quota is) it applies the bare
-    number (10 bytes: every delivery fails over quota). Written unescaped, `%` is also a
+    number (10 kilobytes: every delivery fails over quota). Written unescaped, `%` is also a
     variable in a userdb extra field. A clear refusal beats a mailbox that takes no mail.
     """
     if value.isascii() and value.endswith("%") and _QUOTA_RE.fullmatch(value[:-1]):
         raise Invalid(
-            "is a percentage: Dovecot applies it as a bare number of bytes in a user's quota rule; "
+            "is a percentage: Dovecot applies it as a bare number (kilobytes) in a user's quota rule; "
             "give a size like 500M or 2G"
         )
     if not value.isascii() or _QUOTA_RE.fullmatch(value) is None:
