@@ -59,6 +59,7 @@ __all__ = [
     "SyncInfoRefreshPresent",
     "SyncProtocolError",
     "SyncState",
+    "UnknownPresent",
     "decode_sync_done",
     "decode_sync_info",
     "decode_sync_state",
@@ -594,6 +595,21 @@ class RefreshRequired:
 
 
 @dataclass(frozen=True, slots=True)
+class UnknownPresent:
+    """The server named as present (unchanged) ``uuid``, which the local copy does not hold.
+
+    A protocol violation: a present list only names entries the consumer has (RFC 4533
+    3.3.1), so the list is corrupt or tampered with. Believed, it would delete the entry that
+    was meant at the end of the phase, under a valid cookie, for good. It cannot be repaired
+    (which entry was meant?): the consumer has dropped its cookie and abandoned the
+    operation; say so and call request() again, which is a full refresh.
+    """
+
+    uuid: str
+    dn: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SearchFinished:
     """The search ended other than by a successful refreshOnly refresh."""
 
@@ -602,7 +618,14 @@ class SearchFinished:
 
 
 Event: TypeAlias = (
-    EntryChanged | EntryPresent | EntryDeleted | CookieChanged | RefreshComplete | RefreshRequired | SearchFinished
+    EntryChanged
+    | EntryPresent
+    | EntryDeleted
+    | CookieChanged
+    | RefreshComplete
+    | RefreshRequired
+    | UnknownPresent
+    | SearchFinished
 )
 
 
@@ -740,6 +763,14 @@ class SyncConsumer:
         self._seen_refresh.discard(uuid)
         return EntryDeleted(uuid, dn)
 
+    def _unknown_present(self, uuid: str, dn: str | None) -> list[Event]:
+        """A present list named an entry we do not hold: no cookie, no operation (see UnknownPresent)."""
+        self._cookie = None
+        self._pending_cookie = None
+        self._phase = Phase.DONE
+        self._seen_phase, self._seen_refresh = set(), set()
+        return [UnknownPresent(uuid, dn)]
+
     def _end_phase(self, present: bool) -> list[Event]:
         """Close a refresh phase; a present phase deletes every known UUID it did not name."""
         events: list[Event] = []
@@ -775,6 +806,8 @@ class SyncConsumer:
             if not self._refreshing:
                 raise SyncProtocolError(f"entry {msg.dn!r} in present state during persist stage")
             self._enter(Phase.REFRESH_PRESENT, f"entry {msg.dn!r} in present state")
+            if st.uuid not in self._known:
+                return self._unknown_present(st.uuid, msg.dn)
             self._seen(st.uuid)
             events = [EntryPresent(st.uuid, msg.dn)]
         elif st.state is StateKind.DELETE:
@@ -828,6 +861,9 @@ class SyncConsumer:
             if not self._refreshing:
                 raise SyncProtocolError("Sync Info syncIdSet of present UUIDs during persist stage")
             self._enter(Phase.REFRESH_PRESENT, "Sync Info syncIdSet of present UUIDs")
+            unknown = next((u for u in info.uuids if u not in self._known), None)
+            if unknown is not None:
+                return self._unknown_present(unknown, None)
             for u in info.uuids:
                 self._seen(u)
             events = [EntryPresent(u, None) for u in info.uuids]

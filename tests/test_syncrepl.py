@@ -46,6 +46,7 @@ from ldapsync.syncrepl import (
     SyncInfoRefreshPresent,
     SyncProtocolError,
     SyncState,
+    UnknownPresent,
     decode_sync_done,
     decode_sync_info,
     decode_sync_state,
@@ -456,6 +457,46 @@ class TestPresentPhase:
         )
         assert events == [EntryDeleted(B, "uid=b"), CookieChanged(b"c1"), RefreshComplete()]
         assert consumer.known == {A}
+
+    @pytest.mark.parametrize("by_entry", [True, False])
+    def test_a_present_uuid_the_copy_does_not_hold_means_a_full_refresh(self, by_entry: bool) -> None:
+        # one flipped bit in B's UUID: believed, B would be deleted at the phase's end, for good
+        flipped = uuid_to_str(bytes([uuid_from_str(B)[0] ^ 0x01]) + uuid_from_str(B)[1:])
+        consumer = started({A, B, C}, cookie=b"c0")
+        present = (
+            entry("uid=b", StateKind.PRESENT, flipped)
+            if by_entry
+            else info(SyncInfoIdSet((flipped, C), b"c1", refresh_deletes=False))
+        )
+        events = feed(consumer, entry("uid=a", StateKind.PRESENT, A), present)
+        assert events == [EntryPresent(A, "uid=a"), UnknownPresent(flipped, "uid=b" if by_entry else None)]
+        assert consumer.cookie is None and consumer.phase is Phase.DONE
+        assert consumer.known == {A, B, C}, "nothing deleted"
+        # the next request is a full reload: what the server does not send again is gone
+        assert decode_request(consumer.request(Mode.REFRESH_AND_PERSIST))[1] is None
+        events = feed(
+            consumer,
+            entry("uid=a", StateKind.ADD, A),
+            entry("uid=b", StateKind.ADD, B),
+            info(SyncInfoRefreshPresent(b"c2", refresh_done=True)),
+        )
+        assert events[-3:] == [EntryDeleted(C, None), CookieChanged(b"c2"), RefreshComplete()]
+
+    def test_present_entries_added_earlier_in_the_refresh_are_known(self) -> None:
+        consumer = started({A})
+        events = feed(
+            consumer,
+            entry("uid=d", StateKind.ADD, D),
+            info(SyncInfoIdSet((A, D), None, refresh_deletes=False)),
+            info(SyncInfoRefreshPresent(b"c1", refresh_done=True)),
+        )
+        assert events == [
+            EntryChanged(D, "uid=d", {}),
+            EntryPresent(A, None),
+            EntryPresent(D, None),
+            CookieChanged(b"c1"),
+            RefreshComplete(),
+        ]
 
     @settings(max_examples=examples(100))
     @given(
