@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """One port registry for the session: pytest-xdist workers (started after this, with this
     environment) and what they start never get the same port (ldapsync.testing.ports)."""
     global _registry
-    if os.environ.get("PYTEST_XDIST_WORKER") is None and ports.REGISTRY_ENV not in os.environ:
+    if not hasattr(config, "workerinput") and ports.REGISTRY_ENV not in os.environ:
         _registry = tempfile.mkdtemp(prefix="ldapsync-ports-")
         os.environ[ports.REGISTRY_ENV] = _registry
 
@@ -47,7 +47,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Every program the tests run is installed, from a package .ci/packages lists (the test
     command installs that list): otherwise stop now, naming the package, rather than skip."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is not None or os.environ.get(WITHOUT_PACKAGES_ENV):
+    if hasattr(session.config, "workerinput") or os.environ.get(WITHOUT_PACKAGES_ENV):  # an xdist worker
         return
     found = debpackages.problems()
     if found:
