@@ -1,0 +1,441 @@
+"""Whole mail systems built from the docs' recipes: every host a real Postfix (and Dovecot where
+the recipe has one), configured from Debian's stock files plus the snippets of
+docs/deployment.md, fed by `ldapsync --once`, with an SMTP sink as "the Internet".
+
+A ``Recipe`` names the snippets one host gets; a ``System`` starts a set of hosts that reach
+each other on loopback ports (the snippets' host names are the only thing replaced), sends
+mail and records, per message, what happened to it: the RCPT reply, every mailbox and Internet
+address it reached, and every bounce it caused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import smtplib
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailstack import (
+    CERT_FILE,
+    DOVECOT_ETC,
+    ETC_DIR,
+    KEY_FILE,
+    LDAPSYNC,
+    MAPS_DIR,
+    OUTSIDE,
+    POSTFIX_SPOOL,
+    SNIPPETS,
+    STATE_DIR,
+    UNIT_UMASK,
+    Dovecot,
+    Postfix,
+    Sink,
+    Substitutions,
+    _insecure_tls,
+    dovecot_snippet_path,
+    ldapsync_config,
+    self_signed_cert,
+    tail,
+)
+
+from ldapsync.testing.ports import free_ports
+
+VMAIL_ROOT = "/var/vmail"
+VMAIL_ID = 5000  # the snippets' uid/gid: the vmail user
+OUR_DOMAINS = ("example.org", "host1.example.org", "example.net")
+DRAIN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """What docs/deployment.md installs on one host: snippet names, in the order they are applied."""
+
+    name: str
+    ldapsync: str
+    main_cf: tuple[str, ...]
+    master_cf: tuple[str, ...] = ()
+    dovecot: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()  # Dovecot protocol packages (dovecot-lmtpd, dovecot-imapd)
+    stores_mail: bool = False  # has /var/vmail and Dovecot LMTP
+    accepts_submission: bool = False
+
+
+MX = Recipe("mx", "ldapsync-mx.yaml", ("postfix-mx-main.cf",))
+SRS = Recipe("srs", "ldapsync-srs.yaml", ("postfix-srs-main.cf",))
+MAILBOX = Recipe(
+    "mailbox",
+    "ldapsync-mailbox.yaml",
+    ("postfix-mailbox-main.cf",),
+    dovecot=("dovecot-mailbox.conf",),
+    packages=("dovecot-lmtpd", "dovecot-imapd"),
+    stores_mail=True,
+)
+SUBMISSION = Recipe(
+    "submission",
+    "ldapsync-submission.yaml",
+    ("postfix-submission-main.cf",),
+    ("postfix-submission-master.cf",),
+    ("dovecot-ldapsync.conf",),
+    accepts_submission=True,
+)
+ONE_HOST = Recipe(
+    "onehost",
+    "ldapsync-onehost.yaml",
+    ("postfix-onehost-main.cf", "postfix-submission-main.cf"),
+    ("postfix-submission-master.cf",),
+    ("dovecot-mailbox.conf", "dovecot-onehost.conf"),
+    packages=("dovecot-lmtpd", "dovecot-imapd"),
+    stores_mail=True,
+    accepts_submission=True,
+)
+# The snippets' host names, and which recipe answers for each in a system.
+HOSTNAMES = {"[mx.example.org]": "mx", "[srs.example.org]": "srs", "[mailbox.example.org]": "mailbox"}
+
+
+class Host:
+    """One host of a recipe: its ldapsync config, Postfix and, if the recipe has one, Dovecot."""
+
+    def __init__(
+        self,
+        system: System,
+        recipe: Recipe,
+        port: int,
+        *,
+        overrides: Mapping[str, str],
+        harness: Mapping[str, str] | None = None,
+    ):
+        self.recipe = recipe
+        self.name = recipe.name
+        self.dir = system.workdir / recipe.name
+        (self.dir / "maps").mkdir(parents=True)
+        self.vmail = self.dir / "vmail"
+        self.dovecot_etc = self.dir / "etc-dovecot"
+        # Postfix(root=self.dir, name) keeps its queue here: Dovecot's sockets go in it
+        spool = self.dir / f"postfix-{recipe.name}" / "spool"
+        pairs = {
+            MAPS_DIR: str(self.dir / "maps"),
+            STATE_DIR: str(self.dir / "state"),
+            DOVECOT_ETC: str(self.dovecot_etc),
+            ETC_DIR: str(system.etc),
+            CERT_FILE: str(system.cert[0]),
+            KEY_FILE: str(system.cert[1]),
+            VMAIL_ROOT: str(self.vmail),
+            POSTFIX_SPOOL: str(spool),
+        }
+        pairs.update({name: f"[127.0.0.1]:{system.ports[host]}" for name, host in HOSTNAMES.items() if host in system.ports})
+        self.subs = Substitutions(pairs)
+
+        def text(name: str) -> str:
+            return self.subs.apply(overrides[name] if name in overrides else (SNIPPETS / name).read_text())
+
+        self.config = ldapsync_config(
+            recipe.ldapsync,
+            self.dir / "ldapsync.yaml",
+            self.subs,
+            ldap_uri=system.ldap_uri,
+            bind_password_file=system.secret,
+        )
+        self.postfix = Postfix(
+            self.dir,
+            recipe.name,
+            world=system.world,
+            main_cf="".join(text(n) for n in recipe.main_cf),
+            master_cf="".join(text(n) for n in recipe.master_cf),
+            port=port,
+            cert=system.cert,
+            harness=harness,
+        )
+        assert self.postfix.queue_dir == spool
+        self.dovecot: Dovecot | None = None
+        if recipe.dovecot:
+            self.dovecot = Dovecot(
+                self.dir,
+                self.dovecot_etc,
+                {dovecot_snippet_path(n): text(n) for n in recipe.dovecot},
+                packages=recipe.packages,
+                cert=system.cert,
+            )
+        if recipe.stores_mail:
+            self.vmail.mkdir()
+            os.chown(self.vmail, VMAIL_ID, VMAIL_ID)  # `install -d -o 5000 -g 5000 /var/vmail`
+
+    def sync(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(LDAPSYNC), "-c", str(self.config), "--once"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            umask=UNIT_UMASK,
+        )
+
+    def stored(self) -> Iterable[tuple[str, str]]:
+        """(login, message text) for every message in every Maildir under the vmail root."""
+        if not self.recipe.stores_mail:
+            return
+        for maildir in self.vmail.glob("*/*/Maildir"):
+            login = maildir.parent.name
+            for sub in ("new", "cur"):
+                for path in sorted((maildir / sub).glob("*")):
+                    yield login, path.read_text(errors="replace")
+
+
+@dataclass
+class Observed:
+    """What happened to one message."""
+
+    reply: int = 0
+    reply_text: str = ""
+    reached: Counter[str] = field(default_factory=Counter)  # "mailbox:login" / "internet:addr" -> copies
+    bounces: int = 0
+
+    def summary(self) -> str:
+        if self.reply != 250:
+            return f"refused at RCPT: {self.reply} {self.reply_text}"
+        parts = [f"{d} x{n}" if n != 1 else d for d, n in sorted(self.reached.items())]
+        if self.bounces:
+            parts.append(f"{self.bounces} bounce(s) to the sender")
+        return "accepted; " + (", ".join(parts) if parts else "delivered nowhere")
+
+
+class System:
+    """Hosts from ``recipes`` sharing one slapd, one mail.yaml and one Internet sink.
+
+    ``entry`` is the host Internet mail is sent to (the MX, or the one host). A submission host
+    reaches our domains through ``entry``: a transport map in its harness block stands for the
+    DNS MX records. ``overrides`` replaces a snippet's text (to run an older version of it).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        recipes: Iterable[Recipe],
+        *,
+        ldap_uri: str,
+        bind_password_file: Path,
+        static_text: str,
+        entry: str,
+        overrides: Mapping[str, str] | None = None,
+    ):
+        self.workdir = workdir
+        self.ldap_uri = ldap_uri
+        self.world = Sink(workdir, "world")
+        self.etc = workdir / "etc-ldapsync"
+        self.etc.mkdir()
+        (self.etc / "mail.yaml").write_text(static_text)
+        self.secret = self.etc / "bind.secret"
+        shutil.copy(bind_password_file, self.secret)
+        self.secret.chmod(0o600)
+        self.cert = self_signed_cert(workdir)
+        recipes = list(recipes)
+        self.ports = dict(zip((r.name for r in recipes), free_ports(len(recipes)), strict=True))
+        self.entry_name = entry
+        self.hosts: dict[str, Host] = {}
+        for recipe in recipes:
+            harness = {}
+            if recipe.accepts_submission and recipe.name != entry:
+                # stands for the DNS MX records of our domains
+                route = self.workdir / f"dns-mx-{recipe.name}"
+                route.write_text("".join(f"{d}\tsmtp:[127.0.0.1]:{self.ports[entry]}\n" for d in OUR_DOMAINS))
+                harness = {"transport_maps": f"texthash:{route}"}
+            self.hosts[recipe.name] = Host(
+                self, recipe, self.ports[recipe.name], overrides=overrides or {}, harness=harness
+            )
+
+    @property
+    def entry(self) -> Host:
+        return self.hosts[self.entry_name]
+
+    def sync(self) -> dict[str, str]:
+        """`ldapsync --once` on every host (in parallel); their stderr (the warnings) by host."""
+        procs = {name: host.sync() for name, host in self.hosts.items()}
+        errs = {}
+        for name, proc in procs.items():
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"ldapsync --once ({name}) rc={proc.returncode}:\n{err}"
+            errs[name] = err
+        return errs
+
+    def start(self) -> None:
+        self.world.start()
+        for host in self.hosts.values():
+            host.postfix.spawn()
+        for host in self.hosts.values():
+            host.postfix.wait_ready()
+        for host in self.hosts.values():
+            if host.dovecot is not None:
+                host.dovecot.start()  # after Postfix made private/ in its queue for the sockets
+
+    def stop(self) -> None:
+        with ThreadPoolExecutor(max_workers=2 * len(self.hosts) + 1) as pool:
+            futures = [pool.submit(h.postfix.stop) for h in self.hosts.values()]
+            futures += [pool.submit(h.dovecot.stop) for h in self.hosts.values() if h.dovecot is not None]
+            futures.append(pool.submit(self.world.stop))
+        for future in futures:
+            with contextlib.suppress(Exception):
+                future.result()
+
+    # ------------------------------------------------------------------ mail
+    @staticmethod
+    def message(sender: str, tag: str) -> bytes:
+        return (
+            f"From: <{sender}>\r\nTo: undisclosed-recipients:;\r\nSubject: e2e {tag}\r\n"
+            f"Message-ID: <{tag}@e2e.test>\r\n\r\nTag: {tag}\r\n"
+        ).encode()
+
+    def send_from_internet(self, rcpt: str, tag: str) -> tuple[int, str]:
+        """One message from an Internet sender to ``rcpt`` at the entry host; the RCPT reply.
+
+        One connection per message: Postfix slows down and drops a client after ten refused
+        recipients (smtpd_soft_error_limit), which would time the test, not the routing.
+        """
+        with smtplib.SMTP("127.0.0.1", self.entry.postfix.smtp, local_hostname="client.example.com", timeout=60) as s:
+            s.ehlo()
+            code, _ = s.mail(OUTSIDE)
+            assert code == 250, f"MAIL FROM refused: {code}"
+            code, text = s.rcpt(rcpt)
+            if code == 250:
+                dcode, dtext = s.data(self.message(OUTSIDE, tag))
+                assert dcode == 250, f"DATA for {rcpt}: {dcode} {dtext!r}"
+        return code, text.decode(errors="replace")
+
+    def submit(self, host: str, login: tuple[str, str], sender: str, rcpt: str, tag: str) -> tuple[int, str]:
+        """One message submitted (STARTTLS, SASL) on ``host``'s submission port."""
+        port = self.hosts[host].postfix.submission
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.com", timeout=60) as s:
+            s.starttls(context=_insecure_tls())
+            s.login(*login)
+            code, _ = s.mail(sender)
+            assert code == 250, f"MAIL FROM {sender} refused: {code}"
+            code, text = s.rcpt(rcpt)
+            if code == 250:
+                dcode, dtext = s.data(self.message(sender, tag))
+                assert dcode == 250, f"DATA for {rcpt}: {dcode} {dtext!r}"
+        return code, text.decode(errors="replace")
+
+    def wait_drained(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Every queue empty, twice in a row: nothing is in flight any more.
+
+        Queues are read upstream first (entry host, then the others): a message that moves
+        on while they are read is already in the next queue, which is read later.
+        """
+        order = [self.entry, *(h for h in self.hosts.values() if h is not self.entry)]
+        deadline = time.monotonic() + timeout
+        empty_rounds = 0
+        while empty_rounds < 2:
+            busy = [h.name for h in order if h.postfix.queue()]
+            empty_rounds = 0 if busy else empty_rounds + 1
+            if busy and time.monotonic() > deadline:
+                raise AssertionError(
+                    f"queues not drained after {timeout:g}s: "
+                    + "; ".join(f"{h.name}: {h.postfix.queue()}" for h in order)
+                    + "\n"
+                    + self.logs()
+                )
+            time.sleep(0.2)
+
+    def observe(self, tags: Mapping[str, tuple[int, str]]) -> dict[str, Observed]:
+        """Per tag: its RCPT reply, every copy delivered anywhere, every bounce it caused."""
+        seen = {tag: Observed(reply, text) for tag, (reply, text) in tags.items()}
+
+        def tags_in(text: str) -> list[str]:
+            return [t for t in seen if f"{t}@e2e.test" in text]
+
+        for host in self.hosts.values():
+            for login, text in host.stored():
+                for tag in tags_in(text):
+                    if "Content-Type: multipart/report" in text and "delivery-status" in text:
+                        seen[tag].bounces += 1
+                    else:
+                        seen[tag].reached[f"mailbox:{login}"] += 1
+        for captured in self.world.messages():
+            for tag in tags_in(captured.text):
+                if captured.sender == "":
+                    seen[tag].bounces += 1  # a bounce to the Internet sender
+                else:
+                    for rcpt in captured.recipients:
+                        seen[tag].reached[f"internet:{rcpt}"] += 1
+        return seen
+
+    def problems_in_logs(self) -> list[str]:
+        """Log lines no correct run has: bounces, deferrals, loops, fatal errors."""
+        bad = ("status=bounced", "status=deferred", "loops back to myself", "mail forwarding loop", "fatal:", "panic:")
+        return [
+            f"{h.name}: {line}" for h in self.hosts.values() for line in h.postfix.log().splitlines() if any(b in line for b in bad)
+        ]
+
+    def logs(self) -> str:
+        parts = [f"== postfix {h.name} ==\n{h.postfix.log()[-4000:]}" for h in self.hosts.values()]
+        parts += [f"== dovecot {h.name} ==\n{tail(h.dovecot.log_path)}" for h in self.hosts.values() if h.dovecot]
+        return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- a whole run
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """``reply``: 250 (accepted), an exact refusal code, or 5 for any permanent refusal;
+    ``text``: what the refusal must end with; ``reached``: each destination exactly once."""
+
+    reply: int
+    reached: frozenset[str] = frozenset()
+    text: str = ""
+
+
+@dataclass
+class Run:
+    """One message per address (from the Internet) and per submission, and what became of each."""
+
+    tags: dict[str, str]  # tag -> "address" or "submit:address"
+    observed: dict[str, Observed]
+
+    def by_address(self) -> dict[str, Observed]:
+        return {self.tags[tag]: obs for tag, obs in self.observed.items()}
+
+
+def run_mail(
+    system: System,
+    internet: Iterable[str],
+    submissions: Iterable[str] = (),
+    *,
+    login: tuple[str, str] = ("", ""),
+    submit_host: str = "",
+) -> Run:
+    """Send one uniquely tagged message to every address, wait for every queue, observe."""
+    import uuid
+
+    replies: dict[str, tuple[int, str]] = {}
+    tags: dict[str, str] = {}
+    for rcpt in internet:
+        tag = uuid.uuid4().hex
+        tags[tag] = rcpt
+        replies[tag] = system.send_from_internet(rcpt, tag)
+    for rcpt in submissions:
+        tag = uuid.uuid4().hex
+        tags[tag] = f"submit:{rcpt}"
+        replies[tag] = system.submit(submit_host, login, f"{login[0]}@example.org", rcpt, tag)
+    system.wait_drained()
+    return Run(tags, system.observe(replies))
+
+
+def mismatches(expected: Mapping[str, Expected], observed: Mapping[str, Observed]) -> list[str]:
+    """One line per address whose fate differs from the intent (empty: all as intended)."""
+    out = []
+    for address, want in sorted(expected.items()):
+        got = observed[address]
+        if want.reply != 250:
+            refused = got.reply == want.reply or (want.reply == 5 and got.reply // 100 == 5)
+            if refused and got.reply_text.endswith(want.text):
+                continue
+            wanted = f"refused at RCPT ({'5xx' if want.reply == 5 else want.reply}{' ' + want.text if want.text else ''})"
+        else:
+            if got.reply == 250 and got.reached == Counter(dict.fromkeys(want.reached, 1)) and not got.bounces:
+                continue
+            wanted = "accepted; " + ", ".join(sorted(want.reached)) + " (each once, no bounce)"
+        out.append(f"{address}: wanted {wanted}; got {got.summary()}")
+    return out
