@@ -541,7 +541,7 @@ PROTOCOL_FILES = {"dovecot-imapd": "imapd.protocol", "dovecot-lmtpd": "lmtpd.pro
 def dovecot_snippet_path(name: str) -> str:
     """Where docs/deployment.md puts a Dovecot snippet: the path its first line names."""
     first = (SNIPPETS / name).read_text().splitlines()[0]
-    match = re.search(r"/etc/dovecot/(\S+)", first)
+    match = re.search(r"/etc/dovecot/([\w./-]+\.conf)$", first)
     assert match, f"docs/snippets/{name}: the first line must name where the file goes in /etc/dovecot"
     return match[1]
 

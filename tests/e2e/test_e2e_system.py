@@ -13,84 +13,19 @@ bounced, nothing looping, nothing deferred.
 from __future__ import annotations
 
 import imaplib
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 import systemdata as sd
-from conftest import require_mail_stack
-from mailstack import SNIPPETS, _insecure_tls, hash_password, make_workdir
-from wholesystem import MAILBOX, MX, SRS, SUBMISSION, Expected, Run, System, mismatches, run_mail
-
-from ldapsync.testing.slapd import BASE_LDIF, Slapd
+from mailstack import _insecure_tls
+from wholesystem import MAILBOX, MX, PASSWORD, SRS, SUBMISSION, SUBMITTED, Result, check, whole_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd]
-
-PASSWORD = "plain1-secret"
-SUBMITTED = ("keep1@example.org", "g-outer@example.org", "in2@example.org", "friend@far.example")
-
-
-def expected(address: str) -> Expected:
-    """The intent (tests/e2e/systemdata.py) as what the mail system must do."""
-    if address.startswith("submit:"):
-        address = address.removeprefix("submit:")
-        if sd.shape(address) not in sd.INTENT:
-            return Expected(250, frozenset({f"internet:{address}"}))
-    outcome = sd.addresses()[address]
-    if outcome.reject is None:
-        return Expected(250, outcome.destinations)
-    if outcome is sd.DEAD:
-        return Expected(5)  # refused; with the disabled account's text where one is the reason
-    disable = {a.uid: a.disable for a in sd.ACCOUNTS if a.disable}
-    return Expected(outcome.reject, text=disable.get(sd.shape(address), ""))
-
-
-@dataclass
-class Result:
-    system: System
-    run: Run
-    warnings: dict[str, str]
-
-
-def whole_system(recipes: tuple, entry: str, submit_host: str) -> Iterator[Result]:
-    """Build, sync, start, send everything, drain; yield what happened; tear down."""
-    require_mail_stack()
-    workdir = make_workdir(f"ldapsync-e2e-{entry}-")
-    ldap = Slapd(workdir / "ldap", ldif_files=(BASE_LDIF,), extra_ldif=sd.ldif(hash_password(PASSWORD)))
-    ldap.start()
-    system = System(
-        workdir,
-        recipes,
-        ldap_uri=ldap.uri,
-        bind_password_file=ldap.service_password_file,
-        static_text=sd.static_file((SNIPPETS / "mail.yaml").read_text()),
-        entry=entry,
-    )
-    try:
-        warnings = system.sync()
-        system.start()
-        run = run_mail(
-            system, sd.addresses(), SUBMITTED, login=(sd.SENDER_LOGIN, PASSWORD), submit_host=submit_host
-        )
-        yield Result(system, run, warnings)
-    finally:
-        system.stop()
-        ldap.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def result() -> Iterator[Result]:
     yield from whole_system((MX, SRS, MAILBOX, SUBMISSION), "mx", "submission")
-
-
-def check(result: Result, addresses: list[str]) -> None:
-    observed = result.run.by_address()
-    wrong = mismatches({a: expected(a) for a in addresses}, observed)
-    assert not wrong, (
-        f"{len(wrong)} of {len(addresses)} addresses went wrong:\n  " + "\n  ".join(wrong) + "\n" + result.system.logs()
-    )
 
 
 def test_every_address_reaches_each_final_destination_exactly_once(result: Result) -> None:

@@ -17,11 +17,12 @@ import smtplib
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import systemdata as sd
 from mailstack import (
     CERT_FILE,
     DOVECOT_ETC,
@@ -40,12 +41,15 @@ from mailstack import (
     Substitutions,
     _insecure_tls,
     dovecot_snippet_path,
+    hash_password,
     ldapsync_config,
+    make_workdir,
     self_signed_cert,
     tail,
 )
 
 from ldapsync.testing.ports import free_ports
+from ldapsync.testing.slapd import BASE_LDIF, Slapd
 
 VMAIL_ROOT = "/var/vmail"
 VMAIL_ID = 5000  # the snippets' uid/gid: the vmail user
@@ -439,3 +443,67 @@ def mismatches(expected: Mapping[str, Expected], observed: Mapping[str, Observed
             wanted = "accepted; " + ", ".join(sorted(want.reached)) + " (each once, no bounce)"
         out.append(f"{address}: wanted {wanted}; got {got.summary()}")
     return out
+
+
+# ----------------------------------------------------------------------------- the scenario
+PASSWORD = "plain1-secret"
+SUBMITTED = ("keep1@example.org", "g-outer@example.org", "in2@example.org", "friend@far.example")
+
+
+def expected(address: str) -> Expected:
+    """The intent (tests/e2e/systemdata.py) as what the mail system must do."""
+    if address.startswith("submit:"):
+        address = address.removeprefix("submit:")
+        if sd.shape(address) not in sd.INTENT:
+            return Expected(250, frozenset({f"internet:{address}"}))
+    outcome = sd.addresses()[address]
+    if outcome.reject is None:
+        return Expected(250, outcome.destinations)
+    if outcome is sd.DEAD:
+        return Expected(5)  # refused; with the disabled account's text where one is the reason
+    disable = {a.uid: a.disable for a in sd.ACCOUNTS if a.disable}
+    return Expected(outcome.reject, text=disable.get(sd.shape(address), ""))
+
+
+@dataclass
+class Result:
+    system: System
+    run: Run
+    warnings: dict[str, str]
+
+
+def whole_system(recipes: tuple, entry: str, submit_host: str) -> Iterator[Result]:
+    """Build, sync, start, send everything, drain; yield what happened; tear down."""
+    from conftest import require_mail_stack
+
+    require_mail_stack()
+    workdir = make_workdir(f"ldapsync-e2e-{entry}-")
+    ldap = Slapd(workdir / "ldap", ldif_files=(BASE_LDIF,), extra_ldif=sd.ldif(hash_password(PASSWORD)))
+    ldap.start()
+    system = System(
+        workdir,
+        recipes,
+        ldap_uri=ldap.uri,
+        bind_password_file=ldap.service_password_file,
+        static_text=sd.static_file((SNIPPETS / "mail.yaml").read_text()),
+        entry=entry,
+    )
+    try:
+        warnings = system.sync()
+        system.start()
+        run = run_mail(
+            system, sd.addresses(), SUBMITTED, login=(sd.SENDER_LOGIN, PASSWORD), submit_host=submit_host
+        )
+        yield Result(system, run, warnings)
+    finally:
+        system.stop()
+        ldap.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check(result: Result, addresses: list[str]) -> None:
+    observed = result.run.by_address()
+    wrong = mismatches({a: expected(a) for a in addresses}, observed)
+    assert not wrong, (
+        f"{len(wrong)} of {len(addresses)} addresses went wrong:\n  " + "\n  ".join(wrong) + "\n" + result.system.logs()
+    )
