@@ -342,7 +342,11 @@ class Postfix:
         if master.startswith("submission inet"):
             master = f"127.0.0.1:{self.submission} inet" + master[len("submission inet") :]
         stock_master = re.sub(
-            r"^smtp(\s+)inet", f"127.0.0.1:{self.smtp}\\1inet", (POSTFIX_SHARE / "master.cf.dist").read_text(), count=1, flags=re.M
+            r"^smtp(\s+)inet",
+            f"127.0.0.1:{self.smtp}\\1inet",
+            (POSTFIX_SHARE / "master.cf.dist").read_text(),
+            count=1,
+            flags=re.M,
         )
         (self.config_dir / "master.cf").write_text(stock_master + master)
 

@@ -60,7 +60,10 @@ def test_the_submission_snippet_wins_over_debians_defaults(tmp_path: Path) -> No
 def test_the_one_host_snippet_serves_smtp_auth_from_the_mailbox_passdb(tmp_path: Path) -> None:
     server = dovecot(tmp_path, ("dovecot-mailbox.conf", "dovecot-onehost.conf"))
     assert server.doveconf("auth_mechanisms") == "plain login"
-    assert "/var/spool/postfix/private/auth" in (tmp_path / "etc" / dovecot_snippet_path("dovecot-onehost.conf")).read_text()
+    assert (
+        "/var/spool/postfix/private/auth"
+        in (tmp_path / "etc" / dovecot_snippet_path("dovecot-onehost.conf")).read_text()
+    )
 
 
 def test_a_snippet_included_from_10_auth_conf_loses_to_debians_10_mail_conf(tmp_path: Path) -> None:

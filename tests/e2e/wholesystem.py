@@ -133,7 +133,9 @@ class Host:
             VMAIL_ROOT: str(self.vmail),
             POSTFIX_SPOOL: str(spool),
         }
-        pairs.update({name: f"[127.0.0.1]:{system.ports[host]}" for name, host in HOSTNAMES.items() if host in system.ports})
+        pairs.update(
+            {name: f"[127.0.0.1]:{system.ports[host]}" for name, host in HOSTNAMES.items() if host in system.ports}
+        )
         self.subs = Substitutions(pairs)
 
         def text(name: str) -> str:
@@ -371,7 +373,10 @@ class System:
         """Log lines no correct run has: bounces, deferrals, loops, fatal errors."""
         bad = ("status=bounced", "status=deferred", "loops back to myself", "mail forwarding loop", "fatal:", "panic:")
         return [
-            f"{h.name}: {line}" for h in self.hosts.values() for line in h.postfix.log().splitlines() if any(b in line for b in bad)
+            f"{h.name}: {line}"
+            for h in self.hosts.values()
+            for line in h.postfix.log().splitlines()
+            if any(b in line for b in bad)
         ]
 
     def logs(self) -> str:
@@ -436,7 +441,9 @@ def mismatches(expected: Mapping[str, Expected], observed: Mapping[str, Observed
             refused = got.reply == want.reply or (want.reply == 5 and got.reply // 100 == 5)
             if refused and got.reply_text.endswith(want.text):
                 continue
-            wanted = f"refused at RCPT ({'5xx' if want.reply == 5 else want.reply}{' ' + want.text if want.text else ''})"
+            wanted = (
+                f"refused at RCPT ({'5xx' if want.reply == 5 else want.reply}{' ' + want.text if want.text else ''})"
+            )
         else:
             if got.reply == 250 and got.reached == Counter(dict.fromkeys(want.reached, 1)) and not got.bounces:
                 continue
@@ -491,9 +498,7 @@ def whole_system(recipes: tuple, entry: str, submit_host: str) -> Iterator[Resul
     try:
         warnings = system.sync()
         system.start()
-        run = run_mail(
-            system, sd.addresses(), SUBMITTED, login=(sd.SENDER_LOGIN, PASSWORD), submit_host=submit_host
-        )
+        run = run_mail(system, sd.addresses(), SUBMITTED, login=(sd.SENDER_LOGIN, PASSWORD), submit_host=submit_host)
         yield Result(system, run, warnings)
     finally:
         system.stop()
