@@ -117,6 +117,7 @@ GROUP_LIST = (
     Group("g-mixed", members=("uid=dis1", "uid=plain3", "uid=ghost")),
     Group("g-cyc-a", members=("cn=g-cyc-b", "uid=plain4")),
     Group("g-cyc-b", members=("cn=g-cyc-a", "uid=fwd2")),
+    Group("g-twice", members=("uid=plain2", "uid=in1")),  # in1 forwards to plain2
 )
 
 # Appended to the docs' mail.yaml (whose postmaster/abuse/hostmaster/noreply-bounces stay).
@@ -130,6 +131,7 @@ STATIC_EXTRA = """\
   sa-dead: [dis1, nobody-x]
   sa-half: [dis1, plain6]
   sa-ret: [ret1]
+  sa-twice: [fwd1, fwd1@ext.example]
 """
 STATIC_FORWARDS_EXTRA = """\
   sf-lists: sf@lists.example.net
@@ -184,6 +186,7 @@ INTENT: dict[str, Outcome] = {
     "g-mixed": deliver("plain3", why="disabled and unknown members skipped"),
     "g-cyc-a": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
     "g-cyc-b": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
+    "g-twice": deliver("plain2", why="a group of an account and of a forward to it"),
     # static (the docs' mail.yaml, then the additions)
     "postmaster": deliver("alice", "bob@elsewhere.example"),
     "abuse": deliver("alice", "bob@elsewhere.example"),
@@ -197,6 +200,7 @@ INTENT: dict[str, Outcome] = {
     "sa-dead": DEAD,
     "sa-half": deliver("plain6", why="dead target dropped"),
     "sa-ret": DEAD,
+    "sa-twice": deliver(f"fwd1@{EXT}", why="an alias to an account and to its forward target"),
     "sf-lists": deliver("sf@lists.example.net"),
     "sf-in": deliver("plain1"),
     # not in the directory
@@ -206,6 +210,11 @@ INTENT: dict[str, Outcome] = {
 
 # Shapes that need dead targets dropped (static aliases, LDAP forwards): the routing change.
 DEAD_TARGET_SHAPES = frozenset({"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret"})
+
+# Two routes to one destination that meet only past the MX (the MX expands aliases and groups,
+# the SRS host forwards): each route is a separate message there, so the split design
+# delivers twice; one host expands once.
+TWO_ROUTES = frozenset({"sa-twice", "g-twice"})
 
 # Alias-domain spellings (and case) of a sample of every kind of address.
 VARIANTS = (
