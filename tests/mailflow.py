@@ -327,7 +327,7 @@ class Host:
         domain = address.rpartition("@")[2]
         denied = f"554 5.7.1 <{address}>: Relay access denied"
         for r in self.list("smtpd_relay_restrictions"):
-            if r == "permit_mynetworks" and trusted or r == "permit_sasl_authenticated" and sasl:
+            if (r == "permit_mynetworks" and trusted) or (r == "permit_sasl_authenticated" and sasl):
                 break
             if r in ("defer_unauth_destination", "reject_unauth_destination"):
                 if not self.is_ours(domain):
@@ -404,12 +404,9 @@ class Host:
         cls = self.address_class(address.rpartition("@")[2])
         if cls == "local":
             raise ModelError(f"{self.name}: {address} is in mydestination: local delivery is not modelled")
-        if cls == "virtual" and self.list("virtual_mailbox_maps"):
-            if self.lookup("virtual_mailbox_maps", address) is None:
-                return unknown + "virtual mailbox table"
-        if cls == "relay" and self.list("relay_recipient_maps"):
-            if self.lookup("relay_recipient_maps", address) is None:
-                return unknown + "relay recipient table"
+        known = {"virtual": "virtual_mailbox_maps", "relay": "relay_recipient_maps"}.get(cls)
+        if known and self.list(known) and self.lookup(known, address) is None:
+            return unknown + ("virtual mailbox table" if cls == "virtual" else "relay recipient table")
         return None
 
     # cleanup
@@ -563,7 +560,8 @@ class Site:
                     bounces.append(Bounce(dest.name, target, "5.4.6 too many hops"))
                     continue
                 reply = dest.rcpt(target, trusted=True)
-                trail.append(f"{host.name}: {target} -> {transport}:{nexthop} ({dest.name})" + (f": {reply}" if reply else ""))
+                said = f": {reply}" if reply else ""
+                trail.append(f"{host.name}: {target} -> {transport}:{nexthop} ({dest.name}){said}")
                 if reply is not None:
                     bounces.append(Bounce(host.name, target, f"{dest.name} said: {reply}"))
                     continue
@@ -596,7 +594,8 @@ def render_config(doc: Mapping[str, Any], path: Path = SNIPPETS / "ldapsync.yaml
 
 
 def render_role(role: str, *, ldif: Path, static: Path | None, snippets: Path = SNIPPETS) -> dict[str, bytes]:
-    return render_config(role_config(role, ldif=ldif, static=static, snippets=snippets), snippets / f"ldapsync-{role}.yaml")
+    doc = role_config(role, ldif=ldif, static=static, snippets=snippets)
+    return render_config(doc, snippets / f"ldapsync-{role}.yaml")
 
 
 # -- the one-host recipe ----------------------------------------------------------------------
