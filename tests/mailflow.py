@@ -45,6 +45,7 @@ API (also used by the end-to-end tests to compare real Postfix with the predicti
     outcome.deliveries      # Counter of Delivery(kind="mailbox", where=login) / Delivery("external", address)
     outcome.bounces         # Bounce(host, address, reason): accepted, then returned to the sender
     outcome.looped          # addresses whose copy went round until the hop limit
+    outcome.sent_out        # (host, address): which host handed each external copy to the Internet
 
 ``outputs_by_role`` maps a role to {exporter path as in the role's YAML: bytes}, e.g. the
 installed files read back; ``render_role`` renders them with the real pipeline. A site of
@@ -54,6 +55,8 @@ Nothing here writes a file or opens a socket.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -195,6 +198,7 @@ class Outcome:
     deliveries: Counter[Delivery] = field(default_factory=Counter)
     bounces: tuple[Bounce, ...] = ()
     looped: tuple[str, ...] = ()
+    sent_out: tuple[tuple[str, str], ...] = ()  # (host, address) for each copy handed to the Internet
     trail: tuple[str, ...] = ()  # one line per step, for failure messages
 
     @property
@@ -478,7 +482,7 @@ class Site:
             text = (main_cf or {}).get(role)
             if text is None:
                 text = (snippets / f"postfix-{role}-main.cf").read_text()
-            doc = yaml.safe_load((snippets / f"ldapsync-{role}.yaml").read_text())
+            doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
             kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
             outputs = dict(outputs_by_role.get(role, {}))
             missing = sorted(set(kinds) - set(outputs))
@@ -514,6 +518,7 @@ class Site:
         deliveries: Counter[Delivery] = Counter()
         bounces: list[Bounce] = []
         looped: list[str] = []
+        sent_out: list[tuple[str, str]] = []
         limit = int(first.get("hopcount_limit"))
         queue: list[tuple[Host, str, int]] = [(first, address, 1)]
         steps = 0
@@ -550,6 +555,7 @@ class Site:
                 if dest == INTERNET:
                     trail.append(f"{host.name}: {target} -> {transport}:{nexthop} (Internet)")
                     deliveries[Delivery("external", target)] += 1
+                    sent_out.append((host.name, target))
                     continue
                 assert isinstance(dest, Host)
                 if dest is host:
@@ -566,15 +572,26 @@ class Site:
                     bounces.append(Bounce(host.name, target, f"{dest.name} said: {reply}"))
                     continue
                 queue.append((dest, target, hops + 1))
-        return Outcome(address, None, deliveries, tuple(bounces), tuple(looped), tuple(trail))
+        return Outcome(address, None, deliveries, tuple(bounces), tuple(looped), tuple(sent_out), tuple(trail))
 
 
 # -- rendering with the real pipeline -------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _yaml_text(path: Path, mtime_ns: int) -> str:
+    return json.dumps(yaml.safe_load(path.read_text()))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """A snippet's YAML, parsed once per version of the file (a fresh copy each time)."""
+    doc: dict[str, Any] = json.loads(_yaml_text(path, path.stat().st_mtime_ns))
+    return doc
+
+
 def role_config(role: str, *, ldif: Path, static: Path | None, snippets: Path = SNIPPETS) -> dict[str, Any]:
     """docs/snippets/ldapsync-<role>.yaml with the LDIF as its source (same base DN)."""
-    doc: dict[str, Any] = yaml.safe_load((snippets / f"ldapsync-{role}.yaml").read_text())
+    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
     base = doc["source"]["ldap"]["base_dn"]
     doc["source"] = {"ldif": {"path": str(ldif), "base_dn": base}}
     doc["static"] = str(static) if static is not None else None

@@ -25,6 +25,7 @@ Directory shapes come from ``Directory``, which also writes the LDIF and mail.ya
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -116,6 +117,7 @@ class Intent:
     address: str
     destinations: frozenset[Delivery] = frozenset()
     refused: str | None = None  # why it must be refused at RCPT: "disabled: <message>", "unknown", "not ours"
+    shared: bool = False  # some destination is reached along two routes (still: one copy)
 
     @property
     def dead(self) -> bool:
@@ -204,6 +206,23 @@ class Resolver:
         self._memo[address] = frozenset(out)
         return self._memo[address]
 
+    def paths(self, address: str) -> Counter[Delivery]:
+        """How many distinct routes lead from `address` to each destination (more than one: a
+        host that expands only part of the way may pass two copies on, see docs/design.md)."""
+        out: Counter[Delivery] = Counter()
+        account = self.accounts.get(address)
+        if not ours(address):
+            out[Delivery("external", address)] += 1
+        elif address in self.edges and (self.edges[address] or address in self.static):
+            for t in dict.fromkeys(self.edges[address]):
+                if t == address and account is not None and account.state == "active":
+                    out[Delivery("mailbox", account.login)] += 1
+                elif t != address:
+                    out.update(self.paths(t))
+        elif account is not None and account.state == "active":
+            out[Delivery("mailbox", account.login)] += 1
+        return out
+
     def intend(self, address: str) -> Intent:
         address = address.lower()
         if not ours(address):
@@ -213,4 +232,7 @@ class Resolver:
         if address not in self.static and account is not None and account.state == "disabled":
             return Intent(address, refused=f"disabled: {account.message or 'This account is closed'}")
         found = self.resolve(address)
-        return Intent(address, found) if found else Intent(address, refused="unknown")
+        if not found:
+            return Intent(address, refused="unknown")
+        shared = any(n > 1 for n in self.paths(address).values())
+        return Intent(address, found, shared=shared)
