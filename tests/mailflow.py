@@ -132,6 +132,23 @@ def parse_main_cf(text: str) -> dict[str, str]:
     return params
 
 
+def parse_master_cf_overrides(text: str, service: str) -> dict[str, str]:
+    """The `-o name=value` options of one master.cf service (its smtpd's own parameters)."""
+    out: dict[str, str] = {}
+    current = None
+    for raw in text.splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if not raw[0].isspace():
+            current = raw.split()[0]
+            continue
+        if current == service:
+            m = re.fullmatch(r"\s+-o\s+([a-z_0-9]+)=(.*)", raw)
+            if m:
+                out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def expand(value: str, params: Mapping[str, str], depth: int = 0) -> str:
     """$name and ${name} references, recursively (postconf(5))."""
     if depth > 20:
@@ -228,6 +245,8 @@ class HostSpec:
     main_cf: str
     outputs: Mapping[str, bytes]
     kinds: Mapping[str, str] = field(default_factory=dict)  # output path -> exporter kind
+    # the smtpd clients reach first, when it is not the main.cf one (master.cf `-o` options)
+    service: Mapping[str, str] = field(default_factory=dict)
 
 
 class Host:
@@ -242,6 +261,7 @@ class Host:
         for path, data in spec.outputs.items():
             kind = spec.kinds.get(path, "")
             self.tables[path] = parse_userdb(data) if kind == "dovecot-userdb" else parse_table(data)
+        self.service = dict(spec.service)
         self.userdb = next((self.tables[p] for p, k in spec.kinds.items() if k == "dovecot-userdb"), None)
         pdms = self.list("parent_domain_matches_subdomains")
         self.parent_match = {p for p in pdms}
@@ -249,6 +269,15 @@ class Host:
     # parameters
     def get(self, name: str) -> str:
         return expand(self.params.get(name, ""), self.params)
+
+    def with_service(self) -> Host:
+        """This host as its master.cf service sees it (the `-o` options win over main.cf)."""
+        if not self.service:
+            return self
+        other = object.__new__(Host)
+        other.__dict__.update(self.__dict__)
+        other.params = {**self.params, **self.service}
+        return other
 
     def list(self, name: str) -> list[str]:
         return split_list(self.get(name))
@@ -339,6 +368,8 @@ class Host:
                 continue
             if r in ("permit_mynetworks", "permit_sasl_authenticated"):
                 continue
+            if r == "reject":
+                return f"554 5.7.1 <{address}>: Relay access denied"
             raise ModelError(f"{self.name}: smtpd_relay_restrictions: {r} is not modelled")
         items = self.list("smtpd_recipient_restrictions")
         i = 0
@@ -488,7 +519,9 @@ class Site:
             missing = sorted(set(kinds) - set(outputs))
             if missing:
                 raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
-            specs.append(HostSpec(role, (HOSTNAMES[role],), text, outputs, kinds))
+            master = snippets / f"postfix-{role}-master.cf"
+            service = parse_master_cf_overrides(master.read_text(), role) if master.exists() else {}
+            specs.append(HostSpec(role, (HOSTNAMES[role],), text, outputs, kinds, service))
         return cls(specs)
 
     def _next_host(self, transport: str, nexthop: str, address: str) -> Host | str:
@@ -512,7 +545,7 @@ class Site:
         first = self.hosts[via]
         sasl = via != self.mx.name
         trail: list[str] = []
-        reply = first.rcpt(address, trusted=False, sasl=sasl)
+        reply = first.with_service().rcpt(address, trusted=False, sasl=sasl)
         if reply is not None:
             return Outcome(address, rejected=reply, trail=(f"{first.name}: RCPT {address}: {reply}",))
         deliveries: Counter[Delivery] = Counter()

@@ -364,6 +364,30 @@ def test_dead_target_shapes(shape: str) -> None:
     check_shape(*DEAD_SHAPES[shape])
 
 
+def test_a_user_sending_through_the_submission_host_reaches_what_the_internet_reaches() -> None:
+    """The submission host (master.cf: permit_sasl_authenticated) knows no address: it hands
+    everything to our MX, so a live address gets the same copies; a refused one is refused
+    by the MX and comes back to the user as a bounce naming the MX's reason."""
+    d = SHAPES["nested group"][0]
+    d = replace(d, accounts=(*d.accounts, Account("gone", (), "disabled", "gone for good")))
+    site = sites(d, designs=(SPLIT,))[SPLIT]
+    assert site.send("alice@example.org", via="submission").trail[0].startswith("submission: ")
+    resolver = Resolver(d)
+    for address in probe_addresses(d):
+        direct, submitted = site.send(address), site.send(address, via="submission")
+        if resolver.intend(address).refused == "not ours":
+            assert submitted.accepted and submitted.sent_out == (("submission", address),), submitted.describe()
+            continue
+        assert submitted.accepted, submitted.describe()
+        if direct.accepted:
+            assert submitted.deliveries == direct.deliveries and not submitted.bounces, submitted.describe()
+        else:
+            assert not submitted.deliveries and [b.reason for b in submitted.bounces] == [
+                f"mx said: {direct.rejected}"
+            ], submitted.describe()
+    assert "gone for good" in site.send("gone@example.org", via="submission").bounces[0].reason
+
+
 SHARED = Directory((Account("u2", ("x0@ext.example",)),), aliases={"s1": ("u2", "x0@ext.example")})
 
 
