@@ -263,7 +263,7 @@ class Host:
             self.tables[path] = parse_userdb(data) if kind == "dovecot-userdb" else parse_table(data)
         self.service = dict(spec.service)
         self.userdb = next((self.tables[p] for p, k in spec.kinds.items() if k == "dovecot-userdb"), None)
-        pdms = self.list("parent_domain_matches_subdomains")
+        pdms = self.values("parent_domain_matches_subdomains")
         self.parent_match = {p for p in pdms}
 
     # parameters
@@ -279,12 +279,12 @@ class Host:
         other.params = {**self.params, **self.service}
         return other
 
-    def list(self, name: str) -> list[str]:
+    def values(self, name: str) -> list[str]:
         return split_list(self.get(name))
 
     def maps(self, name: str) -> list[dict[str, str]]:
         out = []
-        for ref in self.list(name):
+        for ref in self.values(name):
             _, _, path = ref.partition(":")
             if path not in self.tables:
                 raise ModelError(f"{self.name}: {name} names {ref}, which no ldapsync output of this host writes")
@@ -304,7 +304,7 @@ class Host:
         """match_list(3) domain list: names, or map references whose keys are domains; parent
         domains match when `name` is in parent_domain_matches_subdomains (or for `.domain`)."""
         parents = name in self.parent_match
-        for item in self.list(name):
+        for item in self.values(name):
             if ":" in item and not item.startswith("["):
                 _, _, path = item.partition(":")
                 table = self.tables.get(path, {})
@@ -359,7 +359,7 @@ class Host:
         """The RCPT TO reply if the address is refused, else None."""
         domain = address.rpartition("@")[2]
         denied = f"554 5.7.1 <{address}>: Relay access denied"
-        for r in self.list("smtpd_relay_restrictions"):
+        for r in self.values("smtpd_relay_restrictions"):
             if (r == "permit_mynetworks" and trusted) or (r == "permit_sasl_authenticated" and sasl):
                 break
             if r in ("defer_unauth_destination", "reject_unauth_destination"):
@@ -371,7 +371,7 @@ class Host:
             if r == "reject":
                 return f"554 5.7.1 <{address}>: Relay access denied"
             raise ModelError(f"{self.name}: smtpd_relay_restrictions: {r} is not modelled")
-        items = self.list("smtpd_recipient_restrictions")
+        items = self.values("smtpd_recipient_restrictions")
         i = 0
         while i < len(items):
             r = items[i]
@@ -430,7 +430,7 @@ class Host:
         return next((table[k] for k in keys if k in table), None)
 
     def _unlisted(self, address: str) -> str | None:
-        if self.list("virtual_alias_maps") and self.lookup("virtual_alias_maps", address) is not None:
+        if self.values("virtual_alias_maps") and self.lookup("virtual_alias_maps", address) is not None:
             return None
         transport, nexthop = self.resolve(address)
         unknown = f"550 5.1.1 <{address}>: Recipient address rejected: User unknown in "
@@ -440,7 +440,7 @@ class Host:
         if cls == "local":
             raise ModelError(f"{self.name}: {address} is in mydestination: local delivery is not modelled")
         known = {"virtual": "virtual_mailbox_maps", "relay": "relay_recipient_maps"}.get(cls)
-        if known and self.list(known) and self.lookup(known, address) is None:
+        if known and self.values(known) and self.lookup(known, address) is None:
             return unknown + ("virtual mailbox table" if cls == "virtual" else "relay recipient table")
         return None
 
@@ -448,7 +448,7 @@ class Host:
     def expand_virtual(self, address: str) -> list[str] | str:
         """cleanup_map1n_internal() then cleanup_out_recipient()'s duplicate filter; a str is
         the reason the message was not accepted."""
-        if not self.list("virtual_alias_maps"):
+        if not self.values("virtual_alias_maps"):
             return [address]
         recursion = int(self.get("virtual_alias_recursion_limit"))
         expansion = int(self.get("virtual_alias_expansion_limit"))
@@ -493,7 +493,7 @@ class Site:
         self.dns_mx = {
             d.lower(): self.mx
             for p in ("relay_domains", "virtual_mailbox_domains", "virtual_alias_domains")
-            for d in self.mx.list(p)
+            for d in self.mx.values(p)
             if ":" not in d
         }
 

@@ -66,7 +66,7 @@ UNKNOWN = "nobody@example.org"
 
 def in_some_domain(draw: Any, name: str) -> str:
     """A target in our domains, as an admin may write it: bare, canonical or in an alias domain."""
-    form = draw(st.sampled_from(("bare", *DOMAINS)))
+    form: str = draw(st.sampled_from(("bare", *DOMAINS)))
     return name if form == "bare" else f"{name}@{form}"
 
 
@@ -81,8 +81,8 @@ def directories(draw: Any, dead_targets: bool = DEAD_TARGETS) -> Directory:
 
     def target(exclude: str = "") -> str:
         if draw(st.integers(0, 3)) == 0:
-            return draw(st.sampled_from(EXTERNAL))
-        name = draw(st.sampled_from([n for n in target_names if n != exclude] or ["x0@ext.example"]))
+            return str(draw(st.sampled_from(EXTERNAL)))
+        name: str = draw(st.sampled_from([n for n in target_names if n != exclude] or ["x0@ext.example"]))
         return name if "@" in name else in_some_domain(draw, name)
 
     accounts = []
@@ -267,7 +267,8 @@ def test_every_address_reaches_what_the_directory_says_once(d: Directory) -> Non
 # -- shapes, one by one -----------------------------------------------------------------------
 
 KEPT_COPY = Directory((Account("mallory", ("mallory@example.org", "mallory@elsewhere.example")),))
-SHAPES = {
+Cases = dict[str, set[str] | None]
+SHAPES: dict[str, tuple[Directory, Cases]] = {
     "kept copy": (KEPT_COPY, {"mallory@example.org": {"mailbox:mallory", "external:mallory@elsewhere.example"}}),
     "in-domain forward": (
         Directory((Account("erin", ("alice@example.net",)), Account("alice"))),
@@ -321,7 +322,7 @@ SHAPES = {
         {"k@example.org": {"external:k@external.example"}, "y@example.org": {"mailbox:y"}},
     ),
 }
-DEAD_SHAPES = {
+DEAD_SHAPES: dict[str, tuple[Directory, Cases]] = {
     "static alias with dead targets": (
         Directory(
             (Account("alice"), Account("bob", (), "disabled", "bob left"), Account("old", (), "retired")),
