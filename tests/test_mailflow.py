@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mailflow import (
     HOSTNAMES,
@@ -72,7 +72,7 @@ def in_some_domain(draw: Any, name: str) -> str:
 
 @st.composite
 def directories(draw: Any, dead_targets: bool = DEAD_TARGETS) -> Directory:
-    present = draw(st.lists(st.sampled_from(LOGINS), unique=True, min_size=1))
+    present = draw(st.lists(st.sampled_from(LOGINS), unique=True, min_size=3))
     states = {login: draw(st.sampled_from(("active", "active", "active", "disabled", "retired"))) for login in present}
     live_logins = [x for x in LOGINS if states.get(x) == "active"]
     # Names a target may take: live accounts, groups and static names always; dead ones only
@@ -258,9 +258,19 @@ def check_all(d: Directory, addresses: list[str] | None = None, **kw: Any) -> No
     assert not problems, describe(d) + "\n\n" + "\n\n".join(problems[:6])
 
 
-@settings(max_examples=examples(40), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=examples(50), suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(directories())
 def test_every_address_reaches_what_the_directory_says_once(d: Directory) -> None:
+    resolver = Resolver(d)
+    intents = [resolver.intend(a) for a in probe_addresses(d)]
+    event(f"live addresses: {min(sum(not i.dead for i in intents) // 10 * 10, 30)}+")
+    for shape, present in (
+        ("kept copy", any(a.login in {canonical(t).split("@")[0] for t in a.forward} for a in d.accounts)),
+        ("destination reached along two routes", any(i.shared for i in intents)),
+        ("static entry", bool(d.aliases or d.forwards)),
+        ("group", bool(d.groups)),
+    ):
+        event(f"{shape}: {present}")
     check_all(d)
 
 
