@@ -27,7 +27,9 @@ from mailflow import (
     REPO,
     SNIPPETS,
     Delivery,
+    Host,
     HostSpec,
+    ModelError,
     Outcome,
     Site,
     one_host_spec,
@@ -463,3 +465,89 @@ def test_the_old_srs_snippet_loops_every_kept_copy(d: Directory, elsewhere: str)
     for address in keeps:
         assert old.send(address).looped, old.send(address).describe()
         assert not new.send(address).looped, new.send(address).describe()
+
+
+# -- the model's Postfix semantics, on hand-made hosts ------------------------------------------
+
+
+def host_site(main_cf: str, tables: dict[str, str], **more: HostSpec) -> Site:
+    outputs = {f"/maps/{name}": text.encode() for name, text in tables.items()}
+    return Site([HostSpec("mx", ("mx.example.org",), main_cf, outputs), *more.values()])
+
+
+def test_main_cf_continuation_lines_comments_and_later_settings() -> None:
+    params = parse_main_cf("# c\na = 1\nb = x,\n    y\n  # not a comment inside? it is one\nb2 = $a\na = 2\n")
+    assert params == {"a": "2", "b": "x, y", "b2": "$a"}
+
+
+def test_virtual_expansion_stops_at_a_self_map_removes_duplicates_and_defers_a_loop() -> None:
+    main_cf = "relay_domains = example.org\nvirtual_alias_maps = hash:/maps/virtual\n"
+    virtual = "a@example.org\ta@example.org,b@example.org\nb@example.org\tx@ext.example,c@example.org\n"
+    virtual += "c@example.org\tx@ext.example\nl1@example.org\tl2@example.org\nl2@example.org\tl1@example.org\n"
+    mx = Host(HostSpec("mx", ("mx.example.org",), main_cf, {"/maps/virtual": virtual.encode()}))
+    assert mx.expand_virtual("a@example.org") == ["a@example.org", "x@ext.example"]
+    assert "virtual_alias_recursion_limit" in str(mx.expand_virtual("l1@example.org"))
+    site = Site([HostSpec("mx", ("mx.example.org",), main_cf, {"/maps/virtual": virtual.encode()})])
+    assert (site.send("l1@example.org").rejected or "").startswith("451 4.6.0 Alias expansion error")
+
+
+def test_rcpt_checks_by_address_class() -> None:
+    main_cf = """\
+relay_domains = example.org
+virtual_alias_domains = example.net
+virtual_mailbox_domains = mail.example
+virtual_alias_maps = hash:/maps/virtual
+virtual_mailbox_maps = hash:/maps/mailbox
+relay_recipient_maps = hash:/maps/recipients
+smtpd_recipient_restrictions = check_recipient_access hash:/maps/access, reject_unauth_destination
+"""
+    site = host_site(
+        main_cf,
+        {
+            "virtual": "al@example.net\ta@example.org\n",
+            "mailbox": "m@mail.example\tm/\n",
+            "recipients": "a@example.org\tOK\n",
+            "access": "off@example.org\tREJECT gone away\n",
+        },
+    )
+    reply = {a: site.send(a).rejected for a in ("a@example.org", "b@example.org", "al@example.net", "no@example.net")}
+    reply.update(
+        {a: site.send(a).rejected for a in ("m@mail.example", "n@mail.example", "off@example.org", "x@y.example")}
+    )
+    assert reply["a@example.org"] is None and reply["al@example.net"] is None and reply["m@mail.example"] is None
+    assert "User unknown in relay recipient table" in (reply["b@example.org"] or "")
+    assert "User unknown in virtual alias table" in (reply["no@example.net"] or "")
+    assert "User unknown in virtual mailbox table" in (reply["n@mail.example"] or "")
+    assert (reply["off@example.org"] or "").endswith("Recipient address rejected: gone away")
+    assert "Relay access denied" in (reply["x@y.example"] or "")
+
+
+def test_parent_domain_matches_subdomains_decides_whether_a_subdomain_is_ours() -> None:
+    base = "relay_domains = example.net\nrelay_recipient_maps = hash:/maps/recipients\n"
+    tables = {"recipients": "a@example.net\tOK\n"}
+    default = host_site(base, tables)
+    narrowed = host_site(base + "parent_domain_matches_subdomains = smtpd_access_maps\n", tables)
+    assert "relay recipient table" in (default.send("b@lists.example.net").rejected or "")  # Postfix's default
+    assert "Relay access denied" in (narrowed.send("b@lists.example.net").rejected or "")
+
+
+def test_a_host_relaying_to_itself_bounces_and_the_hop_limit_stops_a_loop() -> None:
+    loop_a = "relay_domains = example.org\nrelay_transport = relay:[b.example.org]\n"
+    loop_b = "relay_domains = example.org\nrelay_transport = relay:[mx.example.org]\n"
+    site = Site([HostSpec("mx", ("mx.example.org",), loop_a, {}), HostSpec("b", ("b.example.org",), loop_b, {})])
+    outcome = site.send("a@example.org")
+    assert outcome.looped == ("a@example.org",) and outcome.bounces[0].reason == "5.4.6 too many hops"
+    self_site = Site(
+        [
+            HostSpec(
+                "mx", ("mx.example.org",), "relay_domains = example.org\nrelay_transport = relay:[mx.example.org]\n", {}
+            )
+        ]
+    )
+    assert "loops back to myself" in self_site.send("a@example.org").bounces[0].reason
+
+
+def test_a_map_the_main_cf_names_but_no_exporter_writes_is_an_error() -> None:
+    site = host_site("relay_domains = example.org\nrelay_recipient_maps = hash:/maps/nowhere\n", {})
+    with pytest.raises(ModelError, match="no ldapsync output"):
+        site.send("a@example.org")
