@@ -47,8 +47,10 @@ API (also used by the end-to-end tests to compare real Postfix with the predicti
     outcome.looped          # addresses whose copy went round until the hop limit
     outcome.sent_out        # (host, address): which host handed each external copy to the Internet
 
-``outputs_by_role`` maps a role to {exporter path as in the role's YAML: bytes}, e.g. the
-installed files read back; ``render_role`` renders them with the real pipeline. A site of
+``outputs_by_role`` maps a role to {exporter path as in the role's YAML: bytes}:
+``render_role`` renders them with the real pipeline, ``installed_outputs(role, where)`` reads
+the files a test host installed (``where`` maps a documented path to the real one), so the
+prediction is made from the very maps the real Postfix uses. A site of
 other shape (the one-host recipe) is ``Site([HostSpec(...)])``; see ``one_host_spec``.
 Nothing here writes a file or opens a socket.
 """
@@ -59,7 +61,7 @@ import functools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -646,6 +648,13 @@ def render_config(doc: Mapping[str, Any], path: Path = SNIPPETS / "ldapsync.yaml
 def render_role(role: str, *, ldif: Path, static: Path | None, snippets: Path = SNIPPETS) -> dict[str, bytes]:
     doc = role_config(role, ldif=ldif, static=static, snippets=snippets)
     return render_config(doc, snippets / f"ldapsync-{role}.yaml")
+
+
+def installed_outputs(role: str, where: Callable[[str], Path], snippets: Path = SNIPPETS) -> dict[str, bytes]:
+    """A role's outputs as installed somewhere else (a test host's work directory): `where`
+    maps each exporter path of docs/snippets/ldapsync-<role>.yaml to the file to read."""
+    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
+    return {e["path"]: where(e["path"]).read_bytes() for e in doc["exporters"]}
 
 
 # -- the one-host recipe ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from mailflow import (
     ModelError,
     Outcome,
     Site,
+    installed_outputs,
     one_host_spec,
     parse_main_cf,
     render_config,
@@ -551,3 +552,17 @@ def test_a_map_the_main_cf_names_but_no_exporter_writes_is_an_error() -> None:
     site = host_site("relay_domains = example.org\nrelay_recipient_maps = hash:/maps/nowhere\n", {})
     with pytest.raises(ModelError, match="no ldapsync output"):
         site.send("a@example.org")
+
+
+def test_installed_outputs_are_read_by_their_documented_path(tmp_path: Path) -> None:
+    """What the end-to-end tests use: the files a host installed, keyed as the snippets name them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered_outputs, _, _ = rendered(KEPT_COPY, Path(tmp))
+    for path, data in rendered_outputs["mx"].items():
+        (tmp_path / Path(path).name).write_bytes(data)
+    read = installed_outputs("mx", lambda p: tmp_path / Path(p).name)
+    assert read == rendered_outputs["mx"]
+    site = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role={**rendered_outputs, "mx": read})
+    assert site.send("mallory@example.org").deliveries == Counter(
+        {Delivery("mailbox", "mallory"): 1, Delivery("external", "mallory@elsewhere.example"): 1}
+    )
