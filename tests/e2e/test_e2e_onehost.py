@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import systemdata as sd
-from wholesystem import ONE_HOST, SUBMITTED, Result, check, whole_system
+from wholesystem import ONE_HOST, SUBMITTED, Result, check, model_disagreements, whole_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd]
 
@@ -37,3 +37,7 @@ def test_submitted_mail_is_delivered_by_the_same_host(result: Result) -> None:
 
 def test_nothing_bounced_deferred_or_looped(result: Result) -> None:
     assert result.system.problems_in_logs() == []
+
+
+def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(result: Result) -> None:
+    assert model_disagreements(result) == []

@@ -18,7 +18,18 @@ from collections.abc import Iterator
 import pytest
 import systemdata as sd
 from mailstack import _insecure_tls
-from wholesystem import MAILBOX, MX, PASSWORD, SRS, SUBMISSION, SUBMITTED, Result, check, whole_system
+from wholesystem import (
+    MAILBOX,
+    MX,
+    PASSWORD,
+    SRS,
+    SUBMISSION,
+    SUBMITTED,
+    Result,
+    check,
+    model_disagreements,
+    whole_system,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd]
 
@@ -63,3 +74,7 @@ def test_the_mailbox_host_serves_imap_over_starttls_with_the_ldap_mail_password(
         imap.select("INBOX", readonly=True)
         status, found = imap.search(None, "BODY", tag)
     assert status == "OK" and len(found[0].split()) == 1
+
+
+def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(result: Result) -> None:
+    assert model_disagreements(result) == []

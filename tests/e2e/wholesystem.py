@@ -512,3 +512,84 @@ def check(result: Result, addresses: list[str]) -> None:
     assert not wrong, (
         f"{len(wrong)} of {len(addresses)} addresses went wrong:\n  " + "\n  ".join(wrong) + "\n" + result.system.logs()
     )
+
+
+# ----------------------------------------------------------------------------- the model
+def fate(reply: int, reached: Mapping[str, int], bounced: bool) -> str:
+    """What happened to one message, in words both real Postfix and the model can say."""
+    if reply != 250:
+        return f"refused {reply}"
+    copies = ", ".join(f"{d} x{n}" if n != 1 else d for d, n in sorted(reached.items())) or "nowhere"
+    return f"accepted: {copies}" + ("; bounced" if bounced else "")
+
+
+def model_fates(result: Result) -> dict[str, str]:
+    """What tests/mailflow.py predicts for every message of the run, fed with the maps ldapsync
+    installed on each host (read back from the hosts, as Postfix reads them)."""
+    import mailflow
+
+    system = result.system
+
+    # the installed maps name the hosts by test port (the transport map's nexthop): back to the docs' names
+    names = {f"[127.0.0.1]:{system.ports[h]}".encode(): n.encode() for n, h in HOSTNAMES.items() if h in system.ports}
+
+    def outputs(role: str, host: Host) -> dict[str, bytes]:
+        data = mailflow.installed_outputs(role, lambda path: Path(host.subs.apply(path)))
+        for port, name in names.items():
+            data = {path: text.replace(port, name) for path, text in data.items()}
+        return data
+
+    if "onehost" in system.hosts:
+        host = system.hosts["onehost"]
+        doc = mailflow.load_yaml(SNIPPETS / ONE_HOST.ldapsync)
+        kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
+        main = "".join((SNIPPETS / n).read_text() for n in ONE_HOST.main_cf)
+        master = "".join((SNIPPETS / n).read_text() for n in ONE_HOST.master_cf)
+        data = outputs("onehost", host)
+        site = mailflow.Site(
+            [
+                mailflow.HostSpec("mx", ("onehost.example.org",), main, data, kinds),
+                # the same Postfix as its submission service sees it
+                mailflow.HostSpec(
+                    "submission",
+                    ("onehost.example.org",),
+                    main,
+                    data,
+                    kinds,
+                    mailflow.parse_master_cf_overrides(master, "submission"),
+                ),
+            ]
+        )
+    else:
+        roles = tuple(system.hosts)
+        site = mailflow.Site.from_docs(
+            roles=roles, outputs_by_role={role: outputs(role, system.hosts[role]) for role in roles}
+        )
+    fates = {}
+    for address in result.run.tags.values():
+        rcpt, via = (
+            (address.removeprefix("submit:"), "submission") if address.startswith("submit:") else (address, "mx")
+        )
+        predicted = site.send(rcpt, via=via)
+        if predicted.rejected is not None:
+            fates[address] = f"refused {predicted.rejected.split()[0]}"
+            continue
+        reached = Counter(
+            {
+                f"{'mailbox' if d.kind == 'mailbox' else 'internet'}:{d.where}": n
+                for d, n in predicted.deliveries.items()
+            }
+        )
+        fates[address] = fate(250, reached, bool(predicted.bounces or predicted.looped))
+    return fates
+
+
+def model_disagreements(result: Result) -> list[str]:
+    """One line per message where the model's prediction and real Postfix differ."""
+    predicted = model_fates(result)
+    out = []
+    for address, got in sorted(result.run.by_address().items()):
+        real = fate(got.reply, got.reached, got.bounces > 0)
+        if predicted[address] != real:
+            out.append(f"{address}: real Postfix {real}; the model {predicted[address]}")
+    return out
