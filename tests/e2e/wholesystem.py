@@ -99,6 +99,7 @@ ONE_HOST = Recipe(
     stores_mail=True,
     accepts_submission=True,
 )
+MX_SRS = Recipe("mxsrs", "ldapsync-mx-srs.yaml", ("postfix-mx-srs-main.cf",))
 # The snippets' host names, and which recipe answers for each in a system.
 HOSTNAMES = {"[mx.example.org]": "mx", "[srs.example.org]": "srs", "[mailbox.example.org]": "mailbox"}
 
@@ -539,32 +540,24 @@ def model_fates(result: Result) -> dict[str, str]:
             data = {path: text.replace(port, name) for path, text in data.items()}
         return data
 
-    if "onehost" in system.hosts:
-        host = system.hosts["onehost"]
-        doc = mailflow.load_yaml(SNIPPETS / ONE_HOST.ldapsync)
-        kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
-        main = "".join((SNIPPETS / n).read_text() for n in ONE_HOST.main_cf)
-        master = "".join((SNIPPETS / n).read_text() for n in ONE_HOST.master_cf)
-        data = outputs("onehost", host)
-        site = mailflow.Site(
-            [
-                mailflow.HostSpec("mx", ("onehost.example.org",), main, data, kinds),
-                # the same Postfix as its submission service sees it
-                mailflow.HostSpec(
-                    "submission",
-                    ("onehost.example.org",),
-                    main,
-                    data,
-                    kinds,
-                    mailflow.parse_master_cf_overrides(master, "submission"),
-                ),
-            ]
-        )
-    else:
-        roles = tuple(system.hosts)
-        site = mailflow.Site.from_docs(
-            roles=roles, outputs_by_role={role: outputs(role, system.hosts[role]) for role in roles}
-        )
+    specs = []
+    for name, host in system.hosts.items():
+        recipe = host.recipe
+        role = recipe.ldapsync.removeprefix("ldapsync-").removesuffix(".yaml")
+        kinds = {e["path"]: e["kind"] for e in mailflow.load_yaml(SNIPPETS / recipe.ldapsync)["exporters"]}
+        main = "".join((SNIPPETS / n).read_text() for n in recipe.main_cf)
+        master = "".join((SNIPPETS / n).read_text() for n in recipe.master_cf)
+        data = outputs(role, host)
+        service = mailflow.parse_master_cf_overrides(master, "submission")
+        hostnames = (f"{name}.example.org",)
+        # the model's Internet mail arrives at "mx", submitted mail at "submission"
+        if name == system.entry_name:
+            specs.append(mailflow.HostSpec("mx", hostnames, main, data, kinds))
+            if recipe.accepts_submission:  # the same Postfix, as its submission service sees it
+                specs.append(mailflow.HostSpec("submission", hostnames, main, data, kinds, service))
+        else:
+            specs.append(mailflow.HostSpec(name, hostnames, main, data, kinds, service))
+    site = mailflow.Site(specs)
     fates = {}
     for address in result.run.tags.values():
         rcpt, via = (
