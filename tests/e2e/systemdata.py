@@ -118,6 +118,7 @@ GROUP_LIST = (
     Group("g-cyc-a", members=("cn=g-cyc-b", "uid=plain4")),
     Group("g-cyc-b", members=("cn=g-cyc-a", "uid=fwd2")),
     Group("g-twice", members=("uid=plain2", "uid=in1")),  # in1 forwards to plain2
+    Group("g-nis-dead", "nisMailAlias", addresses=("ret1", "dis1@example.org", "plain5")),
 )
 
 # Appended to the docs' mail.yaml (whose postmaster/abuse/hostmaster/noreply-bounces stay).
@@ -187,6 +188,7 @@ INTENT: dict[str, Outcome] = {
     "g-cyc-a": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
     "g-cyc-b": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
     "g-twice": deliver("plain2", why="a group of an account and of a forward to it"),
+    "g-nis-dead": deliver("plain5", why="member addresses of retired and disabled accounts dropped"),
     # static (the docs' mail.yaml, then the additions)
     "postmaster": deliver("alice", "bob@elsewhere.example"),
     "abuse": deliver("alice", "bob@elsewhere.example"),
@@ -208,8 +210,11 @@ INTENT: dict[str, Outcome] = {
     "ghost": UNKNOWN,
 }
 
-# Shapes that need dead targets dropped (static aliases, LDAP forwards): the routing change.
-DEAD_TARGET_SHAPES = frozenset({"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret"})
+# Shapes whose targets include dead ones (disabled, retired, unknown) in static aliases, LDAP
+# forwards and group member addresses: those targets must be dropped when the maps are built.
+DEAD_TARGET_SHAPES = frozenset(
+    {"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret", "g-nis-dead"}
+)
 
 # Two routes to one destination that meet only past the MX (the MX expands aliases and groups,
 # the SRS host forwards): each route is a separate message there, so the split design
