@@ -27,6 +27,7 @@ class Outcome:
     mailboxes: frozenset[str] = frozenset()
     internet: frozenset[str] = frozenset()
     reason: str = ""
+    text: str = ""  # what the refusal must end with
 
     @property
     def destinations(self) -> frozenset[str]:
@@ -42,8 +43,8 @@ def deliver(*targets: str, why: str = "") -> Outcome:
     )
 
 
-def rejected(code: int, why: str) -> Outcome:
-    return Outcome(reject=code, reason=why)
+def rejected(code: int, why: str, text: str = "") -> Outcome:
+    return Outcome(reject=code, reason=why, text=text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,8 @@ class Group:
 
 
 EXT = "ext.example"
+DIS1 = "dis1 has left, write to plain1@example.org"
+DIS2 = "dis2 is disabled"
 ACCOUNTS = (
     # the accounts the docs' mail.yaml names
     Account("alice"),
@@ -96,8 +99,8 @@ ACCOUNTS = (
     Account("lk", ("ly@example.org", f"lk@{EXT}")),
     Account("ly", ("lk@example.org",)),
     # disabled and retired accounts
-    Account("dis1", disable="dis1 has left, write to plain1@example.org"),
-    Account("dis2", (f"dis2@{EXT}",), disable="dis2 is disabled"),
+    Account("dis1", disable=DIS1),
+    Account("dis2", (f"dis2@{EXT}",), disable=DIS2),
     Account("ret1", status="inactive"),
     Account("ret2", (f"ret2@{EXT}",), status="memorial"),
     # forwards to dead targets (disabled, retired, unknown in the domain)
@@ -141,8 +144,9 @@ STATIC_FORWARDS_EXTRA = """\
 
 UNKNOWN = rejected(550, "no such address")
 RETIRED = rejected(550, "retired account")
-DISABLED = rejected(554, "disabled account: its mailDisableMessage")
+# every target dead: refused like an unknown address, or with the disabled account's message
 DEAD = rejected(550, "every target is dead: nothing may be accepted and bounced")
+DEAD_DISABLED = rejected(554, "every target is dead, one disabled: its message", DIS1)
 
 INTENT: dict[str, Outcome] = {
     "alice": deliver("alice"),
@@ -169,11 +173,11 @@ INTENT: dict[str, Outcome] = {
     "lc": deliver("lc", why="3-cycle broken"),
     "lk": deliver(f"lk@{EXT}", why="loop edge dropped, the external target stays"),
     "ly": deliver("ly", why="loop edge dropped, nothing left: local"),
-    "dis1": DISABLED,
-    "dis2": DISABLED,
+    "dis1": rejected(554, "disabled account: its mailDisableMessage", DIS1),
+    "dis2": rejected(554, "disabled account: its mailDisableMessage", DIS2),
     "ret1": RETIRED,
     "ret2": RETIRED,
-    "todis": DEAD,
+    "todis": DEAD_DISABLED,
     "todis2": deliver(f"todis2@{EXT}", why="dead target dropped, the external one stays"),
     "toret": DEAD,
     "tounk": DEAD,
@@ -183,7 +187,7 @@ INTENT: dict[str, Outcome] = {
     "g-inner": deliver("plain5", f"fwd1@{EXT}"),
     "g-outer": deliver("plain5", f"fwd1@{EXT}", "plain6", f"chain@{EXT}", why="nested group"),
     "g-nis": deliver("plain2", "member@partner.example"),
-    "g-dead": rejected(550, "a group without a deliverable member does not exist"),
+    "g-dead": DEAD_DISABLED,
     "g-mixed": deliver("plain3", why="disabled and unknown members skipped"),
     "g-cyc-a": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
     "g-cyc-b": deliver("plain4", f"fwd2a@{EXT}", f"fwd2b@{EXT}", why="group cycle: members of both"),
@@ -199,7 +203,7 @@ INTENT: dict[str, Outcome] = {
     "sa-ext": deliver("partner@partner.example"),
     "sa-keep": deliver("keep1", f"keep1@{EXT}", "plain2"),
     "sa-group": deliver("plain1", "keep1", f"keep1@{EXT}", "plain3"),
-    "sa-dead": DEAD,
+    "sa-dead": DEAD_DISABLED,
     "sa-half": deliver("plain6", why="dead target dropped"),
     "sa-ret": DEAD,
     "sa-twice": deliver(f"fwd1@{EXT}", why="an alias to an account and to its forward target"),
@@ -213,7 +217,7 @@ INTENT: dict[str, Outcome] = {
 # Shapes whose targets include dead ones (disabled, retired, unknown) in static aliases, LDAP
 # forwards and group member addresses: those targets must be dropped when the maps are built.
 DEAD_TARGET_SHAPES = frozenset(
-    {"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret", "g-nis-dead"}
+    {"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret", "g-nis-dead", "g-dead"}
 )
 
 # Two routes to one destination that meet only past the MX (the MX expands aliases and groups,
