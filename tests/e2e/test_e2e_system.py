@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import systemdata as sd
-from mailstack import _insecure_tls
+from mailstack import SNIPPETS, _insecure_tls
 from wholesystem import (
     MAILBOX,
     MX,
@@ -78,3 +78,39 @@ def test_the_mailbox_host_serves_imap_over_starttls_with_the_ldap_mail_password(
 
 def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(result: Result) -> None:
     assert model_disagreements(result) == []
+
+
+KEPT_COPIES = ("keep1@example.org", "keep2@example.org", "in2@example.org")
+
+
+@pytest.fixture(scope="module")
+def srs_back_to_the_mx() -> Iterator[Result]:
+    """The system with an SRS host whose relay_transport sends what stays in our domains back to
+    the MX (instead of to the mailbox host)."""
+    text = (SNIPPETS / "postfix-srs-main.cf").read_text()
+    relayed_back = text.replace(
+        "relay_transport = relay:[mailbox.example.org]", "relay_transport = relay:[mx.example.org]"
+    )
+    assert relayed_back != text
+    yield from whole_system(
+        (MX, SRS, MAILBOX, SUBMISSION),
+        "mx",
+        "submission",
+        addresses=KEPT_COPIES,
+        submitted=(),
+        overrides={"postfix-srs-main.cf": relayed_back},
+    )
+
+
+def test_an_srs_host_relaying_back_to_the_mx_loops_every_kept_copy(srs_back_to_the_mx: Result) -> None:
+    """Why the SRS host sends to the mailbox host: the MX would hand the kept copy to the SRS
+    host again, each round sending one more copy out, until Postfix's hop limit bounces it.
+    This test proves the whole-system test sees that loop."""
+    for address, got in srs_back_to_the_mx.run.by_address().items():
+        internet = sum(n for d, n in got.reached.items() if d.startswith("internet:"))
+        assert internet > 1 and got.bounces and not any(d.startswith("mailbox:") for d in got.reached), (
+            address,
+            got.summary(),
+        )
+    problems = srs_back_to_the_mx.system.problems_in_logs()
+    assert any("too many hops" in line for line in problems), problems
