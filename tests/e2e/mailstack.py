@@ -3,11 +3,14 @@
 Every server is a child of the test, listens on a free 127.0.0.1 port and keeps all its
 state in one work directory; nothing on the system is started, stopped or written.
 
-The role configuration is never written here: it is read verbatim from docs/snippets/ (the
-files docs/deployment.md tells admins to install), and only the placeholders listed in
-``Substitutions`` (paths, host names, ports) are replaced. What this module adds is the
-harness part an installed Debian system would provide (queue/data directories, log file, a
-minimal master.cf, "the internet" pointing at a sink).
+Each server starts from what Debian 12 ships (Postfix: main.cf.debian, main.cf.tls and
+master.cf.dist from /usr/share/postfix with postinst's "Internet Site" answers; Dovecot:
+dovecot-core's /etc/dovecot tree from /usr/share/dovecot). The role configuration is never
+written here: it is read verbatim from docs/snippets/ (the files docs/deployment.md tells
+admins to install) and installed where that page says; only the placeholders listed in
+``Substitutions`` (paths, host names, ports) are replaced. What this module adds is what
+differs for a throwaway instance (its directories, log file and ports, "the Internet"
+pointing at a sink), listed in docs/deployment.md, "How the snippets are tested".
 """
 
 from __future__ import annotations
