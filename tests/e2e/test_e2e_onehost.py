@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import systemdata as sd
-from wholesystem import ONE_HOST, SUBMITTED, Result, check, model_disagreements, whole_system
+from wholesystem import ONE_HOST, SUBMITTED, Result, check, imap_messages, model_disagreements, whole_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd]
 
@@ -41,3 +41,7 @@ def test_nothing_bounced_deferred_or_looped(result: Result) -> None:
 
 def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(result: Result) -> None:
     assert model_disagreements(result) == []
+
+
+def test_users_read_their_mail_over_imap_with_the_ldap_mail_password(result: Result) -> None:
+    assert imap_messages(result, "onehost", "plain1@example.org") == 1

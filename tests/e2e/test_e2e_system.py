@@ -12,21 +12,20 @@ bounced, nothing looping, nothing deferred.
 
 from __future__ import annotations
 
-import imaplib
 from collections.abc import Iterator
 
 import pytest
 import systemdata as sd
-from mailstack import SNIPPETS, _insecure_tls
+from mailstack import SNIPPETS
 from wholesystem import (
     MAILBOX,
     MX,
-    PASSWORD,
     SRS,
     SUBMISSION,
     SUBMITTED,
     Result,
     check,
+    imap_messages,
     model_disagreements,
     whole_system,
 )
@@ -65,15 +64,7 @@ def test_no_host_bounced_deferred_or_looped_anything(result: Result) -> None:
 
 
 def test_the_mailbox_host_serves_imap_over_starttls_with_the_ldap_mail_password(result: Result) -> None:
-    host = result.system.hosts["mailbox"]
-    assert host.dovecot is not None
-    tag = next(t for t, a in result.run.tags.items() if a == "plain1@example.org")
-    with imaplib.IMAP4("127.0.0.1", host.dovecot.imap) as imap:
-        imap.starttls(ssl_context=_insecure_tls())
-        imap.login(sd.SENDER_LOGIN, PASSWORD)
-        imap.select("INBOX", readonly=True)
-        status, found = imap.search(None, "BODY", tag)
-    assert status == "OK" and len(found[0].split()) == 1
+    assert imap_messages(result, "mailbox", "plain1@example.org") == 1
 
 
 def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(result: Result) -> None:

@@ -11,6 +11,7 @@ address it reached, and every bounce it caused.
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import os
 import shutil
 import smtplib
@@ -600,3 +601,18 @@ def model_disagreements(result: Result) -> list[str]:
         if predicted[address] != real:
             out.append(f"{address}: real Postfix {real}; the model {predicted[address]}")
     return out
+
+
+def imap_messages(result: Result, host_name: str, address: str) -> int:
+    """How many messages of the run's message to ``address`` the recipient finds over IMAP
+    (STARTTLS with the stock certificate setup, login with the LDAP mail password)."""
+    host = result.system.hosts[host_name]
+    assert host.dovecot is not None
+    tag = next(t for t, a in result.run.tags.items() if a == address)
+    with imaplib.IMAP4("127.0.0.1", host.dovecot.imap) as imap:
+        imap.starttls(ssl_context=_insecure_tls())
+        imap.login(sd.SENDER_LOGIN, PASSWORD)
+        imap.select("INBOX", readonly=True)
+        status, found = imap.search(None, "BODY", tag)
+    assert status == "OK", found
+    return len(found[0].split())
