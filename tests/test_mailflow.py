@@ -96,6 +96,12 @@ def directories(draw: Any, dead_targets: bool = DEAD_TARGETS) -> Directory:
             if draw(st.booleans()):
                 forward.append(in_some_domain(draw, login))  # keeps a copy
         accounts.append(Account(login, tuple(forward), states[login], f"{login} has left"))
+    active = [i for i, a in enumerate(accounts) if a.state == "active"]
+    if len(active) >= 2 and draw(st.booleans()):  # a forward loop: k -> y, y -> k
+        i, j = draw(st.lists(st.sampled_from(active), min_size=2, max_size=2, unique=True))
+        for me, other in ((i, j), (j, i)):
+            a = accounts[me]
+            accounts[me] = replace(a, forward=(*a.forward, in_some_domain(draw, accounts[other].login)))
     groups = []
     for name in draw(st.lists(st.sampled_from(GROUPS), unique=True)):
         members = draw(
@@ -272,6 +278,7 @@ def test_every_address_reaches_what_the_directory_says_once(d: Directory) -> Non
         ("destination reached along two routes", any(i.shared for i in intents)),
         ("static entry", bool(d.aliases or d.forwards)),
         ("group", bool(d.groups)),
+        ("loop cut", resolver.loops_cut > 0),
     ):
         event(f"{shape}: {present}")
     check_all(d)
