@@ -488,6 +488,10 @@ def test_main_cf_continuation_lines_comments_and_later_settings() -> None:
     assert params == {"a": "2", "b": "x, y", "b2": "$a"}
 
 
+def mx_maps(virtual: str) -> dict[str, bytes]:
+    return {"/maps/virtual": virtual.encode()}
+
+
 def test_virtual_expansion_stops_at_a_self_map_removes_duplicates_and_defers_a_loop() -> None:
     main_cf = "relay_domains = example.org\nvirtual_alias_maps = hash:/maps/virtual\n"
     virtual = "a@example.org\ta@example.org,b@example.org\nb@example.org\tx@ext.example,c@example.org\n"
@@ -497,6 +501,8 @@ def test_virtual_expansion_stops_at_a_self_map_removes_duplicates_and_defers_a_l
     assert "virtual_alias_recursion_limit" in str(mx.expand_virtual("l1@example.org"))
     site = Site([HostSpec("mx", ("mx.example.org",), main_cf, {"/maps/virtual": virtual.encode()})])
     assert (site.send("l1@example.org").rejected or "").startswith("451 4.6.0 Alias expansion error")
+    small = Host(HostSpec("mx", ("mx.example.org",), main_cf + "virtual_alias_expansion_limit = 1\n", mx_maps(virtual)))
+    assert "virtual_alias_expansion_limit" in str(small.expand_virtual("b@example.org"))
 
 
 def test_rcpt_checks_by_address_class() -> None:
