@@ -579,3 +579,31 @@ def test_installed_outputs_are_read_by_their_documented_path(tmp_path: Path) -> 
     assert site.send("mallory@example.org").deliveries == Counter(
         {Delivery("mailbox", "mallory"): 1, Delivery("external", "mallory@elsewhere.example"): 1}
     )
+
+
+def test_the_snippets_before_the_loop_free_design_fail_the_property(tmp_path: Path) -> None:
+    """All of docs/snippets as they were before the loop-free design: the kept copy loops, and
+    a group is unknown to the MX (its ldapsync read only ou=users, without `groups:`)."""
+    old = tmp_path / "snippets"
+    old.mkdir()
+    listing = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", "6892c84~1", "docs/snippets/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listing:
+        blob = subprocess.run(["git", "-C", str(REPO), "show", f"6892c84~1:{name}"], capture_output=True, check=True)
+        (old / Path(name).name).write_bytes(blob.stdout)
+    d = Directory(
+        (Account("mallory", ("mallory", "mallory@elsewhere.example")), Account("alice")),
+        (Group("team", (user_dn("alice"),)),),
+    )
+    ldif, static = tmp_path / "d.ldif", tmp_path / "mail.yaml"
+    ldif.write_text(d.ldif())
+    static.write_text(d.mail_yaml())
+    outputs = {r: render_role(r, ldif=ldif, static=static, snippets=old) for r in SPLIT_ROLES}
+    site = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role=outputs, snippets=old)
+    problems = "\n".join(check_site(d, site, SPLIT))
+    assert "mallory@example.org: looped" in problems
+    assert "team@example.org: must reach ['mailbox:alice'] but was refused" in problems
