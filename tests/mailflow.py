@@ -57,6 +57,7 @@ Nothing here writes a file or opens a socket.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -252,6 +253,9 @@ class HostSpec:
 
 
 class Host:
+    """One Postfix host's decisions: RCPT checks (smtpd), virtual alias expansion (cleanup),
+    address class and transport (trivial-rewrite), each from its parameters and tables."""
+
     def __init__(self, spec: HostSpec):
         self.name = spec.name
         self.hostnames = spec.hostnames
@@ -265,8 +269,7 @@ class Host:
             self.tables[path] = parse_userdb(data) if kind == "dovecot-userdb" else parse_table(data)
         self.service = dict(spec.service)
         self.userdb = next((self.tables[p] for p, k in spec.kinds.items() if k == "dovecot-userdb"), None)
-        pdms = self.values("parent_domain_matches_subdomains")
-        self.parent_match = {p for p in pdms}
+        self.parent_match = set(self.values("parent_domain_matches_subdomains"))
 
     # parameters
     def get(self, name: str) -> str:
@@ -276,8 +279,7 @@ class Host:
         """This host as its master.cf service sees it (the `-o` options win over main.cf)."""
         if not self.service:
             return self
-        other = object.__new__(Host)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.params = {**self.params, **self.service}
         return other
 
