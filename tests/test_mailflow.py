@@ -247,14 +247,28 @@ def wrong(outcome: Outcome, intent: Intent, *, deduplicates: bool = True) -> str
 
 
 def check_site(d: Directory, site: Site, label: str, addresses: list[str] | None = None) -> list[str]:
+    """What goes wrong for each address: sent from the Internet, and (where the site has a
+    submission host) from one of our users, who must get what the MX delivers or its refusal."""
     resolver = Resolver(d)
     deduplicates = label != SPLIT or SPLIT_DESIGN_DEDUPLICATES
     problems = []
     for address in addresses or probe_addresses(d):
         outcome = site.send(address)
-        why = wrong(outcome, resolver.intend(address), deduplicates=deduplicates)
+        intent = resolver.intend(address)
+        why = wrong(outcome, intent, deduplicates=deduplicates)
         if why:
             problems.append(f"[{label}] {address}: {why}\n{outcome.describe()}")
+        if "submission" in site.hosts and intent.refused != "not ours":
+            submitted = site.send(address, via="submission")  # a user of ours writes to it
+            same = submitted.deliveries == outcome.deliveries and submitted.looped == outcome.looped
+            if outcome.accepted and not (same and submitted.bounces == outcome.bounces):
+                problems.append(
+                    f"[{label}, via submission] {address}: not what the MX delivers\n{submitted.describe()}"
+                )
+            if not outcome.accepted and [b.reason for b in submitted.bounces] != [f"mx said: {outcome.rejected}"]:
+                problems.append(
+                    f"[{label}, via submission] {address}: no bounce with the MX's reason\n{submitted.describe()}"
+                )
     return problems
 
 
