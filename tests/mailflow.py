@@ -484,6 +484,29 @@ class Host:
         return list(dict.fromkeys(a.lower() for a in argv))
 
 
+def role_spec(
+    role: str,
+    outputs: Mapping[str, bytes],
+    *,
+    name: str | None = None,
+    hostnames: tuple[str, ...] | None = None,
+    snippets: Path = SNIPPETS,
+    main_cf: str | None = None,
+) -> HostSpec:
+    """A host configured as docs/snippets configure `role` (postfix-<role>-main.cf, the
+    exporters of ldapsync-<role>.yaml, the `-o` options of postfix-<role>-master.cf).
+    `name` and `hostnames` let one host carry another role's name (the one host is the MX)."""
+    text = main_cf if main_cf is not None else (snippets / f"postfix-{role}-main.cf").read_text()
+    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
+    kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
+    missing = sorted(set(kinds) - set(outputs))
+    if missing:
+        raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
+    master = snippets / f"postfix-{role}-master.cf"
+    service = parse_master_cf_overrides(master.read_text(), role) if master.exists() else {}
+    return HostSpec(name or role, hostnames or (HOSTNAMES[role],), text, dict(outputs), kinds, service)
+
+
 class Site:
     """Hosts by name; `send()` follows one message per recipient address."""
 
@@ -512,20 +535,10 @@ class Site:
     ) -> Site:
         """One host per role, configured from docs/snippets (`main_cf` replaces a role's
         postfix-<role>-main.cf text, e.g. an older version of it)."""
-        specs = []
-        for role in roles:
-            text = (main_cf or {}).get(role)
-            if text is None:
-                text = (snippets / f"postfix-{role}-main.cf").read_text()
-            doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
-            kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
-            outputs = dict(outputs_by_role.get(role, {}))
-            missing = sorted(set(kinds) - set(outputs))
-            if missing:
-                raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
-            master = snippets / f"postfix-{role}-master.cf"
-            service = parse_master_cf_overrides(master.read_text(), role) if master.exists() else {}
-            specs.append(HostSpec(role, (HOSTNAMES[role],), text, outputs, kinds, service))
+        specs = [
+            role_spec(role, outputs_by_role.get(role, {}), snippets=snippets, main_cf=(main_cf or {}).get(role))
+            for role in roles
+        ]
         return cls(specs)
 
     def _next_host(self, transport: str, nexthop: str, address: str) -> Host | str:

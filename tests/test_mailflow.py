@@ -39,6 +39,7 @@ from mailflow import (
     render_config,
     render_role,
     role_config,
+    role_spec,
 )
 from mailintent import DOMAINS, Account, Directory, Group, Intent, Resolver, canonical, group_dn, ours, user_dn
 from profiles import examples
@@ -167,8 +168,14 @@ def probe_addresses(d: Directory) -> list[str]:
 
 
 SPLIT = "MX+SRS+mailbox (docs/snippets)"
-ONE_HOST = "one host (recipe built in tests/mailflow.py)"
+# The one-host recipe and the MX and SRS host on one box come from docs/snippets when it has
+# them (postfix-onehost-main.cf, postfix-mx-srs-main.cf and their ldapsync YAML); until then
+# the one host is built from the recipe in tests/mailflow.py and the shared box is not checked.
+ONE_HOST_SNIPPETS = (SNIPPETS / "postfix-onehost-main.cf").exists()
+ONE_HOST = "one host (docs/snippets)" if ONE_HOST_SNIPPETS else "one host (recipe built in tests/mailflow.py)"
+MX_SRS = "MX and SRS host on one box + mailbox (docs/snippets)"
 PROPOSED = "proposed: the MX expands everything, the SRS host only relays"
+DESIGNS = (SPLIT, ONE_HOST, PROPOSED, *((MX_SRS,) if (SNIPPETS / "postfix-mx-srs-main.cf").exists() else ()))
 
 
 def rendered(d: Directory, tmp: Path) -> tuple[dict[str, dict[str, bytes]], Path, Path]:
@@ -209,17 +216,23 @@ def proposed_specs(outputs: dict[str, dict[str, bytes]], ldif: Path, static: Pat
     return [mx, srs, mailbox]
 
 
-def sites(
-    d: Directory, *, srs_main_cf: str | None = None, designs: tuple[str, ...] = (SPLIT, ONE_HOST, PROPOSED)
-) -> dict[str, Site]:
+def sites(d: Directory, *, srs_main_cf: str | None = None, designs: tuple[str, ...] = DESIGNS) -> dict[str, Site]:
     with tempfile.TemporaryDirectory(prefix="mailflow-") as tmp:
         outputs, ldif, static = rendered(d, Path(tmp))
         main_cf = {"srs": srs_main_cf} if srs_main_cf is not None else None
         out = {}
         if SPLIT in designs:
             out[SPLIT] = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role=outputs, main_cf=main_cf)
-        if ONE_HOST in designs:
+        if ONE_HOST in designs and ONE_HOST_SNIPPETS:
+            one = render_role("onehost", ldif=ldif, static=static)
+            out[ONE_HOST] = Site([role_spec("onehost", one, name="mx", hostnames=("mail.example.org",))])
+        elif ONE_HOST in designs:
             out[ONE_HOST] = Site([one_host_spec(ldif=ldif, static=static)])
+        if MX_SRS in designs:
+            box = render_role("mx-srs", ldif=ldif, static=static)
+            hostnames = (HOSTNAMES["mx"], HOSTNAMES["srs"])
+            mailbox = role_spec("mailbox", outputs["mailbox"])
+            out[MX_SRS] = Site([role_spec("mx-srs", box, name="mx", hostnames=hostnames), mailbox])
         if PROPOSED in designs:
             out[PROPOSED] = Site(proposed_specs(outputs, ldif, static))
         return out
@@ -438,7 +451,7 @@ def test_two_routes_to_one_destination_give_two_copies_in_the_split_design_only(
     split = found[SPLIT].send("s1@example.org")
     assert split.deliveries == Counter({x0: 2}), split.describe()
     assert sorted(split.sent_out) == [("mx", "x0@ext.example"), ("srs", "x0@ext.example")]  # one bypasses SRS
-    for design in (ONE_HOST, PROPOSED):
+    for design in (d for d in DESIGNS if d != SPLIT):
         assert found[design].send("s1@example.org").deliveries == Counter({x0: 1}), design
     assert found[PROPOSED].send("s1@example.org").sent_out == (("srs", "x0@ext.example"),)
 
