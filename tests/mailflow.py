@@ -50,8 +50,11 @@ API (also used by the end-to-end tests to compare real Postfix with the predicti
 ``outputs_by_role`` maps a role to {exporter path as in the role's YAML: bytes}:
 ``render_role`` renders them with the real pipeline, ``installed_outputs(role, where)`` reads
 the files a test host installed (``where`` maps a documented path to the real one), so the
-prediction is made from the very maps the real Postfix uses. A site of
-other shape (the one-host recipe) is ``Site([HostSpec(...)])``; see ``one_host_spec``.
+prediction is made from the very maps the real Postfix uses. A site of another shape is
+``Site([HostSpec(...), ...])``: ``role_spec(role, outputs, name=..., hostnames=...)`` builds a
+host from a snippet role under another name (the one host, or the MX and SRS host on one box,
+is the site's "mx"); ``one_host_spec`` builds the one-host recipe when docs/snippets has none.
+The first host named "mx" receives the Internet's mail; our domains' MX records point at it.
 Nothing here writes a file or opens a socket.
 """
 
