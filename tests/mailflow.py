@@ -50,13 +50,17 @@ API (also used by the end-to-end tests to compare real Postfix with the predicti
 ``outputs_by_role`` maps a role to {exporter path as in the role's YAML: bytes}:
 ``render_role`` renders them with the real pipeline, ``installed_outputs(role, where)`` reads
 the files a test host installed (``where`` maps a documented path to the real one), so the
-prediction is made from the very maps the real Postfix uses. A site of
-other shape (the one-host recipe) is ``Site([HostSpec(...)])``; see ``one_host_spec``.
+prediction is made from the very maps the real Postfix uses. A site of another shape is
+``Site([HostSpec(...), ...])``: ``role_spec(role, outputs, name=..., hostnames=...)`` builds a
+host from a snippet role under another name (the one host, or the MX and SRS host on one box,
+is the site's "mx"); ``one_host_spec`` builds the one-host recipe when docs/snippets has none.
+The first host named "mx" receives the Internet's mail; our domains' MX records point at it.
 Nothing here writes a file or opens a socket.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -252,6 +256,9 @@ class HostSpec:
 
 
 class Host:
+    """One Postfix host's decisions: RCPT checks (smtpd), virtual alias expansion (cleanup),
+    address class and transport (trivial-rewrite), each from its parameters and tables."""
+
     def __init__(self, spec: HostSpec):
         self.name = spec.name
         self.hostnames = spec.hostnames
@@ -265,8 +272,7 @@ class Host:
             self.tables[path] = parse_userdb(data) if kind == "dovecot-userdb" else parse_table(data)
         self.service = dict(spec.service)
         self.userdb = next((self.tables[p] for p, k in spec.kinds.items() if k == "dovecot-userdb"), None)
-        pdms = self.values("parent_domain_matches_subdomains")
-        self.parent_match = {p for p in pdms}
+        self.parent_match = set(self.values("parent_domain_matches_subdomains"))
 
     # parameters
     def get(self, name: str) -> str:
@@ -276,8 +282,7 @@ class Host:
         """This host as its master.cf service sees it (the `-o` options win over main.cf)."""
         if not self.service:
             return self
-        other = object.__new__(Host)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.params = {**self.params, **self.service}
         return other
 
@@ -482,6 +487,29 @@ class Host:
         return list(dict.fromkeys(a.lower() for a in argv))
 
 
+def role_spec(
+    role: str,
+    outputs: Mapping[str, bytes],
+    *,
+    name: str | None = None,
+    hostnames: tuple[str, ...] | None = None,
+    snippets: Path = SNIPPETS,
+    main_cf: str | None = None,
+) -> HostSpec:
+    """A host configured as docs/snippets configure `role` (postfix-<role>-main.cf, the
+    exporters of ldapsync-<role>.yaml, the `-o` options of postfix-<role>-master.cf).
+    `name` and `hostnames` let one host carry another role's name (the one host is the MX)."""
+    text = main_cf if main_cf is not None else (snippets / f"postfix-{role}-main.cf").read_text()
+    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
+    kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
+    missing = sorted(set(kinds) - set(outputs))
+    if missing:
+        raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
+    master = snippets / f"postfix-{role}-master.cf"
+    service = parse_master_cf_overrides(master.read_text(), role) if master.exists() else {}
+    return HostSpec(name or role, hostnames or (HOSTNAMES[role],), text, dict(outputs), kinds, service)
+
+
 class Site:
     """Hosts by name; `send()` follows one message per recipient address."""
 
@@ -510,20 +538,10 @@ class Site:
     ) -> Site:
         """One host per role, configured from docs/snippets (`main_cf` replaces a role's
         postfix-<role>-main.cf text, e.g. an older version of it)."""
-        specs = []
-        for role in roles:
-            text = (main_cf or {}).get(role)
-            if text is None:
-                text = (snippets / f"postfix-{role}-main.cf").read_text()
-            doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
-            kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
-            outputs = dict(outputs_by_role.get(role, {}))
-            missing = sorted(set(kinds) - set(outputs))
-            if missing:
-                raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
-            master = snippets / f"postfix-{role}-master.cf"
-            service = parse_master_cf_overrides(master.read_text(), role) if master.exists() else {}
-            specs.append(HostSpec(role, (HOSTNAMES[role],), text, outputs, kinds, service))
+        specs = [
+            role_spec(role, outputs_by_role.get(role, {}), snippets=snippets, main_cf=(main_cf or {}).get(role))
+            for role in roles
+        ]
         return cls(specs)
 
     def _next_host(self, transport: str, nexthop: str, address: str) -> Host | str:

@@ -160,6 +160,7 @@ class Resolver:
         for address, targets in self.static.items():
             edges[address] = (targets, False)
         self.edges = self._cut_cycles(edges)
+        self.loops_cut = sum(len(set(t)) - len(set(self.edges.get(u, ()))) for u, (t, _) in edges.items())
         self._memo: dict[str, frozenset[Delivery]] = {}
 
     @staticmethod
