@@ -34,6 +34,7 @@ from mailstack import (
     OUTSIDE,
     POSTFIX_SPOOL,
     SNIPPETS,
+    START_TIMEOUT,
     STATE_DIR,
     UNIT_UMASK,
     Dovecot,
@@ -47,6 +48,7 @@ from mailstack import (
     make_workdir,
     self_signed_cert,
     tail,
+    wait_for,
 )
 
 from ldapsync.testing.ports import free_ports
@@ -276,6 +278,13 @@ class System:
         for host in self.hosts.values():
             if host.dovecot is not None:
                 host.dovecot.start()  # after Postfix made private/ in its queue for the sockets
+                # Postfix must find Dovecot's sockets at the first delivery or login: a missing
+                # LMTP socket defers mail for queue_run_delay (minutes), not for a moment
+                private = host.postfix.queue_dir / "private"
+                sockets = [private / "dovecot-lmtp"] if host.recipe.stores_mail else []
+                sockets += [private / "auth"] if host.recipe.accepts_submission else []
+                for sock in sockets:
+                    wait_for(sock.exists, START_TIMEOUT, f"{sock} from dovecot on {host.name}")
 
     def stop(self) -> None:
         with ThreadPoolExecutor(max_workers=2 * len(self.hosts) + 1) as pool:
