@@ -49,6 +49,7 @@ class LdapSource:
     timeout: float = 10.0
     watch: str = "auto"
     poll_interval: float = 60.0
+    connect_rounds: int = 3  # a one-shot run tries every uri this often while none answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,6 +544,9 @@ def _source(s: _Section) -> LdapSource | LdifSource:
     page_size = ls.get("page_size", int)
     if page_size is not None and not 1 <= page_size <= 100000:
         raise ls.error("page_size", "must be between 1 and 100000")
+    rounds = ls.get("connect_rounds", int)
+    if rounds is not None and not 1 <= rounds <= 10:
+        raise ls.error("connect_rounds", "must be between 1 and 10")
     filt = ls.get("filter", str)
     if filt is not None and not (filt.startswith("(") and filt.endswith(")")):
         raise ls.error("filter", "must be an LDAP filter in parentheses")
@@ -561,6 +565,7 @@ def _source(s: _Section) -> LdapSource | LdifSource:
         timeout=_positive(ls, "timeout"),
         watch=_choice(ls, "watch", WATCH_MODES),
         poll_interval=_positive(ls, "poll_interval"),
+        connect_rounds=rounds,
     )
     ls.done()
     s.done()

@@ -24,6 +24,12 @@ class SourceError(LdapsyncError):
     """The directory could not be read completely; nothing read may be installed."""
 
 
+class Unreachable(SourceError):
+    """No directory server answered at all (refused, timed out, dropped the connection): the
+    same read may work a moment later. A server that answered and refused (bind, StartTLS, an
+    answer that is not LDAP) is a plain SourceError: asking again will not help."""
+
+
 class CommitError(LdapsyncError):
     """Staging or installing outputs failed; every previously installed file is untouched."""
 

@@ -14,12 +14,14 @@ import socket
 import ssl
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ldap3
 import structlog
+import tenacity
 from ldap3.core.exceptions import LDAPException, LDAPSessionTerminatedByServerError, LDAPSocketSendError
 from ldap3.core.results import RESULT_CODES
 from ldap3.operation.search import search_operation
@@ -29,7 +31,7 @@ from pyasn1.error import PyAsn1Error
 from ldapsync import ber
 from ldapsync.config import LdapSource
 from ldapsync.directory import Entry, Rejection, Snapshot, sort_entries
-from ldapsync.errors import ConfigError, SourceError
+from ldapsync.errors import ConfigError, SourceError, Unreachable
 from ldapsync.schema import AttributeMap
 
 log = structlog.get_logger(__name__)
@@ -155,6 +157,7 @@ def connect(
     else:
         kwargs.setdefault("receive_timeout", math.ceil(cfg.timeout))  # ldap3 packs it as a C long
     failures = []
+    refused = False  # some server answered and said no: asking again will not help
     for uri in uris or cfg.uris:
         conn = None
         try:
@@ -190,9 +193,10 @@ def connect(
             if conn is not None:
                 _abandon(conn)  # no socket left for the GC to find
             reason = str(e) if isinstance(e, (LDAPException, OSError, SourceError)) else _not_ldap(e)
+            refused = refused or not isinstance(e, (LDAPException, OSError))
             failures.append(f"{uri}: {reason}")
             log.warning("LDAP server unavailable, trying the next", uri=uri, error=reason)
-    raise SourceError("no LDAP server could be used: " + "; ".join(failures))
+    raise (SourceError if refused else Unreachable)("no LDAP server could be used: " + "; ".join(failures))
 
 
 def _not_ldap(e: BaseException) -> str:
@@ -283,9 +287,37 @@ def _stream_socket(conn: ldap3.Connection, timeout: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def read(cfg: LdapSource, attributes: AttributeMap, progress: Callable[[int], None] | None = None) -> Snapshot:
+def connect_in_rounds(cfg: LdapSource, rounds: int, *, sleep: Callable[[float], None] = time.sleep) -> Connected:
+    """`connect`, and while no server answers at all, every uri again after 1 s, 2 s, 4 s...
+    (at most `timeout`), `rounds` times in all. For a one-shot run: a cron `--once` during a
+    server restart should not fail the run. The agent asks for one round; its scheduler owns
+    the retrying. A server that answered and refused is not asked again."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(rounds),
+        wait=tenacity.wait_exponential(multiplier=1, min=1, max=max(1.0, cfg.timeout)),
+        retry=tenacity.retry_if_exception_type(Unreachable),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=_log_round,
+    )
+    return retrying(connect, cfg)
+
+
+def _log_round(state: tenacity.RetryCallState) -> None:
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("no LDAP server answered; trying them all again", round=state.attempt_number, retry_in=wait)
+
+
+def read(
+    cfg: LdapSource,
+    attributes: AttributeMap,
+    *,
+    rounds: int = 1,
+    sleep: Callable[[float], None] = time.sleep,
+    progress: Callable[[int], None] | None = None,
+) -> Snapshot:
     """`progress` is told the number of entries read after each page."""
-    connected = connect(cfg)
+    connected = connect_in_rounds(cfg, rounds, sleep=sleep)
     try:
         return search(connected, cfg, attributes, progress)
     finally:

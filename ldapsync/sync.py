@@ -90,6 +90,7 @@ class Pipeline:
         """`follow`: syncs will come change after change (the agent): keep what makes the next
         one cost its change; a one-shot run does not pay for that."""
         self.config = config
+        self.follow = follow
         self.state = State(config.state_dir)
         self.exporters: list[tuple[ExporterSpec, Exporter]] = [
             (spec, exporter_class(spec.kind)(spec.options)) for spec in config.exporters
@@ -121,7 +122,11 @@ class Pipeline:
         report = self.progress
         report(READING, 0)
         if isinstance(src, LdapSource):
-            return ldapsource.read(src, self.config.routing.attributes, lambda n: report(READING, n))
+            # the agent's scheduler retries a failed sync; a one-shot run waits a little itself
+            rounds = 1 if self.follow else src.connect_rounds
+            return ldapsource.read(
+                src, self.config.routing.attributes, rounds=rounds, progress=lambda n: report(READING, n)
+            )
         return ldifsource.read(src, self.config.routing.attributes)
 
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], BuildReport]:

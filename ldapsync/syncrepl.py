@@ -59,6 +59,7 @@ __all__ = [
     "SyncInfoRefreshPresent",
     "SyncProtocolError",
     "SyncState",
+    "UnknownPresent",
     "decode_sync_done",
     "decode_sync_info",
     "decode_sync_state",
@@ -594,6 +595,23 @@ class RefreshRequired:
 
 
 @dataclass(frozen=True, slots=True)
+class UnknownPresent:
+    """A present phase ended naming ``uuid`` present, which the local copy does not hold and
+    the refresh did not send either.
+
+    A protocol violation: a present list names entries the consumer has (RFC 4533 3.3.1), or
+    (OpenLDAP lists every entry) entries the same refresh sends in full; so the list is corrupt
+    or tampered with. Believed, it would delete the entry that was meant at the end of the
+    phase, under a valid cookie, for good. It cannot be repaired (which entry was meant?): the
+    consumer has dropped its cookie and abandoned the operation, deleting nothing; say so and
+    call request() again, which is a full refresh.
+    """
+
+    uuid: str
+    dn: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class SearchFinished:
     """The search ended other than by a successful refreshOnly refresh."""
 
@@ -602,7 +620,14 @@ class SearchFinished:
 
 
 Event: TypeAlias = (
-    EntryChanged | EntryPresent | EntryDeleted | CookieChanged | RefreshComplete | RefreshRequired | SearchFinished
+    EntryChanged
+    | EntryPresent
+    | EntryDeleted
+    | CookieChanged
+    | RefreshComplete
+    | RefreshRequired
+    | UnknownPresent
+    | SearchFinished
 )
 
 
@@ -642,6 +667,7 @@ class SyncConsumer:
         self._pending_cookie: bytes | None = None
         self._seen_phase: set[str] = set()  # present/add/modify in the current phase
         self._seen_refresh: set[str] = set()  # ... in the whole refresh stage
+        self._unknown: dict[str, str | None] = {}  # named present, not held, not sent (yet): uuid -> dn
 
     @property
     def cookie(self) -> bytes | None:
@@ -675,6 +701,7 @@ class SyncConsumer:
         self._pending_cookie = None
         self._seen_phase = set()
         self._seen_refresh = set()
+        self._unknown = {}
         return encode_sync_request(self._mode, self._cookie, reload_hint)
 
     def abandon(self) -> None:
@@ -733,6 +760,7 @@ class SyncConsumer:
         if self._refreshing:
             self._seen_phase.add(uuid)
             self._seen_refresh.add(uuid)
+            self._unknown.pop(uuid, None)
 
     def _delete(self, uuid: str, dn: str | None) -> EntryDeleted:
         self._known.discard(uuid)
@@ -740,9 +768,29 @@ class SyncConsumer:
         self._seen_refresh.discard(uuid)
         return EntryDeleted(uuid, dn)
 
+    def _unknown_present(self, uuid: str, dn: str | None) -> list[Event]:
+        """A present list named an entry we do not hold: no cookie, no operation (see UnknownPresent)."""
+        self._cookie = None
+        self._pending_cookie = None
+        self._phase = Phase.DONE
+        self._seen_phase, self._seen_refresh, self._unknown = set(), set(), {}
+        return [UnknownPresent(uuid, dn)]
+
+    def _present(self, uuid: str, dn: str | None) -> list[Event]:
+        """`uuid` named present: known, or to be sent in full before the phase ends."""
+        if uuid in self._known:
+            self._seen(uuid)
+            return [EntryPresent(uuid, dn)]
+        self._unknown.setdefault(uuid, dn)
+        return []
+
     def _end_phase(self, present: bool) -> list[Event]:
-        """Close a refresh phase; a present phase deletes every known UUID it did not name."""
+        """Close a refresh phase; a present phase deletes every known UUID it did not name,
+        unless it named one the copy does not hold (see UnknownPresent)."""
         events: list[Event] = []
+        if present and self._unknown:
+            uuid = min(self._unknown)
+            return self._unknown_present(uuid, self._unknown[uuid])
         if present:
             missing = sorted(self._known - self._seen_phase)
             events = [self._delete(u, None) for u in missing]
@@ -775,8 +823,7 @@ class SyncConsumer:
             if not self._refreshing:
                 raise SyncProtocolError(f"entry {msg.dn!r} in present state during persist stage")
             self._enter(Phase.REFRESH_PRESENT, f"entry {msg.dn!r} in present state")
-            self._seen(st.uuid)
-            events = [EntryPresent(st.uuid, msg.dn)]
+            events = self._present(st.uuid, msg.dn)
         elif st.state is StateKind.DELETE:
             if self._refreshing:
                 self._enter(Phase.REFRESH_DELETE, f"entry {msg.dn!r} in delete state")
@@ -810,6 +857,8 @@ class SyncConsumer:
         present = isinstance(info, SyncInfoRefreshPresent)
         self._enter(Phase.REFRESH_PRESENT if present else Phase.REFRESH_DELETE, f"Sync Info {name}")
         events = self._end_phase(present)
+        if self._phase is Phase.DONE:  # the phase named an entry the copy does not hold
+            return events
         if info.cookie is not None:
             self._pending_cookie = info.cookie
         if info.refresh_done:
@@ -828,9 +877,7 @@ class SyncConsumer:
             if not self._refreshing:
                 raise SyncProtocolError("Sync Info syncIdSet of present UUIDs during persist stage")
             self._enter(Phase.REFRESH_PRESENT, "Sync Info syncIdSet of present UUIDs")
-            for u in info.uuids:
-                self._seen(u)
-            events = [EntryPresent(u, None) for u in info.uuids]
+            events = [ev for u in info.uuids for ev in self._present(u, None)]
         return events + self._take_cookie(info.cookie)
 
     def _done(self, msg: SearchDone) -> list[Event]:
@@ -855,6 +902,8 @@ class SyncConsumer:
         present = not done.refresh_deletes
         self._enter(Phase.REFRESH_PRESENT if present else Phase.REFRESH_DELETE, "Sync Done")
         events = self._end_phase(present)
+        if self._phase is Phase.DONE:  # the phase named an entry the copy does not hold
+            return events
         if done.cookie is not None:
             self._pending_cookie = done.cookie
         events += self._end_refresh()

@@ -94,7 +94,7 @@ class Hash:
 
     text: str
     scheme: str  # the Dovecot scheme name
-    weak: bool = False  # unsalted digest or DES-CRYPT: one GPU-hour cracks most of them
+    weak: bool = False  # unsalted digest, DES-CRYPT or bigcrypt: one GPU-hour cracks most of them
 
 
 # Accepted password schemes: (passlib handler, Dovecot scheme name).
@@ -129,6 +129,10 @@ _ARGON2_RE = re.compile(
     r"\$argon2(id|i)\$v=19\$m=[0-9]{1,8},t=[0-9]{1,4},p=[0-9]{1,3}\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}"
 )
 _DES_RE = re.compile(rf"[{_B64CRYPT}]{{13}}")
+# bigcrypt: DES-CRYPT of each 8-character block, 2 salt + 11 characters per block. Debian 12's
+# libxcrypt writes it for `slappasswd -h {CRYPT}` with a password longer than 8 characters,
+# and Dovecot's CRYPT (crypt(3)) verifies it. At most 16 blocks (128 characters).
+_BIGCRYPT_RE = re.compile(rf"[{_B64CRYPT}]{{2}}(?:[{_B64CRYPT}]{{11}}){{2,16}}")
 _HEX32_RE = re.compile(r"[0-9a-fA-F]{32}")
 # As `doveadm pw -s PBKDF2` writes it: $1$salt$rounds$hex(PBKDF2-HMAC-SHA1, 20 bytes).
 _PBKDF2_RE = re.compile(r"\$1\$[A-Za-z0-9./+=_-]{1,64}\$[1-9][0-9]{0,8}\$[0-9a-fA-F]{40}")
@@ -243,6 +247,9 @@ def _crypt(body: str, *, explicit: bool, expect: str | None = None) -> Hash:
         # DES only with an explicit prefix: a bare 13-character word may be a plaintext password.
         if explicit and expect in (None, "DES-CRYPT") and _DES_RE.fullmatch(body):
             return Hash(f"{{DES-CRYPT}}{body}", "DES-CRYPT", weak=True)
+        # bigcrypt is DES per block: as weak as DES-CRYPT (each block cracks alone).
+        if explicit and expect is None and _BIGCRYPT_RE.fullmatch(body):
+            return Hash(f"{{CRYPT}}{body}", "CRYPT", weak=True)
     if explicit:
         raise Invalid("unknown or malformed crypt hash")
     raise Invalid("not a recognised password hash (plaintext?)")
@@ -344,7 +351,7 @@ def generalized_time(value: str) -> str | None:
 # Mailbox fields (Dovecot userdb). Dovecot expands %variables in passwd-file fields and splits
 # extra fields at spaces: values from LDAP may hold neither, nor ':'.
 _HOME_RE = re.compile(r"(?:/[A-Za-z0-9_+=@.-]+)+")
-_QUOTA_RE = re.compile(r"[0-9]{1,15}(?:[BKMGT]|[KMGT]B)?|[0-9]{1,3}%", re.IGNORECASE)
+_QUOTA_RE = re.compile(r"[0-9]{1,15}(?:[BKMGT]|[KMGT]B)?", re.IGNORECASE)
 MAX_ID = 4294967294  # (uid_t)-1 is "no user"
 
 
@@ -365,7 +372,18 @@ def home(value: str) -> str:
 
 
 def quota(value: str) -> str:
-    """A Dovecot quota size like 1G, 500M, 1048576 or 10%."""
+    """A Dovecot quota size like 1G, 500M or 1048576 (a bare number: the template's unit).
+
+    No percentage: Dovecot 2.3 reads a percentage only relative to the default rule, and in
+    the default rule itself (`*:storage=10%`, what a per-account quota is) it applies the bare
+    number (10 kilobytes: every delivery fails over quota). Written unescaped, `%` is also a
+    variable in a userdb extra field. A clear refusal beats a mailbox that takes no mail.
+    """
+    if value.isascii() and value.endswith("%") and _QUOTA_RE.fullmatch(value[:-1]):
+        raise Invalid(
+            "is a percentage: Dovecot applies it as a bare number (kilobytes) in a user's quota rule; "
+            "give a size like 500M or 2G"
+        )
     if not value.isascii() or _QUOTA_RE.fullmatch(value) is None:
-        raise Invalid("is not a quota size like 500M, 2G or 10%")
+        raise Invalid("is not a quota size like 500M, 2G or 1048576")
     return value

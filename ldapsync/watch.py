@@ -150,6 +150,7 @@ class Follower(threading.Thread):
         self._conn: ldap3.Connection | None = None
         self._check: ldapsource.Connected | None = None  # the synchronous connection beside the stream
         self._lost: str | None = None  # the server of the connection that failed last
+        self._again: str | None = None  # a server to ask again first (it only needs a full refresh)
         self._up: bool | None = None  # None: no attempt yet
         self._worked = False  # this connection completed a refresh: the backoff starts over
 
@@ -229,9 +230,11 @@ class Follower(threading.Thread):
     def _follow_ldap(self, src: LdapSource) -> None:
         self.beat()
         uris = src.uris
-        if self._lost in uris and len(uris) > 1:  # the server just lost is tried last, not first
+        if self._again in uris:
+            uris = (self._again, *(u for u in uris if u != self._again))
+        elif self._lost in uris and len(uris) > 1:  # the server just lost is tried last, not first
             uris = (*(u for u in uris if u != self._lost), self._lost)
-        self._lost = None
+        self._lost = self._again = None
         check = self._check = ldapsource.connect(src, uris=uris, root_dse=True)
         self._lost = check.uri  # until it works out: a failure from here on is this server's
         try:
@@ -368,6 +371,17 @@ class Follower(threading.Thread):
                             log.warning("server refused the cookie; doing a full refresh", server=uri)
                             self.mirror.set_cookie(None)  # else every reconnect offers the refused cookie again
                             raise ConnectionLost(f"{uri}: e-syncRefreshRequired")
+                        elif isinstance(ev, syncrepl.UnknownPresent):
+                            log.warning(
+                                "the server's present list names an entry this copy does not hold "
+                                "(a protocol violation); doing a full refresh",
+                                server=uri,
+                                uuid=ev.uuid,
+                                dn=ev.dn,
+                            )
+                            self.mirror.set_cookie(None)
+                            self._again = uri
+                            raise ConnectionLost(f"{uri}: present list names unknown entryUUID {ev.uuid}")
                         elif isinstance(ev, syncrepl.SearchFinished):
                             message_text = ev.message or _result_name(ev.result_code)
                             if refreshing and resumed and ev.result_code != 0:

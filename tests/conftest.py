@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,48 @@ import pytest
 # tests/ is not a package: make `from slapd import ...` work however pytest is run
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import debpackages
 import profiles
 from slapd import Slapd, missing_tools
 
+from ldapsync.testing import ports
+
 profiles.load()
+
+# Set to run the tests on a machine without the Debian packages of .ci/packages: the tests
+# that need a missing program are then skipped instead of the session stopping.
+WITHOUT_PACKAGES_ENV = "LDAPSYNC_TESTS_WITHOUT_PACKAGES"
+_registry: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One port registry for the session: pytest-xdist workers (started after this, with this
+    environment) and what they start never get the same port (ldapsync.testing.ports)."""
+    global _registry
+    if not hasattr(config, "workerinput") and ports.REGISTRY_ENV not in os.environ:
+        _registry = tempfile.mkdtemp(prefix="ldapsync-ports-")
+        os.environ[ports.REGISTRY_ENV] = _registry
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _registry is not None:
+        shutil.rmtree(_registry, ignore_errors=True)
+        os.environ.pop(ports.REGISTRY_ENV, None)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Every program the tests run is installed, from a package .ci/packages lists (the test
+    command installs that list): otherwise stop now, naming the package, rather than skip."""
+    if hasattr(session.config, "workerinput") or os.environ.get(WITHOUT_PACKAGES_ENV):  # an xdist worker
+        return
+    found = debpackages.problems()
+    if found:
+        raise pytest.UsageError(
+            "the tests need Debian packages that are missing or not listed in .ci/packages:\n  "
+            + "\n  ".join(found)
+            + f"\n(.ci/test installs them; {WITHOUT_PACKAGES_ENV}=1 runs without them, skipping what needs them)"
+        )
+
 
 # What .ci/smoke-test also runs, with Debian's /usr/bin/python3 against the installed package:
 # the tests that lean on a library Debian ships at another version than pip does (pyasn1 0.4.8,

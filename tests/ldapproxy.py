@@ -1,10 +1,11 @@
 """A TCP proxy in front of a real slapd that can make it lie in its syncrepl answers.
 
 Everything is forwarded as it is, except the server's searchResEntry messages that carry a
-Sync State control (the syncrepl stream's entries): each is handed, with its number on that
-connection, to `tamper`, which returns what to send instead and whether to close the
-connection after it. Only the first connection that was tampered with is: a follower's
-reconnection then meets the honest server.
+Sync State control (the syncrepl stream's entries), and with `sync_info=True` its Sync Info
+intermediate responses (new cookies, the present lists of syncIdSet): each is handed, with
+its number on that connection, to `tamper`, which returns what to send instead and whether
+to close the connection after it. Only the first connection that was tampered with is: a
+follower's reconnection then meets the honest server.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ _SYNC_STATE = syncrepl.SYNC_STATE_OID.encode()
 
 
 class TamperingProxy:
-    def __init__(self, host: str, port: int, tamper: Tamper) -> None:
+    def __init__(self, host: str, port: int, tamper: Tamper, *, sync_info: bool = False) -> None:
         self._target = (host, port)
         self._tamper = tamper
+        self._sync_info = sync_info
         self._tampered = False  # a connection has been tampered with: the rest are honest
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
@@ -64,7 +66,7 @@ class TamperingProxy:
                         break
                     message = bytes(buf[:size])
                     del buf[:size]
-                    if _sync_entry(message):
+                    if _sync_entry(message) or (self._sync_info and _sync_info(message)):
                         with self._lock:
                             if not self._tampered:
                                 self._tampered = mine = True
@@ -96,3 +98,8 @@ class TamperingProxy:
 def _sync_entry(message: bytes) -> bool:
     msg = ber.frame(message, 0, len(message))
     return msg.op == ber.SEARCH_RES_ENTRY and msg.controls is not None and _SYNC_STATE in message[msg.end :]
+
+
+def _sync_info(message: bytes) -> bool:
+    msg = ber.frame(message, 0, len(message))
+    return msg.op == ber.INTERMEDIATE_RESP and syncrepl.SYNC_INFO_OID.encode() in message[msg.start : msg.end]

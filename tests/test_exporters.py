@@ -6,6 +6,7 @@ Postfix answers are read back with `postmap -q`; the passwd-file hashes are veri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -575,6 +576,60 @@ def test_userdb_is_read_by_dovecot_field_for_field(dovecot_userdb: tuple[Path, P
     erin = doveadm_user(conf, "erin.e@example.com")  # what LMTP looks up: the recipient address
     assert erin is not None and erin["user"] == "erin" and erin["home"] == "/var/vmail/example.com/erin"
     assert doveadm_user(conf, "dora") is None  # disabled: no mailbox
+
+
+def replace_userdb(conf: Path, path: Path, data: bytes, user: str) -> dict[str, str] | None:
+    """Write the userdb and wait until Dovecot reads the new `user` line (it re-reads a
+    passwd-file when its mtime, in whole seconds, or its size changed: the mtime is moved on)."""
+    before = path.stat().st_mtime
+    path.write_bytes(data)
+    stamp = max(time.time(), before + 2)
+    os.utime(path, (stamp, stamp))
+    line = next(x for x in data.decode().splitlines() if x.startswith(user + ":"))
+    uid, extra = line.split(":")[2], line.split("::", 3)[3].split()
+    names = {"uid", "gid", "home"} | {f.partition("=")[0].removeprefix("userdb_") for f in extra}
+    deadline = time.monotonic() + 30
+    while True:
+        got = doveadm_user(conf, user)
+        if got is not None and got["uid"] == uid and set(got) == names:
+            return got
+        assert time.monotonic() < deadline, f"dovecot did not re-read {path}: {got}"
+        time.sleep(0.2)
+
+
+def test_userdb_values_reach_dovecot_unexpanded(dovecot_userdb: tuple[Path, Path]) -> None:
+    """Dovecot expands `%` in extra fields: every value put into a template is written `%%`."""
+    conf, path = dovecot_userdb
+    m = mailbox_model()
+    # a value validation would refuse, to prove the exporter alone keeps `%` literal
+    odd = dataclasses.replace(m.mailboxes["alice"], quota="10%")
+    m = dataclasses.replace(m, mailboxes={**m.mailboxes, "alice": odd})
+    options = {"fields": {**USERDB_OPTIONS["fields"], "quota_rule2": "Trash:storage=+{quota}", "x": "{login}%u"}}
+    data = exporter_class("dovecot-userdb")(options).render(m)
+    assert b"userdb_quota_rule=*:storage=10%% userdb_quota_rule2=Trash:storage=+10%% userdb_x=alice%u" in data
+    alice = replace_userdb(conf, path, data, "alice")
+    assert alice is not None
+    # the value literally; `%u` in the admin's own template is Dovecot's variable, as the admin meant
+    got = (alice["quota_rule"], alice["quota_rule2"], alice["x"])
+    assert got == ("*:storage=10%", "Trash:storage=+10%", "alicealice")
+
+
+def test_a_percent_quota_from_ldap_is_refused_with_dn_and_attribute(dovecot_userdb: tuple[Path, Path]) -> None:
+    """`*:storage=10%` is no percentage to Dovecot: it applies 10 bytes (every delivery over quota)."""
+    conf, path = dovecot_userdb
+    entries = (
+        Entry("uid=alice,dc=x", {"uid": ("alice",), "mailquota": ("10%",)}),
+        Entry("uid=bob,dc=x", {"uid": ("bob",), "mailquota": ("500M",)}),
+    )
+    attrs = schema.resolve("ud-ldap", {"quota": "mailQuota"}, file=None)
+    settings = routing.Settings("example.org", (), attrs, mailbox=BOX_SETTINGS)
+    m, report = routing.build(Snapshot(entries, "t"), Static(), settings, date(2026, 1, 1))
+    assert [(r.dn, r.attribute) for r in report.rejections] == [("uid=alice,dc=x", "mailQuota")]
+    assert "'10%' is a percentage" in report.rejections[0].reason
+    alice = replace_userdb(conf, path, exporter_class("dovecot-userdb")(USERDB_OPTIONS).render(m), "alice")
+    bob = doveadm_user(conf, "bob")
+    assert alice is not None and "quota_rule" not in alice  # the server's default quota applies
+    assert bob is not None and bob["quota_rule"] == "*:storage=500M"
 
 
 def test_mailbox_outputs_install_atomically_and_roll_back(tmp_path: Path, postfix_conf: Path) -> None:

@@ -162,9 +162,32 @@ def test_window_is_bounded_and_round_trips_through_json() -> None:
     assert sum(e.deleted for e in events) == 10_000
     assert "b" not in w.events, "additions are not recorded"
     assert Window.from_json(w.to_json()) == w
-    for bad in (b"[]", b'{"version": 2, "outputs": {}}', b'{"version": 1, "outputs": {"a": [[1, 2, 3]]}}'):
+    for bad in (
+        b"[]",
+        b'{"version": 3, "outputs": {}}',
+        b'{"version": 1, "outputs": {"a": [[1, 2, 3]]}}',
+        b'{"version": 2, "outputs": {"a": [[1, 2, 3, 4]]}}',
+    ):
         with pytest.raises(ValueError):
             Window.from_json(bad)
+    # the window an older version wrote still counts
+    old = Window.from_json(b'{"version": 1, "outputs": {"a": [[10.0, 1000, 400, 0]]}}')
+    assert old.events["a"][0].top == 1000
+    loose = Safety(max_deletion_ratio=1.0, window=HOUR)
+    reason = guard.check([Delta("a", 600, deleted=200)], old, loose, 11.0, accounts=1, entries=1)
+    assert reason is not None and "600 of 1000 entries" in reason
+
+
+def test_a_long_run_of_close_installs_does_not_stay_in_one_bucket_forever() -> None:
+    # one deletion every 30 s (closer than window/BUCKETS) for 7 hours: at most the last
+    # 6 h (720 deletions) plus one bucket may count, not all 840
+    safety = Safety(max_deletions=100_000, max_deletion_ratio=1.0)
+    w, now = Window(), 0.0
+    for _ in range(840):
+        w = w.record([Delta("a", 100_000, deleted=1)], now, safety.window)
+        now += 30.0
+    counted = sum(e.deleted for e in w.recent("a", now, safety.window))
+    assert 720 <= counted <= 720 + safety.window / guard.BUCKETS / 30 + 1
 
 
 @settings(max_examples=examples(200), deadline=None)
@@ -175,15 +198,100 @@ def test_window_is_bounded_and_round_trips_through_json() -> None:
 )
 def test_installed_deletions_in_any_window_never_exceed_max_deletions(syncs: list[tuple[float, int]]) -> None:
     safety = Safety(max_deletions=500, max_deletion_ratio=1.0, window=HOUR)
-    window, now, installed = Window(), 0.0, []
+    window, now, installed, size = Window(), 0.0, [], 1_000_000
     for gap, deleted in syncs:
         now += gap
-        d = Delta("a", 1_000_000, deleted=deleted)
+        d = Delta("a", size, deleted=deleted)
         if guard.check([d], window, safety, now, accounts=1, entries=1) is None:
             window = window.record([d], now, safety.window)
             installed.append((now, deleted))
+            size -= deleted
     for t, _ in installed:
         assert sum(n for u, n in installed if t - HOUR < u <= t) <= safety.max_deletions
+
+
+def flap(safety: Safety, keys: int, cycles: int, every: float) -> list[str]:
+    """Disable every key of a `keys`-key output, then re-enable them, `cycles` times.
+
+    Returns the reasons of the syncs that were held (a held sync installs nothing).
+    """
+    window, now, size, held = Window(), 1_000_000.0, keys, []
+    for _ in range(cycles):
+        for d in (Delta("access", size, deleted=keys), Delta("access", 0, added=keys)):
+            reason = guard.check([d], window, safety, now, accounts=keys, entries=keys)
+            if reason:
+                held.append(reason)
+            else:
+                window = window.record([d], now, safety.window)
+                size = d.size - d.deleted + d.added
+            now += every
+    return held
+
+
+def test_keys_that_flap_are_netted_out_of_the_window() -> None:
+    # two accounts disabled and re-enabled six times in six hours: at most 2 of 2 are gone at once
+    assert flap(Safety(max_deletion_ratio=1.0), keys=2, cycles=6, every=HOUR / 2) == []
+    # the same with 200 keys: each sync loses 200 of 200 (the burst check holds it; the window
+    # does not make it worse: never "1200 of 200")
+    held = flap(Safety(max_deletion_ratio=1.0, max_deletions=150), keys=200, cycles=3, every=HOUR)
+    assert held == ["access: 200 of 200 entries would be deleted (max_deletions 150)"] * 3
+    # with the ratio switched off and room for one cycle, flapping is never held
+    assert flap(Safety(max_deletion_ratio=1.0, max_deletions=200), keys=200, cycles=6, every=HOUR / 2) == []
+
+
+def test_the_net_loss_is_measured_from_the_windows_largest_size() -> None:
+    safety = Safety(max_deletions=100, max_deletion_ratio=1.0, window=HOUR)
+    w = Window().record([Delta("a", 1000, deleted=80)], 0.0, HOUR)  # 1000 -> 920
+    w = w.record([Delta("a", 920, added=80)], 600.0, HOUR)  # additions alone: 1000 again
+    # from 1000 (after the re-adds) to 920: 80 net, although 160 were deleted in the hour
+    assert guard.check([Delta("a", 1000, deleted=80)], w, safety, 1200.0, accounts=1, entries=1) is None
+    w = w.record([Delta("a", 1000, deleted=80)], 1200.0, HOUR)  # 920
+    # 30 more from 920: 110 net below the 1000 of the window -> held
+    assert guard.check([Delta("a", 920, deleted=30)], w, safety, 1800.0, accounts=1, entries=1) == (
+        "a: 110 of 1000 entries would be deleted within 1h (30 in this sync; max_deletions 100 over safety.window)"
+    )
+    # new keys in the same sync offset its deletions (the burst check still counts them)
+    assert guard.check([Delta("a", 920, deleted=30, added=30)], w, safety, 1800.0, accounts=1, entries=1) is None
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    st.integers(min_value=0, max_value=3000),
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=2 * HOUR),
+            st.integers(min_value=0, max_value=400),
+            st.integers(min_value=0, max_value=400),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([0.2, 0.5, 1.0]),
+)
+def test_net_deletions_in_any_window_never_exceed_the_limits(
+    start: int, syncs: list[tuple[float, int, int]], ratio: float
+) -> None:
+    """Whatever deletions and additions are installed, no span of `window` seconds loses more
+    (from any moment of it to its end) than max_deletions, or than the ratio of the size it
+    started with."""
+    safety = Safety(max_deletions=500, max_deletion_ratio=ratio, window=HOUR)
+    window, now, size = Window(), 0.0, start
+    history = [(-1.0, size)]  # (time, size after the install)
+    for gap, deleted, added in syncs:
+        now += gap
+        d = Delta("a", size, deleted=min(deleted, size), added=added)
+        if guard.check([d], window, safety, now, accounts=1, entries=1) is None:
+            window = window.record([d], now, safety.window)
+            size = d.size - d.deleted + d.added
+            history.append((now, size))
+    for i, (t, end) in enumerate(history):
+        # every window (t - HOUR, t]: its start size is the size after the last install <= t - HOUR,
+        # and every install inside it starts a shorter window
+        starts = [s for u, s in history[:i] if u > t - HOUR]
+        starts += [next(s for u, s in reversed(history[: i + 1]) if u <= t - HOUR or u < 0)]
+        for begin in starts:
+            loss = begin - end
+            assert loss <= safety.max_deletions
+            assert loss <= guard.RATIO_FLOOR or loss <= ratio * begin
 
 
 # -- key parsing belongs to the exporter ---------------------------------------------------------
@@ -264,6 +372,32 @@ def test_many_small_deletions_end_held_and_approve_starts_a_new_window(tmp_path:
     site.users(70)  # the admin looked at the result: counting starts again
     site.run("--once", check=0)
     assert site.out()["passwd"].count(b"\n") == 70
+
+
+def test_accounts_disabled_and_re_enabled_again_and_again_are_not_held(tmp_path: Path) -> None:
+    # a 2-key access map flapping six times: never more than 2 of 2 keys gone at once
+    site = Site(
+        tmp_path,
+        safety={"max_deletion_ratio": 1.0},
+        domain_aliases=[],
+        exporters=[
+            {"kind": "postfix-access", "path": "out/access", "map_type": "texthash"},
+            {"kind": "postfix-recipients", "path": "out/recipients", "map_type": "texthash"},
+        ],
+    )
+    users = BASE_LDIF.read_text() + "\n" + generate_users_ldif(20)
+    disabled = users
+    for uid in ("user000003", "user000004"):
+        disabled = disabled.replace(f"uid: {uid}\n", f"uid: {uid}\nmailDisableMessage: {uid} is on leave\n")
+    site.ldif.write_text(users)
+    site.run("--once", check=0)
+    for _ in range(6):
+        site.ldif.write_text(disabled)
+        site.run("--once", check=0)
+        assert site.out()["access"].count(b"\n") == 2
+        site.ldif.write_text(users)
+        site.run("--once", check=0)
+        assert site.out()["access"] == b""
 
 
 @pytest.mark.parametrize(

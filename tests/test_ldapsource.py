@@ -29,7 +29,7 @@ from structlog.testing import capture_logs
 from ldapsync import config as config_mod
 from ldapsync import ldapsource, ldifsource, sync
 from ldapsync.config import LdapSource
-from ldapsync.errors import ConfigError, SourceError
+from ldapsync.errors import ConfigError, SourceError, Unreachable
 
 pytestmark = pytest.mark.slapd
 
@@ -296,7 +296,7 @@ def test_paged_read_of_600_users_with_limits_lifted(
     cfg = load(tmp_path, server, [proxy.uri], page_size=50)
     assert isinstance(cfg.source, LdapSource)
     told: list[int] = []  # the progress line's count, after each page
-    snap = ldapsource.read(cfg.source, cfg.routing.attributes, told.append)
+    snap = ldapsource.read(cfg.source, cfg.routing.attributes, progress=told.append)
     assert told == sorted(told) and len(told) >= 600 // 50 and told[-1] == len(snap.entries)
     dns = {e.dn.lower() for e in snap.entries}
     assert user_dns(600) <= dns
@@ -335,6 +335,57 @@ def test_all_uris_dead_names_each(tmp_path: Path, slapd: Slapd) -> None:
         read(load(tmp_path, slapd, dead))
     for uri in dead:
         assert uri in str(err.value)
+
+
+def test_a_one_shot_read_waits_for_a_server_that_comes_back(tmp_path: Path, slapd: Slapd) -> None:
+    """A cron `--once` during a server restart: the first round finds nobody, the next works."""
+    proxy = LdapProxy(_free_port())  # nothing listens upstream: every connection is dropped
+    cfg = load(tmp_path, slapd, [proxy.uri])
+    assert isinstance(cfg.source, LdapSource) and cfg.source.connect_rounds == 3
+    waits: list[float] = []
+
+    def server_comes_back(seconds: float) -> None:
+        waits.append(seconds)
+        proxy.upstream = slapd.port
+
+    with capture_logs() as logs:
+        snap = ldapsource.read(cfg.source, cfg.routing.attributes, rounds=3, sleep=server_comes_back)
+    assert waits == [1.0]
+    assert any(e.dn.startswith("uid=alice,") for e in snap.entries)
+    rounds = [e for e in logs if e["event"].startswith("no LDAP server answered")]
+    assert [(e["log_level"], e["round"]) for e in rounds] == [("warning", 1)]
+
+
+def test_rounds_end_with_every_server_named(tmp_path: Path, slapd: Slapd) -> None:
+    dead = [dead_uri(), dead_uri()]
+    cfg = load(tmp_path, slapd, dead, connect_rounds=2)
+    assert isinstance(cfg.source, LdapSource)
+    waits: list[float] = []
+    with pytest.raises(Unreachable) as err:
+        ldapsource.read(cfg.source, cfg.routing.attributes, rounds=cfg.source.connect_rounds, sleep=waits.append)
+    assert waits == [1.0] and all(uri in str(err.value) for uri in dead)
+
+
+def test_a_server_that_refuses_the_bind_is_not_asked_again(tmp_path: Path, slapd: Slapd) -> None:
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not-the-password\n")
+    wrong.chmod(0o600)
+    cfg = load(tmp_path, slapd, [dead_uri(), slapd.uri], bind_password_file=str(wrong))
+    assert isinstance(cfg.source, LdapSource)
+    waits: list[float] = []
+    with pytest.raises(SourceError) as err:
+        ldapsource.read(cfg.source, cfg.routing.attributes, rounds=3, sleep=waits.append)
+    assert waits == [] and not isinstance(err.value, Unreachable)
+    assert "invalidCredentials" in str(err.value)
+
+
+def test_a_one_shot_sync_tries_again_but_the_agent_leaves_it_to_its_scheduler(tmp_path: Path, slapd: Slapd) -> None:
+    cfg = load(tmp_path, slapd, [dead_uri()], connect_rounds=2, timeout=1)
+    for follow, rounds in ((False, 2), (True, 1)):
+        with capture_logs() as logs, pytest.raises(Unreachable):
+            sync.Pipeline(cfg, follow=follow).read_source()
+        tried = [e for e in logs if e["event"] == "LDAP server unavailable, trying the next"]
+        assert len(tried) == rounds, (follow, logs)
 
 
 def test_wrong_bind_password_is_a_clear_error(tmp_path: Path, slapd: Slapd) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from slapd import _free_port
@@ -49,3 +53,19 @@ def test_a_reserved_port_is_held_until_the_block_ends() -> None:
     with socket.socket() as sock:  # released: the server it was chosen for can bind now
         sock.bind((ports.HOST, first))
     assert first not in ports.free_ports(100), "a port came back after its reservation ended"
+
+
+def test_processes_sharing_a_registry_never_get_the_same_port(tmp_path: Path) -> None:
+    """Two pytest-xdist workers each ask the kernel; a port one released may be offered to the
+    other. The session's registry ($LDAPSYNC_PORT_REGISTRY) gives each port to one of them."""
+    code = (
+        "import sys\nfrom ldapsync.testing import ports\nprint(' '.join(str(ports.free_port()) for _ in range(1500)))\n"
+    )
+    env = {**os.environ, "LDAPSYNC_PORT_REGISTRY": str(tmp_path / "registry")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True) for _ in range(3)
+    ]
+    got = [set(map(int, p.communicate(timeout=120)[0].split())) for p in procs]
+    assert all(len(g) == 1500 for g in got)
+    assert not (got[0] & got[1] or got[0] & got[2] or got[1] & got[2]), "a port was given to two processes"
+    assert {int(f.name) for f in (tmp_path / "registry").iterdir()} == got[0] | got[1] | got[2]

@@ -8,6 +8,7 @@ import json
 import os
 import pwd
 import random
+import select
 import shutil
 import signal
 import stat
@@ -702,7 +703,8 @@ def _versions(upto: int) -> list[Snapshot]:
 
 
 def record_forever(root: str, start: int) -> None:
-    """The child of the kill -9 test: records version after version, as the agent does."""
+    """The child of the kill -9 test: records version after version, as the agent does, and
+    says on stdout when each one is recorded (the parent waits for that, not for a duration)."""
     state = State(Path(root))
     state.ensure()
     snapshot = _versions(start - 1)[-1]
@@ -711,17 +713,31 @@ def record_forever(root: str, start: int) -> None:
         snapshot = _step(snapshot, i)
         outputs = outputs_of(snapshot)
         state.record(state.new_generation_id(outputs), snapshot, outputs, {"step": i}, 4, new_base=i % 23 == 0)
+        print(i, flush=True)
         i += 1
 
 
 def test_kill_9_while_recording_at_random_points(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("LDAPSYNC_CRASH_SEED", "7")))
     root = tmp_path / "state"
-    start, killed = 1, 0
+    start, killed, waited = 1, 0, 0
     for _ in range(int(os.environ.get("LDAPSYNC_CRASH_ITERATIONS", "12"))):
         code = f"import test_state; test_state.record_forever({str(root)!r}, {start})"
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.6, 1.5))  # the imports take ~0.5 s
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        # a few recordings complete (however slow the machine), then the kill lands at a
+        # random point of a later one
+        for _ in range(rng.randint(2, 4)):
+            ready, _, _ = select.select([proc.stdout], [], [], 300)
+            line = proc.stdout.readline() if ready else b""
+            if not line:
+                proc.kill()
+                _, err = proc.communicate()
+                raise AssertionError(f"the recorder stopped before recording: {err.decode()}")
+            waited += 1
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
         _, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, err.decode()
@@ -738,7 +754,7 @@ def test_kill_9_while_recording_at_random_points(tmp_path: Path) -> None:
         lkg = state.last_good()
         assert lkg is not None and lkg.id == state.current_id()
         start = max(steps) + 1
-    assert killed and start > 30, f"only {start - 1} generations recorded: the kills proved little"
+    assert killed and start > waited >= 24, f"only {start - 1} generations recorded: the kills proved little"
 
 
 # -- generations written before the store ---------------------------------------------------------

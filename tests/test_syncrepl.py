@@ -46,6 +46,7 @@ from ldapsync.syncrepl import (
     SyncInfoRefreshPresent,
     SyncProtocolError,
     SyncState,
+    UnknownPresent,
     decode_sync_done,
     decode_sync_info,
     decode_sync_state,
@@ -456,6 +457,73 @@ class TestPresentPhase:
         )
         assert events == [EntryDeleted(B, "uid=b"), CookieChanged(b"c1"), RefreshComplete()]
         assert consumer.known == {A}
+
+    @pytest.mark.parametrize("by_entry", [True, False])
+    @pytest.mark.parametrize("end", ["refreshPresent", "Sync Done"])
+    def test_a_present_uuid_the_copy_does_not_hold_means_a_full_refresh(self, by_entry: bool, end: str) -> None:
+        # one flipped bit in B's UUID: believed, B would be deleted at the phase's end, for good
+        flipped = uuid_to_str(bytes([uuid_from_str(B)[0] ^ 0x01]) + uuid_from_str(B)[1:])
+        mode = Mode.REFRESH_AND_PERSIST if end == "refreshPresent" else Mode.REFRESH_ONLY
+        consumer = started({A, B, C}, cookie=b"c0", mode=mode)
+        present = (
+            entry("uid=b", StateKind.PRESENT, flipped)
+            if by_entry
+            else info(SyncInfoIdSet((flipped, C), b"c1", refresh_deletes=False))
+        )
+        events = feed(consumer, entry("uid=a", StateKind.PRESENT, A), present, entry("uid=d", StateKind.ADD, D))
+        assert events[0] == EntryPresent(A, "uid=a") and events[-1] == EntryChanged(D, "uid=d", {})
+        ending = (
+            info(SyncInfoRefreshPresent(b"c2", refresh_done=True))
+            if end == "refreshPresent"
+            else done(0, SyncDone(b"c2", refresh_deletes=False))
+        )
+        assert feed(consumer, ending) == [UnknownPresent(flipped, "uid=b" if by_entry else None)]
+        assert consumer.cookie is None and consumer.phase is Phase.DONE
+        assert consumer.known == {A, B, C, D}, "nothing deleted"
+        # the next request is a full reload: what the server does not send again is gone
+        assert decode_request(consumer.request(Mode.REFRESH_AND_PERSIST))[1] is None
+        events = feed(
+            consumer,
+            entry("uid=a", StateKind.ADD, A),
+            entry("uid=b", StateKind.ADD, B),
+            info(SyncInfoRefreshPresent(b"c3", refresh_done=True)),
+        )
+        assert events[-4:] == [EntryDeleted(C, None), EntryDeleted(D, None), CookieChanged(b"c3"), RefreshComplete()]
+
+    def test_a_present_uuid_sent_in_full_later_in_the_phase_is_not_a_violation(self) -> None:
+        """OpenLDAP's present list names every entry, also those the refresh then sends as
+        added (changed since the cookie): known by the phase's end is all that counts."""
+        consumer = started({A, B})
+        events = feed(
+            consumer,
+            info(SyncInfoIdSet((A, B, D), None, refresh_deletes=False)),
+            entry("uid=d", StateKind.ADD, D, mail=[b"d@example.org"]),
+            info(SyncInfoRefreshPresent(b"c1", refresh_done=True)),
+        )
+        assert events == [
+            EntryPresent(A, None),
+            EntryPresent(B, None),
+            EntryChanged(D, "uid=d", {"mail": (b"d@example.org",)}),
+            CookieChanged(b"c1"),
+            RefreshComplete(),
+        ]
+        assert consumer.known == {A, B, D} and consumer.cookie == b"c1"
+
+    def test_present_entries_added_earlier_in_the_refresh_are_known(self) -> None:
+        consumer = started({A})
+        events = feed(
+            consumer,
+            entry("uid=d", StateKind.ADD, D),
+            info(SyncInfoIdSet((A, D), None, refresh_deletes=False)),
+            info(SyncInfoRefreshPresent(b"c1", refresh_done=True)),
+        )
+        assert events == [
+            EntryChanged(D, "uid=d", {}),
+            EntryPresent(A, None),
+            EntryPresent(D, None),
+            CookieChanged(b"c1"),
+            RefreshComplete(),
+        ]
 
     @settings(max_examples=examples(100))
     @given(

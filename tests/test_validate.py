@@ -296,6 +296,8 @@ PRODUCERS: dict[str, tuple[Callable[[], str], str, bool]] = {
     "SHA512": (lambda: slappasswd("{SHA512}"), "SHA512", True),
     "PLAIN-MD5": (lambda: "{PLAIN-MD5}" + hashlib.md5(SECRET.encode()).hexdigest(), "PLAIN-MD5", True),
     "DES-CRYPT": (lambda: slappasswd("{CRYPT}", "-c", "%.2s"), "DES-CRYPT", True),
+    # Debian's default {CRYPT} for a password longer than 8 characters: a bigcrypt string
+    "BIGCRYPT": (lambda: slappasswd("{CRYPT}"), "CRYPT", True),
     "MD5-CRYPT": (lambda: "{CRYPT}" + openssl_passwd("-1"), "MD5-CRYPT", False),
     "SHA256-CRYPT": (lambda: openssl_passwd("-5"), "SHA256-CRYPT", False),
     "SHA512-CRYPT": (lambda: openssl_passwd("-6"), "SHA512-CRYPT", False),
@@ -314,6 +316,33 @@ def test_each_scheme_is_translated_to_the_dovecot_name_and_flagged_weak_or_not(n
     assert (checked.scheme, checked.weak) == (scheme, weak)
     assert checked.text.startswith("{" + scheme + "}")
     assert checked.text.endswith(stored.split("}", 1)[-1])
+
+
+def test_debians_own_crypt_of_a_long_password_is_accepted_as_weak() -> None:
+    """`slappasswd -h {CRYPT}` on Debian 12 writes bigcrypt for passwords over 8 characters:
+    Dovecot verifies it, all of the password counts, and it is as weak as DES-CRYPT."""
+    long_secret = "a much longer secret, 33 characters"
+    for secret, length in ((SECRET, 24), (long_secret, 2 + 11 * 5)):
+        cmd = [SLAPPASSWD, "-h", "{CRYPT}", "-s", secret]
+        stored = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        assert len(stored) == len("{CRYPT}") + length, stored
+        checked = validate.check_password(stored)
+        assert checked == validate.Hash(stored, "CRYPT", weak=True)
+
+        def verify(password: str, text: str = checked.text) -> int:
+            cmd = ["doveadm", "pw", "-t", text, "-p", password]
+            return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode
+
+        assert verify(secret) == 0
+        assert verify(secret[:8]) != 0 and verify(secret[:-1] + "!") != 0, "bigcrypt reads the whole password"
+    users = [Entry("uid=long,ou=users,dc=example,dc=org", {"uid": ("long",), "mailpassword": (stored,)})]
+    for policy, passwords in (("warn", {"long": checked.text}), ("refuse", {})):
+        settings = routing.Settings("example.org", (), schema.PRESETS["ud-ldap"], weak_passwords=policy)
+        built, report = routing.build(Snapshot(tuple(users), "test"), Static(), settings, TODAY)
+        assert built.passwords == passwords
+        problems = report.notices if policy == "warn" else report.rejections
+        assert [(r.dn, r.attribute) for r in problems] == [("uid=long,ou=users,dc=example,dc=org", "mailPassword")]
+        assert "weak hash (CRYPT)" in problems[0].reason
 
 
 @pytest.mark.skipif(shutil.which("dovecot") is None, reason="needs dovecot-core")
@@ -391,6 +420,9 @@ def test_every_accepted_scheme_logs_in_through_a_real_dovecot(tmp_path_factory: 
         ("{SCRAM-SHA-1}4096,," + "A" * 27 + "=," + "A" * 27 + "=", "salt missing"),
         ("{SCRAM-SHA-256}4096,c2FsdA==," + "A" * 27 + "=," + "A" * 27 + "=", "base64 of 32 bytes"),
         ("{DES-CRYPT}kTGe9g4av0mA", "unknown or malformed crypt"),
+        ("{CRYPT}QlNWjF6L2D1McTomgkmbxXhQx", "unknown or malformed crypt"),  # bigcrypt is 2 + 11 per block
+        ("{DES-CRYPT}QlNWjF6L2D1McTomgkmbxXhQ", "unknown or malformed crypt"),  # bigcrypt is not DES-CRYPT
+        ("QlNWjF6L2D1McTomgkmbxXhQ", "plaintext?"),  # only with an explicit {CRYPT}
         ("kTGe9g4av0mAE", "plaintext?"),  # a bare 13-character word may be a password
         ("{MD5}$1$salt$short", "malformed md5_crypt"),
     ],
@@ -423,3 +455,24 @@ def test_dovecot_md5_crypt_under_the_md5_prefix_is_md5_crypt() -> None:
 )
 def test_generalized_time_sorts_in_utc(value: str, expected: str | None) -> None:
     assert validate.generalized_time(value) == expected
+
+
+@pytest.mark.parametrize("value", ["1G", "500M", "2GB", "1048576", "0"])
+def test_quota_sizes(value: str) -> None:
+    assert validate.quota(value) == value
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("10%", "is a percentage: Dovecot applies it as a bare number"),
+        ("100%", "is a percentage"),
+        ("%u", "is not a quota size"),
+        ("1G%", "is a percentage"),
+        ("1G userdb_uid=0", "is not a quota size"),
+        ("1.5G", "is not a quota size"),
+    ],
+)
+def test_quota_refuses_percentages_and_junk(value: str, reason: str) -> None:
+    with pytest.raises(Invalid, match=reason):
+        validate.quota(value)

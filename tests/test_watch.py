@@ -315,7 +315,7 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
     started: list[watch.Follower] = []
 
     def start(
-        uris: list[str], server: Slapd, passwords: bool = False, **ldap: Any
+        uris: list[str], server: Slapd, passwords: bool = False, mirror: watch.Mirror | None = None, **ldap: Any
     ) -> tuple[watch.Follower, Notifications]:
         ldap.setdefault("timeout", 2)
         cfg = make_config(
@@ -327,7 +327,7 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
             **ldap,
         )
         notes = Notifications()
-        follower = watch.Follower(cfg, watch.Mirror(), notes)
+        follower = watch.Follower(cfg, mirror if mirror is not None else watch.Mirror(), notes)
         started.append(follower)
         follower.start()
         return follower, notes
@@ -555,6 +555,55 @@ def test_a_lying_server_is_named_and_leaves_no_trace_in_the_mirror(
         assert isinstance(source, LdapSource)
         truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
         assert mirrored.entries == truth.entries and cookie
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slapd
+def test_a_present_list_naming_an_entry_the_mirror_lacks_means_a_full_refresh(
+    slapd: Slapd, followers: FollowerFactory
+) -> None:
+    """Resumed with a cookie, slapd lists the unchanged entries as present; one flipped bit in
+    one UUID of that list must not make the follower drop the entry it meant, for good."""
+    first, notes = followers([slapd.uri], slapd, watch="syncrepl")
+    notes.wait("synced", timeout=30)
+    snapshot, cookie = first.mirror.snapshot()
+    first.stop()
+    first.join(timeout=15)
+    assert cookie
+    victim = next(e for e in snapshot.entries if e.dn == dn("alice"))
+    assert victim.uuid
+    raw_uuid = syncrepl.uuid_from_str(victim.uuid)
+    flipped = bytes([raw_uuid[0] ^ 0x01]) + raw_uuid[1:]
+    # one change, so that the resumed refresh has a present phase
+    slapd.modify(f"dn: {dn('bob')}\nchangetype: modify\nreplace: emailForward\nemailForward: b@elsewhere.example\n")
+    lied: list[int] = []
+
+    def lie(n: int, m: bytes) -> tuple[bytes, bool]:
+        if raw_uuid in m and not lied:
+            lied.append(n)
+            return m.replace(raw_uuid, flipped), False
+        return m, False
+
+    proxy = TamperingProxy("127.0.0.1", slapd.port, lie, sync_info=True)
+    try:
+        mirror = watch.Mirror()
+        mirror.load(snapshot, cookie)
+        with capture_logs() as logs:
+            follower, notes = followers([proxy.uri], slapd, watch="syncrepl", mirror=mirror)
+            notes.wait("synced", timeout=30)
+        assert lied, "the present list never named the victim"
+        warnings = [e for e in logs if "present list names an entry" in e["event"]]
+        assert [(w["server"], w["uuid"]) for w in warnings] == [(proxy.uri, syncrepl.uuid_to_str(flipped))], logs
+        assert warnings[0]["log_level"] == "warning"
+        refreshes = [e for e in logs if e["event"] == "following the directory"]
+        assert [r["resume"] for r in refreshes] == [True, False], "the second refresh is a full one"
+        mirrored, cookie = follower.mirror.snapshot()
+        source = follower.config.source
+        assert isinstance(source, LdapSource)
+        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
+        assert mirrored.entries == truth.entries and cookie
+        assert victim.dn in {e.dn for e in mirrored.entries}
     finally:
         proxy.close()
 

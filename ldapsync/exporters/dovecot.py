@@ -78,7 +78,10 @@ class UserdbExporter(Exporter):
     Every value is validated in the model (numeric ids in range, a normalised home under the
     configured root, no ':', '%', space or control character), and extra fields come only
     from the admin's templates, so an LDAP value cannot add a field. Dovecot's passwd-file
-    userdb reads only `userdb_`-prefixed extra fields; the prefix is added here.
+    userdb reads only `userdb_`-prefixed extra fields; the prefix is added here. Dovecot
+    expands `%` variables in extra fields: a `%` the admin writes in a template is a variable
+    by choice, while every value put into a template is escaped (`%%`), so that what Dovecot
+    reads is the value itself even if validation ever let a `%` through.
     """
 
     reads_passwords = False
@@ -175,10 +178,11 @@ class UserdbExporter(Exporter):
             "quota": box.quota,
         }
         # A field whose template names a value the account does not have (no quota) is left out.
+        escaped = {k: v.replace("%", "%%") for k, v in values.items() if v is not None}
         extra = [
-            f"userdb_{name}={template.format(**values)}"
+            f"userdb_{name}={template.format(**escaped)}"
             for name, template in sorted(fields.items())
-            if all(values.get(f) is not None for _, f, _, _ in string.Formatter().parse(template) if f)
+            if all(f in escaped for _, f, _, _ in string.Formatter().parse(template) if f)
         ]
         rest = f"{box.uid}:{box.gid}::{box.home}::"
-        return rest + " ".join(extra), rest + " ".join(["userdb_user=" + login, *extra])
+        return rest + " ".join(extra), rest + " ".join(["userdb_user=" + escaped["login"], *extra])

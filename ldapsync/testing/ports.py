@@ -8,12 +8,20 @@ submission service). This allocator
 - holds every socket of a reservation until all its ports are chosen, so one request for a
   whole stack cannot collide with itself.
 
-Another process can still take a port between release and the server's bind: a server that
-cannot bind should be retried on a new port (ldapsync/testing/slapd.py does).
+Processes of one test session (pytest-xdist workers, and what they start) share a registry:
+a directory named by $LDAPSYNC_PORT_REGISTRY (tests/conftest.py creates one per session),
+where a port is claimed by creating a file named after it (O_EXCL, atomic). A port one worker
+was given is never given to another, although each asks the kernel for ports on its own
+and the kernel may offer a released port again.
+
+Another process outside the session can still take a port between release and the server's
+bind: a server that cannot bind should be retried on a new port (ldapsync/testing/slapd.py
+does).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -22,14 +30,32 @@ from contextlib import AbstractContextManager, contextmanager
 HOST = "127.0.0.1"
 
 
-class PortAllocator:
-    """Unique loopback ports for this process; thread-safe."""
+REGISTRY_ENV = "LDAPSYNC_PORT_REGISTRY"
 
-    def __init__(self, host: str = HOST, *, max_attempts: int = 1000):
+
+class PortAllocator:
+    """Unique loopback ports for this process (and, with a registry, for every process that
+    shares it); thread-safe. `registry`: a directory; by default $LDAPSYNC_PORT_REGISTRY."""
+
+    def __init__(self, host: str = HOST, *, max_attempts: int = 1000, registry: str | None = None):
         self.host = host
         self._given: set[int] = set()
         self._lock = threading.Lock()
         self._max_attempts = max_attempts
+        self._registry = registry
+
+    def _claim(self, port: int) -> bool:
+        """Whether `port` is ours: no other process of the session has claimed it."""
+        registry = self._registry if self._registry is not None else os.environ.get(REGISTRY_ENV)
+        if not registry:
+            return True
+        os.makedirs(registry, exist_ok=True)
+        try:
+            fd = os.open(os.path.join(registry, str(port)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
 
     @contextmanager
     def reserve(self, count: int = 1) -> Iterator[list[int]]:
@@ -68,7 +94,8 @@ class PortAllocator:
                         sock.close()
                         raise
                     port = int(sock.getsockname()[1])
-                    if port in self._given:
+                    if port in self._given or not self._claim(port):
+                        self._given.add(port)  # another process's: never ask the registry again
                         refused.append(sock)
                         continue
                     self._given.add(port)

@@ -3,17 +3,22 @@
 Every server is a child of the test, listens on a free 127.0.0.1 port and keeps all its
 state in one work directory; nothing on the system is started, stopped or written.
 
-The role configuration is never written here: it is read verbatim from docs/snippets/ (the
-files docs/deployment.md tells admins to install), and only the placeholders listed in
-``Substitutions`` (paths, host names, ports) are replaced. What this module adds is the
-harness part an installed Debian system would provide (queue/data directories, log file, a
-minimal master.cf, "the internet" pointing at a sink).
+Each server starts from what Debian 12 ships (Postfix: main.cf.debian, main.cf.tls and
+master.cf.dist from /usr/share/postfix with postinst's "Internet Site" answers; Dovecot:
+dovecot-core's /etc/dovecot tree from /usr/share/dovecot). The role configuration is never
+written here: it is read verbatim from docs/snippets/ (the files docs/deployment.md tells
+admins to install) and installed where that page says; only the placeholders listed in
+``Substitutions`` (paths, host names, ports) are replaced. What this module adds is what
+differs for a throwaway instance (its directories, log file and ports, "the Internet"
+pointing at a sink), listed in docs/deployment.md, "How the snippets are tested".
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import smtplib
 import socket
@@ -66,12 +71,24 @@ def missing() -> str | None:
         ("postfix", "postfix"),
         ("postmap", "postfix"),
         ("smtp-sink", "postfix"),
+        ("postconf", "postfix"),
+        ("postqueue", "postfix"),
         ("dovecot", "dovecot-core"),
         ("doveadm", "dovecot-core"),
+        ("doveconf", "dovecot-core"),
         ("openssl", "openssl"),
     ):
         if which(tool) is None:
             return f"{tool} not installed: apt-get install {pkg}"
+    for path, pkg in (
+        (POSTFIX_SHARE / "main.cf.debian", "postfix"),
+        (POSTFIX_SHARE / "master.cf.dist", "postfix"),
+        (DOVECOT_SHARE / "dovecot.conf", "dovecot-core"),
+        (DOVECOT_SHARE / "protocols.d" / "lmtpd.protocol", "dovecot-lmtpd"),
+        (DOVECOT_SHARE / "protocols.d" / "imapd.protocol", "dovecot-imapd"),
+    ):
+        if not path.exists():
+            return f"{path} missing: apt-get install {pkg}"
     for user in ("postfix", "dovecot"):
         try:
             import pwd
@@ -262,40 +279,54 @@ class Sink:
 
 
 # ----------------------------------------------------------------------------- Postfix
-HARNESS_MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-lmtp      unix  -       -       n       -       -       lmtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+POSTFIX_SHARE = Path("/usr/share/postfix")  # what the postfix package installs main.cf/master.cf from
+# The chroot files Debian's /usr/lib/postfix/configure-instance.sh copies into the queue directory
+CHROOT_FILES = ("localtime", "services", "resolv.conf", "hosts", "host.conf", "nsswitch.conf")
+
+
+def internet_site(name: str) -> list[str]:
+    """What postinst sets with `postconf -e` for "Internet Site" and debconf's default answers."""
+    fqdn = f"{name}.example.org"
+    return [
+        "smtpd_relay_restrictions=permit_mynetworks permit_sasl_authenticated defer_unauth_destination",
+        f"myhostname={fqdn}",
+        "alias_maps=hash:/etc/aliases",
+        "alias_database=hash:/etc/aliases",
+        f"mydestination=$myhostname, {fqdn}, localhost.example.org, localhost",
+        "relayhost=",
+        "mynetworks=127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128",
+        "mailbox_size_limit=0",
+        "recipient_delimiter=+",
+        "inet_interfaces=all",
+        "inet_protocols=all",
+    ]
 
 
 class Postfix:
-    """One Postfix instance: its own config, queue and data directories under ``root``.
+    """One Postfix instance, configured as Debian 12 ships it, then as the docs say.
 
-    ``main_cf``/``master_cf`` are role snippets appended to the harness part. ``smtp`` is
-    the port of a plain `smtpd` (port 25 role); a snippet's `submission` service is moved to
-    its own loopback port (``submission``). Mail for the rest of the world goes to ``world``.
+    main.cf is /usr/share/postfix/main.cf.debian + main.cf.tls with the "Internet Site" answers
+    postinst writes and the harness settings (paths, ports, logging: what differs between this
+    throwaway instance and an installed host), both set with `postconf -e`, then the role
+    snippet appended as docs/deployment.md says. master.cf is /usr/share/postfix/master.cf.dist (chrooted services
+    included) with the port-25 service on a loopback port, then the role's master.cf snippet,
+    whose `submission` service gets its own loopback port. Mail for the rest of the world goes
+    to ``world``; ``harness`` adds settings (e.g. a transport map standing in for the DNS MX
+    records of our domains).
     """
 
-    def __init__(self, root: Path, name: str, *, world: Sink, main_cf: str, master_cf: str = "", port: int = 0):
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        *,
+        world: Sink,
+        main_cf: str,
+        master_cf: str = "",
+        port: int = 0,
+        cert: tuple[Path, Path] | None = None,
+        harness: Mapping[str, str] | None = None,
+    ):
         self.name = name
         self.root = root / f"postfix-{name}"
         self.config_dir = self.root / "etc"
@@ -307,36 +338,79 @@ class Postfix:
         shutil.chown(self.data_dir, "postfix")
         self.smtp = port or free_port()
         self.submission = free_port()
-        harness = f"""\
-# --- test harness (what a Debian install provides) ---
-compatibility_level = 3.6
-queue_directory = {self.queue_dir}
-data_directory = {self.data_dir}
-maillog_file = {self.maillog}
-maillog_file_prefixes = {self.root}
-myhostname = {name}.example.org
-mydestination =
-# the test client plays an Internet host, not a trusted one
-mynetworks = 192.0.2.1/32
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-alias_maps =
-alias_database =
-default_transport = smtp:[127.0.0.1]:{world.port}
-smtp_tls_security_level = none
-delay_warning_time = 0
-# --- role snippet (docs/snippets) ---
-"""
-        (self.config_dir / "main.cf").write_text(harness + main_cf)
-        # every Postfix program waits up to 2 s while main.cf is younger than that
-        os.utime(self.config_dir / "main.cf", (time.time() - 3600, time.time() - 3600))
+        cert_file, key_file = cert or self_signed_cert(self.root)
+        self._chroot_files()
+
         master = master_cf.replace("\nsubmission inet", f"\n127.0.0.1:{self.submission} inet")
         if master.startswith("submission inet"):
             master = f"127.0.0.1:{self.submission} inet" + master[len("submission inet") :]
-        (self.config_dir / "master.cf").write_text(
-            f"127.0.0.1:{self.smtp} inet n - n - - smtpd\n" + HARNESS_MASTER_CF + master
+        stock_master = re.sub(
+            r"^smtp(\s+)inet",
+            f"127.0.0.1:{self.smtp}\\1inet",
+            (POSTFIX_SHARE / "master.cf.dist").read_text(),
+            count=1,
+            flags=re.M,
         )
+        (self.config_dir / "master.cf").write_text(stock_master + master)
+
+        stock_main = (POSTFIX_SHARE / "main.cf.debian").read_text() + (POSTFIX_SHARE / "main.cf.tls").read_text()
+        stock_main = stock_main.replace(CERT_FILE, str(cert_file)).replace(KEY_FILE, str(key_file))
+        (self.config_dir / "main.cf").write_text(stock_main)
+        # Set in place with `postconf -e`, as postinst does: a parameter given twice makes every
+        # Postfix process log "overriding earlier entry", and postlogd, logging that to its own
+        # socket, can block the whole instance.
+        settings = dict(line.split("=", 1) for line in internet_site(name))
+        settings.update(
+            {
+                "queue_directory": str(self.queue_dir),
+                "data_directory": str(self.data_dir),
+                "maillog_file": str(self.maillog),
+                "maillog_file_prefixes": str(self.root),
+                "inet_interfaces": "loopback-only",
+                "inet_protocols": "ipv4",
+                # the test client plays an Internet host, not a trusted one
+                "mynetworks": "192.0.2.1/32",
+                # no /etc/aliases database here (nothing is delivered locally)
+                "alias_maps": "",
+                "alias_database": "",
+                # the rest of the world
+                "default_transport": f"smtp:[127.0.0.1]:{world.port}",
+                **(harness or {}),
+            }
+        )
+        postconf = which("postconf")
+        assert postconf is not None
+        subprocess.run(
+            [postconf, "-c", str(self.config_dir), "-e", *(f"{k}={v}" for k, v in settings.items())],
+            capture_output=True,
+            check=True,
+            timeout=30,
+        )
+        with open(self.config_dir / "main.cf", "a") as f:
+            f.write("\n# --- role snippet (docs/deployment.md) ---\n" + main_cf)
+        # every Postfix program waits up to 2 s while main.cf is younger than that
+        os.utime(self.config_dir / "main.cf", (time.time() - 3600, time.time() - 3600))
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _chroot_files(self) -> None:
+        """What Debian's start-up script copies into the queue directory for chrooted services."""
+        etc = self.queue_dir / "etc"
+        etc.mkdir()
+        for name in CHROOT_FILES:
+            src = Path("/etc") / name
+            if src.is_file():
+                shutil.copy(src, etc / name)
+
+    def postconf(self, *names: str) -> dict[str, str]:
+        """`postconf -h` for each name: what this instance really uses (last setting wins)."""
+        exe = which("postconf")
+        assert exe is not None
+        return {
+            name: subprocess.run(
+                [exe, "-c", str(self.config_dir), "-h", name], capture_output=True, text=True, check=True, timeout=30
+            ).stdout.strip()
+            for name in names
+        }
 
     def spawn(self) -> None:
         exe = which("postfix")
@@ -368,17 +442,27 @@ delay_warning_time = 0
         except FileNotFoundError:
             return ""
 
+    def queue(self) -> list[dict[str, Any]]:
+        """`postqueue -j`: every message still queued (incoming, active, deferred, hold)."""
+        exe = which("postqueue")
+        assert exe is not None
+        proc = subprocess.run(
+            [exe, "-c", str(self.config_dir), "-j"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"postqueue -j ({self.name}) rc={proc.returncode}: {proc.stderr}")
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+    def queue_files(self) -> bool:
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            d = self.queue_dir / sub
+            if d.exists() and any(p.is_file() for p in d.rglob("*")):
+                return True
+        return False
+
     def flush_and_wait_empty(self, timeout: float = 20.0) -> None:
         """Wait until the queue holds no message (delivered, bounced or deferred is visible in the log)."""
-
-        def empty() -> bool:
-            for sub in ("incoming", "active", "deferred"):
-                d = self.queue_dir / sub
-                if d.exists() and any(p.is_file() for p in d.rglob("*")):
-                    return False
-            return True
-
-        wait_for(empty, timeout, f"postfix {self.name} queue to drain:\n{self.log()[-3000:]}")
+        wait_for(lambda: not self.queue_files(), timeout, f"postfix {self.name} queue to drain:\n{self.log()[-3000:]}")
 
 
 @dataclass(frozen=True)
@@ -455,31 +539,116 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------- Dovecot
-class Dovecot:
-    """A Dovecot auth server from the docs' snippet; state, sockets and log under ``root``."""
+DOVECOT_SHARE = Path("/usr/share/dovecot")  # what dovecot-core installs /etc/dovecot from
+AUTH_SYSTEM_INCLUDE = "!include auth-system.conf.ext"
+# Each role's Dovecot packages: the protocols.d files they install decide `protocols`.
+PROTOCOL_FILES = {"dovecot-imapd": "imapd.protocol", "dovecot-lmtpd": "lmtpd.protocol"}
 
-    def __init__(self, root: Path, snippet_text: str, *, protocols: str = ""):
+
+def dovecot_snippet_path(name: str) -> str:
+    """Where docs/deployment.md puts a Dovecot snippet: the path its first line names."""
+    first = (SNIPPETS / name).read_text().splitlines()[0]
+    match = re.search(r"/etc/dovecot/([\w./-]+\.conf)$", first)
+    assert match, f"docs/snippets/{name}: the first line must name where the file goes in /etc/dovecot"
+    return match[1]
+
+
+def disable_system_auth(conf_d: Path) -> None:
+    """The edit docs/deployment.md tells admins to make in 10-auth.conf (no PAM/system users)."""
+    path = conf_d / "10-auth.conf"
+    text = path.read_text()
+    assert f"\n{AUTH_SYSTEM_INCLUDE}\n" in text, f"Debian's 10-auth.conf no longer has {AUTH_SYSTEM_INCLUDE}"
+    path.write_text(text.replace(f"\n{AUTH_SYSTEM_INCLUDE}\n", f"\n#{AUTH_SYSTEM_INCLUDE}\n"))
+
+
+def stock_dovecot_tree(etc: Path, protocols_d: Path, packages: Iterable[str] = ()) -> None:
+    """/etc/dovecot as dovecot-core installs it (dovecot.conf, conf.d/), in ``etc``.
+
+    Paths into /etc/dovecot point into ``etc``, and protocols.d holds only the files of the
+    role's ``packages`` (a submission host has dovecot-core alone: no protocol at all).
+    """
+    etc.mkdir(mode=0o755, exist_ok=True)
+    (etc / "private").mkdir(mode=0o700, exist_ok=True)
+    (etc / "conf.d").mkdir(exist_ok=True)
+    protocols_d.mkdir()
+    for package in packages:
+        shutil.copy(DOVECOT_SHARE / "protocols.d" / PROTOCOL_FILES[package], protocols_d)
+    sources = [DOVECOT_SHARE / "dovecot.conf", *sorted(DOVECOT_SHARE.glob("*.conf.ext"))]
+    sources += sorted((DOVECOT_SHARE / "conf.d").iterdir())
+    for src in sources:
+        rel = src.relative_to(DOVECOT_SHARE)
+        text = src.read_text().replace(str(DOVECOT_SHARE / "protocols.d"), str(protocols_d))
+        (etc / rel).write_text(text.replace(DOVECOT_ETC + "/", f"{etc}/"))
+
+
+class Dovecot:
+    """Dovecot from Debian's stock /etc/dovecot tree plus the role's snippets, all under ``root``.
+
+    ``etc`` stands for /etc/dovecot: the stock tree is copied there, 10-auth.conf gets the
+    documented edit, each snippet goes where its first line says, and the generated certificate
+    becomes private/dovecot.pem and .key (what the ssl-cert package and dovecot-core's postinst
+    provide). The harness file (conf.d/00-test-harness.conf) sets only what differs for a
+    throwaway instance: its directories, its log, a loopback IMAP port, no failure delay.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        etc: Path,
+        snippets: Mapping[str, str],
+        *,
+        packages: Iterable[str] = (),
+        cert: tuple[Path, Path] | None = None,
+        edit_auth: bool = True,
+    ):
         self.root = root / "dovecot"
+        self.etc = etc
         self.base_dir = self.root / "run"
         self.state_dir = self.root / "state"
         for d in (self.base_dir, self.state_dir):
             d.mkdir(parents=True)
         self.log_path = self.root / "dovecot.log"
-        self.config = self.root / "dovecot.conf"
-        self.config.write_text(
+        stock_dovecot_tree(etc, self.root / "protocols.d", packages)
+        if edit_auth:
+            disable_system_auth(etc / "conf.d")
+        cert_file, key_file = cert or self_signed_cert(self.root)
+        shutil.copy(cert_file, etc / "private" / "dovecot.pem")
+        shutil.copy(key_file, etc / "private" / "dovecot.key")
+        (etc / "private" / "dovecot.key").chmod(0o600)
+        self.imap = free_port()
+        (etc / "conf.d" / "00-test-harness.conf").write_text(
             f"""\
-# --- test harness ---
+# --- test harness (directories, log and ports of this throwaway instance) ---
 base_dir = {self.base_dir}
 state_dir = {self.state_dir}
 log_path = {self.log_path}
-protocols = {protocols}
-ssl = no
+listen = 127.0.0.1
 # failed logins answer at once (production keeps the 2 s default)
 auth_failure_delay = 0
-# --- role snippet (docs/snippets) ---
-{snippet_text}"""
+service imap-login {{
+  inet_listener imap {{
+    port = {self.imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+"""
         )
+        for rel, text in snippets.items():
+            (etc / rel).write_text(text)
+        self.config = etc / "dovecot.conf"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def doveconf(self, name: str) -> str:
+        """`doveconf -h NAME`: the value this configuration really uses."""
+        exe = which("doveconf")
+        assert exe is not None
+        proc = subprocess.run(
+            [exe, "-c", str(self.config), "-h", name], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert proc.returncode == 0, f"doveconf -h {name}: {proc.stderr}"
+        return proc.stdout.strip()
 
     def start(self) -> None:
         exe = which("dovecot")
@@ -499,17 +668,16 @@ auth_failure_delay = 0
     def stop(self) -> None:
         stop(self.proc)
 
-    def auth(self, user: str, password: str) -> bool:
-        """`doveadm auth test` without the failure penalty: True = accepted."""
+    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
         exe = which("doveadm")
         assert exe is not None
-        proc = subprocess.run(
-            [exe, "-c", str(self.config), "auth", "test", "-x", "no-penalty", user, password],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        return subprocess.run(
+            [exe, "-c", str(self.config), *args], capture_output=True, text=True, timeout=30, check=False
         )
+
+    def auth(self, user: str, password: str) -> bool:
+        """`doveadm auth test` without the failure penalty: True = accepted."""
+        proc = self.doveadm("auth", "test", "-x", "no-penalty", user, password)
         if proc.returncode not in (0, 77):
             raise RuntimeError(f"doveadm auth test rc={proc.returncode}: {proc.stderr}{tail(self.log_path)}")
         return proc.returncode == 0
@@ -566,9 +734,6 @@ class MailStack:
         # /etc/dovecot as dovecot-core ships it: 0755 root:root, with private/ 0700 root:root.
         # The passwd-file directory below it is created by ldapsync, as on a real host.
         self.dovecot_etc = workdir / "etc-dovecot"
-        self.dovecot_etc.mkdir()
-        self.dovecot_etc.chmod(0o755)
-        (self.dovecot_etc / "private").mkdir(mode=0o700)
         self.passwd_dir = self.dovecot_etc / "ldapsync"
         cert, key = self_signed_cert(workdir)
 
@@ -607,12 +772,17 @@ class MailStack:
             master = snippet(f"postfix-{name}-master.cf", subs) if has_master else ""
             main = snippet(f"postfix-{name}-main.cf", subs)
             self.postfix[name] = Postfix(
-                workdir, name, world=self.world, main_cf=main, master_cf=master, port=ports[name]
+                workdir, name, world=self.world, main_cf=main, master_cf=master, port=ports[name], cert=(cert, key)
             )
         # the Dovecot auth socket lives in the submission Postfix's queue directory
         sub_subs = self.roles["submission"].subs
         sub_subs.pairs[POSTFIX_SPOOL] = str(self.postfix["submission"].queue_dir)
-        self.dovecot = Dovecot(workdir, snippet("dovecot-ldapsync.conf", sub_subs))
+        self.dovecot = Dovecot(
+            workdir,
+            self.dovecot_etc,
+            {dovecot_snippet_path("dovecot-ldapsync.conf"): snippet("dovecot-ldapsync.conf", sub_subs)},
+            cert=(cert, key),
+        )
 
     @property
     def mx(self) -> Postfix:

@@ -25,6 +25,7 @@ from mailstack import (
     Postfix,
     Sink,
     Substitutions,
+    dovecot_snippet_path,
     ldapsync_config,
     make_workdir,
     postmap_query,
@@ -59,9 +60,6 @@ class MailboxHost:
         secret.chmod(0o600)
         # /etc/dovecot as dovecot-core ships it; ldapsync creates ldapsync/ in it, as on a real host
         self.dovecot_etc = workdir / "etc-dovecot"
-        self.dovecot_etc.mkdir()
-        self.dovecot_etc.chmod(0o755)
-        (self.dovecot_etc / "private").mkdir(mode=0o700)
         self.vmail = workdir / "vmail"
         self.vmail.mkdir()
         os.chown(self.vmail, VMAIL_ID, VMAIL_ID)  # what `install -d -o vmail -g vmail /var/vmail` does
@@ -85,7 +83,12 @@ class MailboxHost:
             workdir, "mailbox", world=self.world, main_cf=snippet("postfix-mailbox-main.cf", self.subs)
         )
         self.subs.pairs[POSTFIX_SPOOL] = str(self.postfix.queue_dir)
-        self.dovecot = Dovecot(workdir, snippet("dovecot-mailbox.conf", self.subs), protocols="lmtp")
+        self.dovecot = Dovecot(
+            workdir,
+            self.dovecot_etc,
+            {dovecot_snippet_path("dovecot-mailbox.conf"): snippet("dovecot-mailbox.conf", self.subs)},
+            packages=("dovecot-lmtpd", "dovecot-imapd"),
+        )
 
     def start(self) -> None:
         self.world.start()
