@@ -19,7 +19,7 @@ from ldapsync import mirror
 from ldapsync.config import Config
 from ldapsync.directory import Entry, Rejection, Snapshot
 from ldapsync.errors import StateError
-from ldapsync.state import State
+from ldapsync.state import State, held
 
 TESTS = Path(__file__).resolve().parent
 
@@ -55,7 +55,7 @@ def files(root: Path) -> dict[str, int]:
 
 def test_a_held_change_round_trips_with_its_id_digest_and_sum(state: State) -> None:
     hid = state.hold(snap(5), {"reason": "because", "counts": {"alias": "+5"}})
-    assert hid == "held-" + snap(5).digest()
+    assert hid.startswith("held-" + snap(5).digest() + "-") and held.digest_of(hid) == snap(5).digest()
     got = state.held_change.read()
     assert got is not None and got.id == hid
     assert got.snapshot == snap(5) and got.meta["reason"] == "because" and got.meta["counts"] == {"alias": "+5"}
@@ -80,6 +80,18 @@ def test_holding_the_same_change_again_does_not_rewrite_its_snapshot(state: Stat
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     meta = state.held_change.meta()
     assert meta is not None and meta["reason"] == "again"
+
+
+def test_the_same_entries_with_other_rejections_are_another_file_beside_the_held_one(state: State) -> None:
+    """Replacing must never remove the file meta.json names: same entries (same digest) but
+    other rejections are another snapshot file, written beside it before meta.json switches."""
+    first = snap(3)
+    other = Snapshot(first.entries, first.source, (Rejection("uid=u1,ou=users,dc=example,dc=org", "mail", "x"),))
+    assert first.digest() == other.digest() and first.to_json() != other.to_json()
+    a = state.hold(first, {"reason": "a"})
+    b = state.hold(other, {"reason": "b"})
+    assert a != b and held.digest_of(a) == held.digest_of(b)
+    assert state.held() == (other, state.held_change.meta())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "other-id", "bad-meta"])
@@ -109,8 +121,8 @@ def test_a_held_change_in_the_layout_before_ids_still_reads(state: State) -> Non
     got = state.held_change.read()
     assert got is not None and got.id is None and got.snapshot == snap(2)
     assert state.held() is not None
-    state.hold(snap(3), {"reason": "new"})  # replaces it, old files gone
-    assert sorted(files(state.held_dir)) == sorted(["meta.json", f"held-{snap(3).digest()}/snapshot.json"])
+    hid = state.hold(snap(3), {"reason": "new"})  # replaces it, old files gone
+    assert sorted(files(state.held_dir)) == sorted(["meta.json", f"{hid}/snapshot.json"])
 
 
 def test_clear_removes_it(state: State) -> None:
@@ -199,7 +211,7 @@ def test_kill_9_while_holding_leaves_the_old_or_the_new_held_change(tmp_path: Pa
             continue
         reason = got.meta["reason"]
         assert got.snapshot == expected[reason], f"kill {i}: meta.json of {reason} with another snapshot"
-        assert got.id == "held-" + expected[reason].digest()
+        assert got.id is not None and held.digest_of(got.id) == expected[reason].digest()
         seen.add(reason)
         leftovers = [p.name for p in (root / "held").iterdir() if p.name not in ("meta.json", got.id)]
         state.hold(got.snapshot, dict(got.meta))  # the next holder sweeps what a kill left

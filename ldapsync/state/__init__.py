@@ -32,7 +32,7 @@ from ldapsync.guard import Window
 from ldapsync.state import lock as lock_mod
 from ldapsync.state import trust
 from ldapsync.state.generations import COMPACT_RATIO, STORE_DIR, Generation, Generations, StoreRef, sha256
-from ldapsync.state.held import PREFIX, Held, HeldChange, is_held_id
+from ldapsync.state.held import Held, HeldChange, digest_of, is_held_id
 from ldapsync.state.lock import LockHolder, StateLock
 from ldapsync.state.trust import CACHE_FILES, untrusted
 
@@ -137,7 +137,7 @@ class State:
             if held is not None and held.id == gid:
                 return held.snapshot
             # approved since: the generation that installed it holds the same directory
-            digest = gid.removeprefix(PREFIX)
+            digest = digest_of(gid)
             same = next((g for g in self.generations() if g.meta.get("snapshot_digest") == digest), None)
             if same is None:
                 raise StateError(f"no held change {gid}, and no generation with its content")

@@ -4,9 +4,10 @@ Layout under state_dir/held:
   <id>/snapshot.json   the held snapshot (redacted), written once
   meta.json            names <id>, with the snapshot's sha256 and directory digest, the reason
                        and the counts; written atomically after the snapshot
-The id is "held-" and the directory digest (Snapshot.digest): the agent's follow state names it
-(follow.json "generation") instead of writing the directory a second time, and a restart
-resumes from it -- or, once it was approved, from the generation that installed that digest.
+The id is "held-", the directory digest (Snapshot.digest) and a prefix of the file's sha256
+(held_id): the agent's follow state names it (follow.json "generation") instead of writing
+the directory a second time, and a restart resumes from it -- or, once it was approved, from
+the generation that installed that digest.
 Replacing a held change writes the new snapshot, then swaps meta.json, then removes the old
 snapshot: a kill -9 at any step leaves meta.json naming a whole snapshot, the old or the new.
 A held change written before this layout (held/snapshot.json, no id in meta.json) still reads.
@@ -47,6 +48,17 @@ def is_held_id(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
+def held_id(digest: str, sha: str) -> str:
+    """The directory digest (what a generation that installs it records) and a prefix of the
+    snapshot file's sha256 (the same entries with other rejections are another file)."""
+    return f"{PREFIX}{digest}-{sha[:16]}"
+
+
+def digest_of(hid: str) -> str:
+    """The directory digest in a held change's id."""
+    return hid.removeprefix(PREFIX).split("-", 1)[0]
+
+
 class Held:
     """state_dir/held: at most one held change."""
 
@@ -61,7 +73,7 @@ class Held:
         data = snapshot.to_json()
         sha = hashlib.sha256(data).hexdigest()
         entry_sum = snapshot.entry_sum
-        hid = PREFIX + entry_sum.hexdigest()
+        hid = held_id(entry_sum.hexdigest(), sha)
         self.dir.mkdir(mode=0o700, exist_ok=True)
         target = self.dir / hid
         if not _intact(target / "snapshot.json", sha):
