@@ -31,6 +31,7 @@ PROGRAMS: dict[str, str] = {
     "postfix": "postfix",
     "postmulti": "postfix",
     "postconf": "postfix",
+    "postqueue": "postfix",
     "smtp-sink": "postfix",
     "/usr/lib/postfix/postfix-lmdb.so": "postfix-lmdb",
     "/usr/lib/postfix/postfix-cdb.so": "postfix-cdb",
