@@ -382,8 +382,8 @@ class Host:
                 continue
             if r in ("permit_mynetworks", "permit_sasl_authenticated"):
                 continue
-            if r == "reject":
-                return f"554 5.7.1 <{address}>: Relay access denied"
+            if r == "reject":  # smtpd_check.c: the generic reject, not "Relay access denied"
+                return f"554 5.7.1 <{address}>: Recipient address rejected: Access denied"
             raise ModelError(f"{self.name}: smtpd_relay_restrictions: {r} is not modelled")
         items = self.values("smtpd_recipient_restrictions")
         i = 0

@@ -636,3 +636,14 @@ def test_relayhost_is_the_nexthop_of_off_host_mail_unless_the_transport_names_on
     named = Host(HostSpec("mx", ("mx.example.org",), main_cf + "relay_transport = relay:[mailbox.example.org]\n", {}))
     assert named.resolve("a@example.org") == ("relay", "[mailbox.example.org]")
     assert Host(HostSpec("mx", ("mx.example.org",), "", {})).resolve("x@ext.example") == ("smtp", "ext.example")
+
+
+def test_the_srs_host_relays_for_its_mynetworks_only_and_accepts_no_domain_of_ours() -> None:
+    """docs/snippets/postfix-srs-main.cf: the MXes (trusted) may relay anything through it;
+    anyone else is refused, for external addresses and for ours alike (real Postfix's reply:
+    tests/e2e/test_e2e_mail.py)."""
+    srs = Host(role_spec("srs", {}))
+    assert not srs.tables and not srs.is_ours("example.org")
+    for rcpt in ("x@ext.example", "alice@example.org"):
+        assert srs.rcpt(rcpt, trusted=True) is None
+        assert srs.rcpt(rcpt, trusted=False) == f"554 5.7.1 <{rcpt}>: Recipient address rejected: Access denied"
