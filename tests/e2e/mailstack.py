@@ -339,8 +339,9 @@ class Postfix:
     throwaway instance and an installed host), both set with `postconf -e`, then the role
     snippet installed as docs/deployment.md says: appended, except its settings that the
     stock main.cf already has (the MX's relayhost, the SRS host's mynetworks), which are
-    changed in place. A host whose snippet sets relayhost keeps the stock default_transport. master.cf is /usr/share/postfix/master.cf.dist (chrooted services
-    included) with the port-25 service on a loopback port, then the role's master.cf snippet,
+    changed in place. A host whose snippet sets relayhost keeps the stock default_transport.
+    master.cf is /usr/share/postfix/master.cf.dist (chrooted services included) with the
+    port-25 service on a loopback port, then the role's master.cf snippet,
     whose `submission` service gets its own loopback port. Mail for the rest of the world goes
     to ``world``; ``harness`` adds settings (e.g. a transport map standing in for the DNS MX
     records of our domains).

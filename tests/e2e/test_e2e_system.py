@@ -67,6 +67,19 @@ def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(re
     assert model_disagreements(result) == []
 
 
+def test_every_copy_for_the_internet_leaves_through_the_srs_host(result: Result) -> None:
+    """The MX's relayhost: it hands nothing to the Internet itself (forwards and aliases'
+    external targets alike), only to the SRS and mailbox hosts."""
+    system = result.system
+    hops = {name: f"[127.0.0.1]:{port}," for name, port in system.ports.items()}
+    world = f"[127.0.0.1]:{system.world.port},"
+    mx_sent = [line for line in system.hosts["mx"].postfix.log().splitlines() if "status=sent" in line]
+    assert any(hops["srs"] in line for line in mx_sent), mx_sent[:5]
+    assert [line for line in mx_sent if not (hops["srs"] in line or hops["mailbox"] in line)] == []
+    srs_sent = [line for line in system.hosts["srs"].postfix.log().splitlines() if "status=sent" in line]
+    assert srs_sent and all(world in line for line in srs_sent), srs_sent[:5]
+
+
 SPLIT_MX = Recipe("mx", "ldapsync-mx.yaml", ("postfix-mx-main.cf",))
 SPLIT_SRS = Recipe("srs", "ldapsync-srs.yaml", ("postfix-srs-main.cf",))
 KEPT_COPIES = ("keep1@example.org", "keep2@example.org", "in2@example.org")
