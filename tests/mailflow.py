@@ -4,7 +4,8 @@ Why: whether a directory's mail reaches the right mailbox, once, depends on ldap
 *and* on how each role's Postfix uses them; a test of the maps alone cannot see a loop
 between two hosts or a copy accepted by the MX and refused by the next hop. This module
 configures each host from the documentation's own files (docs/snippets/postfix-<role>-main.cf
-for Postfix, docs/snippets/ldapsync-<role>.yaml for which maps the host has), fills the maps
+for Postfix, docs/snippets/ldapsync-<role>.yaml for which maps the host has; a role without
+one, the SRS host, has none), fills the maps
 with what the real ldapsync pipeline renders for a directory, and follows one message per
 recipient address from host to host, applying Postfix's documented semantics:
 
@@ -23,9 +24,12 @@ recipient address from host to host, applying Postfix's documented semantics:
   its own RCPT, so two recipients expanding to one address there are two copies).
 - trivial-rewrite(8): address class (mydestination, virtual_alias_domains,
   virtual_mailbox_domains, relay_domains with parent_domain_matches_subdomains honoured for
-  relay_domains and smtpd_access_maps) -> local/virtual/relay/default transport, overridden by
-  transport_maps (full address, then domain). A nexthop `[host]` is that site host; a bare
-  domain is looked up in "DNS": our domains' MX is the site's MX, anything else is the Internet.
+  relay_domains and smtpd_access_maps) -> local/virtual/relay/default transport; for the
+  relay and default classes (off-host mail) the nexthop is relayhost when set, else the
+  recipient domain, and a nexthop in the transport's own value (`smtp:[host]`) wins over both
+  (src/trivial-rewrite/resolve.c); then transport_maps (full address, then domain) override.
+  A nexthop `[host]` is that site host; a bare domain is looked up in "DNS": our domains' MX
+  is the site's MX, anything else is the Internet.
 - each SMTP hop is a new delivery with its own RCPT checks; a refusal there is a bounce
   after acceptance. A message passing more than hopcount_limit (50) hosts is "too many hops":
   the model reports it as a loop. Delivery by LMTP looks the address up in Dovecot's
@@ -97,6 +101,7 @@ POSTFIX_DEFAULTS = {
     "virtual_transport": "virtual",
     "relay_transport": "relay",
     "default_transport": "smtp",
+    "relayhost": "",
     "parent_domain_matches_subdomains": (
         "debug_peer_list, fast_flush_domains, mynetworks, permit_mx_backup_networks, "
         "qmqpd_authorized_clients, relay_domains, smtpd_access_maps"
@@ -353,6 +358,8 @@ class Host:
             "default": "default_transport",
         }[cls]
         transport, _, nexthop = self.get(default).partition(":")
+        if not nexthop and cls in ("relay", "default"):
+            nexthop = self.get("relayhost")
         for table in self.maps("transport_maps"):
             hit = table.get(address) or table.get(domain)
             if hit:
@@ -375,8 +382,8 @@ class Host:
                 continue
             if r in ("permit_mynetworks", "permit_sasl_authenticated"):
                 continue
-            if r == "reject":
-                return f"554 5.7.1 <{address}>: Relay access denied"
+            if r == "reject":  # smtpd_check.c: the generic reject, not "Relay access denied"
+                return f"554 5.7.1 <{address}>: Recipient address rejected: Access denied"
             raise ModelError(f"{self.name}: smtpd_relay_restrictions: {r} is not modelled")
         items = self.values("smtpd_recipient_restrictions")
         i = 0
@@ -500,8 +507,7 @@ def role_spec(
     exporters of ldapsync-<role>.yaml, the `-o` options of postfix-<role>-master.cf).
     `name` and `hostnames` let one host carry another role's name (the one host is the MX)."""
     text = main_cf if main_cf is not None else (snippets / f"postfix-{role}-main.cf").read_text()
-    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
-    kinds = {e["path"]: e["kind"] for e in doc["exporters"]}
+    kinds = {e["path"]: e["kind"] for e in role_exporters(role, snippets)}
     missing = sorted(set(kinds) - set(outputs))
     if missing:
         raise ModelError(f"{role}: no rendered output for {', '.join(missing)}")
@@ -642,6 +648,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return doc
 
 
+def role_exporters(role: str, snippets: Path = SNIPPETS) -> list[dict[str, Any]]:
+    """The exporters of docs/snippets/ldapsync-<role>.yaml; none for a role without ldapsync
+    (the SRS host: a relay that needs no map)."""
+    path = snippets / f"ldapsync-{role}.yaml"
+    return list(load_yaml(path)["exporters"]) if path.exists() else []
+
+
 def role_config(role: str, *, ldif: Path, static: Path | None, snippets: Path = SNIPPETS) -> dict[str, Any]:
     """docs/snippets/ldapsync-<role>.yaml with the LDIF as its source (same base DN)."""
     doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
@@ -664,6 +677,8 @@ def render_config(doc: Mapping[str, Any], path: Path = SNIPPETS / "ldapsync.yaml
 
 
 def render_role(role: str, *, ldif: Path, static: Path | None, snippets: Path = SNIPPETS) -> dict[str, bytes]:
+    if not role_exporters(role, snippets):
+        return {}
     doc = role_config(role, ldif=ldif, static=static, snippets=snippets)
     return render_config(doc, snippets / f"ldapsync-{role}.yaml")
 
@@ -671,8 +686,7 @@ def render_role(role: str, *, ldif: Path, static: Path | None, snippets: Path = 
 def installed_outputs(role: str, where: Callable[[str], Path], snippets: Path = SNIPPETS) -> dict[str, bytes]:
     """A role's outputs as installed somewhere else (a test host's work directory): `where`
     maps each exporter path of docs/snippets/ldapsync-<role>.yaml to the file to read."""
-    doc = load_yaml(snippets / f"ldapsync-{role}.yaml")
-    return {e["path"]: where(e["path"]).read_bytes() for e in doc["exporters"]}
+    return {e["path"]: where(e["path"]).read_bytes() for e in role_exporters(role, snippets)}
 
 
 # -- the one-host recipe ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ refused at RCPT by the MX.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 from collections import Counter
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import splitdesign
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -36,32 +38,13 @@ from mailflow import (
     installed_outputs,
     one_host_spec,
     parse_main_cf,
-    render_config,
     render_role,
-    role_config,
     role_spec,
 )
-from mailintent import DOMAINS, Account, Directory, Group, Intent, Resolver, canonical, group_dn, ours, user_dn
+from mailintent import DOMAINS, Account, Directory, Group, Intent, Resolver, canonical, group_dn, user_dn
 from profiles import examples
 
-SPLIT_ROLES = ("mx", "srs", "mailbox", "submission")
-
-# Dead targets (disabled, retired or unknown addresses of our domains named by a static alias,
-# a forward or a group's rfc822MailMember) are dropped by ldapsync and an address left with
-# nothing is refused at RCPT: the `routing` branch implements that. Until it is merged, mail to
-# such a target is accepted by the MX and bounced by the next hop, so the strategy below only
-# generates them with DEAD_TARGETS = True. MERGER: set it to True once `routing` is merged
-# (test_dead_target_shapes below already checks those shapes and fails until then; with
-# `routing` merged, both pass, the thorough profile too).
-DEAD_TARGETS = True
-
-# The split design (docs/snippets: the MX expands aliases and groups, the SRS host forwards)
-# passes two copies on when two routes of one address meet at one destination past the MX
-# (`s: [u, x@ext]` with `u -> x@ext`: the MX sends x@ext out and u to the SRS host, which sends
-# x@ext again). With False the property only requires every destination to be reached, with
-# no bounce and no loop, for such addresses (Intent.shared); everywhere else, and in the other
-# designs, exactly once. MERGER: set it to True if the MX is made to expand forwards itself.
-SPLIT_DESIGN_DEDUPLICATES = False
+ROLES = ("mx", "srs", "mailbox", "submission")
 
 LOGINS = ("u0", "u1", "u2", "u3", "u4", "u5")
 GROUPS = ("g0", "g1", "g2")
@@ -77,13 +60,13 @@ def in_some_domain(draw: Any, name: str) -> str:
 
 
 @st.composite
-def directories(draw: Any, dead_targets: bool = DEAD_TARGETS) -> Directory:
+def directories(draw: Any) -> Directory:
     present = draw(st.lists(st.sampled_from(LOGINS), unique=True, min_size=3))
     states = {login: draw(st.sampled_from(("active", "active", "active", "disabled", "retired"))) for login in present}
     live_logins = [x for x in LOGINS if states.get(x) == "active"]
-    # Names a target may take: live accounts, groups and static names always; dead ones only
-    # with dead_targets (a group's member DNs may always name anything: ldapsync skips those).
-    target_names = sorted({*live_logins, *GROUPS, "s0", "s1", "s2"} | ({*LOGINS, "nobody"} if dead_targets else set()))
+    # Names a target may take: live accounts, groups, static names, and dead ones (disabled,
+    # retired, absent, unknown: ldapsync drops them and refuses an address left with nothing).
+    target_names = sorted({*live_logins, *GROUPS, "s0", "s1", "s2", *LOGINS, "nobody"})
 
     def target(exclude: str = "") -> str:
         if draw(st.integers(0, 3)) == 0:
@@ -132,32 +115,7 @@ def directories(draw: Any, dead_targets: bool = DEAD_TARGETS) -> Directory:
         else:
             aliases[name] = tuple(dict.fromkeys(pick() for _ in range(draw(st.integers(1, 3)))))
     d = Directory(tuple(accounts), tuple(groups), aliases, forwards)
-    return d if dead_targets else without_dead_targets(d)
-
-
-def without_dead_targets(d: Directory) -> Directory:
-    """`d` with every target the oracle finds dead removed (repeated: a static alias or group
-    left empty makes its own address dead in turn); member DNs stay, ldapsync skips those."""
-    while True:
-        resolver = Resolver(d)
-
-        def live(t: str, resolver: Resolver = resolver) -> bool:
-            return not ours(canonical(t)) or not resolver.intend(t).dead
-
-        def keep(targets: tuple[str, ...], owner: str = "") -> tuple[str, ...]:
-            return tuple(t for t in targets if live(t) or canonical(t) == canonical(owner))
-
-        accounts = tuple(replace(a, forward=keep(a.forward, a.login)) for a in d.accounts)
-        groups = tuple(
-            replace(g, addresses=keep(g.addresses) if keep(g.addresses) or g.members else (EXTERNAL[0],))
-            for g in d.groups
-        )
-        aliases = {k: keep(v) for k, v in d.aliases.items() if keep(v)}
-        forwards = {k: v for k, v in d.forwards.items() if live(v)}
-        new = Directory(accounts, groups, aliases, forwards)
-        if new == d:
-            return d
-        d = new
+    return d
 
 
 def probe_addresses(d: Directory) -> list[str]:
@@ -167,15 +125,28 @@ def probe_addresses(d: Directory) -> list[str]:
     return [f"{n}@{dom}" for n in dict.fromkeys(names) for dom in DOMAINS] + list(EXTERNAL)
 
 
-SPLIT = "MX+SRS+mailbox (docs/snippets)"
+FOUR_HOSTS = "MX, SRS, mailbox and submission hosts (docs/snippets)"
 # The one-host recipe and the MX and SRS host on one box come from docs/snippets when it has
 # them (postfix-onehost-main.cf, postfix-mx-srs-main.cf and their ldapsync YAML); until then
 # the one host is built from the recipe in tests/mailflow.py and the shared box is not checked.
 ONE_HOST_SNIPPETS = (SNIPPETS / "postfix-onehost-main.cf").exists()
 ONE_HOST = "one host (docs/snippets)" if ONE_HOST_SNIPPETS else "one host (recipe built in tests/mailflow.py)"
 MX_SRS = "MX and SRS host on one box + mailbox (docs/snippets)"
-PROPOSED = "proposed: the MX expands everything, the SRS host only relays"
-DESIGNS = (SPLIT, ONE_HOST, PROPOSED, *((MX_SRS,) if (SNIPPETS / "postfix-mx-srs-main.cf").exists() else ()))
+DESIGNS = (FOUR_HOSTS, ONE_HOST, *((MX_SRS,) if (SNIPPETS / "postfix-mx-srs-main.cf").exists() else ()))
+# Not documented any more, only built to prove the property catches it (tests/splitdesign.py):
+# the MX expands aliases and groups, a transport map sends forwarded addresses to the SRS
+# host, whose virtual map expands the forwards.
+SPLIT = "split design: the MX expands aliases, the SRS host forwards (docs/snippets at 6892c84)"
+
+
+def split_snippets(directory: Path) -> Path:
+    """docs/snippets with the split design's MX and SRS files (tests/splitdesign.py)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in SNIPPETS.iterdir():
+        (directory / f.name).write_text(f.read_text())
+    for name, text in splitdesign.SNIPPETS.items():
+        (directory / name).write_text(text)
+    return directory
 
 
 def rendered(d: Directory, tmp: Path) -> tuple[dict[str, dict[str, bytes]], Path, Path]:
@@ -183,46 +154,20 @@ def rendered(d: Directory, tmp: Path) -> tuple[dict[str, dict[str, bytes]], Path
     ldif, static = tmp / "directory.ldif", tmp / "mail.yaml"
     ldif.write_text(d.ldif())
     static.write_text(d.mail_yaml())
-    return {r: render_role(r, ldif=ldif, static=static) for r in SPLIT_ROLES}, ldif, static
-
-
-def proposed_specs(outputs: dict[str, dict[str, bytes]], ldif: Path, static: Path) -> list[HostSpec]:
-    """A design without duplicates: the MX's virtual map holds aliases AND forwards (one
-    expansion, so cleanup removes duplicates), no transport map; whatever leaves our domains
-    goes to the SRS host (default_transport), which only relays: it has no map at all."""
-    doc = role_config("mx", ldif=ldif, static=static)
-    doc["exporters"] = [e for e in doc["exporters"] if e["kind"] != "postfix-transport"]
-    for e in doc["exporters"]:
-        if e["kind"] == "postfix-virtual":
-            e["include"] = ["aliases", "forwards"]
-    mx_main = "\n".join(
-        line
-        for line in (SNIPPETS / "postfix-mx-main.cf").read_text().splitlines()
-        if not line.startswith("transport_maps")
-    )
-    mx_main += "\ndefault_transport = smtp:[srs.example.org]\n"
-    mx = HostSpec(
-        "mx", (HOSTNAMES["mx"],), mx_main, render_config(doc), {e["path"]: e["kind"] for e in doc["exporters"]}
-    )
-    srs = HostSpec("srs", (HOSTNAMES["srs"],), "", {})
-    mailbox_doc = role_config("mailbox", ldif=ldif, static=static)
-    mailbox = HostSpec(
-        "mailbox",
-        (HOSTNAMES["mailbox"],),
-        (SNIPPETS / "postfix-mailbox-main.cf").read_text(),
-        outputs["mailbox"],
-        {e["path"]: e["kind"] for e in mailbox_doc["exporters"]},
-    )
-    return [mx, srs, mailbox]
+    return {r: render_role(r, ldif=ldif, static=static) for r in ROLES}, ldif, static
 
 
 def sites(d: Directory, *, srs_main_cf: str | None = None, designs: tuple[str, ...] = DESIGNS) -> dict[str, Site]:
     with tempfile.TemporaryDirectory(prefix="mailflow-") as tmp:
         outputs, ldif, static = rendered(d, Path(tmp))
-        main_cf = {"srs": srs_main_cf} if srs_main_cf is not None else None
         out = {}
-        if SPLIT in designs:
-            out[SPLIT] = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role=outputs, main_cf=main_cf)
+        if FOUR_HOSTS in designs:
+            out[FOUR_HOSTS] = Site.from_docs(roles=ROLES, outputs_by_role=outputs)
+        if SPLIT in designs:  # `srs_main_cf` replaces the split design's SRS main.cf
+            split = split_snippets(Path(tmp) / "split")
+            main_cf = {"srs": srs_main_cf} if srs_main_cf is not None else None
+            by_role = {r: render_role(r, ldif=ldif, static=static, snippets=split) for r in ROLES}
+            out[SPLIT] = Site.from_docs(roles=ROLES, outputs_by_role=by_role, snippets=split, main_cf=main_cf)
         if ONE_HOST in designs and ONE_HOST_SNIPPETS:
             one = render_role("onehost", ldif=ldif, static=static)
             out[ONE_HOST] = Site([role_spec("onehost", one, name="mx", hostnames=("mail.example.org",))])
@@ -233,14 +178,11 @@ def sites(d: Directory, *, srs_main_cf: str | None = None, designs: tuple[str, .
             hostnames = (HOSTNAMES["mx"], HOSTNAMES["srs"])
             mailbox = role_spec("mailbox", outputs["mailbox"])
             out[MX_SRS] = Site([role_spec("mx-srs", box, name="mx", hostnames=hostnames), mailbox])
-        if PROPOSED in designs:
-            out[PROPOSED] = Site(proposed_specs(outputs, ldif, static))
         return out
 
 
-def wrong(outcome: Outcome, intent: Intent, *, deduplicates: bool = True) -> str | None:
-    """Why `outcome` is not what `intent` says, or None. `deduplicates=False`: the design may
-    pass two copies on where two routes lead to one destination (intent.shared)."""
+def wrong(outcome: Outcome, intent: Intent) -> str | None:
+    """Why `outcome` is not what `intent` says, or None."""
     if intent.refused is not None:
         if outcome.accepted:
             return f"must be refused ({intent.refused}) but was accepted"
@@ -256,7 +198,7 @@ def wrong(outcome: Outcome, intent: Intent, *, deduplicates: bool = True) -> str
     got = {str(k): v for k, v in outcome.deliveries.items()}
     if set(outcome.deliveries) != intent.destinations:
         return f"delivered {got}, intended {sorted(map(str, intent.destinations))}"
-    if (deduplicates or not intent.shared) and any(n != 1 for n in outcome.deliveries.values()):
+    if any(n != 1 for n in outcome.deliveries.values()):
         return f"delivered {got}, intended once each"
     return None
 
@@ -265,12 +207,11 @@ def check_site(d: Directory, site: Site, label: str, addresses: list[str] | None
     """What goes wrong for each address: sent from the Internet, and (where the site has a
     submission host) from one of our users, who must get what the MX delivers or its refusal."""
     resolver = Resolver(d)
-    deduplicates = label != SPLIT or SPLIT_DESIGN_DEDUPLICATES
     problems = []
     for address in addresses or probe_addresses(d):
         outcome = site.send(address)
         intent = resolver.intend(address)
-        why = wrong(outcome, intent, deduplicates=deduplicates)
+        why = wrong(outcome, intent)
         if why:
             problems.append(f"[{label}] {address}: {why}\n{outcome.describe()}")
         if "submission" in site.hosts and intent.refused != "not ours":
@@ -420,7 +361,7 @@ def test_a_user_sending_through_the_submission_host_reaches_what_the_internet_re
     by the MX and comes back to the user as a bounce naming the MX's reason."""
     d = SHAPES["nested group"][0]
     d = replace(d, accounts=(*d.accounts, Account("gone", (), "disabled", "gone for good")))
-    site = sites(d, designs=(SPLIT,))[SPLIT]
+    site = sites(d, designs=(FOUR_HOSTS,))[FOUR_HOSTS]
     assert site.send("alice@example.org", via="submission").trail[0].startswith("submission: ")
     resolver = Resolver(d)
     for address in probe_addresses(d):
@@ -439,21 +380,33 @@ def test_a_user_sending_through_the_submission_host_reaches_what_the_internet_re
 
 
 SHARED = Directory((Account("u2", ("x0@ext.example",)),), aliases={"s1": ("u2", "x0@ext.example")})
+SHARED_GROUP = Directory((Account("u1"), Account("u2", ("u1",))), (Group("g0", (user_dn("u1"), user_dn("u2"))),))
 
 
-def test_two_routes_to_one_destination_give_two_copies_in_the_split_design_only() -> None:
-    """The split design's known duplicate (SPLIT_DESIGN_DEDUPLICATES): the MX expands `s1` to
-    u2 and x0@ext.example and sends x0 out itself; the SRS host expands u2 to x0 again. One
-    host, or an MX that expands forwards too, removes the duplicate within one expansion."""
-    assert Resolver(SHARED).intend("s1@example.org").shared
-    found = sites(SHARED)
-    x0 = Delivery("external", "x0@ext.example")
-    split = found[SPLIT].send("s1@example.org")
-    assert split.deliveries == Counter({x0: 2}), split.describe()
-    assert sorted(split.sent_out) == [("mx", "x0@ext.example"), ("srs", "x0@ext.example")]  # one bypasses SRS
-    for design in (d for d in DESIGNS if d != SPLIT):
-        assert found[design].send("s1@example.org").deliveries == Counter({x0: 1}), design
-    assert found[PROPOSED].send("s1@example.org").sent_out == (("srs", "x0@ext.example"),)
+def test_two_routes_to_one_destination_give_one_copy_and_gave_two_in_the_split_design() -> None:
+    """`s1: [u2, x0@ext.example]` with `u2 -> x0@ext.example`, and a group of u1 and u2 where
+    u2 forwards to u1: every documented design resolves the address in one expansion on one
+    host, where cleanup removes the duplicate. The split design (the MX expands aliases and
+    groups, the SRS host forwards) passes two copies on, and the property says so."""
+    x0, u1 = Delivery("external", "x0@ext.example"), Delivery("mailbox", "u1")
+    for d, address, dest in ((SHARED, "s1@example.org", x0), (SHARED_GROUP, "g0@example.org", u1)):
+        assert Resolver(d).intend(address).shared
+        found = sites(d, designs=(*DESIGNS, SPLIT))
+        for design in DESIGNS:
+            outcome = found[design].send(address)
+            assert outcome.deliveries == Counter({dest: 1}), f"{design}\n{outcome.describe()}"
+        split = found[SPLIT].send(address)
+        assert split.deliveries == Counter({dest: 2}), split.describe()
+        with pytest.raises(AssertionError, match=re.escape(address) + r": delivered .* intended once each"):
+            check_all(d, [address], designs=(SPLIT,))
+        check_all(d, designs=DESIGNS)
+    # the external copy leaves through the SRS host (relayhost); the split MX sent one out itself
+    assert found_sent_out(SHARED, FOUR_HOSTS) == (("srs", "x0@ext.example"),)
+    assert sorted(found_sent_out(SHARED, SPLIT)) == [("mx", "x0@ext.example"), ("srs", "x0@ext.example")]
+
+
+def found_sent_out(d: Directory, design: str) -> tuple[tuple[str, str], ...]:
+    return sites(d, designs=(design,))[design].send("s1@example.org").sent_out
 
 
 # -- the model finds the loop of the old design -------------------------------------------------
@@ -467,8 +420,8 @@ def old_snippets(directory: Path) -> Path:
     that commit's changes (no git history needed): the SRS host's relay_transport back to the
     MX, Postfix's default parent_domain_matches_subdomains on MX and SRS, and the MX, SRS and
     submission roles reading only ou=users, without `groups:`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in SNIPPETS.iterdir():
+    split_snippets(directory)
+    for f in sorted(directory.iterdir()):
         text = f.read_text()
         if f.name in ("postfix-mx-main.cf", "postfix-srs-main.cf"):
             text = "\n".join(
@@ -542,7 +495,7 @@ def test_the_old_srs_snippet_loops_every_kept_copy(d: Directory, elsewhere: str)
         and a.login not in (*d.aliases, *d.forwards)
     ]
     old = sites(d, srs_main_cf=old_srs_main_cf(), designs=(SPLIT,))[SPLIT]
-    new = sites(d, designs=(SPLIT,))[SPLIT]
+    new = sites(d, designs=(FOUR_HOSTS,))[FOUR_HOSTS]
     assert "keeper@example.org" in keeps
     for address in keeps:
         assert old.send(address).looped, old.send(address).describe()
@@ -649,7 +602,7 @@ def test_installed_outputs_are_read_by_their_documented_path(tmp_path: Path) -> 
         (tmp_path / Path(path).name).write_bytes(data)
     read = installed_outputs("mx", lambda p: tmp_path / Path(p).name)
     assert read == rendered_outputs["mx"]
-    site = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role={**rendered_outputs, "mx": read})
+    site = Site.from_docs(roles=ROLES, outputs_by_role={**rendered_outputs, "mx": read})
     assert site.send("mallory@example.org").deliveries == Counter(
         {Delivery("mailbox", "mallory"): 1, Delivery("external", "mallory@elsewhere.example"): 1}
     )
@@ -666,8 +619,31 @@ def test_the_snippets_before_the_loop_free_design_fail_the_property(tmp_path: Pa
     ldif, static = tmp_path / "d.ldif", tmp_path / "mail.yaml"
     ldif.write_text(d.ldif())
     static.write_text(d.mail_yaml())
-    outputs = {r: render_role(r, ldif=ldif, static=static, snippets=old) for r in SPLIT_ROLES}
-    site = Site.from_docs(roles=SPLIT_ROLES, outputs_by_role=outputs, snippets=old)
+    outputs = {r: render_role(r, ldif=ldif, static=static, snippets=old) for r in ROLES}
+    site = Site.from_docs(roles=ROLES, outputs_by_role=outputs, snippets=old)
     problems = "\n".join(check_site(d, site, SPLIT))
     assert "mallory@example.org: looped" in problems
     assert "team@example.org: must reach ['mailbox:alice'] but was refused" in problems
+
+
+def test_relayhost_is_the_nexthop_of_off_host_mail_unless_the_transport_names_one() -> None:
+    """trivial-rewrite: relay and default classes go to relayhost when the transport gives no
+    nexthop (`relay_transport = relay` here); `relay:[host]` or a transport map entry wins."""
+    main_cf = "relay_domains = example.org\nrelayhost = [srs.example.org]\n"
+    host = Host(HostSpec("mx", ("mx.example.org",), main_cf, {}))
+    assert host.resolve("x@ext.example") == ("smtp", "[srs.example.org]")
+    assert host.resolve("a@example.org") == ("relay", "[srs.example.org]")
+    named = Host(HostSpec("mx", ("mx.example.org",), main_cf + "relay_transport = relay:[mailbox.example.org]\n", {}))
+    assert named.resolve("a@example.org") == ("relay", "[mailbox.example.org]")
+    assert Host(HostSpec("mx", ("mx.example.org",), "", {})).resolve("x@ext.example") == ("smtp", "ext.example")
+
+
+def test_the_srs_host_relays_for_its_mynetworks_only_and_accepts_no_domain_of_ours() -> None:
+    """docs/snippets/postfix-srs-main.cf: the MXes (trusted) may relay anything through it;
+    anyone else is refused, for external addresses and for ours alike (real Postfix's reply:
+    tests/e2e/test_e2e_mail.py)."""
+    srs = Host(role_spec("srs", {}))
+    assert not srs.tables and not srs.is_ours("example.org")
+    for rcpt in ("x@ext.example", "alice@example.org"):
+        assert srs.rcpt(rcpt, trusted=True) is None
+        assert srs.rcpt(rcpt, trusted=False) == f"554 5.7.1 <{rcpt}>: Recipient address rejected: Access denied"

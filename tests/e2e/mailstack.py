@@ -166,20 +166,32 @@ class Substitutions:
         return text
 
 
+# The MXes' addresses in postfix-srs-main.cf's mynetworks (the only clients it relays for).
+SRS_MYNETWORKS = "192.0.2.25/32, 192.0.2.26/32"
+
+
 def snippet(name: str, subs: Substitutions | None = None) -> str:
     text = (SNIPPETS / name).read_text()
     return subs.apply(text) if subs else text
 
 
 def ldapsync_config(
-    name: str, dest: Path, subs: Substitutions, *, ldap_uri: str, bind_password_file: Path, **extra: Any
+    name: str,
+    dest: Path,
+    subs: Substitutions,
+    *,
+    ldap_uri: str,
+    bind_password_file: Path,
+    text: str | None = None,
+    **extra: Any,
 ) -> Path:
     """The role's ldapsync YAML from docs/snippets with test paths and the throwaway slapd.
 
     The throwaway slapd speaks plain LDAP on loopback, so the production URIs and CA file
-    are replaced; every other key is used as the docs show it.
+    are replaced; every other key is used as the docs show it. ``text`` replaces the
+    snippet's text (an older version of it).
     """
-    data = yaml.safe_load(snippet(name, subs))
+    data = yaml.safe_load(subs.apply(text) if text is not None else snippet(name, subs))
     ldap = data["source"]["ldap"]
     ldap["uri"] = [ldap_uri]
     ldap.pop("ca_file", None)
@@ -302,14 +314,34 @@ def internet_site(name: str) -> list[str]:
     ]
 
 
+def split_snippet(text: str, existing: set[str]) -> tuple[dict[str, str], str]:
+    """A main.cf snippet's settings of parameters in ``existing`` (name -> value, one line
+    each), and the rest of its text (to append)."""
+    in_place: dict[str, str] = {}
+    rest: list[str] = []
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        m = re.match(r"([a-z_0-9]+)\s*=(.*)$", line)
+        if m and m.group(1) in existing:
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            assert not (nxt[:1].isspace() and nxt.strip()), f"{m.group(1)}: continued on the next line"
+            in_place[m.group(1)] = m.group(2).strip()
+            continue
+        rest.append(line)
+    return in_place, "".join(rest)
+
+
 class Postfix:
     """One Postfix instance, configured as Debian 12 ships it, then as the docs say.
 
     main.cf is /usr/share/postfix/main.cf.debian + main.cf.tls with the "Internet Site" answers
     postinst writes and the harness settings (paths, ports, logging: what differs between this
     throwaway instance and an installed host), both set with `postconf -e`, then the role
-    snippet appended as docs/deployment.md says. master.cf is /usr/share/postfix/master.cf.dist (chrooted services
-    included) with the port-25 service on a loopback port, then the role's master.cf snippet,
+    snippet installed as docs/deployment.md says: appended, except its settings that the
+    stock main.cf already has (the MX's relayhost, the SRS host's mynetworks), which are
+    changed in place. A host whose snippet sets relayhost keeps the stock default_transport.
+    master.cf is /usr/share/postfix/master.cf.dist (chrooted services included) with the
+    port-25 service on a loopback port, then the role's master.cf snippet,
     whose `submission` service gets its own loopback port. Mail for the rest of the world goes
     to ``world``; ``harness`` adds settings (e.g. a transport map standing in for the DNS MX
     records of our domains).
@@ -378,6 +410,16 @@ class Postfix:
                 **(harness or {}),
             }
         )
+        # A snippet setting that Debian's main.cf already has is changed in place, as
+        # docs/deployment.md says (`postconf -e`), not appended a second time.
+        stock_names = set(settings) | set(re.findall(r"^([a-z_0-9]+)\s*=", stock_main, re.M))
+        in_place, main_cf = split_snippet(main_cf, stock_names)
+        settings.update(in_place)
+        if in_place.get("relayhost"):
+            # the role sends everything off-site through its relayhost (the MX through the SRS
+            # host): a nexthop in default_transport would override it, so only the stock
+            # transport is left (the relayhost stands for the path to the Internet)
+            settings["default_transport"] = "smtp"
         postconf = which("postconf")
         assert postconf is not None
         subprocess.run(
@@ -716,9 +758,9 @@ class Role:
 class MailStack:
     """slapd -> ldapsync (MX, SRS, submission configs) -> Postfix x3 + Dovecot -> sinks.
 
-    MX: relays forwarded addresses to the SRS Postfix, everything else to the ``mailbox``
-    sink; SRS: rewrites forwards and hands them to ``world``; submission: SASL via Dovecot,
-    outgoing mail to ``world``.
+    MX: resolves aliases, groups and forwards; what stays in our domains goes to the
+    ``mailbox`` sink, everything else through the SRS Postfix (its relayhost), which has no
+    ldapsync and hands it to ``world``; submission: SASL via Dovecot, outgoing mail to ``world``.
     """
 
     def __init__(self, workdir: Path, ldap_uri: str, bind_password_file: Path, **config_extra: Any):
@@ -741,6 +783,7 @@ class MailStack:
         self.postfix: dict[str, Postfix] = {}
         names = ("srs", "mx", "submission")
         ports = dict(zip(names, free_ports(len(names)), strict=True))
+        subs_by_name: dict[str, Substitutions] = {}
         for name in names:
             rdir = workdir / name
             (rdir / "maps").mkdir(parents=True)
@@ -755,8 +798,12 @@ class MailStack:
                     "[srs.example.org]": f"[127.0.0.1]:{ports['srs']}",
                     "[mx.example.org]": f"[127.0.0.1]:{ports['mx']}",
                     "[mailbox.example.org]": self.mailbox.nexthop,
+                    SRS_MYNETWORKS: "127.0.0.1/32",  # the MX connects from loopback
                 }
             )
+            subs_by_name[name] = subs
+            if not (SNIPPETS / f"ldapsync-{name}.yaml").exists():
+                continue  # the SRS host runs no ldapsync
             config = ldapsync_config(
                 f"ldapsync-{name}.yaml",
                 rdir / "ldapsync.yaml",
@@ -767,7 +814,7 @@ class MailStack:
             )
             self.roles[name] = Role(name, rdir, config, subs)
         for name in names:
-            subs = self.roles[name].subs
+            subs = subs_by_name[name]
             has_master = (SNIPPETS / f"postfix-{name}-master.cf").exists()
             master = snippet(f"postfix-{name}-master.cf", subs) if has_master else ""
             main = snippet(f"postfix-{name}-main.cf", subs)

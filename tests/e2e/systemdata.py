@@ -220,9 +220,9 @@ DEAD_TARGET_SHAPES = frozenset(
     {"todis", "todis2", "toret", "tounk", "tounk2", "sa-dead", "sa-half", "sa-ret", "g-nis-dead", "g-dead"}
 )
 
-# Two routes to one destination that meet only past the MX (the MX expands aliases and groups,
-# the SRS host forwards): each route is a separate message there, so the split design
-# delivers twice; one host expands once.
+# Two routes to one destination that would meet only past the MX if the expansion were split
+# between hosts (the MX expanding aliases and groups, the SRS host forwards: each route a
+# separate message there, delivered twice). The documented roles resolve it on the MX, once.
 TWO_ROUTES = frozenset({"sa-twice", "g-twice"})
 
 # Alias-domain spellings (and case) of a sample of every kind of address.

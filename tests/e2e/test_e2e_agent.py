@@ -106,9 +106,9 @@ def test_ldap_change_reaches_smtp_and_auth_without_manual_steps(
     live: tuple[MailStack, Agents], ldap_server: Slapd
 ) -> None:
     stack, agents = live
-    srs_virtual = stack.roles["srs"].maps / "virtual"
+    mx_virtual = stack.roles["mx"].maps / "virtual"
     waiting("the agents' first sync", agents, lambda: stack.installed(), CHANGE_WAIT)
-    assert postmap_query(srs_virtual, "bob@example.org", stack.srs.config_dir) == "bob@elsewhere.example"
+    assert postmap_query(mx_virtual, "bob@example.org", stack.mx.config_dir) == "bob@elsewhere.example"
     # Dovecot has just read the passwd-file: a rewrite within this second must still be noticed.
     assert stack.dovecot.auth("alice", "alice-secret")
 
@@ -127,9 +127,9 @@ def test_ldap_change_reaches_smtp_and_auth_without_manual_steps(
     )
     assert not stack.dovecot.auth("alice", "alice-secret")
     waiting(
-        "the SRS map to follow bob's new forward",
+        "the MX map to follow bob's new forward",
         agents,
-        lambda: postmap_query(srs_virtual, "bob@example.org", stack.srs.config_dir) == "bob@new.example",
+        lambda: postmap_query(mx_virtual, "bob@example.org", stack.mx.config_dir) == "bob@new.example",
         CHANGE_WAIT,
     )
     print(f"LDAP change -> Dovecot and Postfix map followed in {time.monotonic() - started:.2f}s")
@@ -151,7 +151,7 @@ def test_ldap_outage_keeps_mail_and_auth_working_and_catches_up(
     live: tuple[MailStack, Agents], ldap_server: Slapd
 ) -> None:
     stack, agents = live
-    srs_virtual = stack.roles["srs"].maps / "virtual"
+    mx_virtual = stack.roles["mx"].maps / "virtual"
     waiting("the agents' first sync", agents, lambda: stack.installed(), CHANGE_WAIT)
     assert stack.dovecot.auth("frank", "frank-secret")
     # A live change first, so the agents' cookie comes from the persist phase (as it will
@@ -161,9 +161,9 @@ def test_ldap_outage_keeps_mail_and_auth_working_and_catches_up(
         "replace: emailForward\nemailForward: carol@live.example\n"
     )
     waiting(
-        "the SRS map to follow carol's live change",
+        "the MX map to follow carol's live change",
         agents,
-        lambda: postmap_query(srs_virtual, "carol@example.org", stack.srs.config_dir) == "carol@live.example",
+        lambda: postmap_query(mx_virtual, "carol@example.org", stack.mx.config_dir) == "carol@live.example",
         CHANGE_WAIT,
     )
     before = stack.installed()
@@ -193,9 +193,9 @@ def test_ldap_outage_keeps_mail_and_auth_working_and_catches_up(
     ldap_server.stop()
     ldap_server.start()
     waiting(
-        "the SRS map to catch up with carol's forward",
+        "the MX map to catch up with carol's forward",
         agents,
-        lambda: postmap_query(srs_virtual, "carol@example.org", stack.srs.config_dir) == "carol@offline.example",
+        lambda: postmap_query(mx_virtual, "carol@example.org", stack.mx.config_dir) == "carol@offline.example",
         RECONNECT_WAIT,
     )
     waiting(

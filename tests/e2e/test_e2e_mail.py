@@ -58,19 +58,20 @@ def test_unknown_recipient_is_rejected_at_rcpt(stack: MailStack, rcpt: str) -> N
     assert "User unknown in relay recipient table" in text
 
 
-# -- 2. forwards: MX -> SRS host -> external address ----------------------------------------
-def test_mx_relays_forward_to_srs_with_original_recipient_and_srs_rewrites_it(stack: MailStack) -> None:
+# -- 2. forwards: the MX resolves them, external copies leave through the SRS host -------
+def test_mx_resolves_the_forward_and_relays_the_external_copy_through_the_srs_host(stack: MailStack) -> None:
     tok = token()
     assert send(stack.mx.smtp, OUTSIDE, ["bob@host1.example.org"], tok).refused == {}
     expect(stack.world, tok, {"bob@elsewhere.example"}, stack)
     assert stack.mailbox.recipients(tok) == set()
 
+    # the MX's virtual map took bob@host1.example.org to bob@elsewhere.example; relayhost: SRS
     mx = [d for d in deliveries(stack.mx, tok) if d.status == "sent"]
-    assert [(d.to, d.relay.rsplit(":", 1)[-1]) for d in mx] == [("bob@example.org", str(stack.srs.smtp))], mx
+    assert [(d.to, d.orig_to, d.relay.rsplit(":", 1)[-1]) for d in mx] == [
+        ("bob@elsewhere.example", "bob@host1.example.org", str(stack.srs.smtp))
+    ], mx
     srs = [d for d in deliveries(stack.srs, tok) if d.status == "sent"]
-    assert [(d.to, d.orig_to, d.relay.rsplit(":", 1)[-1]) for d in srs] == [
-        ("bob@elsewhere.example", "bob@example.org", str(stack.world.port))
-    ], srs
+    assert [(d.to, d.relay.rsplit(":", 1)[-1]) for d in srs] == [("bob@elsewhere.example", str(stack.world.port))], srs
 
 
 def test_multi_valued_and_comma_separated_forwards_reach_every_address(stack: MailStack) -> None:
@@ -79,12 +80,25 @@ def test_multi_valued_and_comma_separated_forwards_reach_every_address(stack: Ma
     expect(stack.world, tok, {"carol@one.example", "carol@two.example", "dave@a.example", "dave@b.example"}, stack)
 
 
-def test_forward_to_a_local_user_comes_back_through_the_mx(stack: MailStack) -> None:
+def test_forward_to_a_local_user_goes_from_the_mx_straight_to_the_mailbox_host(stack: MailStack) -> None:
     tok = token()
-    # erin forwards to alice@example.org: MX -> SRS (forward) -> MX -> mailbox host
+    # erin forwards to alice@example.org: resolved on the MX, which relays it to the mailbox host
     assert send(stack.mx.smtp, OUTSIDE, ["erin@example.org"], tok).refused == {}
     expect(stack.mailbox, tok, {"alice@example.org"}, stack)
     assert stack.world.recipients(tok) == set()
+    assert deliveries(stack.srs, tok) == []
+
+
+def test_the_srs_host_relays_for_the_mxes_only(stack: MailStack) -> None:
+    """A client outside the SRS host's mynetworks (here 127.0.0.2; the MX connects from
+    127.0.0.1) may not relay through it, nor send it mail for our domains: it accepts mail
+    for no domain."""
+    for rcpt in (OUTSIDE, "alice@example.org"):
+        with smtplib.SMTP("127.0.0.1", stack.srs.smtp, "client.example.com", 30, ("127.0.0.2", 0)) as smtp:
+            smtp.ehlo()
+            assert smtp.mail("someone@outside.example")[0] == 250
+            code, text = smtp.rcpt(rcpt)
+        assert (code, text.decode()) == (554, f"5.7.1 <{rcpt}>: Recipient address rejected: Access denied")
 
 
 # -- 3. disabled accounts -------------------------------------------------------------------

@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import splitdesign
 import systemdata as sd
-from mailstack import SNIPPETS
 from wholesystem import (
     MAILBOX,
     MX,
     SRS,
     SUBMISSION,
     SUBMITTED,
+    Recipe,
     Result,
     check,
     imap_messages,
@@ -42,11 +43,6 @@ def test_every_address_reaches_each_final_destination_exactly_once(result: Resul
     check(result, [a for a in sd.addresses() if sd.shape(a) not in sd.DEAD_TARGET_SHAPES | sd.TWO_ROUTES])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the MX expands aliases and groups, the SRS host forwards: two routes to one destination "
-    "meet only past the MX, as two messages (docs/deployment.md, Mail flow)",
-)
 def test_two_routes_to_one_destination_meeting_past_the_mx_deliver_once(result: Result) -> None:
     check(result, [a for a in sd.addresses() if sd.shape(a) in sd.TWO_ROUTES])
 
@@ -71,32 +67,76 @@ def test_the_mail_flow_model_predicts_what_real_postfix_did_for_every_address(re
     assert model_disagreements(result) == []
 
 
+def test_every_copy_for_the_internet_leaves_through_the_srs_host(result: Result) -> None:
+    """The MX's relayhost: it hands nothing to the Internet itself (forwards and aliases'
+    external targets alike), only to the SRS and mailbox hosts."""
+    system = result.system
+    hops = {name: f"[127.0.0.1]:{port}," for name, port in system.ports.items()}
+    world = f"[127.0.0.1]:{system.world.port},"
+    mx_sent = [line for line in system.hosts["mx"].postfix.log().splitlines() if "status=sent" in line]
+    assert any(hops["srs"] in line for line in mx_sent), mx_sent[:5]
+    assert [line for line in mx_sent if not (hops["srs"] in line or hops["mailbox"] in line)] == []
+    srs_sent = [line for line in system.hosts["srs"].postfix.log().splitlines() if "status=sent" in line]
+    assert srs_sent and all(world in line for line in srs_sent), srs_sent[:5]
+
+
+SPLIT_MX = Recipe("mx", "ldapsync-mx.yaml", ("postfix-mx-main.cf",))
+SPLIT_SRS = Recipe("srs", "ldapsync-srs.yaml", ("postfix-srs-main.cf",))
 KEPT_COPIES = ("keep1@example.org", "keep2@example.org", "in2@example.org")
 
 
 @pytest.fixture(scope="module")
+def split_design() -> Iterator[Result]:
+    """The system with the split design the docs had (tests/splitdesign.py): the MX expands
+    aliases and groups and sends forwarded addresses to the SRS host (transport map), whose
+    virtual map expands the forwards and relays what stays in our domains to the mailbox host."""
+    two_routes = [a for a in sd.addresses() if sd.shape(a) in sd.TWO_ROUTES]
+    yield from whole_system(
+        (SPLIT_MX, SPLIT_SRS, MAILBOX, SUBMISSION),
+        "mx",
+        "submission",
+        addresses=[*two_routes, *KEPT_COPIES],
+        submitted=(),
+        overrides=splitdesign.SNIPPETS,
+    )
+
+
+def test_the_split_design_delivers_twice_where_two_routes_meet_past_the_mx(split_design: Result) -> None:
+    """Why the MX resolves everything: with the expansion split between MX and SRS host, real
+    Postfix passes two copies on for the two-routes shapes (one per host's expansion). This
+    proves the whole-system check sees the duplicate (and the kept copies were fine there)."""
+    observed = split_design.run.by_address()
+    for address in observed:
+        if sd.shape(address) in sd.TWO_ROUTES:
+            assert 2 in observed[address].reached.values(), (address, observed[address].summary())
+    with pytest.raises(AssertionError, match=r"\(each once, no bounce\); got accepted"):
+        check(split_design, [a for a in observed if sd.shape(a) in sd.TWO_ROUTES])
+    check(split_design, list(KEPT_COPIES))
+
+
+@pytest.fixture(scope="module")
 def srs_back_to_the_mx() -> Iterator[Result]:
-    """The system with an SRS host whose relay_transport sends what stays in our domains back to
-    the MX (instead of to the mailbox host)."""
-    text = (SNIPPETS / "postfix-srs-main.cf").read_text()
+    """The split design with an SRS host whose relay_transport sends what stays in our domains
+    back to the MX (instead of to the mailbox host)."""
+    text = splitdesign.SRS_MAIN_CF
     relayed_back = text.replace(
         "relay_transport = relay:[mailbox.example.org]", "relay_transport = relay:[mx.example.org]"
     )
     assert relayed_back != text
     yield from whole_system(
-        (MX, SRS, MAILBOX, SUBMISSION),
+        (SPLIT_MX, SPLIT_SRS, MAILBOX, SUBMISSION),
         "mx",
         "submission",
         addresses=KEPT_COPIES,
         submitted=(),
-        overrides={"postfix-srs-main.cf": relayed_back},
+        overrides={**splitdesign.SNIPPETS, "postfix-srs-main.cf": relayed_back},
     )
 
 
 def test_an_srs_host_relaying_back_to_the_mx_loops_every_kept_copy(srs_back_to_the_mx: Result) -> None:
-    """Why the SRS host sends to the mailbox host: the MX would hand the kept copy to the SRS
-    host again, each round sending one more copy out, until Postfix's hop limit bounces it.
-    This test proves the whole-system test sees that loop."""
+    """Why nothing the SRS host sends goes back to the MX: the MX would hand the kept copy to
+    the SRS host again, each round sending one more copy out, until Postfix's hop limit
+    bounces it. This test proves the whole-system test sees that loop."""
     for address, got in srs_back_to_the_mx.run.by_address().items():
         internet = sum(n for d, n in got.reached.items() if d.startswith("internet:"))
         assert internet > 1 and got.bounces and not any(d.startswith("mailbox:") for d in got.reached), (

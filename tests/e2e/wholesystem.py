@@ -34,6 +34,7 @@ from mailstack import (
     OUTSIDE,
     POSTFIX_SPOOL,
     SNIPPETS,
+    SRS_MYNETWORKS,
     START_TIMEOUT,
     STATE_DIR,
     UNIT_UMASK,
@@ -65,7 +66,7 @@ class Recipe:
     """What docs/deployment.md installs on one host: snippet names, in the order they are applied."""
 
     name: str
-    ldapsync: str
+    ldapsync: str  # "" for a host without ldapsync (the SRS host)
     main_cf: tuple[str, ...]
     master_cf: tuple[str, ...] = ()
     dovecot: tuple[str, ...] = ()
@@ -75,7 +76,7 @@ class Recipe:
 
 
 MX = Recipe("mx", "ldapsync-mx.yaml", ("postfix-mx-main.cf",))
-SRS = Recipe("srs", "ldapsync-srs.yaml", ("postfix-srs-main.cf",))
+SRS = Recipe("srs", "", ("postfix-srs-main.cf",))
 MAILBOX = Recipe(
     "mailbox",
     "ldapsync-mailbox.yaml",
@@ -136,6 +137,7 @@ class Host:
             KEY_FILE: str(system.cert[1]),
             VMAIL_ROOT: str(self.vmail),
             POSTFIX_SPOOL: str(spool),
+            SRS_MYNETWORKS: "127.0.0.1/32",  # the MX connects from loopback
         }
         pairs.update(
             {name: f"[127.0.0.1]:{system.ports[host]}" for name, host in HOSTNAMES.items() if host in system.ports}
@@ -145,13 +147,16 @@ class Host:
         def text(name: str) -> str:
             return self.subs.apply(overrides[name] if name in overrides else (SNIPPETS / name).read_text())
 
-        self.config = ldapsync_config(
-            recipe.ldapsync,
-            self.dir / "ldapsync.yaml",
-            self.subs,
-            ldap_uri=system.ldap_uri,
-            bind_password_file=system.secret,
-        )
+        self.config: Path | None = None
+        if recipe.ldapsync:
+            self.config = ldapsync_config(
+                recipe.ldapsync,
+                self.dir / "ldapsync.yaml",
+                self.subs,
+                ldap_uri=system.ldap_uri,
+                bind_password_file=system.secret,
+                text=overrides.get(recipe.ldapsync),  # an older version of the snippet
+            )
         self.postfix = Postfix(
             self.dir,
             recipe.name,
@@ -176,7 +181,9 @@ class Host:
             self.vmail.mkdir()
             os.chown(self.vmail, VMAIL_ID, VMAIL_ID)  # `install -d -o 5000 -g 5000 /var/vmail`
 
-    def sync(self) -> subprocess.Popen[str]:
+    def sync(self) -> subprocess.Popen[str] | None:
+        if self.config is None:
+            return None
         return subprocess.Popen(
             [str(LDAPSYNC), "-c", str(self.config), "--once"],
             stdout=subprocess.PIPE,
@@ -264,7 +271,7 @@ class System:
 
     def sync(self) -> None:
         """`ldapsync --once` on every host (in parallel)."""
-        procs = {name: host.sync() for name, host in self.hosts.items()}
+        procs = {name: proc for name, host in self.hosts.items() if (proc := host.sync()) is not None}
         for name, proc in procs.items():
             _out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, f"ldapsync --once ({name}) rc={proc.returncode}:\n{err}"
@@ -568,10 +575,11 @@ def model_fates(result: Result) -> dict[str, str]:
     for name, host in system.hosts.items():
         recipe = host.recipe
         role = recipe.ldapsync.removeprefix("ldapsync-").removesuffix(".yaml")
-        kinds = {e["path"]: e["kind"] for e in mailflow.load_yaml(SNIPPETS / recipe.ldapsync)["exporters"]}
+        exporters = mailflow.role_exporters(role) if role else []
+        kinds = {e["path"]: e["kind"] for e in exporters}
         main = "".join((SNIPPETS / n).read_text() for n in recipe.main_cf)
         master = "".join((SNIPPETS / n).read_text() for n in recipe.master_cf)
-        data = outputs(role, host)
+        data = outputs(role, host) if role else {}
         service = mailflow.parse_master_cf_overrides(master, "submission")
         hostnames = (f"{name}.example.org",)
         # the model's Internet mail arrives at "mx", submitted mail at "submission"
