@@ -1,1 +1,1 @@
-"""Benchmark harness for ldapsync (issue 6): not part of the test run; `python -m bench`."""
+"""Benchmark harness for ldapsync: not part of the test run; `python -m bench`."""

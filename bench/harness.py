@@ -1,4 +1,4 @@
-"""ldapsync benchmarks (issue 6): full sync vs. the shell baseline, and the live agent.
+"""ldapsync benchmarks: full sync vs. the shell baseline, and the live agent.
 
     python -m bench                       # 1k, 10k, 100k users, 3 repetitions
     python -m bench --sizes 1000 --reps 1 # quick run

@@ -1,4 +1,4 @@
-"""Hostile input (issue 4): whatever LDAP holds, every output line is exactly one intended entry.
+"""Hostile input: whatever LDAP holds, every output line is exactly one intended entry.
 
 Hypothesis generates directory entries full of separators of every output format, Postfix
 specials, control characters, arbitrary Unicode, overlong values and invalid UTF-8; the model

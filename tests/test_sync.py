@@ -1,4 +1,4 @@
-"""Safety (issue 4): guards, last-known-good, generations, rollback, state-dir hygiene, reload retry.
+"""Safety: guards, last-known-good, generations, rollback, state-dir hygiene, reload retry.
 
 Driven through the real CLI (`python -m ldapsync`), as cron or systemd would run it, so exit
 codes and what lands on disk are what an admin sees.
