@@ -111,9 +111,13 @@ class InStep:
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """The server is ahead on some sid, not for long enough to tell: do not confirm yet."""
+    """The server is ahead on some sid, not for long enough to tell: do not confirm now.
+
+    `caught_up_to`: the time of the previous read if we hold all the server had then (a
+    steady burst: confirm as of that read), else None."""
 
     sids: tuple[int, ...]
+    caught_up_to: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +144,12 @@ class StepCheck:
     def __init__(self, grace: float) -> None:
         self.grace = grace
         self._ahead: dict[int, tuple[Csn, float]] = {}  # sid -> (server CSN, monotonic time first seen ahead)
+        self._last: tuple[Mapping[int, Csn], float] | None = None  # the previous read and when
 
     def reset(self) -> None:
         """Forget what was pending (a new connection, a full refresh)."""
         self._ahead.clear()
+        self._last = None
 
     def observe(self, server: Mapping[int, Csn], ours: Mapping[int, Csn], now: float) -> Verdict:
         ahead: dict[int, tuple[Csn, float]] = {}
@@ -159,10 +165,15 @@ class StepCheck:
                 ahead[sid] = seen
             else:  # newly ahead, or we passed what it had then: a fresh target
                 ahead[sid] = (theirs, now)
-        self._ahead = ahead
+        previous, self._ahead, self._last = self._last, ahead, (dict(server), now)
         if late is not None:
             return late
-        return Pending(tuple(ahead)) if ahead else InStep()
+        if not ahead:
+            return InStep()
+        caught_up = previous is not None and all(
+            sid not in ours or ours[sid] >= theirs for sid, theirs in previous[0].items()
+        )
+        return Pending(tuple(ahead), previous[1] if caught_up and previous is not None else None)
 
 
 def _shown(value: str | bytes, limit: int = 80) -> str:

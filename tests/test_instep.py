@@ -100,7 +100,7 @@ def test_behind_past_the_grace_at_a_later_check_is_out_of_step() -> None:
     check = StepCheck(grace=10)
     server, ours = csns(csn("110000")), csns(csn("100000"))
     assert check.observe(server, ours, now=0) == Pending((0,))  # may be in flight
-    assert check.observe(server, ours, now=9.9) == Pending((0,))  # not yet past the grace
+    assert check.observe(server, ours, now=9.9) == Pending((0,), None)  # not yet past the grace
     verdict = check.observe(server, ours, now=10)
     assert verdict == OutOfStep(0, csn("100000"), csn("110000"), since=0)
 
@@ -118,14 +118,18 @@ def test_a_steady_burst_is_never_out_of_step() -> None:
         now = i * 6.0
         server = csns(csn(f"10{i:02d}30"))
         ours = csns(csn(f"10{i - 1:02d}30" if i else "095959"))  # one read behind
-        assert not isinstance(check.observe(server, ours, now=now), OutOfStep), i
+        verdict = check.observe(server, ours, now=now)
+        assert isinstance(verdict, Pending), i
+        # confirmed as of the previous read: all the server had then has reached us
+        assert verdict.caught_up_to == (now - 6.0 if i else None), i
 
 
 def test_catching_up_clears_the_pending_sid() -> None:
     check = StepCheck(grace=10)
     assert check.observe(csns(csn("110000")), csns(csn("100000")), now=0) == Pending((0,))
     assert check.observe(csns(csn("110000")), csns(csn("110000")), now=5) == InStep()
-    assert check.observe(csns(csn("120000")), csns(csn("110000")), now=20) == Pending((0,))  # a new grace
+    # a new grace; all the server had at the previous read is here
+    assert check.observe(csns(csn("120000")), csns(csn("110000")), now=20) == Pending((0,), caught_up_to=5)
 
 
 def test_several_sids_are_judged_each_on_its_own() -> None:
