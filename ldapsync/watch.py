@@ -348,6 +348,10 @@ class Follower(threading.Thread):
                     value=value,
                 )
         if not server.by_sid or not step.ours:
+            if "unavailable" not in step.warned:
+                step.warned.add("unavailable")
+                why = "the suffix has no readable contextCSN" if not server.by_sid else "the cookie carries no CSN"
+                log.info("in-step check not available; an answer confirms", server=step.uri, dn=step.suffix, why=why)
             self._unconfirmed = False
             self._answered(wall)
             return
@@ -402,6 +406,12 @@ class Follower(threading.Thread):
             step = None
             if suffix is not None:
                 step = self._step = _StepWatch(uri, suffix, check_timeout(self.config), consumer.cookie)
+            else:
+                log.info(
+                    "in-step check not available; an answer confirms",
+                    server=uri,
+                    why=f"the root DSE names no naming context holding {src.base_dn}",
+                )
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
             refreshing, received = True, 0
