@@ -725,7 +725,7 @@ def test_an_honest_server_under_a_burst_of_changes_is_never_called_out_of_step(
 ) -> None:
     """Changes in flight put the server's contextCSN ahead of our cookie at many checks; what
     the server had at one check has reached us by the next, so no refresh, and the follower
-    confirms again once the burst is over."""
+    confirms again once the burst is over, its last write outside the search included."""
     reads = CsnReads(monkeypatch)
     follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=2)
     notes.wait("synced", timeout=30)
@@ -740,6 +740,11 @@ def test_an_honest_server_under_a_burst_of_changes_is_never_called_out_of_step(
                 f"emailForward: alice{batch}.{i}@elsewhere.example\n"
                 for i in range(40)
             ]
+            # a write outside the search moves the contextCSN too: syncprov sends a new cookie for it
+            records.append(
+                "dn: cn=ldapsync,ou=services,dc=example,dc=org\nchangetype: modify\nreplace: description\n"
+                f"description: batch {batch}\n"
+            )
             slapd.modify("\n".join(records))
             batch += 1
         burst_end = time.time()
