@@ -348,8 +348,8 @@ class Follower(threading.Thread):
                     value=value,
                 )
         if not server.by_sid or not step.ours:
-            if "unavailable" not in step.warned:
-                step.warned.add("unavailable")
+            if not step.told_unavailable:
+                step.told_unavailable = True
                 why = "the suffix has no readable contextCSN" if not server.by_sid else "the cookie carries no CSN"
                 log.info("in-step check not available; an answer confirms", server=step.uri, dn=step.suffix, why=why)
             self._unconfirmed = False
@@ -641,7 +641,7 @@ class _StepWatch:
     """The in-step check of one syncrepl connection: the suffix whose contextCSN is read,
     our CSN set (merged from every cookie: a persist-phase cookie names one sid), the rule."""
 
-    __slots__ = ("checked", "ours", "persisting", "rule", "suffix", "uri", "warned")
+    __slots__ = ("checked", "ours", "persisting", "rule", "suffix", "told_unavailable", "uri", "warned")
 
     def __init__(self, uri: str, suffix: str, grace: float, cookie: bytes | None) -> None:
         self.uri, self.suffix = uri, suffix
@@ -649,7 +649,8 @@ class _StepWatch:
         self.ours: dict[int, instep.Csn] = {}
         self.persisting = False
         self.checked = time.monotonic()
-        self.warned: set[str] = set()
+        self.warned: set[str] = set()  # malformed values already warned about
+        self.told_unavailable = False
         self.note_cookie(cookie)
 
     def note_cookie(self, cookie: bytes | None) -> None:
