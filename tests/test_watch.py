@@ -758,3 +758,30 @@ def test_an_honest_server_under_a_burst_of_changes_is_never_called_out_of_step(
     assert reads.since(start) >= 4, reads.times
     assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
     assert "error" not in notes.seen[after:] and "synced" not in notes.seen[after:], notes.seen
+
+
+@pytest.mark.slapd
+def test_a_contextcsn_value_that_is_not_a_csn_is_a_warning_and_the_rest_is_compared(
+    slapd: Slapd, followers: FollowerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ldapsource.context_csn_values
+    reads: list[float] = []
+
+    def with_garbage(connected: ldapsource.Connected, suffix: str, within: float) -> tuple[bytes, ...]:
+        reads.append(time.monotonic())
+        return (b"20261207\nforged log line", *real(connected, suffix, within))
+
+    monkeypatch.setattr(ldapsource, "context_csn_values", with_garbage)
+    with capture_logs() as logs:
+        follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=1)
+        notes.wait("synced", timeout=30)
+        synced_at = time.time()
+        deadline = time.monotonic() + 60
+        while len(reads) < 3 or (follower.status.in_step or 0) <= synced_at:  # the good value is compared
+            assert time.monotonic() < deadline and follower.is_alive(), (reads, follower.status)
+            time.sleep(0.05)
+    warnings = [e for e in logs if "contextCSN holds a value that is not a CSN" in e["event"]]
+    assert len(warnings) == 1, logs  # once per connection, not at every read
+    assert warnings[0]["log_level"] == "warning" and warnings[0]["server"] == slapd.uri
+    assert warnings[0]["dn"] == "dc=example,dc=org" and warnings[0]["value"] == "20261207\\nforged log line"
+    assert "error" not in notes.seen, notes.seen
