@@ -137,7 +137,9 @@ class Follower(threading.Thread):
     the root DSE, full reads, and a liveness read whenever the stream has been quiet for half
     of `timeout`) and, for syncrepl and psearch, the stream. A server that stops answering (a
     stopped process keeps its TCP connections open) fails the liveness read, so it is noticed
-    within about `timeout`; the next attempt tries the URIs in order again.
+    within about `timeout`; the next attempt tries the URIs in order again. A syncrepl follower
+    also compares the suffix's contextCSN with its cookie (`_check_step`): an answer confirms
+    the copy only as far as it has caught up with the server.
     """
 
     def __init__(self, config: Config, mirror: Mirror, notify: Notify, *, method: str | None = None):
