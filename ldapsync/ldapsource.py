@@ -264,6 +264,33 @@ def context_csn(connected: Connected, base_dn: str) -> str | None:
     return None
 
 
+def context_csn_values(connected: Connected, suffix: str, within: float) -> tuple[bytes, ...]:
+    """The raw contextCSN values of `suffix` (one per provider's serverID), read within `within` s.
+
+    Empty when the suffix has none or the read is refused (no syncprov, an ACL): the in-step
+    check is then not available. SourceError: no answer in time, or the connection failed.
+    """
+    conn = connected.conn
+    sock = getattr(conn, "socket", None)
+    if conn.closed or sock is None:
+        raise SourceError(f"{connected.uri}: contextCSN read: the connection is closed")
+    previous = sock.gettimeout()
+    try:
+        sock.settimeout(within)
+        conn.search(suffix, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["contextCSN"])
+    except (LDAPException, OSError, *MALFORMED) as e:
+        what = f"{connected.uri}: no answer to the contextCSN read of {suffix} within {within:g} s: {e}"
+        raise SourceError(what) from e
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(previous)
+    for item in conn.response or ():
+        for name, values in (item.get("raw_attributes") or {}).items():
+            if name.lower() == "contextcsn":
+                return tuple(v if isinstance(v, bytes) else str(v).encode() for v in values)
+    return ()
+
+
 def _stream_socket(conn: ldap3.Connection, timeout: float) -> None:
     """A blocking socket with TCP keepalive after `timeout` idle seconds.
 

@@ -27,7 +27,7 @@ import structlog
 from ldap3.core.exceptions import LDAPException
 from ldap3.core.results import RESULT_CODES
 
-from ldapsync import ldapsource, ldifsource, psearch, syncrepl, syncwire
+from ldapsync import instep, ldapsource, ldifsource, psearch, syncrepl, syncwire
 from ldapsync.config import Config, LdapSource, LdifSource
 from ldapsync.errors import LdapsyncError, SourceError
 from ldapsync.mirror import FOLLOW_FILE as FOLLOW_FILE  # re-exported: the agent and tests use them from here
@@ -62,7 +62,8 @@ class FollowerStatus:
     last_change: float | None = None
     error: str | None = None
     heartbeat: float = 0.0
-    answered: float | None = None  # time.time() the server last answered (data, a refresh, a liveness read)
+    answered: float | None = None  # time.time() the copy was last known in step (data, a refresh, a check)
+    in_step: float | None = None  # time.time() of the last contextCSN read our cookie had caught up with
 
 
 # -- what the follower tells the agent ---------------------------------------------------------
@@ -136,7 +137,9 @@ class Follower(threading.Thread):
     the root DSE, full reads, and a liveness read whenever the stream has been quiet for half
     of `timeout`) and, for syncrepl and psearch, the stream. A server that stops answering (a
     stopped process keeps its TCP connections open) fails the liveness read, so it is noticed
-    within about `timeout`; the next attempt tries the URIs in order again.
+    within about `timeout`; the next attempt tries the URIs in order again. A syncrepl follower
+    also compares the suffix's contextCSN with its cookie (`_check_step`): an answer confirms
+    the copy only as far as it has caught up with the server.
     """
 
     def __init__(self, config: Config, mirror: Mirror, notify: Notify, *, method: str | None = None):
@@ -153,6 +156,8 @@ class Follower(threading.Thread):
         self._again: str | None = None  # a server to ask again first (it only needs a full refresh)
         self._up: bool | None = None  # None: no attempt yet
         self._worked = False  # this connection completed a refresh: the backoff starts over
+        self._step: _StepWatch | None = None  # the syncrepl in-step check of this connection
+        self._unconfirmed = False  # the in-step check saw the server ahead: what it answers confirms nothing
 
     def stop(self) -> None:
         self._halt.set()
@@ -161,8 +166,11 @@ class Follower(threading.Thread):
             with contextlib.suppress(LDAPException, OSError):
                 conn.unbind()
 
-    def _answered(self) -> None:
-        self.status.answered = time.time()
+    def _answered(self, when: float | None = None) -> None:
+        """The server answered and nothing is known to be missing: the agent may confirm `when`
+        (now by default). Not while the in-step check has seen the server ahead of our copy."""
+        if not self._unconfirmed:
+            self.status.answered = time.time() if when is None else when
 
     @property
     def stopping(self) -> bool:
@@ -235,6 +243,7 @@ class Follower(threading.Thread):
         elif self._lost in uris and len(uris) > 1:  # the server just lost is tried last, not first
             uris = (*(u for u in uris if u != self._lost), self._lost)
         self._lost = self._again = None
+        self._step, self._unconfirmed = None, False
         check = self._check = ldapsource.connect(src, uris=uris, root_dse=True)
         self._lost = check.uri  # until it works out: a failure from here on is this server's
         try:
@@ -291,26 +300,89 @@ class Follower(threading.Thread):
                 self._check_alive()
                 checked = time.monotonic()
 
-    def _check_alive(self) -> None:
+    def _check_alive(self, *, confirm: bool = True) -> None:
         """ConnectionLost unless the server answers a liveness read within half of `timeout`.
 
         A check connection the server closed (an idle timeout shorter than ours) is replaced
-        by a new one to the same server, which must answer.
+        by a new one to the same server, which must answer. `confirm=False`: the in-step
+        check that follows decides whether the answer confirms the copy.
         """
         check = self._check
         assert check is not None and isinstance(self.config.source, LdapSource)
         within = max(0.5, self.config.source.timeout / 2)
         try:
-            if ldapsource.alive(check, within):
-                self._answered()
-                return
-            check.close()
-            self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
             if not ldapsource.alive(check, within):
-                raise SourceError(f"{check.uri}: the server closed a new connection at once")
-            self._answered()
+                check.close()
+                self._check = check = ldapsource.connect(self.config.source, uris=(check.uri,))
+                if not ldapsource.alive(check, within):
+                    raise SourceError(f"{check.uri}: the server closed a new connection at once")
         except SourceError as e:
             raise ConnectionLost(str(e)) from e
+        if confirm:
+            self._answered()
+
+    def _check_step(self, step: _StepWatch) -> None:
+        """Read the suffix's contextCSN and compare it with our cookie's CSN set (instep).
+
+        In step: confirm as of the read. The server ahead: confirm only as far as our copy
+        has caught up. Still ahead past the grace: a change never reached us; drop the
+        cookie and refresh fully from the same server. No contextCSN, or a cookie without
+        CSNs: nothing to compare, the liveness read confirms as before.
+        """
+        check = self._check
+        assert check is not None and isinstance(self.config.source, LdapSource)
+        within = max(0.5, self.config.source.timeout / 2)
+        wall, now = time.time(), time.monotonic()
+        try:
+            values = ldapsource.context_csn_values(check, step.suffix, within)
+        except SourceError as e:
+            raise ConnectionLost(str(e)) from e
+        step.checked = time.monotonic()
+        server = instep.csn_set(values)
+        for value in server.malformed:
+            if value not in step.warned:
+                step.warned.add(value)
+                log.warning(
+                    "the server's contextCSN holds a value that is not a CSN; it is not compared",
+                    server=step.uri,
+                    dn=step.suffix,
+                    attribute="contextCSN",
+                    value=value,
+                )
+        if not server.by_sid or not step.ours:
+            if not step.told_unavailable:
+                step.told_unavailable = True
+                why = "the suffix has no readable contextCSN" if not server.by_sid else "the cookie carries no CSN"
+                log.info("in-step check not available; an answer confirms", server=step.uri, dn=step.suffix, why=why)
+            self._unconfirmed = False
+            self._answered(wall)
+            return
+        verdict = step.rule.observe(server.by_sid, step.ours, now)
+        if isinstance(verdict, instep.InStep):
+            self._unconfirmed = False
+            self._answered(wall)
+            self.status.in_step = wall
+        elif isinstance(verdict, instep.Pending):
+            if verdict.caught_up_to is not None:
+                self._unconfirmed = False
+                self._answered(wall - (now - verdict.caught_up_to))
+            self._unconfirmed = True
+        else:
+            log.warning(
+                "the server's contextCSN stays ahead of this copy's cookie: a change never reached "
+                "this copy; doing a full refresh",
+                server=step.uri,
+                sid=verdict.sid,
+                ours=str(verdict.ours),
+                server_csn=str(verdict.server),
+                behind_for=round(now - verdict.since, 1),
+            )
+            self.mirror.set_cookie(None)
+            self._again = step.uri
+            raise ConnectionLost(
+                f"{step.uri}: out of step: contextCSN {verdict.server} for sid {verdict.sid:03x}, "
+                f"this copy's cookie {verdict.ours}"
+            )
 
     def _follow_syncrepl(self, src: LdapSource, check: ldapsource.Connected) -> None:
         """RFC 4533 refreshAndPersist on a socket of our own: requests and responses are
@@ -332,6 +404,16 @@ class Follower(threading.Thread):
             reader = syncwire.Reader(mid, wanted)
             self.status.server = uri
             resumed = consumer.cookie is not None
+            suffix = check.root_dse.suffix_of(src.base_dn) if check.root_dse else None
+            step = None
+            if suffix is not None:
+                step = self._step = _StepWatch(uri, suffix, check_timeout(self.config), consumer.cookie)
+            else:
+                log.info(
+                    "in-step check not available; an answer confirms",
+                    server=uri,
+                    why=f"the root DSE names no naming context holding {src.base_dn}",
+                )
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
             self.mirror.source = f"ldap:{uri}"
             refreshing, received = True, 0
@@ -360,8 +442,13 @@ class Follower(threading.Thread):
                             changed = self.mirror.delete(ev.uuid) or changed
                         elif isinstance(ev, syncrepl.CookieChanged):
                             self.mirror.set_cookie(ev.cookie)
+                            if step is not None:
+                                step.note_cookie(ev.cookie)
                         elif isinstance(ev, syncrepl.RefreshComplete):
                             refreshing = False
+                            if step is not None:
+                                step.persisting = True
+                                step.rule.reset()
                             self._following(uri)
                             self._worked = True
                             log.info("refresh complete", server=uri, received=received, entries=len(self.mirror))
@@ -417,7 +504,9 @@ class Follower(threading.Thread):
         """What the server sends, chunk by chunk, forever; a closed connection is ConnectionLost.
 
         The same watch as `_items`: a beat at least every second, and after half of `timeout`
-        without a byte a liveness read on the check connection (see there).
+        without a byte a liveness read on the check connection (see there). In the persist
+        phase each liveness read, and at least one read every `timeout` on a busy stream,
+        is followed by the in-step check (`_check_step`).
         """
         quiet = max(0.5, check_timeout(self.config) / 2)
         heard = checked = time.monotonic()
@@ -440,8 +529,13 @@ class Follower(threading.Thread):
                 heard = now
                 self._answered()
                 yield data
-            if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX:
-                self._check_alive()
+                now = time.monotonic()  # the chunk was applied: its cookie is ours
+            step = self._step if self._step is not None and self._step.persisting else None
+            due = step is not None and now - step.checked >= 2 * quiet
+            if now - max(heard, checked) >= quiet or now - checked >= CHECK_IDLE_MAX or due:
+                self._check_alive(confirm=step is None)
+                if step is not None:
+                    self._check_step(step)
                 checked = time.monotonic()
 
     def _follow_psearch(self, src: LdapSource, check: ldapsource.Connected) -> None:
@@ -543,6 +637,35 @@ class Follower(threading.Thread):
                     self.notify(MirrorChanged() if changed else RefreshDone())
                 last = sig
             self.sleep(0.5)
+
+
+class _StepWatch:
+    """The in-step check of one syncrepl connection: the suffix whose contextCSN is read,
+    our CSN set (merged from every cookie: a persist-phase cookie names one sid), the rule."""
+
+    __slots__ = ("checked", "ours", "persisting", "rule", "suffix", "told_unavailable", "uri", "warned")
+
+    def __init__(self, uri: str, suffix: str, grace: float, cookie: bytes | None) -> None:
+        self.uri, self.suffix = uri, suffix
+        self.rule = instep.StepCheck(grace)
+        self.ours: dict[int, instep.Csn] = {}
+        self.persisting = False
+        self.checked = time.monotonic()
+        self.warned: set[str] = set()  # malformed values already warned about
+        self.told_unavailable = False
+        self.note_cookie(cookie)
+
+    def note_cookie(self, cookie: bytes | None) -> None:
+        csns = instep.cookie_csns(cookie)
+        self.ours = instep.merge(self.ours, csns.by_sid)
+        for value in csns.malformed:
+            if value not in self.warned:
+                self.warned.add(value)
+                log.warning(
+                    "the server's sync cookie holds a CSN that is not one; it is not compared",
+                    server=self.uri,
+                    value=value,
+                )
 
 
 def check_timeout(config: Config) -> float:

@@ -642,3 +642,146 @@ def test_refresh_and_persist_decode_what_the_paged_read_decodes(slapd: Slapd, fo
     [binary] = [e for e in follower.mirror.snapshot()[0].entries if e.dn.startswith("uid=binary,")]
     assert "mailpassword" not in binary.attributes
     assert [r.attribute for r in follower.mirror.snapshot()[0].rejections if r.dn == binary.dn] == ["mailPassword"]
+
+
+class CsnReads:
+    """Counts the follower's contextCSN reads (the in-step check), with when each ended."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.times: list[float] = []
+        real = ldapsource.context_csn_values
+
+        def counted(connected: ldapsource.Connected, suffix: str, within: float) -> tuple[bytes, ...]:
+            try:
+                return real(connected, suffix, within)
+            finally:
+                self.times.append(time.monotonic())
+
+        monkeypatch.setattr(ldapsource, "context_csn_values", counted)
+
+    def since(self, start: float) -> int:
+        return sum(1 for t in self.times if t >= start)
+
+
+@pytest.mark.slapd
+def test_a_change_the_server_never_sent_is_noticed_by_the_contextcsn_check(
+    slapd: Slapd, followers: FollowerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy drops one persist-phase change: the server stays alive and quiet, its contextCSN
+    ahead of our cookie. Within a few checks the follower says so, confirms nothing after the
+    change, and refreshes fully from that server; the entry is then there."""
+    reads = CsnReads(monkeypatch)
+    dropped: list[int] = []
+
+    def drop(n: int, m: bytes) -> tuple[bytes, bool]:
+        if b"uid=lost," in m and not dropped:
+            dropped.append(n)
+            return b"", False
+        return m, False
+
+    proxy = TamperingProxy("127.0.0.1", slapd.port, drop)
+    try:
+        follower, notes = followers([proxy.uri], slapd, watch="syncrepl", timeout=2)
+        notes.wait("synced", timeout=30)
+        answered_at_failure: list[float | None] = []
+        original_notify = follower.notify
+
+        def notify(event: watch.FollowerEvent) -> None:
+            if event.kind == "error":
+                answered_at_failure.append(follower.status.answered)
+            original_notify(event)
+
+        follower.notify = notify
+        after = len(notes.seen)
+        with capture_logs() as logs:
+            before_change = time.time()
+            start = time.monotonic()
+            slapd.modify(
+                f"dn: {dn('lost')}\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+                "uid: lost\ncn: Lost\nsn: Lost\nemailForward: lost@elsewhere.example\n",
+                add=True,
+            )
+            failed = notes.wait("error", after=after, timeout=60)
+            notes.wait("synced", after=failed, timeout=60)
+        assert dropped, "the proxy never saw the change"
+        warnings = [e for e in logs if "contextCSN stays ahead" in e["event"]]
+        assert len(warnings) == 1, logs
+        (warning,) = warnings
+        assert warning["log_level"] == "warning" and warning["server"] == proxy.uri
+        assert warning["ours"] < warning["server_csn"], warning
+        assert 2 <= reads.since(start) <= 8, reads.times  # noticed within a bounded number of checks
+        # nothing was confirmed after the lost change
+        assert answered_at_failure and all(a is not None and a < before_change for a in answered_at_failure)
+        refreshes = [e for e in logs if e["event"] == "following the directory"]
+        assert [r["resume"] for r in refreshes] == [False], "a full refresh, without the cookie"
+        assert dn("lost") in {e.dn for e in follower.mirror.snapshot()[0].entries}
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slapd
+def test_an_honest_server_under_a_burst_of_changes_is_never_called_out_of_step(
+    slapd: Slapd, followers: FollowerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes in flight put the server's contextCSN ahead of our cookie at many checks; what
+    the server had at one check has reached us by the next, so no refresh, and the follower
+    confirms again once the burst is over, its last write outside the search included."""
+    reads = CsnReads(monkeypatch)
+    follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=2)
+    notes.wait("synced", timeout=30)
+    after = len(notes.seen)
+    with capture_logs() as logs:
+        start = time.monotonic()
+        batch = 0
+        while time.monotonic() - start < 6 or reads.since(start) < 4:  # at least three graces of changes
+            assert time.monotonic() - start < 60, f"no in-step checks during the burst: {reads.times}"
+            records = [
+                f"dn: {dn('alice')}\nchangetype: modify\nreplace: emailForward\n"
+                f"emailForward: alice{batch}.{i}@elsewhere.example\n"
+                for i in range(40)
+            ]
+            # a write outside the search moves the contextCSN too: syncprov sends a new cookie for it
+            records.append(
+                "dn: cn=ldapsync,ou=services,dc=example,dc=org\nchangetype: modify\nreplace: description\n"
+                f"description: batch {batch}\n"
+            )
+            slapd.modify("\n".join(records))
+            batch += 1
+        burst_end = time.time()
+        last = f"alice{batch - 1}.39@elsewhere.example"
+        deadline = time.monotonic() + 60
+        while (follower.status.in_step or 0) <= burst_end:  # a check passed after the last change
+            assert time.monotonic() < deadline, (follower.status, reads.times)
+            time.sleep(0.05)
+    alice = next(e for e in follower.mirror.snapshot()[0].entries if e.dn == dn("alice"))
+    assert alice.get("emailforward") == (last,)
+    assert reads.since(start) >= 4, reads.times
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
+    assert "error" not in notes.seen[after:] and "synced" not in notes.seen[after:], notes.seen
+
+
+@pytest.mark.slapd
+def test_a_contextcsn_value_that_is_not_a_csn_is_a_warning_and_the_rest_is_compared(
+    slapd: Slapd, followers: FollowerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ldapsource.context_csn_values
+    reads: list[float] = []
+
+    def with_garbage(connected: ldapsource.Connected, suffix: str, within: float) -> tuple[bytes, ...]:
+        reads.append(time.monotonic())
+        return (b"20261207\nforged log line", *real(connected, suffix, within))
+
+    monkeypatch.setattr(ldapsource, "context_csn_values", with_garbage)
+    with capture_logs() as logs:
+        follower, notes = followers([slapd.uri], slapd, watch="syncrepl", timeout=1)
+        notes.wait("synced", timeout=30)
+        synced_at = time.time()
+        deadline = time.monotonic() + 60
+        while len(reads) < 3 or (follower.status.in_step or 0) <= synced_at:  # the good value is compared
+            assert time.monotonic() < deadline and follower.is_alive(), (reads, follower.status)
+            time.sleep(0.05)
+    warnings = [e for e in logs if "contextCSN holds a value that is not a CSN" in e["event"]]
+    assert len(warnings) == 1, logs  # once per connection, not at every read
+    assert warnings[0]["log_level"] == "warning" and warnings[0]["server"] == slapd.uri
+    assert warnings[0]["dn"] == "dc=example,dc=org" and warnings[0]["value"] == "20261207\\nforged log line"
+    assert "error" not in notes.seen, notes.seen
