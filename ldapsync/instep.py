@@ -181,3 +181,38 @@ def _shown(value: str | bytes, limit: int = 80) -> str:
     text = value.decode("ascii", "backslashreplace") if isinstance(value, bytes) else value
     text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class FalseAlarms:
+    """Servers whose contextCSN moves without a change this copy could have missed.
+
+    A server that sends no new cookie for a write outside our search (OpenLDAP before 2.5)
+    leaves our cookie behind its contextCSN after every such write: the check would call the
+    copy out of step, and the full refresh would find it complete, again and again. So a
+    full refresh the check asked for that changes nothing turns the check off for that
+    server (for as long as the follower runs): one wasted refresh, not one per write.
+    """
+
+    __slots__ = ("_off", "_suspect")
+
+    def __init__(self) -> None:
+        self._suspect: dict[str, object] = {}  # server -> the copy's content when it was called out of step
+        self._off: set[str] = set()
+
+    def called_out(self, server: str, content: object) -> None:
+        """The check called the copy out of step; `content` is the copy's digest then."""
+        self._suspect[server] = content
+
+    def refreshed(self, server: str, content: object) -> bool:
+        """A full refresh from `server` completed. True: it was the check's, and found nothing
+        missing: the check is off for this server from now on."""
+        if server not in self._suspect:
+            return False
+        if self._suspect.pop(server) == content:
+            self._off.add(server)
+            return True
+        return False
+
+    def trusted(self, server: str) -> bool:
+        """Whether the in-step check may judge this server."""
+        return server not in self._off

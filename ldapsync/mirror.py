@@ -174,6 +174,11 @@ class Mirror:
         self._pending = []
         return self._sum
 
+    def content(self) -> EntrySum:
+        """The running digest of the mirrored entries: equal content, equal sum (no snapshot)."""
+        with self._lock:
+            return self._current_sum()
+
     def delete_dn(self, dn: str) -> bool:
         with self._lock:
             key = next((k for k, e in self._entries.items() if e.dn.lower() == dn.lower()), None)

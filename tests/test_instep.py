@@ -153,3 +153,25 @@ def test_reset_forgets_what_was_pending() -> None:
     check.observe(server, ours, now=0)
     check.reset()
     assert check.observe(server, ours, now=20) == Pending((0,))
+
+
+def test_a_refresh_the_check_asked_for_that_finds_nothing_turns_the_check_off_for_that_server() -> None:
+    """A server that sends no cookie for writes outside the search keeps its contextCSN ahead of
+    ours after each one: one wasted full refresh, then that server is not judged again."""
+    alarms = instep.FalseAlarms()
+    assert alarms.trusted("ldap://a")
+    assert not alarms.refreshed("ldap://a", "sum-1"), "a refresh the check did not ask for proves nothing"
+    alarms.called_out("ldap://a", "sum-1")
+    assert alarms.refreshed("ldap://a", "sum-1")
+    assert not alarms.trusted("ldap://a") and alarms.trusted("ldap://b")
+
+
+def test_a_refresh_that_brought_what_was_missing_keeps_the_check() -> None:
+    alarms = instep.FalseAlarms()
+    alarms.called_out("ldap://a", "sum-1")
+    assert not alarms.refreshed("ldap://a", "sum-2")  # the lost change arrived with the refresh
+    assert alarms.trusted("ldap://a")
+    assert not alarms.refreshed("ldap://a", "sum-2"), "only the refresh that followed the alarm counts"
+    alarms.called_out("ldap://a", "sum-2")
+    alarms.called_out("ldap://b", "sum-2")
+    assert alarms.refreshed("ldap://b", "sum-2") and alarms.trusted("ldap://a") and not alarms.trusted("ldap://b")

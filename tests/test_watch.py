@@ -715,6 +715,8 @@ def test_a_change_the_server_never_sent_is_noticed_by_the_contextcsn_check(
         refreshes = [e for e in logs if e["event"] == "following the directory"]
         assert [r["resume"] for r in refreshes] == [False], "a full refresh, without the cookie"
         assert dn("lost") in {e.dn for e in follower.mirror.snapshot()[0].entries}
+        assert not [e for e in logs if "found this copy complete" in e["event"]], "the refresh was no false alarm"
+        assert follower._false_alarms.trusted(proxy.uri)
     finally:
         proxy.close()
 
