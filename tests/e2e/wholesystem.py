@@ -341,17 +341,24 @@ class System:
         return code, text.decode(errors="replace")
 
     def wait_drained(self, timeout: float = DRAIN_TIMEOUT) -> None:
-        """Every queue empty, twice in a row: nothing is in flight any more.
+        """Every queue empty, and no host logging anything, twice in a row: nothing is in
+        flight any more.
 
         Queues are read upstream first (entry host, then the others): a message that moves
-        on while they are read is already in the next queue, which is read later.
+        on while they are read is already in the next queue, which is read later. A message
+        that moves back upstream (a loop between two hosts) can slip between the reads of two
+        rounds on a busy machine, but not without a host logging its hop: the logs' sizes
+        must stand still too.
         """
         order = [self.entry, *(h for h in self.hosts.values() if h is not self.entry)]
         deadline = time.monotonic() + timeout
         empty_rounds = 0
+        logged = -1
         while empty_rounds < 2:
             busy = [h.name for h in order if h.postfix.queue()]
-            empty_rounds = 0 if busy else empty_rounds + 1
+            size = sum(h.postfix.maillog.stat().st_size for h in order if h.postfix.maillog.exists())
+            empty_rounds = 0 if busy or size != logged else empty_rounds + 1
+            logged = size
             if busy and time.monotonic() > deadline:
                 raise AssertionError(
                     f"queues not drained after {timeout:g}s: "
