@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dovecotauth import auth_server
 
 from ldapsync import config, exporters, routing, schema
 from ldapsync.directory import Entry, Snapshot
@@ -525,30 +526,17 @@ def test_userdb_field_templates_are_validated(fields: dict[str, str], reason: st
 def dovecot_userdb() -> Iterator[tuple[Path, Path]]:
     """A throwaway Dovecot whose userdb is a passwd-file the test writes: (config, userdb path)."""
     import os
-    import tempfile
-    import time
 
     if os.geteuid() != 0:
         pytest.skip("a throwaway dovecot needs root")
     root = Path(tempfile.mkdtemp(prefix="ldapsync-userdb-"))
-    root.chmod(0o755)  # the auth process runs as the dovecot user
     userdb = root / "userdb"
     userdb.write_text("")
-    conf = root / "dovecot.conf"
-    conf.write_text(
-        f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/log\nprotocols =\nssl = no\n"
-        f"userdb {{\n  driver = passwd-file\n  args = {userdb}\n}}\n"
-        f"passdb {{\n  driver = passwd-file\n  args = {userdb}\n}}\n"
-    )
-    proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not (root / "run" / "auth-userdb").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (root / "log").read_text(errors="replace")
-        time.sleep(0.05)
-    yield conf, userdb
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        with auth_server(root, userdb, userdb) as conf:
+            yield conf, userdb
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def doveadm_user(conf: Path, user: str) -> dict[str, str] | None:
@@ -733,25 +721,10 @@ def test_address_logins_log_in_through_a_real_dovecot_as_the_account() -> None:
     """doveadm auth login: the address authenticates, and the userdb record found is the login's."""
     m = address_login_model(True)
     root = Path(tempfile.mkdtemp(prefix="ldapsync-addrlogin-"))
-    root.chmod(0o755)  # the dovecot user reads the files
     try:
         (root / "passwd").write_bytes(PasswdExporter({}).render(m))
         (root / "userdb").write_bytes(exporter_class("dovecot-userdb")({}).render(m))
-        for d in ("run", "state"):
-            (root / d).mkdir()
-        conf = root / "dovecot.conf"
-        conf.write_text(
-            f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/dovecot.log\n"
-            "protocols =\nssl = no\nauth_failure_delay = 0\n"
-            f"passdb {{\n  driver = passwd-file\n  args = {root}/passwd\n}}\n"
-            f"userdb {{\n  driver = passwd-file\n  args = {root}/userdb\n}}\n"
-        )
-        proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while not (root / "run" / "auth-client").exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "dovecot did not start"
-                time.sleep(0.05)
+        with auth_server(root, root / "passwd", root / "userdb") as conf:
 
             def login(user: str, password: str) -> tuple[int, str]:
                 cmd = ["doveadm", "-c", str(conf), "auth", "login", "-x", "no-penalty", user, password]
@@ -765,8 +738,5 @@ def test_address_logins_log_in_through_a_real_dovecot_as_the_account() -> None:
             assert login("victor@example.com", "wrong")[0] != 0
             assert login("v@example.info", "victor-secret")[0] != 0  # canonical addresses only
             assert login("alice@example.org", "victor-secret")[0] == 0
-        finally:
-            proc.terminate()
-            proc.wait(10)
     finally:
         shutil.rmtree(root, ignore_errors=True)

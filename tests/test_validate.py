@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dovecotauth import auth_server
 from passlib import hash as ph
 
 from ldapsync import routing, schema, validate
@@ -362,25 +362,10 @@ def test_every_accepted_scheme_logs_in_through_a_real_dovecot(tmp_path_factory: 
     assert report.rejections == [] and sorted(routed.passwords) == sorted(stored)
     assert report.weak_passwords == sum(weak for _, _, weak in PRODUCERS.values())
     root = Path(tempfile.mkdtemp(prefix="ldapsync-schemes-"))
-    root.chmod(0o755)  # the dovecot user reads the passwd-file
     try:
         passwd = root / "passwd"
         passwd.write_bytes(PasswdExporter({}).render(routed))
-        for d in ("run", "state"):
-            (root / d).mkdir()
-        conf = root / "dovecot.conf"
-        conf.write_text(
-            f"base_dir = {root}/run\nstate_dir = {root}/state\nlog_path = {root}/dovecot.log\n"
-            "protocols =\nssl = no\nauth_failure_delay = 0\n"
-            f"passdb {{\n  driver = passwd-file\n  args = {passwd}\n}}\n"
-            "userdb {\n  driver = static\n  args = uid=nobody gid=nogroup home=/nonexistent allow_all_users=yes\n}\n"
-        )
-        proc = subprocess.Popen(["dovecot", "-F", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while not (root / "run" / "auth-client").exists():
-                assert proc.poll() is None and time.monotonic() < deadline, "dovecot did not start"
-                time.sleep(0.05)
+        with auth_server(root, passwd) as conf:
 
             def auth(user: str, password: str) -> int:
                 cmd = ["doveadm", "-c", str(conf), "auth", "test", "-x", "no-penalty", user, password]
@@ -392,9 +377,6 @@ def test_every_accepted_scheme_logs_in_through_a_real_dovecot(tmp_path_factory: 
                 right = dict(zip(stored, pool.map(lambda login: auth(login, SECRET), stored), strict=True))
                 wrong = dict(zip(stored, pool.map(lambda login: auth(login, "x" + SECRET), stored), strict=True))
             verdicts = {login: (right[login], wrong[login]) for login in stored}
-        finally:
-            proc.terminate()
-            proc.wait(10)
         assert verdicts == dict.fromkeys(stored, (0, 77)), (root / "dovecot.log").read_text()
     finally:
         shutil.rmtree(root, ignore_errors=True)
