@@ -4,8 +4,8 @@ The Mirror holds each entry once, compactly (directory.Attributes: no dict per e
 by entryUUID, kept in snapshot order, with the directory digest kept up to date per change
 (directory.EntrySum): a snapshot for a rebuild shares the mirrored entries and costs neither
 a sort nor hashing of the whole directory. The follow state (follow.json in the state directory)
-pairs a saved snapshot -- a recorded generation, or follow-snapshot.json for one that was not
-recorded -- with the sync cookie that goes with exactly that content.
+pairs a saved snapshot -- a recorded generation or held change, or follow-snapshot.json for
+one that is neither -- with the sync cookie that goes with exactly that content.
 """
 
 from __future__ import annotations
@@ -229,10 +229,10 @@ def save_follow_state(
 ) -> None:
     """Persist (snapshot, cookie) so a restart resumes, without writing the directory again.
 
-    `generation`: the id of a recorded generation holding exactly this snapshot (the sync's):
-    follow.json names it, and a restart rebuilds the mirror from that generation's store.
-    Otherwise (a held change) the snapshot goes to follow-snapshot.json, written only when it
-    changed. The digest's running sum is saved too, so a restart does not hash every entry.
+    `generation`: the id of a recorded generation or held change holding exactly this
+    snapshot: follow.json names it, and a restart rebuilds the mirror from it. Otherwise the
+    snapshot goes to follow-snapshot.json, written only when it changed. The digest's running
+    sum is saved too, so a restart does not hash every entry.
     """
     fp = fingerprint(config)
     digest = snapshot.digest()

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_state import follow_config
 
-from ldapsync import config as config_mod
 from ldapsync import mirror
-from ldapsync.config import Config
 from ldapsync.directory import Entry, Rejection, Snapshot
 from ldapsync.errors import StateError
 from ldapsync.state import State, held
@@ -30,16 +29,6 @@ def snap(n: int, source: str = "test") -> Snapshot:
         for i in range(n)
     )
     return Snapshot(entries, source, (Rejection("uid=u0,ou=users,dc=example,dc=org", "mail", "why"),))
-
-
-def follow_config(tmp_path: Path) -> Config:
-    doc = {
-        "domain": "example.org",
-        "source": {"ldap": {"uri": "ldap://127.0.0.1:1", "base_dn": "ou=users,dc=example,dc=org"}},
-        "state_dir": str(tmp_path / "state"),
-        "exporters": [{"kind": "dovecot-passwd", "path": str(tmp_path / "passwd")}],
-    }
-    return config_mod.parse(doc, tmp_path / "ldapsync.yaml")
 
 
 @pytest.fixture
