@@ -34,7 +34,9 @@ from ldapsync.directory import (
 )
 from ldapsync.mirror import compact
 from ldapsync.routing.stored import StoredEngine
+from ldapsync.state.generations import Changes
 from ldapsync.state.lmdbstore import Store, Writer
+from ldapsync.state.store import Change
 
 Changed = dict[str, Entry | None]
 
@@ -427,3 +429,29 @@ def save(
         engine.pending = None
     mirror.written(serial, snapshot)
     return serial
+
+
+def of_store(snapshot: Snapshot, store: Store) -> bool:
+    """Whether the snapshot is `store`'s content plus a delta (a StoredMirror's)."""
+    entries = snapshot.entries
+    return isinstance(entries, StoredEntries) and entries.store is store and entries.delta is not None
+
+
+def changes(snapshot: Snapshot, store: Store) -> Changes | None:
+    """The snapshot's changed entry groups against the generation the store's content was
+    recorded as, for a journal line; None if the store's content is no recorded generation."""
+    entries = snapshot.entries
+    if not isinstance(entries, StoredEntries) or entries.store is not store or entries.delta is None:
+        return None
+    with store.reading() as view:
+        since = view.meta("generation")
+        if not isinstance(since, str) or view.meta("serial", 0) != entries.delta.serial:
+            return None
+    groups: dict[tuple[str, str], tuple[list[Entry], list[Entry]]] = {}
+    for old, new in entries.delta.changes.values():
+        if old is not None:
+            groups.setdefault((old.dn, old.uuid or ""), ([], []))[0].append(old)
+        if new is not None:
+            groups.setdefault((new.dn, new.uuid or ""), ([], []))[1].append(new)
+    listed = tuple(Change(dn, uuid, tuple(before), tuple(after)) for (dn, uuid), (before, after) in groups.items())
+    return Changes(since, listed)

@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 STORE_NAME = "mirror.lmdb"
 FORMAT = 1  # bump when what a table holds changes: an older store is rebuilt, never read
 INDEX_TABLES = ("logins", "addresses", "dns", "to_addresses", "to_dns")
+NEW_STORE = "no store yet"  # Store.rebuilt of a store created where there was none
 _MAP_SIZE = 1 << 30  # grows (doubling) when full; sparse: only written pages take disk
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -103,7 +104,7 @@ class Store:
             fmt = txn.get(b"format", db=self._meta)
             fp = txn.get(b"fingerprint", db=self._meta)
         if fmt is None:
-            return "no store yet"
+            return NEW_STORE
         if fmt != str(FORMAT).encode():
             return f"store format {fmt.decode('ascii', 'replace')!r}, this version writes {FORMAT}"
         if fp != fingerprint.encode():
