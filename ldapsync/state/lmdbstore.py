@@ -35,6 +35,7 @@ import structlog
 
 from ldapsync.directory import Attributes, Entry, EntrySum
 from ldapsync.errors import StateError
+from ldapsync.state import trust
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,12 @@ class Store:
         `rebuilt`): never an error for a damaged or outdated store, which is only a cache."""
         path = root / STORE_NAME
         why: str | None = None
+        problem = _untrusted(path)
+        if problem is not None:  # a cache: ignored (removed), never read
+            log.error("state file not trusted; ignoring it", problem=problem)
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                raise StateError(f"state_dir: {problem}; remove it")
         try:
             env = _open_env(path)
             store = cls(path, env, None)
@@ -243,6 +250,40 @@ class Writer(View):
             self.txn.delete(k, db=self.store._meta)
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why the store must not be read (not ours, or open to others), or None."""
+    for p in (path, path / "data.mdb", path / "lock.mdb"):
+        problem = trust.untrusted(p, private=p != path / "lock.mdb")
+        if problem is not None:
+            return problem
+    return None
+
+
+def peek(root: Path) -> dict[str, Any] | None:
+    """The store's meta records and entry count, read only (tests, `ldapsync status`); None
+    if there is no readable store."""
+    path = root / STORE_NAME
+    if not (path / "data.mdb").exists() or _untrusted(path) is not None:
+        return None
+    try:
+        env = lmdb.open(str(path), readonly=True, max_dbs=len(INDEX_TABLES) + 2, lock=True)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin(buffers=False) as txn:
+            meta_db = env.open_db(b"meta", txn=txn, create=False)
+            entries_db = env.open_db(b"entries", txn=txn, create=False)
+            out: dict[str, Any] = {"entries": txn.stat(entries_db)["entries"]}
+            for key, value in txn.cursor(db=meta_db):
+                k, v = bytes(key).decode(), bytes(value)
+                out[k] = v if k == "cookie" else v.decode() if k in ("format", "fingerprint") else json.loads(v)
+            return out
+    except (lmdb.Error, ValueError):
+        return None
+    finally:
+        env.close()
+
+
 def _open_env(path: Path) -> lmdb.Environment:
     path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
@@ -253,7 +294,7 @@ def _open_env(path: Path) -> lmdb.Environment:
         max_dbs=len(INDEX_TABLES) + 2,
         mode=0o600,
         readahead=False,  # random reads of a few entries per change: no read-ahead of neighbours
-        meminit=False,
+        meminit=True,  # unused page space zeroed: no stray process memory (a password) on disk
     )
 
 
