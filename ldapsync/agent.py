@@ -542,7 +542,7 @@ class Agent:
         else:
             # a held change's snapshot is on disk already: the follow state names it, not a copy
             self.saver.save(self.pipeline, snapshot, cookie, result.generation or result.held_id)
-        if self.pipeline.engine.last_full:
+        if self.pipeline.engine.last_full and self.pipeline.store is None:
             # Everything built so far lives until the next full build: out of the cyclic
             # collector's sight, so a change's small garbage does not make it walk millions.
             gc.freeze()

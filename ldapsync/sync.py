@@ -508,6 +508,7 @@ class Pipeline:
         generation = result.generation if result.status != SyncResult.HELD else None
         stored_save(mirror, plan.snapshot, cookie, engine, {k: v for k, v in rendered.items() if v}, generation)
         self._store_step = True
+        self.last_plan = self._redacted = None  # a full sync's entries need not outlive it
 
     def _reload(self, record: Status, changed: Sequence[commit.Output], generation: str) -> Status:
         """Run reload hooks for what changed and what is still owed; a failure is kept for the next sync."""
