@@ -158,6 +158,17 @@ def _redact(entry: Entry, attribute: str) -> Entry:
     return Entry(entry.dn, Attributes.of(attrs), entry.uuid)
 
 
+class _Stage:
+    """A refresh in progress: its changes (key -> entry, None: deleted) and cookie."""
+
+    __slots__ = ("changes", "cookie", "has_cookie")
+
+    def __init__(self) -> None:
+        self.changes: dict[str, Entry | None] = {}
+        self.cookie: bytes | None = None
+        self.has_cookie = False
+
+
 class StoredMirror:
     """The directory as last seen: the store, plus the changes not written to it yet.
 
@@ -180,6 +191,7 @@ class StoredMirror:
         self._changes: dict[str, tuple[Entry | None, Entry | None]] = {}
         self._full: dict[str, Entry] | None = None
         self._base: dict[str, Entry] | None = None
+        self._stage: _Stage | None = None  # a refresh in progress (see begin_refresh)
 
     @property
     def serial(self) -> int:
@@ -222,18 +234,75 @@ class StoredMirror:
         else:
             entry = compact(make_entry(dn, raw, wanted, rejections, uuid=key))
         with self._lock:
-            self._set(key, entry)
+            if self._stage is not None:
+                self._stage.changes[key] = entry
+            else:
+                self._set(key, entry)
 
     def delete(self, key: str) -> bool:
+        """Delete `key`; False if it was not there (in a refresh: as the refresh sees it)."""
         with self._lock:
+            stage = self._stage
+            if stage is not None:
+                existed = (stage.changes[key] if key in stage.changes else self._current(key)) is not None
+                stage.changes[key] = None
+                return existed
             if self._current(key) is None:
                 return False
             self._set(key, None)
             return True
 
+    # -- a staged refresh (as ldapsync.mirror.Mirror: nothing of a refresh shows until it completes)
+    @property
+    def refreshing(self) -> bool:
+        return self._stage is not None
+
+    def staged(self) -> int:
+        """How many changes the refresh in progress holds (0 without one)."""
+        stage = self._stage
+        return len(stage.changes) if stage is not None else 0
+
+    def begin_refresh(self) -> None:
+        """Upserts, deletes and cookies are staged from now on; readers see the content and
+        cookie as they were. An unfinished stage is dropped first."""
+        with self._lock:
+            self._stage = _Stage()
+
+    def commit_refresh(self) -> None:
+        """The refresh completed: its changes and cookie become the content, at once."""
+        with self._lock:
+            stage, self._stage = self._stage, None
+            if stage is None:
+                return
+            if stage.has_cookie:
+                self.cookie = stage.cookie
+            empty = self._full is None and self._base is None and not self._changes and self._sum.count == 0
+            if empty:  # a first read: the stage is the content, the store is written whole from it
+                self._full = {k: e for k, e in stage.changes.items() if e is not None}
+                self._sum = EntrySum.of(self._full.values())
+                return
+            for key, entry in stage.changes.items():
+                current = self._current(key)
+                if entry is None and current is None:
+                    continue
+                if entry is not None and current is not None and entry == current:
+                    continue
+                self._set(key, entry)
+
+    def abandon_refresh(self) -> bool:
+        """The refresh did not complete: drop its stage (True if one was open)."""
+        with self._lock:
+            stage, self._stage = self._stage, None
+            return stage is not None
+
     def delete_dn(self, dn: str) -> bool:
         low = dn.lower()
         with self._lock:
+            if self._stage is not None:
+                found = next((k for k, e in self._stage.changes.items() if e is not None and e.dn.lower() == low), None)
+                if found is not None:
+                    self._stage.changes[found] = None
+                    return True
             if self._full is not None:
                 found = next((k for k, e in self._full.items() if e.dn.lower() == low), None)
             else:
@@ -250,7 +319,14 @@ class StoredMirror:
                             )
             if found is None:
                 return False
-            self._set(found, None)
+            if self._stage is not None and found in self._stage.changes:
+                staged = self._stage.changes[found]
+                if staged is None or staged.dn.lower() != low:  # deleted or renamed in the refresh
+                    return False
+            if self._stage is not None:
+                self._stage.changes[found] = None
+            else:
+                self._set(found, None)
             return True
 
     def _set(self, key: str, entry: Entry | None) -> None:
@@ -270,8 +346,17 @@ class StoredMirror:
             self._sum = self._sum.added(entry)
 
     def set_cookie(self, cookie: bytes | None) -> None:
+        """The cookie of the content; in a refresh, staged with its changes. None forgets the
+        cookie at once (the next connection does a full refresh), refresh or not."""
         with self._lock:
-            self.cookie = cookie
+            if cookie is None:
+                self.cookie = None
+                if self._stage is not None:
+                    self._stage.cookie, self._stage.has_cookie = None, False
+            elif self._stage is not None:
+                self._stage.cookie, self._stage.has_cookie = cookie, True
+            else:
+                self.cookie = cookie
 
     def content(self) -> EntrySum:
         with self._lock:
@@ -281,6 +366,7 @@ class StoredMirror:
         """Install a full read; True if the content differs from what was mirrored."""
         entry_sum: EntrySum = vars(snapshot).get("entry_sum") or EntrySum.of(snapshot.entries)
         with self._lock:
+            self._stage = None
             before = self._sum
             self._full = {entry_key(e): compact(e) for e in snapshot.entries}
             self._changes = {}

@@ -25,7 +25,7 @@ from ldapsync.directory import Entry, EntrySum, Snapshot, sort_entries, without_
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.render import Renderer, WholeModelNeeded
 from ldapsync.routing.stored import StoredEngine
-from ldapsync.state.lmdbstore import FORMAT, STORE_NAME, Store
+from ldapsync.state.lmdbstore import FORMAT, STORE_NAME, Store, peek
 from ldapsync.static import Static
 from ldapsync.stored import StoredEntries, StoredMirror, redact_stored, save
 
@@ -259,3 +259,78 @@ def test_a_snapshot_reads_the_store_only_when_all_entries_are_needed(tmp_path: P
     assert [e.dn for e in entries] == [f"uid=u{i},{OU}" for i in range(5)]
     assert snapshot.digest() == Snapshot(tuple(entries), "x").digest()
     store.close()
+
+
+def _user(mirror: StoredMirror, key: str, forward: str = "") -> None:
+    raw = {"uid": [key.encode()]} | ({"emailforward": [forward.encode()]} if forward else {})
+    mirror.upsert(key, f"uid={key},{OU}", raw, ["uid", "emailforward"])
+
+
+def _forwards(snapshot: Snapshot) -> dict[str, tuple[str, ...]]:
+    return {e.uuid or e.dn: e.get("emailforward") for e in snapshot.entries}
+
+
+def test_a_refresh_shows_nowhere_until_it_completes_and_an_abandoned_one_leaves_no_trace(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "search")
+    mirror = StoredMirror(store)
+    for key in ("a", "b", "c"):
+        _user(mirror, key)
+    mirror.set_cookie(b"old")
+    snapshot, cookie = mirror.snapshot()
+    save(mirror, snapshot, cookie, None, {}, None)
+    before = mirror.content()
+
+    mirror.begin_refresh()  # cut off half way: a rename's new copy arrived, not the old one's delete
+    _user(mirror, "d", "x@ext.example")
+    assert mirror.delete("b")
+    mirror.set_cookie(b"new")
+    assert mirror.staged() == 2
+    snapshot, cookie = mirror.snapshot()
+    assert (set(_forwards(snapshot)), cookie) == ({"a", "b", "c"}, b"old")
+    assert mirror.content() == before and len(mirror) == 3
+    assert mirror.abandon_refresh()
+    snapshot, cookie = mirror.snapshot()
+    assert (set(_forwards(snapshot)), cookie) == ({"a", "b", "c"}, b"old")
+
+    mirror.begin_refresh()  # complete this time: all of it at once, with its cookie
+    _user(mirror, "d", "x@ext.example")
+    mirror.delete("b")
+    _user(mirror, "a")  # sent unchanged: not a change
+    mirror.set_cookie(b"new")
+    mirror.commit_refresh()
+    snapshot, cookie = mirror.snapshot()
+    assert (_forwards(snapshot), cookie) == ({"a": (), "c": (), "d": ("x@ext.example",)}, b"new")
+    entries = snapshot.entries
+    assert isinstance(entries, StoredEntries) and entries.delta is not None
+    assert set(entries.delta.changes) == {"b", "d"}
+    assert mirror.content() == EntrySum.of(snapshot.entries)
+    store.close()
+
+
+def test_forgetting_the_cookie_in_a_refresh_forgets_it_at_once(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "search")
+    mirror = StoredMirror(store)
+    mirror.set_cookie(b"old")
+    mirror.begin_refresh()
+    mirror.set_cookie(None)  # the server refused it: the next connection must not offer it again
+    assert mirror.cookie is None
+    mirror.abandon_refresh()
+    assert mirror.cookie is None
+    store.close()
+
+
+def test_a_first_read_into_an_empty_store_is_written_whole(tmp_path: Path) -> None:
+    store = Store.open(tmp_path, "search")
+    mirror = StoredMirror(store)
+    mirror.begin_refresh()
+    for key in ("a", "b"):
+        _user(mirror, key)
+    mirror.set_cookie(b"c1")
+    mirror.commit_refresh()
+    snapshot, cookie = mirror.snapshot()
+    entries = snapshot.entries
+    assert isinstance(entries, StoredEntries) and entries.delta is None  # no delta of every entry
+    save(mirror, snapshot, cookie, None, {}, None)
+    store.close()
+    meta = peek(tmp_path)
+    assert meta is not None and meta["entries"] == 2 and meta["cookie"] == b"c1" and meta["serial"] == 1
