@@ -488,9 +488,9 @@ def save(
     def work(w: Writer) -> None:
         if entries.delta is None:
             assert entries.full is not None
+            full = entries.full
             w.clear_entries()
-            for key, e in entries.full.items():
-                w.put_entry(key, e)
+            w.put_entries((k, full[k]) for k in sorted(full))
         else:
             for key, (_, new) in entries.delta.changes.items():
                 if new is None:

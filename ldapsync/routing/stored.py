@@ -274,14 +274,20 @@ class StoredEngine:
         if p.full:
             for table in INDEX_TABLES:
                 w.clear_table(table)
-            for key, names in self._statics.items():
-                _file(w, key, names)
+            every = [*self._statics.items(), *((k, n) for k, (_, n) in p.names.items() if n is not None)]
+            for field_name, table, _ in _PAIRS:
+                w.file_many(table, ((name, key) for key, names in every for name in getattr(names, field_name)))
+            w.set_meta("engine", self._record(p))
+            return
         for key, (old, new) in p.names.items():
             if old is not None:
                 _unfile(w, key, old)
             if new is not None:
                 _file(w, key, new)
-        w.set_meta("engine", {"fingerprint": self.fingerprint, "day": p.day.isoformat(), "counts": p.counts.to_json()})
+        w.set_meta("engine", self._record(p))
+
+    def _record(self, p: Pending) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "day": p.day.isoformat(), "counts": p.counts.to_json()}
 
 
 def report_of(snapshot: Snapshot, counts: Counts) -> BuildReport:

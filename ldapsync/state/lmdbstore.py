@@ -221,6 +221,17 @@ class Writer(View):
     def delete_entry(self, key: str) -> None:
         self.txn.delete(key.encode(), db=self.store._entries)
 
+    def put_entries(self, items: Iterable[tuple[str, Entry]]) -> None:
+        """Many entries at once (a whole directory: sorted keys append fastest)."""
+        with self.txn.cursor(db=self.store._entries) as cur:
+            cur.putmulti((k.encode(), encode_entry(e)) for k, e in items)
+
+    def file_many(self, table: str, pairs: Iterable[tuple[str, str]]) -> None:
+        """(name, key) pairs into one index table at once."""
+        rows = sorted((name.encode(), key.encode()) for name, key in pairs)
+        with self.txn.cursor(db=self.store._index[table]) as cur:
+            cur.putmulti(rows, dupdata=True)
+
     def file(self, table: str, names: Iterable[str], key: str) -> None:
         db = self.store._index[table]
         k = key.encode()
