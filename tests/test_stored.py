@@ -22,6 +22,7 @@ from test_incremental import ATTRS, GOU, OU, TODAY, config, make, step
 
 from ldapsync import routing
 from ldapsync.directory import Entry, EntrySum, Snapshot, sort_entries, without_secrets
+from ldapsync.errors import StateError
 from ldapsync.exporters import Exporter, exporter_class
 from ldapsync.render import Renderer, WholeModelNeeded
 from ldapsync.routing.stored import StoredEngine
@@ -334,3 +335,20 @@ def test_a_first_read_into_an_empty_store_is_written_whole(tmp_path: Path) -> No
     store.close()
     meta = peek(tmp_path)
     assert meta is not None and meta["entries"] == 2 and meta["cookie"] == b"c1" and meta["serial"] == 1
+
+
+def test_a_store_that_cannot_take_a_sync_keeps_the_last_one(tmp_path: Path) -> None:
+    """A full disk or map fails the transaction: StateError, and the store holds the sync before."""
+    store = Store.open(tmp_path, "search", map_size=1 << 20)
+    mirror = StoredMirror(store)
+    _user(mirror, "a")
+    snapshot, _ = mirror.snapshot()
+    save(mirror, snapshot, b"c1", None, {}, None)
+    for i in range(2000):  # far more than a megabyte
+        mirror.upsert(f"k{i}", f"uid=k{i},{OU}", {"uid": [b"x" * 1000]}, ["uid"])
+    snapshot, _ = mirror.snapshot()
+    with pytest.raises(StateError, match="MDB_MAP_FULL"):
+        save(mirror, snapshot, b"c2", None, {}, None)
+    store.close()
+    meta = peek(tmp_path)
+    assert meta is not None and (meta["entries"], meta["cookie"], meta["serial"]) == (1, b"c1", 1)

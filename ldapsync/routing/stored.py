@@ -265,8 +265,7 @@ class StoredEngine:
     def commit(self, w: Writer) -> None:
         """Write what the last update decided (in the caller's transaction, which also holds
         the entries it was about): the index and the problem counts; if the update did not
-        finish, that nothing is known, and the next update is a full build. May run twice
-        (Store.write replays a transaction after growing the map)."""
+        finish, that nothing is known, and the next update is a full build."""
         p = self.pending
         if p is None:
             w.set_meta("engine", None)

@@ -43,7 +43,10 @@ STORE_NAME = "mirror.lmdb"
 FORMAT = 1  # bump when what a table holds changes: an older store is rebuilt, never read
 INDEX_TABLES = ("logins", "addresses", "dns", "to_addresses", "to_dns")
 NEW_STORE = "no store yet"  # Store.rebuilt of a store created where there was none
-_MAP_SIZE = 1 << 30  # grows (doubling) when full; sparse: only written pages take disk
+# Address space, not disk or memory: the file grows with what is written, and pages are page
+# cache. Never grown at run time (LMDB allows that only with no transaction open anywhere in
+# the process, and the follower thread reads while the main thread writes).
+_MAP_SIZE = 1 << 40
 _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -71,7 +74,7 @@ class Store:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: Path, fingerprint: str) -> Store:
+    def open(cls, root: Path, fingerprint: str, *, map_size: int = _MAP_SIZE) -> Store:
         """The store under state dir `root`, emptied first when it cannot be trusted (see
         `rebuilt`): never an error for a damaged or outdated store, which is only a cache."""
         path = root / STORE_NAME
@@ -83,7 +86,7 @@ class Store:
             if path.exists():
                 raise StateError(f"state_dir: {problem}; remove it")
         try:
-            env = _open_env(path)
+            env = _open_env(path, map_size)
             store = cls(path, env, None)
             why = store._unusable(fingerprint)
         except lmdb.Error as e:
@@ -97,7 +100,7 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a file where the directory belongs
         try:
-            env = _open_env(path)
+            env = _open_env(path, map_size)
         except lmdb.Error as e:
             raise StateError(f"cannot create the store {path}: {e}") from e
         store = cls(path, env, why)
@@ -129,34 +132,18 @@ class Store:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[Writer]:
-        """One write transaction: committed when the block ends, dropped if it raises.
-
-        A full map grows the file and retries once the caller's block is replayed: callers
-        keep what they write in the block, not side effects."""
+        """One write transaction: committed when the block ends, dropped if it raises (a full
+        disk, a full map: StateError, and the store stays as it was)."""
         try:
             with self.env.begin(write=True) as txn:
                 yield Writer(self, txn)
-        except lmdb.MapFullError as e:
-            raise StoreFull(str(e)) from e
         except lmdb.Error as e:
             raise StateError(f"store {self.path}: {e}") from e
 
     def write(self, work: Any) -> None:
-        """Run `work(writer)` in one write transaction, growing the map when it is full."""
-        for _ in range(8):
-            try:
-                with self.writing() as w:
-                    work(w)
-                return
-            except StoreFull:
-                size = self.env.info()["map_size"] * 2
-                log.info("store map grown", path=str(self.path), map_size=size)
-                self.env.set_mapsize(size)
-        raise StateError(f"store {self.path}: map still full after growing it")
-
-
-class StoreFull(StateError):
-    """The map is full (grown and retried by Store.write)."""
+        """Run `work(writer)` in one write transaction."""
+        with self.writing() as w:
+            work(w)
 
 
 class View:
@@ -295,13 +282,13 @@ def peek(root: Path) -> dict[str, Any] | None:
         env.close()
 
 
-def _open_env(path: Path) -> lmdb.Environment:
+def _open_env(path: Path, map_size: int) -> lmdb.Environment:
     path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
     # one process writes (the state lock); readers (status) open the same file read-only
     return lmdb.open(
         str(path),
-        map_size=max(_MAP_SIZE, _file_size(path / "data.mdb") * 2),
+        map_size=max(map_size, _file_size(path / "data.mdb")),
         max_dbs=len(INDEX_TABLES) + 2,
         mode=0o600,
         readahead=False,  # random reads of a few entries per change: no read-ahead of neighbours
