@@ -7,7 +7,7 @@ the config file watcher, the control socket (an operator's approve, rollback, re
 signals. The main thread waits on that queue until the scheduler's next deadline, feeds what
 arrived (stamped by the clock) into the Scheduler and carries out its decisions; every timing
 rule lives in `scheduler.py`, every I/O piece is a small collaborator here (Notifier,
-ConfigWatcher, FollowStateSaver, control.ControlServer).
+ConfigWatcher, control.ControlServer; the store, ldapsync.stored).
 
 A config or static-file edit re-renders from the Mirror without reading LDAP; SIGHUP
 re-reads the config and resyncs from LDAP; SIGTERM finishes the current sync and exits 0.
@@ -195,20 +195,6 @@ class ConfigWatcher:
             self.observer = None
 
 
-class FollowStateSaver:
-    """Saves the mirror a sync installed and its cookie, so a restart resumes instead of rereading."""
-
-    def save(self, pipeline: sync.Pipeline, snapshot: Any, cookie: Any, generation: str | None) -> None:
-        config = pipeline.config
-        if not isinstance(config.source, LdapSource):
-            return
-        try:
-            stored = pipeline.redacted(snapshot)  # no refused secret on disk
-            watch.save_follow_state(pipeline.state, config, stored, cookie, generation=generation)
-        except OSError as e:
-            log.error("cannot save sync state; a restart will do a full read", error=str(e))
-
-
 def _heartbeat() -> float:
     """Half of systemd's WATCHDOG_USEC, else every 10 s."""
     usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -253,7 +239,6 @@ class Agent:
         self.mirror_fingerprint = watch.fingerprint(config)
         self.follower: watch.Follower | None = None
         self.files = ConfigWatcher(self.events.put, self.clock)
-        self.saver = FollowStateSaver()
         self.control: control.ControlServer | None = None
         self.pointer: Path | None = None
         self.scheduler = sched.Scheduler(_timing(config), now=self.clock.monotonic(), force_first=force_first)
@@ -533,15 +518,12 @@ class Agent:
             seconds=round(self.clock.monotonic() - started, 3),
             entries=len(snapshot.entries),
         )
-        if isinstance(self.mirror, StoredMirror):
+        if isinstance(self.mirror, StoredMirror):  # an LDAP source's (an LDIF file is read whole)
             try:
                 self.pipeline.save(self.mirror, cookie, result)
             except (LdapsyncError, OSError) as e:  # the outputs are installed; the next sync rebuilds
                 log.error("cannot write the store; the next sync is a full build", error=str(e))
             self.pipeline.last_plan = None  # its snapshot and outputs need not outlive the sync
-        else:
-            # a held change's snapshot is on disk already: the follow state names it, not a copy
-            self.saver.save(self.pipeline, snapshot, cookie, result.generation or result.held_id)
         if self.pipeline.engine.last_full and self.pipeline.store is None:
             # Everything built so far lives until the next full build: out of the cyclic
             # collector's sight, so a change's small garbage does not make it walk millions.
