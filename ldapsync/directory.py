@@ -290,12 +290,33 @@ def refused_marker(value: str) -> str:
     return REFUSED_PREFIX + hashlib.sha256(value.encode()).hexdigest()
 
 
+def unusable_secret(value: str) -> bool:
+    """Whether a mail password value is no usable hash (plaintext, unknown scheme, malformed):
+    refused whatever else the entry holds, so it may be kept as its marker only."""
+    from ldapsync import validate  # passlib: loaded only by who stores secrets
+
+    try:
+        validate.check_password(value)
+    except validate.Invalid:
+        return True
+    return False
+
+
+def marked_secrets(values: tuple[str, ...]) -> tuple[str, ...]:
+    """The values with each unusable one replaced by its marker (the same tuple if none is)."""
+    marked = tuple(refused_marker(v) if unusable_secret(v) else v for v in values)
+    return values if marked == values else marked
+
+
 def without_secrets(snapshot: Snapshot, attribute: str, dns: Collection[str]) -> Snapshot:
-    """`snapshot` with the `attribute` values of the entries `dns` replaced by markers.
+    """`snapshot` with the unusable `attribute` values of the entries `dns` (those the model
+    refused a password of) replaced by markers.
 
     For refused secrets (a plaintext mail password): they must not be written verbatim to
-    generations, held changes or the follow cache, and a rebuild must still refuse them.
-    The same object comes back when nothing changes.
+    generations, held changes or the store, and a rebuild must still refuse them. A usable
+    hash stays, also where the entry's password was refused for another reason (several
+    values, a weak hash under `passwords.weak: refuse`), and so does every value of another
+    entry with the same DN. The same object comes back when nothing changes.
     """
     name = attribute.lower()
     if not dns or not name:
@@ -307,8 +328,8 @@ def without_secrets(snapshot: Snapshot, attribute: str, dns: Collection[str]) ->
         values = e.attributes.get(name)
         if not values:
             continue
-        marked = tuple(refused_marker(v) for v in values)
-        if marked != values:
+        marked = marked_secrets(values)
+        if marked is not values:
             entries[i] = Entry(e.dn, {**e.attributes, name: marked}, e.uuid)
             changed = True
     return Snapshot(tuple(entries), snapshot.source, snapshot.rejections) if changed else snapshot

@@ -30,6 +30,7 @@ from ldapsync.directory import (
     entry_key,
     entry_order,
     make_entry,
+    marked_secrets,
     refused_marker,
 )
 from ldapsync.mirror import compact
@@ -100,40 +101,45 @@ class StoredEntries(Sequence[Entry]):
     __hash__ = None  # type: ignore[assignment]
 
 
-def redact_stored(snapshot: Snapshot, attribute: str, dns: set[str]) -> Snapshot | None:
-    """`snapshot` (a StoredMirror's, relative to the store) with `attribute` of the changed
-    entries `dns` replaced by refused markers, its sum adjusted, without reading the store:
+Redacted = list[tuple[Entry, Entry]]  # (entry as read, entry as stored)
+
+
+def redact_stored(snapshot: Snapshot, attribute: str, dns: set[str]) -> tuple[Snapshot, Redacted] | None:
+    """`snapshot` (a StoredMirror's) with `attribute` of the entries `dns` replaced by refused
+    markers, its sum adjusted, and which entries were replaced; without reading the store:
     the store holds only redacted entries, so only changed ones can need it. None: not such
     a snapshot (the caller redacts the entries themselves)."""
     entries = snapshot.entries
     if not isinstance(entries, StoredEntries):
         return None
+    replaced: Redacted = []
+    entry_sum = snapshot.entry_sum
     if entries.delta is None:
         assert entries.full is not None
         full = dict(entries.full)
-        entry_sum = snapshot.entry_sum
         for key, e in entries.full.items():
             if e.dn in dns:
                 marked = _redact(e, attribute)
                 if marked is not e:
                     full[key] = marked
+                    replaced.append((e, marked))
                     entry_sum = entry_sum.removed(e).added(marked)
-        if entry_sum == snapshot.entry_sum:
-            return snapshot
+        if not replaced:
+            return snapshot, replaced
         stored = StoredEntries(entries.store, None, full, len(full))
-        return Snapshot.with_sum(stored, snapshot.source, snapshot.rejections, entry_sum)
+        return Snapshot.with_sum(stored, snapshot.source, snapshot.rejections, entry_sum), replaced
     delta = entries.delta
     changes = dict(delta.changes)
-    entry_sum = snapshot.entry_sum
     for key, (old, new) in delta.changes.items():
         if new is None or new.dn not in dns:
             continue
         marked = _redact(new, attribute)
         if marked is not new:
             changes[key] = (old, marked)
+            replaced.append((new, marked))
             entry_sum = entry_sum.removed(new).added(marked)
-    if changes == delta.changes:
-        return snapshot
+    if not replaced:
+        return snapshot, replaced
     out = Snapshot.with_sum(
         StoredEntries(entries.store, StoreDelta(changes, delta.serial), None, len(entries)),
         snapshot.source,
@@ -143,15 +149,15 @@ def redact_stored(snapshot: Snapshot, attribute: str, dns: set[str]) -> Snapshot
     if snapshot.delta is not None:
         d = snapshot.delta
         out.with_delta(SnapshotDelta(d.origin, d.since, d.serial, {k: new for k, (_, new) in changes.items()}))
-    return out
+    return out, replaced
 
 
 def _redact(entry: Entry, attribute: str) -> Entry:
     values = entry.get(attribute)
     if not values:
         return entry
-    marked = tuple(refused_marker(v) for v in values)
-    if marked == values:
+    marked = marked_secrets(values)
+    if marked is values:
         return entry
     attrs = entry.attributes.as_dict() if isinstance(entry.attributes, Attributes) else dict(entry.attributes)
     attrs[attribute.lower()] = marked

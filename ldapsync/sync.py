@@ -241,9 +241,14 @@ class Pipeline:
             _, report = self.render(snapshot, log_problems=False)
         attr = (self.config.routing.attributes.mail_password or "").lower()
         refused = {r.dn for r in report.rejections if r.attribute.lower() == attr} if attr else set()
-        stored = (redact_stored(snapshot, attr, refused) if attr else snapshot) or without_secrets(
-            snapshot, attr, refused
-        )
+        found = redact_stored(snapshot, attr, refused) if attr else (snapshot, [])
+        if found is None:
+            stored = without_secrets(snapshot, attr, refused)
+        else:
+            stored, replaced = found
+            if replaced and isinstance(self.engine, StoredEngine):
+                # the store keeps them redacted: its problem counts must be what they give
+                self.engine.stored_as(replaced)
         # a weak reference: an agent's 100k-entry snapshot must not outlive its sync
         self._redacted = (weakref.ref(snapshot), stored if stored is not snapshot else None)
         return stored

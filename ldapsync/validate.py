@@ -182,6 +182,8 @@ def check_password(value: str) -> Hash:
         return Hash(f"{{{scheme}}}{body}", scheme)
     if scheme in _CRYPT_NAMES:
         return _crypt(body, explicit=True, expect=scheme)
+    if scheme == "REFUSED-SHA256":  # directory.refused_marker: what ldapsync keeps of a refused value
+        raise Invalid("refused when read (plaintext or not a usable hash); only its SHA-256 is kept")
     raise Invalid("unknown or unsupported password scheme")
 
 

@@ -261,6 +261,20 @@ class StoredEngine:
             ModelChange(frozenset(addresses), frozenset(logins), before=old_model),
         )
 
+    def stored_as(self, replaced: Iterable[tuple[Entry, Entry]]) -> None:
+        """Entries of the last update go to the store in another form (a refused password
+        replaced by its marker): count their problems as that form gives them, so the counts
+        match what a later change rebuilds from the store. Only the entry's own reasons
+        differ (the value is refused either way): its parse is swapped, nothing else."""
+        p = self.pending
+        if p is None:
+            return
+        parse = entry_parser(self.settings, p.day)
+        for before, after in replaced:
+            was, now = parse(before), parse(after)
+            swap(p.counts.rejections, was.rejections, now.rejections)
+            swap(p.counts.notices, was.notices, now.notices)
+
     # -- the store -------------------------------------------------------------------------
     def commit(self, w: Writer) -> None:
         """Write what the last update decided (in the caller's transaction, which also holds
