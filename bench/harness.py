@@ -716,8 +716,9 @@ def agent_bench(
                     r.burst_wall.add(agent.wait_for(final, t0, timeout=600 * scale(s.n)))
                     time.sleep(max(1.0, 3 * (debounce or 0.1)))  # let trailing rebuilds show
                     r.burst_rebuilds.add(reloads.read_text().count("\n") - before)
+                if parts & {"rss", "idle"}:
+                    agent.settle()  # steady: the trailing syncs and their records done
                 if "rss" in parts:
-                    agent.settle()
                     r.memory.add(agent.memory())
                 if "idle" in parts:
                     c0 = agent.cpu_seconds()
