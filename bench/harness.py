@@ -256,6 +256,28 @@ class Site:
     def map_path(self, config: Path) -> Path:
         return config.parent / "maps" / "alias"
 
+    @property
+    def baseline_map(self) -> Path:
+        return self.root / "baseline" / "alias"
+
+    def baseline(self, log: Path) -> tuple[float, float]:
+        """One run of bench/baseline.sh into an empty directory: (wall seconds, peak RSS MiB)."""
+        out = self.baseline_map.parent
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        argv = [
+            "sh",
+            str(BENCH / "baseline.sh"),
+            self.slapd.uri,
+            self.slapd.service_dn,
+            str(self.slapd.service_password_file),
+            self.slapd.users_dn,
+            str(self.root / "static.lines"),
+            str(self.baseline_map),
+            str(self.postfix_dir),
+        ]
+        return timed(argv, log=log)
+
 
 def db_max_size(n: int) -> int:
     """slapd's mdb map size for n users: ~1.2 KiB each once loaded, 4 KiB leaves room for the
@@ -296,36 +318,27 @@ class FullSync:
     equivalent: str = "?"
 
 
+def record_baseline(s: Site, r: FullSync, log: Path) -> None:
+    """A baseline run into the size's pooled sample: it runs right before each timed ldapsync
+    run (cold, warm, restart), so the load at that moment weighs on both, and its median is
+    the denominator of every ratio of that size."""
+    wall, rss = s.baseline(log)
+    r.baseline_wall.add(wall)
+    r.baseline_rss.add(rss)
+
+
 def full_sync(s: Site, reps: int, parts: frozenset[str], log: Path) -> FullSync:
     """The baseline and, with part "cold", `--once` from an empty state dir (virtual map; all
     outputs), interleaved rep by rep; then, with part "warm", `--once` again on the state the
     last cold all-outputs run left (warm_once)."""
     r = FullSync()
-    base_dir = s.root / "baseline"
-    base_dir.mkdir(exist_ok=True)
-    base_map = base_dir / "alias"
-    baseline = [
-        "sh",
-        str(BENCH / "baseline.sh"),
-        s.slapd.uri,
-        s.slapd.service_dn,
-        str(s.slapd.service_password_file),
-        s.slapd.users_dn,
-        str(s.root / "static.lines"),
-        str(base_map),
-        str(s.postfix_dir),
-    ]
     cold = "cold" in parts
-    timed(baseline, log=log)  # warm-up (untimed): slapd's and the page cache's first touch
+    s.baseline(log)  # warm-up (untimed): slapd's and the page cache's first touch
     if cold or "warm" in parts:
         timed([PY, "-m", "ldapsync", "-c", str(s.config("warm-up", all_outputs=False)), "--once"], cwd=REPO, log=log)
     ours = None
     for _ in range(reps):
-        for f in base_dir.iterdir():
-            f.unlink()
-        wall, rss = timed(baseline, log=log)
-        r.baseline_wall.add(wall)
-        r.baseline_rss.add(rss)
+        record_baseline(s, r, log)
         if not cold:
             continue
         cfg = s.config("once-alias", all_outputs=False)
@@ -333,6 +346,7 @@ def full_sync(s: Site, reps: int, parts: frozenset[str], log: Path) -> FullSync:
         r.alias_wall.add(wall)
         r.alias_rss.add(rss)
         ours = s.map_path(cfg).read_text()
+        record_baseline(s, r, log)
         cfg_all = s.config("once-all", all_outputs=True)
         wall, rss = timed([PY, "-m", "ldapsync", "-c", str(cfg_all), "--once"], cwd=REPO, log=log)
         r.all_wall.add(wall)
@@ -340,7 +354,7 @@ def full_sync(s: Site, reps: int, parts: frozenset[str], log: Path) -> FullSync:
     if ours is None:
         r.equivalent = "not run (part cold not selected)"
     else:
-        theirs = sorted(_sorted_targets(line) for line in base_map.read_text().splitlines())
+        theirs = sorted(_sorted_targets(line) for line in s.baseline_map.read_text().splitlines())
         mine = ours.splitlines()
         if mine == theirs == s.data.expected_virtual.read_text().splitlines():
             r.equivalent = f"yes ({len(mine)} lines, identical)"
@@ -365,11 +379,13 @@ def warm_once(s: Site, r: FullSync, reps: int, *, fresh: bool, log: Path) -> Non
     pool = candidates(s.n)
     wrong: list[str] = []
     for rep in range(reps):
+        record_baseline(s, r, log)
         r.warm0_wall.add(timed(argv, cwd=REPO, log=log)[0])
         changes = [
             (i, f"{generate.uid(i)}@warm{rep}-{k}.example")
             for k, i in enumerate(pool[(rep * WARM_CHANGES + k * 53) % len(pool)] for k in range(WARM_CHANGES))
         ]
+        record_baseline(s, r, log)
         modify_forwards(s, changes)
         wall, rss = timed(argv, cwd=REPO, log=log)
         r.warm_wall.add(wall)
@@ -672,11 +688,12 @@ def latency_run(s: Site, agent: Agent, changes: int, tag: str) -> list[float]:
 
 
 def agent_bench(
-    s: Site, reps: int, changes: int, idle_seconds: float, parts: frozenset[str], log: Path
+    s: Site, fs: FullSync, reps: int, changes: int, idle_seconds: float, parts: frozenset[str], log: Path
 ) -> AgentResults:
     """The agent (all outputs, syncrepl) from an empty state dir; what it measures is chosen
     by `parts` (its cold start always: every other part needs it). A second agent with
-    debounce 0 runs for part "propagation" only (its start is a second cold-start sample)."""
+    debounce 0 runs for part "propagation" only (its start is a second cold-start sample).
+    While the agent is stopped for a restart, a baseline run joins `fs`'s sample."""
     r = AgentResults()
     pool = candidates(s.n)
     reloads = s.root / "reloads.log"
@@ -728,6 +745,7 @@ def agent_bench(
                 for rep in range(reps):
                     agent.settle()  # stopped after a sync: its trailing work done
                     agent.stop()
+                    record_baseline(s, fs, log)
                     i = pool[(rep * 11 + 5) % len(pool)]
                     value = f"{generate.uid(i)}@restart{rep}.example"
                     modify_forwards(s, [(i, value)])  # the change pending while it is down
@@ -803,7 +821,15 @@ def table(results: list[tuple[Site, FullSync, AgentResults | None, str | None]])
     for s, fs, ag, skipped in results:
         n = s.n
         base = fs.baseline_wall
-        row(n, "baseline `ldapsearch \\| awk \\| postmap` wall", fmt_s(base.median), base.spread("{:.3f}"), "1x")
+        row(
+            n,
+            "baseline `ldapsearch \\| awk \\| postmap` wall",
+            fmt_s(base.median),
+            base.spread("{:.3f}"),
+            "1x",
+            "",
+            "one run before each timed ldapsync run (cold, warm, restart)",
+        )
         if fs.alias_wall.values:
             timed_row(
                 n,
@@ -1005,7 +1031,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print("#   agent ...", file=sys.stderr, flush=True)
                     t = time.perf_counter()
                     try:
-                        ag = agent_bench(s, args.reps, args.changes, args.idle, parts, log)
+                        ag = agent_bench(s, fs, args.reps, args.changes, args.idle, parts, log)
                     except (RuntimeError, TimeoutError, OSError) as e:
                         ag = AgentResults(error=str(e).splitlines()[0][:200])
                         print(f"#   agent failed: {e}", file=sys.stderr)
