@@ -287,7 +287,7 @@ def db_max_size(n: int) -> int:
 
 
 @contextlib.contextmanager
-def site(n: int, root: Path) -> Iterator[Site]:
+def site(n: int, root: Path, sessionlog: int | None = None) -> Iterator[Site]:
     root.mkdir(parents=True, exist_ok=True)
     data = generate.write(n, root)
     postfix_dir = root / "postfix"
@@ -295,7 +295,11 @@ def site(n: int, root: Path) -> Iterator[Site]:
     (postfix_dir / "main.cf").touch()
     t0 = time.perf_counter()
     slapd = Slapd(
-        root / "slapd", ldif_files=[BASE_LDIF, data.ldif], db_max_size=db_max_size(n), load_timeout=60 * scale(n) * 5
+        root / "slapd",
+        ldif_files=[BASE_LDIF, data.ldif],
+        db_max_size=db_max_size(n),
+        load_timeout=60 * scale(n) * 5,
+        sessionlog=sessionlog,
     )
     load = time.perf_counter() - t0
     with slapd:
@@ -975,6 +979,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--timeout-scale", type=float, default=1.0, help="multiply every wait (a very busy machine; default 1)"
     )
+    p.add_argument(
+        "--sessionlog",
+        type=int,
+        metavar="WRITES",
+        help="give slapd's syncprov a session log of WRITES writes (olcSpSessionlog), so a sync "
+        "resumed from a cookie gets only the changes (default: none, as in the committed results)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory (default bench/results)")
     p.add_argument(
@@ -1002,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in args.sizes:
             print(f"# {n:,} users: generating and loading ...", file=sys.stderr, flush=True)
             t = time.perf_counter()
-            with site(n, work / f"n{n}") as s:
+            with site(n, work / f"n{n}", args.sessionlog) as s:
                 phase(f"{n:,} users: generate + slapadd -q (slapadd alone {s.load_seconds:.1f} s)", t)
                 t = time.perf_counter()
                 fs = full_sync(s, args.reps, parts, log)
@@ -1048,7 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# ldapsync benchmark {started:%Y-%m-%d %H:%M} UTC",
         "",
         f"`{command}` (parts: {', '.join(x for x in PARTS if x in parts)}; propagation: {args.changes} changes"
-        f" per setting; warm `--once`: {WARM_CHANGES} changes)",
+        f" per setting; warm `--once`: {WARM_CHANGES} changes; syncprov session log:"
+        f" {args.sessionlog if args.sessionlog is not None else 'none'})",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         "",
