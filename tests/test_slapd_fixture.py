@@ -133,6 +133,18 @@ def test_syncprov_flag(slapd_factory: Callable[..., Slapd], syncprov: bool) -> N
         assert proc.returncode != 0  # critical sync control not supported
 
 
+@pytest.mark.parametrize("sessionlog", [None, 500])
+def test_syncprov_sessionlog_is_a_parameter(slapd_factory: Callable[..., Slapd], sessionlog: int | None) -> None:
+    slapd = slapd_factory(ldif_files=[], extra_ldif=_base_plus_users(3), sessionlog=sessionlog)
+    # the overlay's entry as slapd loaded it from its cn=config directory
+    [overlay] = (slapd.config_dir / "cn=config" / "olcDatabase={1}mdb").glob("olcOverlay={0}syncprov.ldif")
+    logs = [line for line in overlay.read_text().splitlines() if line.startswith("olcSpSessionlog:")]
+    assert logs == ([] if sessionlog is None else [f"olcSpSessionlog: {sessionlog}"])
+    proc = slapd.ldapsearch("-E", "!sync=ro", "(uid=user*)", "uid", bind="service")
+    assert proc.returncode == 0, proc.stderr
+    assert len(parse_ldif(proc.stdout)) == 3
+
+
 def _base_plus_users(n: int) -> str:
     return BASE_LDIF.read_text() + "\n" + generate_users_ldif(n)
 

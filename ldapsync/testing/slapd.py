@@ -263,6 +263,9 @@ class Slapd:
     ldif_files: LDIF files loaded in order (default: base, demo, hostile).
     extra_ldif: more LDIF text loaded after the files (e.g. generate_users_ldif()).
     syncprov: add the syncprov overlay (and entryUUID/entryCSN indexes).
+    sessionlog: syncprov's session log of that many writes (olcSpSessionlog): a consumer whose
+        cookie is still in the log is sent the changed entries and the deleted entries' UUIDs,
+        not a present message for every entry. None (default): no session log.
     service_unlimited: olcLimits lifting size/time limits for the service
         account; with False OpenLDAP's default size limit (500) applies to it.
     size_limit: the database-wide olcSizeLimit (None = OpenLDAP's default 500).
@@ -286,6 +289,7 @@ class Slapd:
         ldif_files: Sequence[Path | str] | None = None,
         extra_ldif: str | Sequence[str] = (),
         syncprov: bool = True,
+        sessionlog: int | None = None,
         service_unlimited: bool = True,
         size_limit: int | None = None,
         tls: bool = False,
@@ -298,6 +302,7 @@ class Slapd:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.syncprov = syncprov
+        self.sessionlog = sessionlog
         self.service_unlimited = service_unlimited
         self.size_limit = size_limit
         self.db_max_size = db_max_size
@@ -426,6 +431,7 @@ class Slapd:
                 "objectClass: olcOverlayConfig",
                 "objectClass: olcSyncProvConfig",
                 "olcOverlay: {0}syncprov",
+                *([f"olcSpSessionlog: {self.sessionlog}"] if self.sessionlog is not None else []),
                 "",
             ]
         return "\n".join(lines)
