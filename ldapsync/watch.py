@@ -259,6 +259,8 @@ class Follower(threading.Thread):
             else:
                 self._follow_poll(src, check)
         finally:
+            if self.mirror.abandon_refresh():  # lost, refused or stopped mid-refresh: nothing of it stays
+                log.info("refresh not complete; the copy stays as it was before it", server=check.uri)
             if self._check is not None:
                 self._check.close()
                 self._check = None
@@ -423,7 +425,9 @@ class Follower(threading.Thread):
                     why=f"the root DSE names no naming context holding {src.base_dn}",
                 )
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
-            self.mirror.source = f"ldap:{uri}"
+            # staged until complete, a sync meanwhile takes the content before it (abandoned in
+            # _follow_ldap if the connection ends first)
+            self.mirror.begin_refresh()
             refreshing, received = True, 0
             for data in self._received(sock, uri):
                 try:
@@ -454,6 +458,8 @@ class Follower(threading.Thread):
                                 step.note_cookie(ev.cookie)
                         elif isinstance(ev, syncrepl.RefreshComplete):
                             refreshing = False
+                            self.mirror.commit_refresh()  # its changes and its cookie, all at once
+                            self.mirror.source = f"ldap:{uri}"
                             if step is not None:
                                 step.persisting = True
                                 step.rule.reset()

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from ldapproxy import TamperingProxy
 from notldap import HttpServer
-from slapd import Slapd
+from slapd import Slapd, generate_users_ldif
 from structlog.testing import capture_logs
 
 from ldapsync import ber, ldapsource, syncrepl, watch
@@ -315,7 +315,12 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
     started: list[watch.Follower] = []
 
     def start(
-        uris: list[str], server: Slapd, passwords: bool = False, mirror: watch.Mirror | None = None, **ldap: Any
+        uris: list[str],
+        server: Slapd,
+        passwords: bool = False,
+        mirror: watch.Mirror | None = None,
+        notes: Notifications | None = None,
+        **ldap: Any,
     ) -> tuple[watch.Follower, Notifications]:
         ldap.setdefault("timeout", 2)
         cfg = make_config(
@@ -326,7 +331,7 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
             bind_password_file=str(server.service_password_file),
             **ldap,
         )
-        notes = Notifications()
+        notes = notes if notes is not None else Notifications()
         follower = watch.Follower(cfg, mirror if mirror is not None else watch.Mirror(), notes)
         started.append(follower)
         follower.start()
@@ -606,6 +611,108 @@ def test_a_present_list_naming_an_entry_the_mirror_lacks_means_a_full_refresh(
         assert victim.dn in {e.dn for e in mirrored.entries}
     finally:
         proxy.close()
+
+
+class Snapshots:
+    """Every (digest, cookie) a sync could have installed from `mirror` while it runs: a thread
+    takes snapshots as fast as it can, as the agent may at any moment (a new day, a retry,
+    an operator's resync)."""
+
+    def __init__(self, mirror: watch.Mirror) -> None:
+        self.mirror = mirror
+        self.seen: set[tuple[str, bytes | None]] = set()
+        self.taken = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            snapshot, cookie = self.mirror.snapshot()
+            self.seen.add((snapshot.digest(), cookie))
+            self.taken += 1
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@pytest.mark.slapd
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed-with-cookie", "full-refresh"])
+def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
+    slapd: Slapd, followers: FollowerFactory, resume: bool
+) -> None:
+    """While disconnected, frank is deleted and added again (same DN, same address, another
+    entryUUID), bob is deleted and forty users are added. The refresh that brings this is cut
+    right after the new frank: half applied, the mirror would hold two franks claiming one
+    address (a sync would refuse it) and bob still there. Whatever a sync takes from the
+    mirror, at any moment, is the old content with the old cookie or the complete new content
+    with the cookie that goes with it; never a mix. Resumed with a cookie, the refresh has a
+    present phase (deletions at its end); without one (after e-syncRefreshRequired, an
+    in-step alarm or an unknown present UUID), every entry comes again and the ones not sent
+    are deleted at the end."""
+    first, notes = followers([slapd.uri], slapd, watch="syncrepl")
+    notes.wait("synced", timeout=30)
+    old, old_cookie = first.mirror.snapshot()
+    first.stop()
+    first.join(timeout=15)
+    assert old_cookie and dn("frank") in {e.dn for e in old.entries} and dn("bob") in {e.dn for e in old.entries}
+    slapd.modify(
+        f"dn: {dn('frank')}\nchangetype: delete\n\n"
+        f"dn: {dn('frank')}\nchangetype: add\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+        "objectClass: inetLocalMailRecipient\nuid: frank\ncn: Frank Smith\nsn: Smith\n"
+        "mailLocalAddress: frank.smith@example.org\nemailForward: frank@elsewhere.example\n\n"
+        f"dn: {dn('bob')}\nchangetype: delete\n"
+    )
+    slapd.modify(generate_users_ldif(40), add=True)  # after the new frank in the server's order
+    cuts: list[int] = []
+
+    def cut_after_the_new_frank(n: int, m: bytes) -> tuple[bytes, bool]:
+        if b"uid=frank," in m and not cuts:
+            cuts.append(n)
+            return m, True
+        return m, False
+
+    proxy = TamperingProxy("127.0.0.1", slapd.port, cut_after_the_new_frank)
+    mirror = watch.Mirror()
+    mirror.load(old, old_cookie if resume else None)
+    before = (old.digest(), old_cookie if resume else None)
+    at_failure: list[tuple[Snapshot, bytes | None]] = []
+
+    class TakeAtFailure(Notifications):
+        def __call__(self, event: watch.FollowerEvent) -> None:
+            if event.kind == "error" and not at_failure:  # the follower's thread, right after the cut
+                at_failure.append(mirror.snapshot())
+            super().__call__(event)
+
+    snapshots = Snapshots(mirror)
+    try:
+        with capture_logs() as logs:
+            follower, notes = followers([proxy.uri], slapd, watch="syncrepl", mirror=mirror, notes=TakeAtFailure())
+            failed = notes.wait("error", timeout=30)
+            notes.wait("synced", after=failed, timeout=30)
+    finally:
+        snapshots.stop()
+        proxy.close()
+    assert cuts, "the refresh never sent the new frank"
+    failures = [e for e in logs if e["event"] == "directory connection failed; retrying"]
+    assert len(failures) == 1 and "connection closed" in failures[0]["error"], logs
+    refreshes = [e for e in logs if e["event"] == "following the directory"]
+    assert [r["resume"] for r in refreshes] == [resume, resume], logs
+    # right after the cut: exactly what the mirror held before the refresh began
+    ((cut_snapshot, cut_cookie),) = at_failure
+    assert cut_snapshot.entries == old.entries and cut_cookie == before[1]
+    # then the whole new content, with the cookie of the refresh that brought it
+    new, new_cookie = mirror.snapshot()
+    source = follower.config.source
+    assert isinstance(source, LdapSource)
+    truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
+    assert new.entries == truth.entries and new_cookie and new_cookie != old_cookie
+    assert [e.dn for e in new.entries].count(dn("frank")) == 1 and dn("bob") not in {e.dn for e in new.entries}
+    # and at no moment anything in between
+    allowed = {before, (new.digest(), new_cookie)}
+    assert snapshots.taken > 0 and snapshots.seen <= allowed, snapshots.seen - allowed
 
 
 @pytest.mark.slapd
