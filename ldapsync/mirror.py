@@ -5,7 +5,9 @@ by entryUUID, kept in snapshot order, with the directory digest kept up to date 
 (directory.EntrySum): a snapshot for a rebuild shares the mirrored entries and costs neither
 a sort nor hashing of the whole directory. The follow state (follow.json in the state directory)
 pairs a saved snapshot -- a recorded generation or held change, or follow-snapshot.json for
-one that is neither -- with the sync cookie that goes with exactly that content.
+one that is neither -- with the sync cookie that goes with exactly that content. A syncrepl
+refresh is staged beside the mirrored content and applied whole when it completes, or
+dropped (see Mirror), so no snapshot holds part of one.
 """
 
 from __future__ import annotations
