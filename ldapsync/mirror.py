@@ -81,6 +81,8 @@ class Mirror:
     the refresh with the cookie of that content. A refresh cut off half way would otherwise
     leave a mix a sync installs from (a renamed entry's new copy beside the old one: two
     entries claiming one address), and the cookie saved with it would not describe it.
+    A change made of several steps (persistent search's delete by DN, then add) is staged
+    the same way.
     """
 
     def __init__(self) -> None:

@@ -584,11 +584,14 @@ class Follower(threading.Thread):
             for item in self._items(ps, conn, uri):
                 for ev in consumer.receive(psearch.from_ldap3(item)):
                     if isinstance(ev, psearch.Upsert):
+                        # delete by DN, then add: staged, so that no sync sees the entry missing
+                        self.mirror.begin_refresh()
                         if ev.previous_dn:
                             self.mirror.delete_dn(ev.previous_dn)
                         self.mirror.delete_dn(ev.dn)
                         key = _uuid_of(ev.attributes) or ev.dn.lower()
                         self.mirror.upsert(key, ev.dn, ev.attributes, wanted)
+                        self.mirror.commit_refresh()
                     elif isinstance(ev, psearch.Delete):
                         self.mirror.delete_dn(ev.dn)
                     elif isinstance(ev, psearch.Finished):

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentutil import Ds389
 from ldapproxy import TamperingProxy
 from notldap import HttpServer
-from slapd import Slapd, generate_users_ldif
+from slapd import BIND_SECRET, SERVICE_DN, Slapd, generate_users_ldif
 from structlog.testing import capture_logs
 
 from ldapsync import ber, ldapsource, syncrepl, watch
@@ -713,6 +714,52 @@ def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
     # and at no moment anything in between
     allowed = {before, (new.digest(), new_cookie)}
     assert snapshots.taken > 0 and snapshots.seen <= allowed, snapshots.seen - allowed
+
+
+@pytest.mark.slapd
+def test_a_persistent_search_change_is_applied_in_one_step(ds389: Ds389, tmp_path: Path) -> None:
+    """psearch names a change by DN: the follower deletes what that DN (for a rename, the
+    previous DN too) held and adds the entry as it is now. A sync between the two steps would
+    install the directory without the entry (its addresses refused, a deletion for the
+    guards); what a sync takes just before the entry lands must still hold it as it was."""
+
+    class Watched(watch.Mirror):
+        def __init__(self) -> None:
+            super().__init__()
+            self.before_upsert: list[Snapshot] = []
+
+        def upsert(self, key: str, dn: str, raw: Any, wanted: Any) -> None:
+            self.before_upsert.append(self.snapshot()[0])  # what a sync right now would install
+            super().upsert(key, dn, raw, wanted)
+
+    secret = tmp_path / "bind.secret"
+    secret.write_text(BIND_SECRET.read_text().strip())
+    secret.chmod(0o600)
+    cfg = make_config(tmp_path, uri=[ds389.uri], bind_dn=SERVICE_DN, bind_password_file=str(secret), timeout=2)
+    mirror, notes = Watched(), Notifications()
+    follower = watch.Follower(cfg, mirror, notes, method="psearch")
+    follower.start()
+    try:
+        notes.wait("changed", timeout=60)  # the first full read
+        users = {e.dn for e in mirror.snapshot()[0].entries}
+        assert dn("user000001") in users and dn("user000002") in users
+        after = len(notes.seen)
+        ds389.modify(
+            f"dn: {dn('user000001')}\nchangetype: modify\nreplace: emailForward\nemailForward: u1@moved.example\n"
+        )
+        after = notes.wait("changed", after=after, timeout=30) + 1
+        ds389.modify(f"dn: {dn('user000002')}\nchangetype: modrdn\nnewrdn: uid=renamed\ndeleteoldrdn: 1\n")
+        notes.wait("changed", after=after, timeout=30)
+    finally:
+        follower.stop()
+        follower.join(timeout=15)
+    assert len(mirror.before_upsert) == 2, mirror.before_upsert
+    modified, renamed = ({e.dn: e for e in snapshot.entries} for snapshot in mirror.before_upsert)
+    assert set(modified) == users and set(renamed) == users  # nothing missing at either moment
+    assert modified[dn("user000001")].get("emailforward") == ("user000001@elsewhere.example",)
+    assert renamed[dn("user000001")].get("emailforward") == ("u1@moved.example",)
+    final = {e.dn for e in mirror.snapshot()[0].entries}
+    assert final == users - {dn("user000002")} | {dn("renamed")}
 
 
 @pytest.mark.slapd
