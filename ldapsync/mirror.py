@@ -207,6 +207,12 @@ class Mirror:
         """A refresh is staged: changes and cookies wait for commit_refresh."""
         return self._stage is not None
 
+    def staged(self) -> int:
+        """How many changes the refresh in progress holds (0 without one): how far a first
+        read got, which len() does not show until the refresh completes."""
+        stage = self._stage
+        return len(stage.changes) if stage is not None else 0
+
     def begin_refresh(self) -> None:
         """From now on upserts, deletes and cookies are staged; the mirrored content and its
         cookie stay what every reader sees. An unfinished stage is dropped first: a new

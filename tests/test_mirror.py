@@ -167,9 +167,10 @@ def test_a_staged_refresh_is_not_seen_until_it_is_committed() -> None:
     during, during_cookie = m.snapshot()
     assert (during.entries, during_cookie) == (before.entries, cookie)
     assert m.content() == before.entry_sum and m.keys() == {"k", "m"} and len(m) == 2 and m.cookie == b"cookie-1"
+    assert m.staged() == 2  # how far the refresh got (the agent's first-read progress)
 
     m.commit_refresh()
-    assert not m.refreshing
+    assert not m.refreshing and m.staged() == 0
     after, after_cookie = m.snapshot()
     assert after_cookie == b"cookie-2"
     assert [(e.dn, e.uuid) for e in after.entries] == [(f"uid=bob,{USERS}", "m"), (f"uid=frank,{USERS}", "n")]
