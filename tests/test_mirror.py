@@ -252,6 +252,30 @@ def test_a_full_refresh_that_sends_every_entry_again_keeps_one_copy_of_each() ->
     assert after.delta.changed["k9"] is None
 
 
+def test_a_large_refresh_is_applied_in_bulk_to_the_same_content() -> None:
+    """More changes than a quarter of the entries: applied without keeping order and digest
+    per change (recomputed once at the next snapshot, which then names no delta)."""
+    m, reference = mirrored(200), mirrored(200)
+    m.snapshot()
+    m.begin_refresh()
+    for target in (m, reference):
+        for i in range(0, 200, 2):
+            target.delete(f"k{i}")
+        for i in range(150, 300):  # 50 modified (odd keys), 100 added
+            target.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [b"\xff"]}, WANTED)
+    assert m.snapshot()[0].digest() == mirrored(200).snapshot()[0].digest()
+    m.set_cookie(b"cookie-2")
+    m.commit_refresh()
+    snap, cookie = m.snapshot()
+    expected, _ = reference.snapshot()
+    assert cookie == b"cookie-2" and len(snap.entries) == 100 + 150 - 25
+    assert snap.entries == expected.entries and sorted(map(str, snap.rejections)) == sorted(
+        map(str, expected.rejections)
+    )
+    assert snap.digest() == Snapshot(snap.entries, "fresh").digest()
+    assert snap.delta is None  # too many to list: the consumer compares
+
+
 def test_beginning_again_or_loading_drops_an_unfinished_stage() -> None:
     m = two_entries()
     before, _ = m.snapshot()
