@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -231,21 +232,6 @@ class Mirror:
             stage, self._stage = self._stage, None
             if stage is None:
                 return
-            entries = self._entries
-            changes = [(k, e) for k, e in stage.changes.items() if e is not entries.get(k)]
-            if len(changes) > max(64, len(entries) // 4):
-                self._sum, self._pending, self._sorted, self._since = None, [], None, None
-                for key, entry in changes:
-                    if entry is None:
-                        entries.pop(key, None)
-                    else:
-                        entries[key] = entry
-            else:
-                for key, entry in changes:
-                    if entry is None:
-                        self._remove(key)
-                    else:
-                        self._put(key, entry)
             for key in stage.changes:
                 found = stage.rejections.get(key)
                 if found:
@@ -254,6 +240,26 @@ class Mirror:
                     self._rejections.pop(key, None)
             if stage.has_cookie:
                 self.cookie = stage.cookie
+            entries = self._entries
+            changed = sum(1 for k, e in stage.changes.items() if e is not entries.get(k))  # no list of them
+            if changed <= max(64, len(entries) // 4):
+                for key, entry in stage.changes.items():
+                    if entry is entries.get(key):
+                        continue
+                    if entry is None:
+                        self._remove(key)
+                    else:
+                        self._put(key, entry)
+                return
+            self._sum, self._pending, self._sorted, self._since = None, [], None, None
+            if not entries and all(e is not None for e in stage.changes.values()):
+                self._entries = cast(dict[str, Entry], stage.changes)  # a first read: the stage is the mirror
+                return
+            for key, entry in stage.changes.items():
+                if entry is None:
+                    entries.pop(key, None)
+                else:
+                    entries[key] = entry
 
     def abandon_refresh(self) -> bool:
         """The refresh did not complete (a lost connection, a protocol error, a stop): drop

@@ -276,6 +276,19 @@ def test_a_large_refresh_is_applied_in_bulk_to_the_same_content() -> None:
     assert snap.delta is None  # too many to list: the consumer compares
 
 
+def test_a_first_read_staged_into_an_empty_mirror_becomes_the_mirror() -> None:
+    m = Mirror()
+    m.begin_refresh()
+    for i in range(100):
+        m.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [b"x@far.example"]}, WANTED)
+    m.set_cookie(b"cookie-1")
+    assert m.snapshot() == (Snapshot((), "ldap"), None)
+    m.commit_refresh()
+    assert m.snapshot() == mirrored(100).snapshot() and len(m) == 100
+    assert m.delete("k5") and m.delete("k-none") is False  # the mirror's own dict from now on
+    assert len(m.snapshot()[0].entries) == 99 and m.keys() == {f"k{i}" for i in range(100)} - {"k5"}
+
+
 def test_beginning_again_or_loading_drops_an_unfinished_stage() -> None:
     m = two_entries()
     before, _ = m.snapshot()
