@@ -55,6 +55,8 @@ from ldapsync.config import Config, LdapSource
 from ldapsync.errors import ConfigError, LdapsyncError, StateError
 from ldapsync.health import Health, clock_time
 from ldapsync.state import StateLock
+from ldapsync.state.lmdbstore import NEW_STORE, Store
+from ldapsync.stored import StoredMirror
 
 log = structlog.get_logger(__name__)
 
@@ -245,7 +247,8 @@ class Agent:
         # SimpleQueue: put() is reentrant, so the signal handler may post while get() runs
         self.events: queue.SimpleQueue[Posted] = queue.SimpleQueue()
         self.notifier = notifier or Notifier()
-        self.mirror = watch.Mirror()
+        self.mirror: watch.Mirror | StoredMirror = watch.Mirror()
+        self.store: Store | None = None  # an LDAP source's store, opened at start (under the lock)
         self.first_read = progress.Progress(self.clock.monotonic())  # the STATUS line until ready
         self.mirror_fingerprint = watch.fingerprint(config)
         self.follower: watch.Follower | None = None
@@ -309,6 +312,8 @@ class Agent:
         if self.pointer is not None:
             with contextlib.suppress(OSError):
                 self.pointer.unlink()
+        if self.store is not None:
+            self.store.close()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
@@ -322,13 +327,40 @@ class Agent:
             signal.signal(sig, on_signal)
 
     def _restore_mirror(self) -> None:
+        """An LDAP source's mirror is the store: open it, and carry on from the installed
+        outputs when they are what it rendered (no read, no build); else the first sync builds."""
         if not isinstance(self.config.source, LdapSource):
             return
-        saved = watch.load_follow_state(self.pipeline.state, self.config)
+        self._open_store()
+        assert isinstance(self.mirror, StoredMirror) and self.store is not None
+        if self.store.rebuilt is not None and self.store.rebuilt != NEW_STORE:
+            log.warning(
+                "store rebuilt; reading the directory afresh", why=self.store.rebuilt, path=str(self.store.path)
+            )
+        if len(self.mirror) or self.mirror.cookie is not None:
+            in_step = self.pipeline.resume_from_store()
+            log.info(
+                "resuming from the store",
+                entries=len(self.mirror),
+                cookie=self.mirror.cookie is not None,
+                outputs="as installed" if in_step else "rebuilt at the first sync",
+            )
+            return
+        saved = watch.load_follow_state(self.pipeline.state, self.config)  # written by an older version
         if saved is not None:
             snapshot, cookie = saved
             self.mirror.load(snapshot, cookie)
             log.info("resuming from saved sync state", entries=len(snapshot.entries), cookie=cookie is not None)
+
+    def _open_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store = Store.open(self.config.state_dir, watch.fingerprint(self.config))
+        self.mirror = StoredMirror(self.store)
+        self.mirror_fingerprint = watch.fingerprint(self.config)
+        pipeline = sync.Pipeline(self.config, follow=True, store=self.store)
+        pipeline.state.inherit(self.pipeline.state)
+        self.pipeline = pipeline
 
     def _start_follower(self) -> None:
         follower: watch.Follower | None = None
@@ -501,9 +533,16 @@ class Agent:
             seconds=round(self.clock.monotonic() - started, 3),
             entries=len(snapshot.entries),
         )
-        # a held change's snapshot is on disk already: the follow state names it, not a copy
-        self.saver.save(self.pipeline, snapshot, cookie, result.generation or result.held_id)
-        if self.pipeline.engine.last_full:
+        if isinstance(self.mirror, StoredMirror):
+            try:
+                self.pipeline.save(self.mirror, cookie, result)
+            except (LdapsyncError, OSError) as e:  # the outputs are installed; the next sync rebuilds
+                log.error("cannot write the store; the next sync is a full build", error=str(e))
+            self.pipeline.last_plan = None  # its snapshot and outputs need not outlive the sync
+        else:
+            # a held change's snapshot is on disk already: the follow state names it, not a copy
+            self.saver.save(self.pipeline, snapshot, cookie, result.generation or result.held_id)
+        if self.pipeline.engine.last_full and self.pipeline.store is None:
             # Everything built so far lives until the next full build: out of the cyclic
             # collector's sight, so a change's small garbage does not make it walk millions.
             gc.freeze()
@@ -536,7 +575,7 @@ class Agent:
                     file=new.path,
                     key="state_dir",
                 )
-            pipeline = sync.Pipeline(new, follow=True)
+            pipeline = sync.Pipeline(new, follow=True, store=self.store)
         except ConfigError as e:
             log.error("new configuration rejected; the running one stays in force", error=str(e))
             self.config_error = str(e)
@@ -545,6 +584,7 @@ class Agent:
         old = self.config
         pipeline.state.inherit(self.pipeline.state)  # the next generation records the change only
         self.config, self.pipeline = new, pipeline
+        pipeline.resume_from_store()  # other outputs or routing: the next sync builds in full
         self.config_error = None
         self._guarded("cannot record the configuration's state", self.pipeline.note_config, None)
         self.files.watch(new)
@@ -558,7 +598,9 @@ class Agent:
             self.follower.stop()
             self.follower.join(timeout=10)
         fingerprint = watch.fingerprint(self.config)
-        if fingerprint != self.mirror_fingerprint:
+        if fingerprint != self.mirror_fingerprint and isinstance(self.config.source, LdapSource):
+            self._open_store()  # another search: the store starts afresh
+        elif fingerprint != self.mirror_fingerprint:
             self.mirror, self.mirror_fingerprint = watch.Mirror(), fingerprint
         else:
             self.mirror.set_cookie(None)  # full refresh; the present phase drops what is gone

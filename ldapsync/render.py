@@ -95,40 +95,61 @@ def _differing(a: Mapping[str, object], b: Mapping[str, object]) -> set[str]:
     return {k for k, _ in a.items() ^ b.items()}
 
 
+class WholeModelNeeded(Exception):
+    """Given only the changed part of the model, the renderer cannot splice: build it whole."""
+
+
 class Renderer:
     """Renders one exporter's output, splicing the previous one when given what changed.
 
     Holds the previous output, its domains and, for exporters that link lines to a login's
-    record, those links; render() must see every model, in order (a missed model makes the
-    next change relative to the wrong previous one: pass FULL then).
+    record, those links (unless `links` is off: then every change names its part's model
+    before, ModelChange.before, and the links come from that); render() must see every model,
+    in order (a missed model makes the next change relative to the wrong previous one: pass
+    FULL then).
     """
 
-    __slots__ = ("_data", "_domains", "_lines", "_links", "_sha256", "exporter")
+    __slots__ = ("_data", "_domains", "_keep_links", "_lines", "_links", "_sha256", "exporter")
 
-    def __init__(self, exporter: Exporter):
+    def __init__(self, exporter: Exporter, *, links: bool = True):
         self.exporter = exporter
         self._data: bytes | None = None
         self._sha256 = ""
         self._lines = 0
         self._domains: object = None
         self._links: dict[str, Linked] = {}
+        self._keep_links = links
+
+    @property
+    def sha256(self) -> str | None:
+        """Of the last output, None before the first."""
+        return self._sha256 if self._data is not None else None
+
+    def restore(self, data: bytes, model_domains: RoutingModel) -> None:
+        """Carry on from `data`, this exporter's output of a model with these domains (a
+        restart, from the installed file the store says it rendered); links must be off."""
+        assert not self._keep_links
+        self._data, self._sha256 = data, hashlib.sha256(data).hexdigest()
+        self._lines = data.count(b"\n")
+        self._domains = _domains(model_domains)
 
     def render(self, model: RoutingModel, change: ModelChange = FULL) -> Rendered:
         exp = self.exporter
-        domains = (model.domain, model.domain_aliases, tuple(model.hosted.items()))
+        domains = _domains(model)
         data = self._data
+        part = change.before is not None  # `model` is only the changed part
         if data is None or change.full or domains != self._domains:
-            return self._whole(model, domains)
+            return self._whole(model, domains, part)
         unchanged = Rendered(data, self._sha256, self._lines, Edit(data, self._sha256))
         if not change.addresses and not change.logins:
             return unchanged
         if not exp.incremental or len(change.addresses) + len(change.logins) > max(
             SPLICE_MIN, self._lines // SPLICE_SHARE
         ):
-            return self._whole(model, domains)
+            return self._whole(model, domains, part)
         spliced = self._splice(data, model, change)
         if spliced is None:
-            return self._whole(model, domains)
+            return self._whole(model, domains, part)
         if spliced.data is data:
             return unchanged
         edit = Edit(data, self._sha256, spliced.added, spliced.removed, spliced.changed, spliced.gone, spliced.put)
@@ -136,12 +157,14 @@ class Renderer:
         self._lines += spliced.added - spliced.removed
         return Rendered(spliced.data, self._sha256, self._lines, edit)
 
-    def _whole(self, model: RoutingModel, domains: object) -> Rendered:
+    def _whole(self, model: RoutingModel, domains: object, part: bool = False) -> Rendered:
         exp = self.exporter
+        if part:
+            raise WholeModelNeeded(f"{exp.kind}: this change cannot be spliced")
         data = exp.render(model)
         self._data, self._sha256, self._domains = data, hashlib.sha256(data).hexdigest(), domains
         self._lines = data.count(b"\n")
-        self._links = _links(exp.linked(model, None)) if exp.incremental else {}
+        self._links = _links(exp.linked(model, None)) if exp.incremental and self._keep_links else {}
         return Rendered(data, self._sha256, self._lines)
 
     def _splice(self, data: bytes, model: RoutingModel, change: ModelChange) -> Splice | None:
@@ -156,6 +179,9 @@ class Renderer:
         links = self._links
         relinked: dict[str, Linked] = {}
         if logins:
+            if change.before is not None:  # the part's old model says what its records linked
+                for _, key in exp.linked(change.before, logins):
+                    drop.add(key)
             for login in logins:
                 drop.update(_keys(links.get(login)))
             relinked = _links(exp.linked(model, logins))
@@ -167,10 +193,15 @@ class Renderer:
         out = splice(data, exp.separator, sorted(drop), rows)
         if out is None:
             return None
-        for login in logins:
-            links.pop(login, None)
-        links.update(relinked)
+        if self._keep_links:
+            for login in logins:
+                links.pop(login, None)
+            links.update(relinked)
         return out
+
+
+def _domains(model: RoutingModel) -> object:
+    return (model.domain, model.domain_aliases, tuple(model.hosted.items()))
 
 
 @dataclass(frozen=True, slots=True)

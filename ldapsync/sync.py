@@ -32,10 +32,16 @@ from ldapsync.delta import Delta
 from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
-from ldapsync.render import FULL, Rendered, Renderer
-from ldapsync.routing import BuildReport, Engine
+from ldapsync.render import FULL, Rendered, Renderer, WholeModelNeeded
+from ldapsync.routing import BuildReport, Engine, ModelChange, RoutingModel
+from ldapsync.routing import build as routing_build
+from ldapsync.routing.stored import StoredEngine
 from ldapsync.state import Generation, State
+from ldapsync.state.lmdbstore import Store
 from ldapsync.status import OutputState, Status, SyncResult
+from ldapsync.stored import StoredMirror, of_store, redact_stored
+from ldapsync.stored import changes as stored_changes
+from ldapsync.stored import save as stored_save
 
 log = structlog.get_logger(__name__)
 
@@ -86,9 +92,11 @@ class Result:
 class Pipeline:
     """Wires a Config to its exporters and state dir; cheap to rebuild on config reload."""
 
-    def __init__(self, config: Config, *, follow: bool = False):
+    def __init__(self, config: Config, *, follow: bool = False, store: Store | None = None):
         """`follow`: syncs will come change after change (the agent): keep what makes the next
-        one cost its change; a one-shot run does not pay for that."""
+        one cost its change; a one-shot run does not pay for that. `store`: the agent's store
+        (ldapsync.state.lmdbstore), whose mirror gives the snapshots: the routing engine
+        works on it and keeps nothing in memory (unless an exporter cannot splice)."""
         self.config = config
         self.follow = follow
         self.state = State(config.state_dir)
@@ -98,9 +106,18 @@ class Pipeline:
         rs = config.routing
         self.static = static.load(config.static, rs.domain, rs.domain_aliases, rs.hosted)
         self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
-        self.engine = Engine(rs, self.static, index=follow)
-        self._renderers = {spec.name: Renderer(exp) for spec, exp in self.exporters}
+        self.store = store if store is not None and all(exp.incremental for _, exp in self.exporters) else None
+        self.engine: Engine | StoredEngine
+        if self.store is not None:
+            self.engine = StoredEngine(rs, self.static, self.store)
+        else:
+            self.engine = Engine(rs, self.static, index=follow)
+        links = self.store is None
+        self._renderers = {spec.name: Renderer(exp, links=links) for spec, exp in self.exporters}
         self._in_step = False  # every renderer has seen the engine's last model
+        # the renderers hold the outputs of the store's content (a stored engine may splice)
+        self._store_step = False
+        self.last_plan: Plan | None = None  # the last plan run() made, for the agent's store write
         self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
@@ -129,8 +146,36 @@ class Pipeline:
             )
         return ldifsource.read(src, self.config.routing.attributes)
 
+    def resume_from_store(self) -> bool:
+        """At a start: carry on from the installed outputs if each is exactly what the store
+        says it rendered last (else the first sync is a full build). True if so."""
+        if self.store is None:
+            return False
+        with self.store.reading() as view:
+            recorded = view.meta("outputs") or {}
+        empty, _ = routing_build(Snapshot((), ""), static.Static(), self.config.routing, date.today())
+        ok = True
+        for spec, _ in self.exporters:
+            try:
+                data = spec.path.read_bytes()
+            except OSError:
+                ok = False
+                continue
+            renderer = self._renderers[spec.name]
+            renderer.restore(data, empty)
+            ok = ok and renderer.sha256 == recorded.get(spec.name)
+        self._in_step = self._store_step = ok
+        return ok
+
     def render(self, snapshot: Snapshot, *, log_problems: bool = True) -> tuple[list[commit.Output], BuildReport]:
-        routing, report, change = self.engine.update(snapshot, date.today())
+        today = date.today()
+        engine = self.engine
+        if isinstance(engine, StoredEngine):
+            # splicing a change of the store's content needs outputs of exactly that content
+            if not (self._store_step and self._in_step and of_store(snapshot, engine.store)):
+                engine.force_full()
+            self._store_step = False  # until this sync is in the store (saved())
+        routing, report, change = engine.update(snapshot, today)
         if log_problems:
             current = {_problem_key(p) for p in (*report.warnings, *report.rejections, *report.notices)}
             for w in report.warnings:
@@ -151,6 +196,17 @@ class Pipeline:
         if not self._in_step:
             change = FULL
         self._in_step = False
+        try:
+            outputs = self._render_all(routing, change)
+        except WholeModelNeeded:
+            assert isinstance(engine, StoredEngine)
+            engine.force_full()
+            routing, report, change = engine.update(snapshot, today)
+            outputs = self._render_all(routing, change)
+        self._in_step = True
+        return outputs, report
+
+    def _render_all(self, routing: RoutingModel, change: ModelChange) -> list[commit.Output]:
         outputs = []
         for spec, exp in self.exporters:
             rendered = self._renderers[spec.name].render(routing, change)
@@ -174,8 +230,7 @@ class Pipeline:
                     lines=rendered.lines,
                 )
             )
-        self._in_step = True
-        return outputs, report
+        return outputs
 
     def redacted(self, snapshot: Snapshot, report: BuildReport | None = None) -> Snapshot:
         """`snapshot` as it may be stored: mail passwords the model refused (plaintext, unknown
@@ -186,7 +241,9 @@ class Pipeline:
             _, report = self.render(snapshot, log_problems=False)
         attr = (self.config.routing.attributes.mail_password or "").lower()
         refused = {r.dn for r in report.rejections if r.attribute.lower() == attr} if attr else set()
-        stored = without_secrets(snapshot, attr, refused)
+        stored = (redact_stored(snapshot, attr, refused) if attr else snapshot) or without_secrets(
+            snapshot, attr, refused
+        )
         # a weak reference: an agent's 100k-entry snapshot must not outlive its sync
         self._redacted = (weakref.ref(snapshot), stored if stored is not snapshot else None)
         return stored
@@ -432,8 +489,26 @@ class Pipeline:
         }
         data = {o.name: o.data for o in plan.outputs}
         hashes = {o.name: o.digest() for o in plan.outputs}
-        self.state.record(plan.generation, plan.snapshot, data, meta, self.config.keep_generations, hashes)
+        changes = None
+        if self.store is not None:
+            changes = stored_changes(plan.snapshot, self.store)
+        self.state.record(
+            plan.generation, plan.snapshot, data, meta, self.config.keep_generations, hashes, changes=changes
+        )
         self._verified.add(plan.generation)
+
+    def save(self, mirror: StoredMirror, cookie: bytes | None, result: Result) -> None:
+        """Write the last sync to the store (one transaction; ldapsync.stored.save): the
+        mirror's snapshot as planned, the engine's index, the cookie, what was rendered."""
+        plan = self.last_plan
+        if self.store is None or plan is None:
+            return
+        engine = self.engine if isinstance(self.engine, StoredEngine) else None
+        rendered = {spec.name: self._renderers[spec.name].sha256 for spec, _ in self.exporters}
+        generation = result.generation if result.status != SyncResult.HELD else None
+        stored_save(mirror, plan.snapshot, cookie, engine, {k: v for k, v in rendered.items() if v}, generation)
+        self._store_step = True
+        self.last_plan = self._redacted = None  # a full sync's entries need not outlive it
 
     def _reload(self, record: Status, changed: Sequence[commit.Output], generation: str) -> Status:
         """Run reload hooks for what changed and what is still owed; a failure is kept for the next sync."""
@@ -485,8 +560,10 @@ class Pipeline:
                     raise
                 return self.fallback(str(e))
         self.progress(BUILDING, len(snapshot.entries))
+        self.last_plan = None
         try:
             plan = self.plan(snapshot, force=force)
+            self.last_plan = plan
         except (LdapsyncError, OSError) as e:
             if not dry_run:  # e.g. an installed file unreadable, a static entry that no longer fits
                 record = replace(status_mod.load(self.config.state_dir), last_attempt=time.time())

@@ -37,6 +37,7 @@ from ldapsync.mirror import fingerprint as fingerprint
 from ldapsync.mirror import follow_state_path as follow_state_path
 from ldapsync.mirror import load_follow_state as load_follow_state
 from ldapsync.mirror import save_follow_state as save_follow_state
+from ldapsync.stored import StoredMirror
 
 log = structlog.get_logger(__name__)
 
@@ -142,7 +143,7 @@ class Follower(threading.Thread):
     the copy only as far as it has caught up with the server.
     """
 
-    def __init__(self, config: Config, mirror: Mirror, notify: Notify, *, method: str | None = None):
+    def __init__(self, config: Config, mirror: Mirror | StoredMirror, notify: Notify, *, method: str | None = None):
         super().__init__(name="ldapsync-follower", daemon=True)
         self.config = config
         self.mirror = mirror

@@ -12,7 +12,6 @@ NotifyListener is a NOTIFY_SOCKET datagram socket as systemd would provide.
 
 from __future__ import annotations
 
-import base64
 import grp
 import json
 import os
@@ -34,6 +33,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import yaml
+
+from ldapsync.state import lmdbstore
 
 T = TypeVar("T")
 
@@ -211,14 +212,11 @@ class AgentSetup:
         return {line.split(":", 1)[0] for line in lines if line}
 
     def saved_cookie(self) -> str | None:
-        """The sync cookie in state_dir/follow.json, saved after each sync with the snapshot it
+        """The sync cookie in the store, written after each sync with the directory it
         installed (None: nothing saved yet)."""
-        try:
-            doc = json.loads((self.state / "follow.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        cookie = doc.get("cookie") if isinstance(doc, dict) else None
-        return base64.b64decode(cookie).decode(errors="replace") if isinstance(cookie, str) else None
+        meta = lmdbstore.peek(self.state)
+        cookie = meta.get("cookie") if meta is not None else None
+        return cookie.decode(errors="replace") if cookie else None
 
     def reloads(self) -> int:
         try:
@@ -593,3 +591,15 @@ class Ds389:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def set_stored_cookie(state: Path, cookie: bytes) -> None:
+    """Replace the cookie in a stopped agent's store (a test's stand-in for a restored backup)."""
+    import lmdb
+
+    env = lmdb.open(str(state / lmdbstore.STORE_NAME), max_dbs=len(lmdbstore.INDEX_TABLES) + 2)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(b"cookie", cookie, db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()

@@ -35,7 +35,7 @@ from ldapsync.directory import REFUSED_PREFIX, Entry, Rejection, Snapshot, sort_
 from ldapsync.errors import StateError
 from ldapsync.fileio import write_atomic
 from ldapsync.guard import Window
-from ldapsync.state import State
+from ldapsync.state import State, lmdbstore
 from ldapsync.state import generations as state_mod
 from ldapsync.sync import Pipeline, rollback
 
@@ -261,64 +261,45 @@ def test_follow_cache_not_ours_or_too_open_is_ignored(tmp_path: Path, saved: str
     State(state.root).ensure()  # a cache, ignored and rewritten: not a reason to stop
 
 
-def _plant_follow_state(state_dir: Path, password: str, owner: pwd.struct_passwd) -> None:
-    """What a user who can write the state dir did: every hash replaced, checksums fixed up.
+def _plant_store(state_dir: Path, password: str, owner: pwd.struct_passwd) -> None:
+    """What a user who can write the state dir did: every hash in the store replaced."""
+    import lmdb
 
-    Planted as a follow state with its own snapshot file (what a held change saves), the
-    form a cache forger would pick: a generation's files are not a cache and are refused."""
-    snap_path, doc_path = state_dir / "follow-snapshot.json", state_dir / "follow.json"
-    doc = json.loads(doc_path.read_bytes())
-    if snap_path.exists():
-        data = json.loads(snap_path.read_bytes())
-    else:
-        generation = State(state_dir).get(doc.pop("generation"))
-        assert generation is not None
-        data = json.loads(generation.snapshot().to_json())
-    for _dn, _uuid, attrs in data["entries"]:
-        if "mailpassword" in attrs:
-            attrs["mailpassword"] = [password]
-    raw = json.dumps(data).encode()
-    snap_path.unlink(missing_ok=True)
-    snap_path.write_bytes(raw)
-    doc["snapshot_sha256"] = hashlib.sha256(raw).hexdigest()
-    doc_path.write_text(json.dumps(doc))
-    for p in (snap_path, doc_path):
-        p.chmod(0o600)
+    path = state_dir / lmdbstore.STORE_NAME
+    env = lmdb.open(str(path), max_dbs=len(lmdbstore.INDEX_TABLES) + 2)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"entries", txn=txn)
+        for key, value in list(txn.cursor(db=db)):
+            entry = lmdbstore.decode_entry(bytes(value))
+            if entry.get("mailpassword"):
+                attrs = {**entry.attributes.as_dict(), "mailpassword": (password,)}  # type: ignore[attr-defined]
+                txn.put(key, lmdbstore.encode_entry(Entry(entry.dn, attrs, entry.uuid)), db=db)
+    env.close()
+    for p in (path, *path.iterdir()):
         os.chown(p, owner.pw_uid, owner.pw_gid)
 
 
 @pytest.mark.slapd
-def test_planted_follow_state_does_not_reach_the_passwd_file_after_a_restart(tmp_path: Path, slapd: Slapd) -> None:
+def test_a_store_planted_by_another_user_is_not_read(tmp_path: Path, slapd: Slapd) -> None:
     setup = AgentSetup.for_slapd(tmp_path / "agent", slapd)
     with AgentProcess(setup.config) as agent:
         agent.wait_log("sync done", timeout=60)
-        wait_until(lambda: (setup.state / "follow.json").exists(), 30)
+        wait_until(lambda: setup.saved_cookie() is not None, 30)
         agent.terminate()
     good = setup.passwd.read_bytes()
     attacker = ssha("attacker")
     assert good.count(b"\n") > 10
 
-    # planted by another user: ignored, the agent reads the directory afresh
-    _plant_follow_state(setup.state, attacker, NOBODY)
+    _plant_store(setup.state, attacker, NOBODY)
     with AgentProcess(setup.config) as agent:
         agent.wait_log("state file not trusted; ignoring it", timeout=60)
         agent.wait_log("sync done", timeout=60)
-        wait_until(lambda: (setup.state / "follow.json").stat().st_uid == os.geteuid(), 30)
+        wait_until(lambda: setup.saved_cookie() is not None, 30)
         agent.terminate()
     assert setup.passwd.read_bytes() == good
-    planted = setup.state / "follow-snapshot.json"  # replaced by a follow state naming the new generation
-    assert not planted.exists() or planted.stat().st_uid == os.geteuid(), "the untrusted cache was kept"
-
-    # planted with our own identity (the cache is trusted): the changed-hash guard holds it
-    _plant_follow_state(setup.state, attacker, pwd.getpwuid(os.geteuid()))
-    with AgentProcess(setup.config) as agent:
-        held = agent.wait_log(
-            "change held for review: run `ldapsync --dry-run` to see it, `ldapsync approve` to install it", timeout=60
-        )
-        agent.terminate()
-    assert "values (100%) would change (max_change_ratio 0.2)" in held["reason"]
-    assert setup.passwd.read_bytes() == good
-    assert attacker.encode() not in setup.passwd.read_bytes()
+    store = setup.state / lmdbstore.STORE_NAME
+    assert store.stat().st_uid == os.geteuid(), "the untrusted store was kept"
+    assert attacker.encode() not in (store / "data.mdb").read_bytes()
 
 
 # -- refused secrets are not kept -----------------------------------------------------------------
@@ -370,14 +351,11 @@ def test_refused_passwords_are_not_stored_verbatim(tmp_path: Path, slapd: Slapd)
     assert len(list((setup.state / "held").glob("held-*/snapshot.json"))) == 1
     assert _stored_secrets(setup.state) == []
 
-    def follows_held() -> bool:
-        return str(State(setup.state).read_json("follow.json").get("generation")).startswith("held-")
-
-    with AgentProcess(setup.config) as agent:  # the held change again, and the follow state naming it
+    with AgentProcess(setup.config) as agent:  # the held change again, and the store holding it
         agent.wait_log("sync done", timeout=60)
-        wait_until(follows_held, 30)
+        wait_until(lambda: setup.saved_cookie() is not None, 30)
         agent.terminate()
-    assert not (setup.state / "follow-snapshot.json").exists(), "the held directory written a second time"
+    assert (setup.state / lmdbstore.STORE_NAME / "data.mdb").exists()
     assert _stored_secrets(setup.state) == []
 
 

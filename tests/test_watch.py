@@ -32,6 +32,8 @@ from ldapsync import config as config_mod
 from ldapsync.config import Config, LdapSource
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.state import State
+from ldapsync.state.lmdbstore import Store
+from ldapsync.stored import StoredMirror
 
 WANTED = ["uid", "emailForward", "mailPassword", "entryUUID"]
 USERS = "ou=users,dc=example,dc=org"
@@ -640,9 +642,10 @@ class Snapshots:
 
 
 @pytest.mark.slapd
+@pytest.mark.parametrize("kind", ["mirror", "stored"], ids=["in-memory", "on-the-store"])
 @pytest.mark.parametrize("resume", [True, False], ids=["resumed-with-cookie", "full-refresh"])
 def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
-    slapd: Slapd, followers: FollowerFactory, resume: bool
+    slapd: Slapd, followers: FollowerFactory, resume: bool, kind: str, tmp_path: Path
 ) -> None:
     """While disconnected, frank is deleted and added again (same DN, same address, another
     entryUUID), bob is deleted and forty users are added. The refresh that brings this is cut
@@ -652,7 +655,7 @@ def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
     with the cookie that goes with it; never a mix. Resumed with a cookie, the refresh has a
     present phase (deletions at its end); without one (after e-syncRefreshRequired, an
     in-step alarm or an unknown present UUID), every entry comes again and the ones not sent
-    are deleted at the end."""
+    are deleted at the end. The same for the in-memory mirror and the agent's stored one."""
     first, notes = followers([slapd.uri], slapd, watch="syncrepl")
     notes.wait("synced", timeout=30)
     old, old_cookie = first.mirror.snapshot()
@@ -676,7 +679,8 @@ def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
         return m, False
 
     proxy = TamperingProxy("127.0.0.1", slapd.port, cut_after_the_new_frank)
-    mirror = watch.Mirror()
+    store = Store.open(tmp_path, "search") if kind == "stored" else None
+    mirror: watch.Mirror | StoredMirror = watch.Mirror() if store is None else StoredMirror(store)
     mirror.load(old, old_cookie if resume else None)
     before = (old.digest(), old_cookie if resume else None)
     at_failure: list[tuple[Snapshot, bytes | None]] = []
@@ -688,32 +692,39 @@ def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
             super().__call__(event)
 
     snapshots = Snapshots(mirror)
+    follower: watch.Follower | None = None
     try:
         with capture_logs() as logs:
             follower, notes = followers([proxy.uri], slapd, watch="syncrepl", mirror=mirror, notes=TakeAtFailure())
             failed = notes.wait("error", timeout=30)
             notes.wait("synced", after=failed, timeout=30)
+        snapshots.stop()
+        assert cuts, "the refresh never sent the new frank"
+        failures = [e for e in logs if e["event"] == "directory connection failed; retrying"]
+        assert len(failures) == 1 and "connection closed" in failures[0]["error"], logs
+        refreshes = [e for e in logs if e["event"] == "following the directory"]
+        assert [r["resume"] for r in refreshes] == [resume, resume], logs
+        # right after the cut: exactly what the mirror held before the refresh began
+        ((cut_snapshot, cut_cookie),) = at_failure
+        assert cut_snapshot.entries == old.entries and cut_cookie == before[1]
+        # then the whole new content, with the cookie of the refresh that brought it
+        new, new_cookie = mirror.snapshot()
+        source = follower.config.source
+        assert isinstance(source, LdapSource)
+        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
+        assert new.entries == truth.entries and new_cookie and new_cookie != old_cookie
+        assert [e.dn for e in new.entries].count(dn("frank")) == 1 and dn("bob") not in {e.dn for e in new.entries}
+        # and at no moment anything in between
+        allowed = {before, (new.digest(), new_cookie)}
+        assert snapshots.taken > 0 and snapshots.seen <= allowed, snapshots.seen - allowed
     finally:
         snapshots.stop()
         proxy.close()
-    assert cuts, "the refresh never sent the new frank"
-    failures = [e for e in logs if e["event"] == "directory connection failed; retrying"]
-    assert len(failures) == 1 and "connection closed" in failures[0]["error"], logs
-    refreshes = [e for e in logs if e["event"] == "following the directory"]
-    assert [r["resume"] for r in refreshes] == [resume, resume], logs
-    # right after the cut: exactly what the mirror held before the refresh began
-    ((cut_snapshot, cut_cookie),) = at_failure
-    assert cut_snapshot.entries == old.entries and cut_cookie == before[1]
-    # then the whole new content, with the cookie of the refresh that brought it
-    new, new_cookie = mirror.snapshot()
-    source = follower.config.source
-    assert isinstance(source, LdapSource)
-    truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
-    assert new.entries == truth.entries and new_cookie and new_cookie != old_cookie
-    assert [e.dn for e in new.entries].count(dn("frank")) == 1 and dn("bob") not in {e.dn for e in new.entries}
-    # and at no moment anything in between
-    allowed = {before, (new.digest(), new_cookie)}
-    assert snapshots.taken > 0 and snapshots.seen <= allowed, snapshots.seen - allowed
+        if follower is not None:  # before the store closes under it
+            follower.stop()
+            follower.join(timeout=15)
+        if store is not None:
+            store.close()
 
 
 @pytest.mark.slapd

@@ -120,13 +120,7 @@ class Engine:
         self.index = index
         self.static = static
         self._canon = settings.canonical_domains()
-        self._statics: dict[str, Names] = {}
-        self._static_entries: dict[str, tuple[str, StaticEntry]] = {}
-        for kind, group in (("alias", static.aliases), ("forward", static.forwards)):
-            for s in group:
-                key = f"{_STATIC}{len(self._statics)}"
-                self._statics[key] = Names(addresses=(s.address,), to_addresses=s.targets)
-                self._static_entries[key] = (kind, s)
+        self._statics, self._static_entries = static_names(static)
         self.last_full = True  # whether the last update was a full build (for tests and the log)
         self.reset()
 
@@ -305,7 +299,7 @@ class Engine:
         new_part = [e for k in component if (e := changed[k] if k in changed else entries.get(k)) is not None]
         old_part.sort(key=entry_order)
         new_part.sort(key=entry_order)
-        static = self._static_subset(component)
+        static = static_subset(self.static, self._static_entries, component)
         old_cache = {e.dn: (e, self._parsed_of(e)) for e in old_part}
         new_cache = {e.dn: (e, new_parsed.get(entry_key(e)) or self._parsed_of(e)) for e in new_part}
         s = self.settings
@@ -329,9 +323,9 @@ class Engine:
                 names_set.update(new_t)
         logins.update(old_model.users.values())
         logins.update(new_model.users.values())
-        _swap(self._rejections, old_report.rejections, new_report.rejections)
-        _swap(self._warnings, old_report.warnings, new_report.warnings)
-        _swap(self._notices, old_report.notices, new_report.notices)
+        swap(self._rejections, old_report.rejections, new_report.rejections)
+        swap(self._warnings, old_report.warnings, new_report.warnings)
+        swap(self._notices, old_report.notices, new_report.notices)
         self._retired += new_report.retired - old_report.retired
         self._skipped += new_report.skipped - old_report.skipped
         self._weak += new_report.weak_passwords - old_report.weak_passwords
@@ -348,28 +342,46 @@ class Engine:
         self.last_full = False
         return routing, self._report(snapshot), ModelChange(frozenset(addresses), frozenset(logins))
 
-    def _static_subset(self, keys: Iterable[str]) -> Static:
-        chosen = sorted((int(k[len(_STATIC) :]), k) for k in keys if k.startswith(_STATIC))
-        picked = [self._static_entries[k] for _, k in chosen]
-        return Static(
-            self.static.file,
-            tuple(s for kind, s in picked if kind == "alias"),
-            tuple(s for kind, s in picked if kind == "forward"),
-        )
-
     def _report(self, snapshot: Snapshot) -> BuildReport:
         """The report of the whole directory; problems in a fixed order (not the build's)."""
         return BuildReport(
-            rejections=[*snapshot.rejections, *sorted(self._rejections.elements(), key=_problem_order)],
+            rejections=[*snapshot.rejections, *sorted(self._rejections.elements(), key=problem_order)],
             warnings=sorted(self._warnings.elements()),
-            notices=sorted(self._notices.elements(), key=_problem_order),
+            notices=sorted(self._notices.elements(), key=problem_order),
             retired=self._retired,
             skipped=self._skipped,
             weak_passwords=self._weak,
         )
 
 
-def _swap(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any]) -> None:
+StaticNames = dict[str, Names]
+StaticEntries = dict[str, tuple[str, StaticEntry]]
+
+
+def static_names(static: Static) -> tuple[StaticNames, StaticEntries]:
+    """The static entries under keys of their own in the index (never an entry's key)."""
+    names: StaticNames = {}
+    entries: StaticEntries = {}
+    for kind, group in (("alias", static.aliases), ("forward", static.forwards)):
+        for s in group:
+            key = f"{_STATIC}{len(names)}"
+            names[key] = Names(addresses=(s.address,), to_addresses=s.targets)
+            entries[key] = (kind, s)
+    return names, entries
+
+
+def static_subset(static: Static, entries: StaticEntries, keys: Iterable[str]) -> Static:
+    """The static entries among `keys`, in the file's order."""
+    chosen = sorted((int(k[len(_STATIC) :]), k) for k in keys if k.startswith(_STATIC))
+    picked = [entries[k] for _, k in chosen]
+    return Static(
+        static.file,
+        tuple(s for kind, s in picked if kind == "alias"),
+        tuple(s for kind, s in picked if kind == "forward"),
+    )
+
+
+def swap(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any]) -> None:
     """Replace a component's old problems by its new ones, in O(change)."""
     old = list(old)
     counter.subtract(old)
@@ -379,5 +391,5 @@ def _swap(counter: Counter[Any], old: Iterable[Any], new: Iterable[Any]) -> None
             del counter[problem]
 
 
-def _problem_order(r: Rejection) -> tuple[str, str, str, str]:
+def problem_order(r: Rejection) -> tuple[str, str, str, str]:
     return (r.dn.lower(), r.dn, r.attribute, r.reason)

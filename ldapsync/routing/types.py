@@ -142,6 +142,10 @@ class ModelChange:
     addresses: frozenset[str] = frozenset()  # users, aliases, forwards, disabled, sender_logins, local, groups keys
     logins: frozenset[str] = frozenset()  # passwords and mailboxes keys
     full: bool = False  # anything may have changed: render whole
+    # Set when the model given with this change holds only the changed part of the directory (a
+    # stored engine keeps no whole model): that part's model before the change. Renderers then
+    # splice, dropping the lines the old part gave; a whole render needs a full build.
+    before: RoutingModel | None = None
 
 
 @dataclass(slots=True)

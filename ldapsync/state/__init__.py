@@ -31,7 +31,7 @@ from ldapsync.fileio import write_atomic
 from ldapsync.guard import Window
 from ldapsync.state import lock as lock_mod
 from ldapsync.state import trust
-from ldapsync.state.generations import COMPACT_RATIO, STORE_DIR, Generation, Generations, StoreRef, sha256
+from ldapsync.state.generations import COMPACT_RATIO, STORE_DIR, Changes, Generation, Generations, StoreRef, sha256
 from ldapsync.state.held import Held, HeldChange, digest_of, is_held_id
 from ldapsync.state.lock import LockHolder, StateLock
 from ldapsync.state.trust import CACHE_FILES, untrusted
@@ -122,9 +122,10 @@ class State:
         hashes: Mapping[str, str] | None = None,
         *,
         new_base: bool = False,
+        changes: Changes | None = None,
     ) -> Generation:
         """Record a generation and make it current (see Generations.record)."""
-        return self.store.record(gid, snapshot, outputs, meta, keep, hashes, new_base=new_base)
+        return self.store.record(gid, snapshot, outputs, meta, keep, hashes, new_base=new_base, changes=changes)
 
     def resume(self, gid: str) -> Snapshot:
         """The snapshot of generation `gid`, or of the held change with that id, for a mirror

@@ -26,7 +26,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,14 +164,29 @@ def _store_dir(generation_path: Path) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class _Tail:
-    """The newest recorded generation's snapshot, kept by the writer for the next record to
-    diff against in memory. Its entries are shared with whoever made the snapshot (the agent's
-    mirror): not a second copy of the directory. `journal` hashes the journal up to ref.end."""
+    """The newest recorded generation, kept by the writer so that the next record writes what
+    changed: its snapshot to diff against in memory (entries shared with whoever made it, the
+    agent's mirror: not a second copy), or, when the caller lists the changes itself (the
+    store's mirror), just its digest's sum. `journal` hashes the journal up to ref.end."""
 
     generation: str
-    snapshot: Snapshot
+    snapshot: Snapshot | None
     ref: StoreRef
     journal: Any  # hashlib sha256 object
+    entry_sum: EntrySum
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """A snapshot's changed entry groups against generation `since` (see ldapsync.state.store)."""
+
+    since: str
+    changes: tuple[store.Change, ...]
+
+
+def _lazy(snapshot: Snapshot) -> bool:
+    """Whether the snapshot's entries are read on demand (a store's): not kept as the tail."""
+    return not isinstance(snapshot.entries, tuple)
 
 
 def sha256(data: bytes) -> str:
@@ -217,14 +232,18 @@ class Generations:
         hashes: Mapping[str, str] | None = None,
         *,
         new_base: bool = False,
+        changes: Changes | None = None,
     ) -> Generation:
         """Record a generation: the snapshot's changes since the previous record (a journal line,
         or a new base if there is no predecessor in memory, the journal is long, or `new_base`),
-        outputs linked where the previous generation has the same bytes; then make it current."""
+        outputs linked where the previous generation has the same bytes; then make it current.
+
+        `changes`: what changed since generation `changes.since`, from a caller that knows
+        (the agent's store): no snapshot in memory to diff against, none read from the files."""
         if hashes is None:
             hashes = {n: sha256(d) for n, d in outputs.items()}
         gens = self.generations()
-        ref, journal = self._store(gid, snapshot, gens, new_base=new_base)
+        ref, journal = self._store(gid, snapshot, gens, new_base=new_base, changes=changes)
         current = self.current_id()
         previous = [g for g in gens if self._tail is not None and g.id == self._tail.generation]
         previous += [g for g in gens if g.id == current and g not in previous]
@@ -251,21 +270,31 @@ class Generations:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._tail = _Tail(gid, snapshot, ref, journal)
+        kept = snapshot if not _lazy(snapshot) else None  # a store's snapshot is not held in memory
+        self._tail = _Tail(gid, kept, ref, journal, entry_sum)
         fsync_dir(self.generations_dir)
         write_atomic(self.root / "current", gid.encode())
         self.prune(keep)
         return Generation(gid, self.generations_dir / gid, full_meta)
 
-    def _store(self, gid: str, snapshot: Snapshot, gens: list[Generation], *, new_base: bool) -> tuple[StoreRef, Any]:
+    def _store(
+        self, gid: str, snapshot: Snapshot, gens: list[Generation], *, new_base: bool, changes: Changes | None
+    ) -> tuple[StoreRef, Any]:
         """Put the snapshot's entries in the store: one journal line if the previous record's
-        snapshot is in memory and still what its files hold, else a new base."""
+        snapshot is in memory (or the caller lists the changes since it) and its files still
+        hold it, else a new base."""
         self.store_dir.mkdir(mode=0o700, exist_ok=True)
+        if changes is not None and not new_base and (self._tail is None or self._tail.generation != changes.since):
+            self._tail = self._tail_of(changes.since, gens)  # a restart: the files say where it ends
         tail = None if new_base else self._usable_tail(gens)
-        if tail is not None:
-            changes = store.diff(tail.snapshot.entries, snapshot.entries)
-            after = tail.snapshot.entry_sum
-            for c in changes:
+        listed: Sequence[store.Change] | None = None
+        if tail is not None and changes is not None and changes.since == tail.generation:
+            listed = changes.changes
+        elif tail is not None and tail.snapshot is not None:
+            listed = store.diff(tail.snapshot.entries, snapshot.entries)
+        if tail is not None and listed is not None:
+            after = tail.entry_sum
+            for c in listed:
                 for e in c.before:
                     after = after.removed(e)
                 for e in c.after:
@@ -273,7 +302,7 @@ class Generations:
             if after != snapshot.entry_sum:  # cannot happen unless a sum or the diff is wrong
                 log.error("journal line does not add up to the snapshot; writing a new base", generation=gid)
             else:
-                line = store.journal_line(gid, snapshot, changes)
+                line = store.journal_line(gid, snapshot, listed)
                 if tail.ref.end + len(line) <= COMPACT_RATIO * tail.ref.base_size:
                     return self._append(tail, line)
         return self._write_base(gid, snapshot)
@@ -285,7 +314,7 @@ class Generations:
             return None
         try:
             gen = next((g for g in gens if g.id == t.generation), None)
-            if gen is None or gen.store_ref != t.ref or gen.meta.get("snapshot_digest") != t.snapshot.digest():
+            if gen is None or gen.store_ref != t.ref or gen.meta.get("snapshot_digest") != t.entry_sum.hexdigest():
                 return None
             for g in gens:
                 ref = g.store_ref
@@ -300,6 +329,33 @@ class Generations:
         except (StateError, OSError):
             return None
         return t if size >= t.ref.end else None
+
+    def _tail_of(self, gid: str, gens: list[Generation]) -> _Tail | None:
+        """The tail of generation `gid` from its files (its meta, its journal's bytes), without
+        reading its snapshot: for a writer that lists the changes itself."""
+        gen = next((g for g in gens if g.id == gid), None)
+        if gen is None:
+            return None
+        try:
+            ref = gen.store_ref
+            entry_sum = saved_sum(gen.meta)
+            if ref is None or entry_sum is None:
+                return None
+            journal = hashlib.sha256()
+            if ref.end:
+                with open(self.store_dir / ref.journal, "rb") as fh:
+                    left = ref.end
+                    while left:
+                        chunk = fh.read(min(left, 1 << 20))
+                        if not chunk:
+                            return None
+                        journal.update(chunk)
+                        left -= len(chunk)
+            if journal.hexdigest() != ref.journal_sha256:
+                return None
+        except (StateError, OSError):
+            return None
+        return _Tail(gid, None, ref, journal, entry_sum)
 
     def _append(self, tail: _Tail, line: bytes) -> tuple[StoreRef, Any]:
         """Append `line` to the tail's journal (cutting off bytes a failed record left), fsynced."""
@@ -364,7 +420,7 @@ class Generations:
             snapshot = Snapshot.with_sum(snapshot.entries, snapshot.source, snapshot.rejections, saved)
         ref = gen.store_ref
         if ref is not None and saved is not None:
-            tail = _Tail(gid, snapshot, ref, journal)
+            tail = _Tail(gid, snapshot, ref, journal, saved)
             self._tail, previous = tail, self._tail
             if self._usable_tail(gens) is None:
                 self._tail = previous

@@ -20,8 +20,9 @@ from ldapsync.errors import StateError
 log = structlog.get_logger(__name__)
 
 # Caches with their own reader that re-verifies them (and ignores them if untrusted): the
-# follow state of ldapsync.mirror. Everything else in the state dir is refused if not ours.
-CACHE_FILES = frozenset({"follow.json", "follow-snapshot.json"})
+# follow state of ldapsync.mirror, the store of ldapsync.state.lmdbstore. Everything else in
+# the state dir is refused if not ours.
+CACHE_FILES = frozenset({"follow.json", "follow-snapshot.json", "mirror.lmdb"})
 
 
 def untrusted(path: Path, *, private: bool = False) -> str | None:
@@ -78,6 +79,8 @@ def check_contents(root: Path) -> None:
     """StateError naming the first file under `root` that is not ours (caches excepted)."""
     for top, dirs, files in os.walk(root):
         here = Path(top)
+        if here == root:
+            dirs[:] = [d for d in dirs if d not in CACHE_FILES]  # a cache's reader checks its insides
         for name in [*dirs, *files]:
             if here == root and name in CACHE_FILES:
                 continue
