@@ -690,7 +690,7 @@ class Agent:
         retry_in = None if retry is None else max(0.0, retry - self.clock.monotonic())
         if self.scheduler.readiness != "ready" and health.record.result is None:
             # a first read of a large directory takes a minute: say how far it got
-            count = len(self.mirror)
+            count = max(len(self.mirror), self.mirror.staged())  # the first refresh is staged until complete
             line = self.first_read.status(self.clock.monotonic(), sync.READING, count if count else None)
             return f"starting: {line}"
         return health.status_line(following=following, retry_in=retry_in)

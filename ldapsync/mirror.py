@@ -5,7 +5,9 @@ by entryUUID, kept in snapshot order, with the directory digest kept up to date 
 (directory.EntrySum): a snapshot for a rebuild shares the mirrored entries and costs neither
 a sort nor hashing of the whole directory. The follow state (follow.json in the state directory)
 pairs a saved snapshot -- a recorded generation or held change, or follow-snapshot.json for
-one that is neither -- with the sync cookie that goes with exactly that content.
+one that is neither -- with the sync cookie that goes with exactly that content. A syncrepl
+refresh is staged beside the mirrored content and applied whole when it completes, or
+dropped (see Mirror), so no snapshot holds part of one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -52,8 +55,36 @@ def compact(entry: Entry) -> Entry:
     return Entry(entry.dn, Attributes.of(entry.attributes), entry.uuid)
 
 
+class _Stage:
+    """A refresh in progress (Mirror.begin_refresh): its changes, rejections and cookie, kept
+    apart from the mirrored content until commit_refresh applies them all at once.
+
+    Raw changes only (key -> the entry now, None: deleted), never a copy of the mirror: an
+    entry the refresh sends unchanged is the mirrored object itself, so a full refresh costs
+    the dict of its keys, not a second directory.
+    """
+
+    __slots__ = ("changes", "cookie", "has_cookie", "rejections")
+
+    def __init__(self) -> None:
+        self.changes: dict[str, Entry | None] = {}
+        self.rejections: dict[str, list[Rejection]] = {}  # only for staged entries that have some
+        self.cookie: bytes | None = None
+        self.has_cookie = False  # the refresh brought a cookie (else the one in force stays)
+
+
 class Mirror:
-    """The directory as last seen, plus the sync cookie that goes with exactly this state."""
+    """The directory as last seen, plus the sync cookie that goes with exactly this state.
+
+    A syncrepl refresh is staged (begin_refresh, commit_refresh, abandon_refresh): until it
+    completes, its upserts, deletes and cookie land in the stage, and everything a sync
+    reads -- snapshot(), content(), keys(), len(), cookie -- is the content as it was before
+    the refresh with the cookie of that content. A refresh cut off half way would otherwise
+    leave a mix a sync installs from (a renamed entry's new copy beside the old one: two
+    entries claiming one address), and the cookie saved with it would not describe it.
+    A change made of several steps (persistent search's delete by DN, then add) is staged
+    the same way.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,6 +102,7 @@ class Mirror:
         # None: unknown (after a load, or a refresh too large to be worth listing).
         self._serial = 0
         self._since: dict[str, Entry | None] | None = None
+        self._stage: _Stage | None = None  # a refresh in progress
 
     def load(self, snapshot: Snapshot, cookie: bytes | None) -> None:
         entries = {entry_key(e): compact(e) for e in snapshot.entries}
@@ -90,6 +122,7 @@ class Mirror:
             self._sum = entry_sum
             self._pending = []
             self._since = None
+            self._stage = None  # a refresh's changes are relative to the content replaced here
             self.cookie = cookie
             self.source = snapshot.source
 
@@ -117,30 +150,123 @@ class Mirror:
         else:
             entry = compact(make_entry(dn, raw, wanted, rejections, uuid=key))
         with self._lock:
-            old = self._entries.get(key)
-            if self._sorted is not None:
-                if old is not None:
-                    self._unsort(self._sorted, old)
-                bisect.insort(self._sorted, entry, key=entry_order)
-            self._changed(old, entry)
-            self._entries[key] = entry
+            stage = self._stage
+            if stage is not None:
+                old = self._entries.get(key)
+                stage.changes[key] = old if old == entry else entry  # unchanged: one copy
+                if rejections:
+                    stage.rejections[key] = rejections
+                else:
+                    stage.rejections.pop(key, None)
+                return
+            self._put(key, entry)
             if rejections:
                 self._rejections[key] = rejections
             else:  # no empty list per entry: ~9 MiB per 100k entries
                 self._rejections.pop(key, None)
-            self._note(key, entry)
 
     def delete(self, key: str) -> bool:
+        """Delete `key`; False if it was not there (in a refresh: as the refresh sees it)."""
         with self._lock:
+            stage = self._stage
+            if stage is not None:
+                existed = stage.changes.get(key, self._entries.get(key)) is not None
+                if key in self._entries:
+                    stage.changes[key] = None
+                else:
+                    stage.changes.pop(key, None)
+                stage.rejections.pop(key, None)
+                return existed
             self._rejections.pop(key, None)
-            old = self._entries.pop(key, None)
-            if old is None:
-                return False
-            if self._sorted is not None:
+            return self._remove(key)
+
+    def _put(self, key: str, entry: Entry) -> None:
+        """Add or replace one entry in the mirrored content (the lock held)."""
+        old = self._entries.get(key)
+        if self._sorted is not None:
+            if old is not None:
                 self._unsort(self._sorted, old)
-            self._changed(old, None)
-            self._note(key, None)
-            return True
+            bisect.insort(self._sorted, entry, key=entry_order)
+        self._changed(old, entry)
+        self._entries[key] = entry
+        self._note(key, entry)
+
+    def _remove(self, key: str) -> bool:
+        """Delete one entry from the mirrored content (the lock held)."""
+        old = self._entries.pop(key, None)
+        if old is None:
+            return False
+        if self._sorted is not None:
+            self._unsort(self._sorted, old)
+        self._changed(old, None)
+        self._note(key, None)
+        return True
+
+    # -- a staged refresh -------------------------------------------------------------------
+    @property
+    def refreshing(self) -> bool:
+        """A refresh is staged: changes and cookies wait for commit_refresh."""
+        return self._stage is not None
+
+    def staged(self) -> int:
+        """How many changes the refresh in progress holds (0 without one): how far a first
+        read got, which len() does not show until the refresh completes."""
+        stage = self._stage
+        return len(stage.changes) if stage is not None else 0
+
+    def begin_refresh(self) -> None:
+        """From now on upserts, deletes and cookies are staged; the mirrored content and its
+        cookie stay what every reader sees. An unfinished stage is dropped first: a new
+        refresh starts from the mirrored content and its cookie."""
+        with self._lock:
+            self._stage = _Stage()
+
+    def commit_refresh(self) -> None:
+        """The refresh completed: apply its changes and its cookie (if it brought one) at once,
+        under the lock, so no snapshot sees part of them. Without a refresh, nothing.
+
+        Entries the refresh sent unchanged are not changes. Many changes (a quarter of the
+        entries or more) are applied in bulk: the order and digest are recomputed once at the
+        next snapshot, as for a refresh streamed straight in."""
+        with self._lock:
+            stage, self._stage = self._stage, None
+            if stage is None:
+                return
+            for key in stage.changes:
+                found = stage.rejections.get(key)
+                if found:
+                    self._rejections[key] = found
+                else:
+                    self._rejections.pop(key, None)
+            if stage.has_cookie:
+                self.cookie = stage.cookie
+            entries = self._entries
+            changed = sum(1 for k, e in stage.changes.items() if e is not entries.get(k))  # no list of them
+            if changed <= max(64, len(entries) // 4):
+                for key, entry in stage.changes.items():
+                    if entry is entries.get(key):
+                        continue
+                    if entry is None:
+                        self._remove(key)
+                    else:
+                        self._put(key, entry)
+                return
+            self._sum, self._pending, self._sorted, self._since = None, [], None, None
+            if not entries and all(e is not None for e in stage.changes.values()):
+                self._entries = cast(dict[str, Entry], stage.changes)  # a first read: the stage is the mirror
+                return
+            for key, entry in stage.changes.items():
+                if entry is None:
+                    entries.pop(key, None)
+                else:
+                    entries[key] = entry
+
+    def abandon_refresh(self) -> bool:
+        """The refresh did not complete (a lost connection, a protocol error, a stop): drop
+        its stage; the mirror is what it was before it, with its cookie. True if one was open."""
+        with self._lock:
+            stage, self._stage = self._stage, None
+            return stage is not None
 
     def _note(self, key: str, entry: Entry | None) -> None:
         if self._since is None:
@@ -181,13 +307,36 @@ class Mirror:
 
     def delete_dn(self, dn: str) -> bool:
         with self._lock:
-            key = next((k for k, e in self._entries.items() if e.dn.lower() == dn.lower()), None)
+            key = next((k for k, e in self._view() if e.dn.lower() == dn.lower()), None)
         return self.delete(key) if key is not None else False
 
+    def _view(self) -> Iterator[tuple[str, Entry]]:
+        """The entries as a staged refresh sees them (the mirrored ones without one)."""
+        stage = self._stage
+        if stage is None:
+            yield from self._entries.items()
+            return
+        for key, entry in self._entries.items():
+            if key not in stage.changes:
+                yield key, entry
+        for key, staged in stage.changes.items():
+            if staged is not None:
+                yield key, staged
+
     def set_cookie(self, cookie: bytes | None) -> None:
-        """None forgets the cookie: the next connection does a full refresh."""
+        """The cookie that goes with the content; in a refresh, staged with its changes.
+
+        None forgets the cookie at once, refresh or not (and any the refresh brought): the
+        next connection does a full refresh, even if this refresh is then abandoned."""
         with self._lock:
-            self.cookie = cookie
+            if cookie is None:
+                self.cookie = None
+                if self._stage is not None:
+                    self._stage.cookie, self._stage.has_cookie = None, False
+            elif self._stage is not None:
+                self._stage.cookie, self._stage.has_cookie = cookie, True
+            else:
+                self.cookie = cookie
 
     def snapshot(self) -> tuple[Snapshot, bytes | None]:
         """A consistent (snapshot, cookie) pair: persisting both lets a restart resume.

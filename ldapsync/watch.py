@@ -260,6 +260,8 @@ class Follower(threading.Thread):
             else:
                 self._follow_poll(src, check)
         finally:
+            if self.mirror.abandon_refresh():  # lost, refused or stopped mid-refresh: nothing of it stays
+                log.info("refresh not complete; the copy stays as it was before it", server=check.uri)
             if self._check is not None:
                 self._check.close()
                 self._check = None
@@ -424,7 +426,9 @@ class Follower(threading.Thread):
                     why=f"the root DSE names no naming context holding {src.base_dn}",
                 )
             log.info("following the directory", method="syncrepl", server=uri, resume=resumed)
-            self.mirror.source = f"ldap:{uri}"
+            # staged until complete, a sync meanwhile takes the content before it (abandoned in
+            # _follow_ldap if the connection ends first)
+            self.mirror.begin_refresh()
             refreshing, received = True, 0
             for data in self._received(sock, uri):
                 try:
@@ -455,6 +459,8 @@ class Follower(threading.Thread):
                                 step.note_cookie(ev.cookie)
                         elif isinstance(ev, syncrepl.RefreshComplete):
                             refreshing = False
+                            self.mirror.commit_refresh()  # its changes and its cookie, all at once
+                            self.mirror.source = f"ldap:{uri}"
                             if step is not None:
                                 step.persisting = True
                                 step.rule.reset()
@@ -579,11 +585,14 @@ class Follower(threading.Thread):
             for item in self._items(ps, conn, uri):
                 for ev in consumer.receive(psearch.from_ldap3(item)):
                     if isinstance(ev, psearch.Upsert):
+                        # delete by DN, then add: staged, so that no sync sees the entry missing
+                        self.mirror.begin_refresh()
                         if ev.previous_dn:
                             self.mirror.delete_dn(ev.previous_dn)
                         self.mirror.delete_dn(ev.dn)
                         key = _uuid_of(ev.attributes) or ev.dn.lower()
                         self.mirror.upsert(key, ev.dn, ev.attributes, wanted)
+                        self.mirror.commit_refresh()
                     elif isinstance(ev, psearch.Delete):
                         self.mirror.delete_dn(ev.dn)
                     elif isinstance(ev, psearch.Finished):

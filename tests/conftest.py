@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import debpackages
 import profiles
-from slapd import Slapd, missing_tools
+from agentutil import Ds389, ds389_missing
+from slapd import BASE_LDIF, SERVICE_DN, Slapd, generate_users_ldif, missing_tools
 
 from ldapsync.testing import ports
 
@@ -199,3 +200,27 @@ def read_only_slapd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     finally:
         for server, _ in shared.values():
             server.close()
+
+
+@pytest.fixture
+def ds389() -> Iterator[Ds389]:
+    """Started 389-ds (persistent search, no syncrepl): base data, the service account may read
+    everything, six generated users."""
+    reason = ds389_missing()
+    if reason is not None:
+        print(reason)
+        pytest.skip(reason)
+    server = Ds389()
+    try:
+        server.start()
+        records = [r for r in BASE_LDIF.read_text().split("\n\n") if "dn:" in r and "dn: dc=example,dc=org" not in r]
+        server.modify("\n\n".join(records), add=True)
+        server.modify(
+            "dn: dc=example,dc=org\nchangetype: modify\nadd: aci\n"
+            'aci: (targetattr="*")(version 3.0; acl "ldapsync reads everything"; allow (read, search, compare)'
+            f' userdn="ldap:///{SERVICE_DN}";)\n'
+        )
+        server.modify(generate_users_ldif(6), add=True)
+        yield server
+    finally:
+        server.close()

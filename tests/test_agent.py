@@ -26,7 +26,6 @@ from agentutil import (
     AgentSetup,
     Ds389,
     NotifyListener,
-    ds389_missing,
     file_states,
     postmap_path,
     set_stored_cookie,
@@ -373,28 +372,6 @@ def test_sigterm_exits_zero_promptly_while_ldap_is_away(slapd: Slapd, agents: Ag
     assert seconds < 3, f"SIGTERM took {seconds:.1f}s while reconnecting"
     stopped: dict[str, Any] = agent.wait_log("stopped", since=mark)
     assert stopped["level"] == "info"
-
-
-@pytest.fixture
-def ds389() -> Iterator[Ds389]:
-    reason = ds389_missing()
-    if reason is not None:
-        print(reason)
-        pytest.skip(reason)
-    server = Ds389()
-    try:
-        server.start()
-        records = [r for r in BASE_LDIF.read_text().split("\n\n") if "dn:" in r and "dn: dc=example,dc=org" not in r]
-        server.modify("\n\n".join(records), add=True)
-        server.modify(
-            "dn: dc=example,dc=org\nchangetype: modify\nadd: aci\n"
-            'aci: (targetattr="*")(version 3.0; acl "ldapsync reads everything"; allow (read, search, compare)'
-            f' userdn="ldap:///{SERVICE_DN}";)\n'
-        )
-        server.modify(generate_users_ldif(6), add=True)
-        yield server
-    finally:
-        server.close()
 
 
 def test_follows_389_ds_via_persistent_search(ds389: Ds389, agents: Agents, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,260 @@ def test_replace_all_says_whether_the_content_changed() -> None:
     assert m.replace_all(Snapshot(entries[::-1], "ldap")) is False  # order is not content
     assert m.replace_all(Snapshot(entries[:1], "ldap")) is True
     assert m.snapshot()[0].digest() == Snapshot(entries[:1], "x").digest()
+
+
+# -- a staged refresh ----------------------------------------------------------------------
+# While a syncrepl refresh streams in, its changes and cookie wait in a stage: what a sync
+# takes from the mirror (snapshot, content) is the content before the refresh with its cookie,
+# until the refresh completes (commit_refresh: all at once) or is cut off (abandon_refresh:
+# nothing of it).
+
+
+def raw_of(attrs: dict[str, list[str]]) -> dict[str, list[bytes]]:
+    """Raw values, without entryUUID: the entries' uuid is then their mirror key."""
+    return {k: [v.encode() for v in vs] for k, vs in attrs.items() if k != "entryUUID"}
+
+
+def two_entries() -> Mirror:
+    m = Mirror()
+    m.upsert("k", f"uid=frank,{USERS}", {"uid": [b"frank"], "emailForward": [b"f@far.example"]}, WANTED)
+    m.upsert("m", f"uid=bob,{USERS}", {"uid": [b"bob"]}, WANTED)
+    m.set_cookie(b"cookie-1")
+    return m
+
+
+def test_a_staged_refresh_is_not_seen_until_it_is_committed() -> None:
+    m = two_entries()
+    before, cookie = m.snapshot()
+    m.begin_refresh()
+    assert m.refreshing
+    # the rename-like pair: a new entry for frank's DN (another entryUUID), the old one deleted
+    m.upsert("n", f"uid=frank,{USERS}", {"uid": [b"frank"], "emailForward": [b"f@near.example"]}, WANTED)
+    assert m.delete("k") is True and m.delete("k") is False  # as the refresh sees it
+    assert m.delete("gone") is False
+    m.set_cookie(b"cookie-2")
+    during, during_cookie = m.snapshot()
+    assert (during.entries, during_cookie) == (before.entries, cookie)
+    assert m.content() == before.entry_sum and m.keys() == {"k", "m"} and len(m) == 2 and m.cookie == b"cookie-1"
+    assert m.staged() == 2  # how far the refresh got (the agent's first-read progress)
+
+    m.commit_refresh()
+    assert not m.refreshing and m.staged() == 0
+    after, after_cookie = m.snapshot()
+    assert after_cookie == b"cookie-2"
+    assert [(e.dn, e.uuid) for e in after.entries] == [(f"uid=bob,{USERS}", "m"), (f"uid=frank,{USERS}", "n")]
+    assert after.digest() == Snapshot(after.entries, "x").digest() and m.keys() == {"m", "n"}
+
+
+def test_an_abandoned_refresh_leaves_nothing_behind() -> None:
+    m = two_entries()
+    before, cookie = m.snapshot()
+    m.begin_refresh()
+    m.upsert("n", f"uid=frank,{USERS}", {"uid": [b"frank"]}, WANTED)
+    m.upsert("m", f"uid=bob,{USERS}", {"uid": [b"bob"], "emailForward": [b"\xff"]}, WANTED)  # a rejection
+    m.delete("k")
+    m.set_cookie(b"cookie-2")
+    m.abandon_refresh()
+    assert not m.refreshing
+    after, after_cookie = m.snapshot()
+    assert (after.entries, after.rejections, after_cookie) == (before.entries, before.rejections, cookie)
+    assert after.delta is not None and dict(after.delta.changed) == {}  # nothing changed since `before`
+    m.commit_refresh()  # no refresh open: nothing to commit
+    assert m.snapshot()[0].entries == before.entries
+
+
+def test_rejections_are_staged_with_their_entry() -> None:
+    m = two_entries()
+    m.begin_refresh()
+    m.upsert("m", f"uid=bob,{USERS}", {"uid": [b"bob"], "emailForward": [b"\xff"]}, WANTED)
+    assert m.snapshot()[0].rejections == ()
+    m.commit_refresh()
+    assert [(r.dn, r.attribute) for r in m.snapshot()[0].rejections] == [(f"uid=bob,{USERS}", "emailForward")]
+    m.begin_refresh()
+    m.upsert("m", f"uid=bob,{USERS}", {"uid": [b"bob"]}, WANTED)  # fixed
+    assert len(m.snapshot()[0].rejections) == 1
+    m.commit_refresh()
+    assert m.snapshot()[0].rejections == ()
+
+
+def test_forgetting_the_cookie_during_a_refresh_takes_effect_at_once() -> None:
+    """The follower forgets the cookie (refused, out of step, an unknown present UUID) and then
+    drops the connection: the forgetting must outlive the refresh it happened in."""
+    m = two_entries()
+    m.begin_refresh()
+    m.set_cookie(b"cookie-2")
+    m.set_cookie(None)
+    assert m.snapshot()[1] is None
+    m.abandon_refresh()
+    assert m.snapshot()[1] is None and m.cookie is None
+    m.begin_refresh()
+    m.set_cookie(b"cookie-3")
+    m.commit_refresh()
+    assert m.snapshot()[1] == b"cookie-3"
+
+
+def test_a_refresh_without_a_cookie_keeps_the_one_in_force() -> None:
+    m = two_entries()
+    m.begin_refresh()
+    m.upsert("m", f"uid=bob,{USERS}", {"uid": [b"bob"], "emailForward": [b"b@far.example"]}, WANTED)
+    m.commit_refresh()
+    assert m.snapshot()[1] == b"cookie-1"
+
+
+def test_a_full_refresh_that_sends_every_entry_again_keeps_one_copy_of_each() -> None:
+    """A full refresh sends every entry: the unchanged ones stay the mirrored objects (the
+    stage does not double the mirror) and the next snapshot names only what really changed."""
+    m = mirrored(100)
+    before, _ = m.snapshot()
+    m.begin_refresh()
+    for i in range(100):
+        forward = b"new@far.example" if i == 7 else b"x@far.example"
+        m.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [forward]}, WANTED)
+    m.delete("k9")
+    m.set_cookie(b"cookie-2")
+    m.commit_refresh()
+    after, cookie = m.snapshot()
+    assert cookie == b"cookie-2" and len(after.entries) == 99
+    old = {e.uuid: e for e in before.entries}
+    assert sum(e is old[e.uuid] for e in after.entries) == 98
+    assert after.delta is not None and set(after.delta.changed) == {"k7", "k9"}
+    assert after.delta.changed["k9"] is None
+
+
+def test_a_large_refresh_is_applied_in_bulk_to_the_same_content() -> None:
+    """More changes than a quarter of the entries: applied without keeping order and digest
+    per change (recomputed once at the next snapshot, which then names no delta)."""
+    m, reference = mirrored(200), mirrored(200)
+    m.snapshot()
+    m.begin_refresh()
+    for target in (m, reference):
+        for i in range(0, 200, 2):
+            target.delete(f"k{i}")
+        for i in range(150, 300):  # 50 modified (odd keys), 100 added
+            target.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [b"\xff"]}, WANTED)
+    assert m.snapshot()[0].digest() == mirrored(200).snapshot()[0].digest()
+    m.set_cookie(b"cookie-2")
+    m.commit_refresh()
+    snap, cookie = m.snapshot()
+    expected, _ = reference.snapshot()
+    assert cookie == b"cookie-2" and len(snap.entries) == 100 + 150 - 25
+    assert snap.entries == expected.entries and sorted(map(str, snap.rejections)) == sorted(
+        map(str, expected.rejections)
+    )
+    assert snap.digest() == Snapshot(snap.entries, "fresh").digest()
+    assert snap.delta is None  # too many to list: the consumer compares
+
+
+def test_a_first_read_staged_into_an_empty_mirror_becomes_the_mirror() -> None:
+    m = Mirror()
+    m.begin_refresh()
+    for i in range(100):
+        m.upsert(f"k{i}", f"uid=u{i},{USERS}", {"uid": [f"u{i}".encode()], "emailForward": [b"x@far.example"]}, WANTED)
+    m.set_cookie(b"cookie-1")
+    assert m.snapshot() == (Snapshot((), "ldap"), None)
+    m.commit_refresh()
+    assert m.snapshot() == mirrored(100).snapshot() and len(m) == 100
+    assert m.delete("k5") and m.delete("k-none") is False  # the mirror's own dict from now on
+    assert len(m.snapshot()[0].entries) == 99 and m.keys() == {f"k{i}" for i in range(100)} - {"k5"}
+
+
+def test_beginning_again_or_loading_drops_an_unfinished_stage() -> None:
+    m = two_entries()
+    before, _ = m.snapshot()
+    m.begin_refresh()
+    m.upsert("n", f"uid=new,{USERS}", {"uid": [b"new"]}, WANTED)
+    m.begin_refresh()  # a new connection's refresh: the last one's changes are not in it
+    m.commit_refresh()
+    assert m.snapshot()[0].entries == before.entries
+    m.begin_refresh()
+    m.upsert("n", f"uid=new,{USERS}", {"uid": [b"new"]}, WANTED)
+    m.load(before, b"loaded")
+    assert not m.refreshing
+    m.commit_refresh()
+    assert m.snapshot() == (before, b"loaded")
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    st.lists(st.one_of(upsert, delete), max_size=20),
+    st.lists(st.one_of(upsert, delete), max_size=40),
+    st.booleans(),
+)
+def test_a_committed_refresh_is_its_changes_applied_and_an_abandoned_one_is_nothing(
+    committed: list[tuple[str, str, str, dict[str, list[str]]]],
+    staged: list[tuple[str, str, str, dict[str, list[str]]]],
+    commit: bool,
+) -> None:
+    m, reference = Mirror(), Mirror()
+    for op, key, rdn, attrs in committed:
+        for target in (m, reference):
+            if op == "upsert":
+                target.upsert(key, f"uid={rdn},{USERS}", raw_of(attrs), WANTED)
+            else:
+                target.delete(key)
+    m.set_cookie(b"before")
+    before, _ = m.snapshot()
+    m.begin_refresh()
+    for op, key, rdn, attrs in staged:
+        if op == "upsert":
+            m.upsert(key, f"uid={rdn},{USERS}", raw_of(attrs), WANTED)
+            reference.upsert(key, f"uid={rdn},{USERS}", raw_of(attrs), WANTED)
+        else:
+            assert m.delete(key) == reference.delete(key)  # the stage's view is the refresh's
+        assert m.snapshot()[0].entries == before.entries
+    m.set_cookie(b"after")
+    if commit:
+        m.commit_refresh()
+        expected, expected_cookie = reference.snapshot()[0], b"after"
+    else:
+        m.abandon_refresh()
+        expected, expected_cookie = before, b"before"
+    snap, cookie = m.snapshot()
+    assert cookie == expected_cookie
+    assert [entry_order(e) for e in snap.entries] == [entry_order(e) for e in expected.entries]
+    assert sorted(map(content, snap.entries)) == sorted(map(content, expected.entries))
+    assert sorted(map(str, snap.rejections)) == sorted(map(str, expected.rejections))
+    assert snap.digest() == Snapshot(snap.entries, "fresh").digest() == expected.digest()
+    if snap.delta is not None:  # what the incremental engine is told moved: every key that did
+        old = {e.uuid: e for e in before.entries}
+        new = {e.uuid: e for e in snap.entries}
+        moved = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        assert moved <= set(snap.delta.changed)
+        assert all(new.get(k) == e for k, e in snap.delta.changed.items())
+
+
+def test_a_reader_never_sees_part_of_a_refresh() -> None:
+    """Writer: refresh after refresh, each adding 50 entries and the cookie naming the count.
+    A snapshot taken at any moment holds a whole number of refreshes and their cookie."""
+    m = Mirror()
+    m.set_cookie(b"0")
+    rounds, done = 40, threading.Event()
+
+    def writer() -> None:
+        for r in range(rounds):
+            m.begin_refresh()
+            for i in range(50):
+                m.upsert(f"k{r}.{i}", f"uid=u{r}.{i},{USERS}", {"uid": [f"u{r}.{i}".encode()]}, WANTED)
+            m.set_cookie(str((r + 1) * 50).encode())
+            if r % 3 == 2:
+                m.abandon_refresh()  # a cut connection: the next round sends it again
+                m.begin_refresh()
+                for i in range(50):
+                    m.upsert(f"k{r}.{i}", f"uid=u{r}.{i},{USERS}", {"uid": [f"u{r}.{i}".encode()]}, WANTED)
+                m.set_cookie(str((r + 1) * 50).encode())
+            m.commit_refresh()
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    checked = 0
+    while t.is_alive() or checked == 0:
+        snap, cookie = m.snapshot()
+        assert cookie is not None and len(snap.entries) == int(cookie), (len(snap.entries), cookie)
+        checked += 1
+    t.join()
+    assert done.is_set(), "the writer failed"
+    assert m.snapshot()[1] == str(rounds * 50).encode()
 
 
 def make_config(tmp_path: Path) -> config_mod.Config:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentutil import Ds389
 from ldapproxy import TamperingProxy
 from notldap import HttpServer
-from slapd import Slapd
+from slapd import BIND_SECRET, SERVICE_DN, Slapd, generate_users_ldif
 from structlog.testing import capture_logs
 
 from ldapsync import ber, ldapsource, syncrepl, watch
@@ -31,6 +32,8 @@ from ldapsync import config as config_mod
 from ldapsync.config import Config, LdapSource
 from ldapsync.directory import Entry, Snapshot
 from ldapsync.state import State
+from ldapsync.state.lmdbstore import Store
+from ldapsync.stored import StoredMirror
 
 WANTED = ["uid", "emailForward", "mailPassword", "entryUUID"]
 USERS = "ou=users,dc=example,dc=org"
@@ -315,7 +318,12 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
     started: list[watch.Follower] = []
 
     def start(
-        uris: list[str], server: Slapd, passwords: bool = False, mirror: watch.Mirror | None = None, **ldap: Any
+        uris: list[str],
+        server: Slapd,
+        passwords: bool = False,
+        mirror: watch.Mirror | None = None,
+        notes: Notifications | None = None,
+        **ldap: Any,
     ) -> tuple[watch.Follower, Notifications]:
         ldap.setdefault("timeout", 2)
         cfg = make_config(
@@ -326,7 +334,7 @@ def followers(tmp_path: Path) -> Iterator[FollowerFactory]:
             bind_password_file=str(server.service_password_file),
             **ldap,
         )
-        notes = Notifications()
+        notes = notes if notes is not None else Notifications()
         follower = watch.Follower(cfg, mirror if mirror is not None else watch.Mirror(), notes)
         started.append(follower)
         follower.start()
@@ -606,6 +614,163 @@ def test_a_present_list_naming_an_entry_the_mirror_lacks_means_a_full_refresh(
         assert victim.dn in {e.dn for e in mirrored.entries}
     finally:
         proxy.close()
+
+
+class Snapshots:
+    """Every (digest, cookie) a sync could have installed from `mirror` while it runs: a thread
+    takes snapshots as fast as it can, as the agent may at any moment (a new day, a retry,
+    an operator's resync)."""
+
+    def __init__(self, mirror: watch.Mirror) -> None:
+        self.mirror = mirror
+        self.seen: set[tuple[str, bytes | None]] = set()
+        self.taken = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            snapshot, cookie = self.mirror.snapshot()
+            self.seen.add((snapshot.digest(), cookie))
+            self.taken += 1
+            time.sleep(0.001)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@pytest.mark.slapd
+@pytest.mark.parametrize("kind", ["mirror", "stored"], ids=["in-memory", "on-the-store"])
+@pytest.mark.parametrize("resume", [True, False], ids=["resumed-with-cookie", "full-refresh"])
+def test_a_refresh_cut_in_the_middle_leaves_the_mirror_as_it_was(
+    slapd: Slapd, followers: FollowerFactory, resume: bool, kind: str, tmp_path: Path
+) -> None:
+    """While disconnected, frank is deleted and added again (same DN, same address, another
+    entryUUID), bob is deleted and forty users are added. The refresh that brings this is cut
+    right after the new frank: half applied, the mirror would hold two franks claiming one
+    address (a sync would refuse it) and bob still there. Whatever a sync takes from the
+    mirror, at any moment, is the old content with the old cookie or the complete new content
+    with the cookie that goes with it; never a mix. Resumed with a cookie, the refresh has a
+    present phase (deletions at its end); without one (after e-syncRefreshRequired, an
+    in-step alarm or an unknown present UUID), every entry comes again and the ones not sent
+    are deleted at the end. The same for the in-memory mirror and the agent's stored one."""
+    first, notes = followers([slapd.uri], slapd, watch="syncrepl")
+    notes.wait("synced", timeout=30)
+    old, old_cookie = first.mirror.snapshot()
+    first.stop()
+    first.join(timeout=15)
+    assert old_cookie and dn("frank") in {e.dn for e in old.entries} and dn("bob") in {e.dn for e in old.entries}
+    slapd.modify(
+        f"dn: {dn('frank')}\nchangetype: delete\n\n"
+        f"dn: {dn('frank')}\nchangetype: add\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncMailAccount\n"
+        "objectClass: inetLocalMailRecipient\nuid: frank\ncn: Frank Smith\nsn: Smith\n"
+        "mailLocalAddress: frank.smith@example.org\nemailForward: frank@elsewhere.example\n\n"
+        f"dn: {dn('bob')}\nchangetype: delete\n"
+    )
+    slapd.modify(generate_users_ldif(40), add=True)  # after the new frank in the server's order
+    cuts: list[int] = []
+
+    def cut_after_the_new_frank(n: int, m: bytes) -> tuple[bytes, bool]:
+        if b"uid=frank," in m and not cuts:
+            cuts.append(n)
+            return m, True
+        return m, False
+
+    proxy = TamperingProxy("127.0.0.1", slapd.port, cut_after_the_new_frank)
+    store = Store.open(tmp_path, "search") if kind == "stored" else None
+    mirror: watch.Mirror | StoredMirror = watch.Mirror() if store is None else StoredMirror(store)
+    mirror.load(old, old_cookie if resume else None)
+    before = (old.digest(), old_cookie if resume else None)
+    at_failure: list[tuple[Snapshot, bytes | None]] = []
+
+    class TakeAtFailure(Notifications):
+        def __call__(self, event: watch.FollowerEvent) -> None:
+            if event.kind == "error" and not at_failure:  # the follower's thread, right after the cut
+                at_failure.append(mirror.snapshot())
+            super().__call__(event)
+
+    snapshots = Snapshots(mirror)
+    follower: watch.Follower | None = None
+    try:
+        with capture_logs() as logs:
+            follower, notes = followers([proxy.uri], slapd, watch="syncrepl", mirror=mirror, notes=TakeAtFailure())
+            failed = notes.wait("error", timeout=30)
+            notes.wait("synced", after=failed, timeout=30)
+        snapshots.stop()
+        assert cuts, "the refresh never sent the new frank"
+        failures = [e for e in logs if e["event"] == "directory connection failed; retrying"]
+        assert len(failures) == 1 and "connection closed" in failures[0]["error"], logs
+        refreshes = [e for e in logs if e["event"] == "following the directory"]
+        assert [r["resume"] for r in refreshes] == [resume, resume], logs
+        # right after the cut: exactly what the mirror held before the refresh began
+        ((cut_snapshot, cut_cookie),) = at_failure
+        assert cut_snapshot.entries == old.entries and cut_cookie == before[1]
+        # then the whole new content, with the cookie of the refresh that brought it
+        new, new_cookie = mirror.snapshot()
+        source = follower.config.source
+        assert isinstance(source, LdapSource)
+        truth = ldapsource.read(dataclasses.replace(source, uris=(slapd.uri,)), follower.config.routing.attributes)
+        assert new.entries == truth.entries and new_cookie and new_cookie != old_cookie
+        assert [e.dn for e in new.entries].count(dn("frank")) == 1 and dn("bob") not in {e.dn for e in new.entries}
+        # and at no moment anything in between
+        allowed = {before, (new.digest(), new_cookie)}
+        assert snapshots.taken > 0 and snapshots.seen <= allowed, snapshots.seen - allowed
+    finally:
+        snapshots.stop()
+        proxy.close()
+        if follower is not None:  # before the store closes under it
+            follower.stop()
+            follower.join(timeout=15)
+        if store is not None:
+            store.close()
+
+
+@pytest.mark.slapd
+def test_a_persistent_search_change_is_applied_in_one_step(ds389: Ds389, tmp_path: Path) -> None:
+    """psearch names a change by DN: the follower deletes what that DN (for a rename, the
+    previous DN too) held and adds the entry as it is now. A sync between the two steps would
+    install the directory without the entry (its addresses refused, a deletion for the
+    guards); what a sync takes just before the entry lands must still hold it as it was."""
+
+    class Watched(watch.Mirror):
+        def __init__(self) -> None:
+            super().__init__()
+            self.before_upsert: list[Snapshot] = []
+
+        def upsert(self, key: str, dn: str, raw: Any, wanted: Any) -> None:
+            self.before_upsert.append(self.snapshot()[0])  # what a sync right now would install
+            super().upsert(key, dn, raw, wanted)
+
+    secret = tmp_path / "bind.secret"
+    secret.write_text(BIND_SECRET.read_text().strip())
+    secret.chmod(0o600)
+    cfg = make_config(tmp_path, uri=[ds389.uri], bind_dn=SERVICE_DN, bind_password_file=str(secret), timeout=2)
+    mirror, notes = Watched(), Notifications()
+    follower = watch.Follower(cfg, mirror, notes, method="psearch")
+    follower.start()
+    try:
+        notes.wait("changed", timeout=60)  # the first full read
+        users = {e.dn for e in mirror.snapshot()[0].entries}
+        assert dn("user000001") in users and dn("user000002") in users
+        after = len(notes.seen)
+        ds389.modify(
+            f"dn: {dn('user000001')}\nchangetype: modify\nreplace: emailForward\nemailForward: u1@moved.example\n"
+        )
+        after = notes.wait("changed", after=after, timeout=30) + 1
+        ds389.modify(f"dn: {dn('user000002')}\nchangetype: modrdn\nnewrdn: uid=renamed\ndeleteoldrdn: 1\n")
+        notes.wait("changed", after=after, timeout=30)
+    finally:
+        follower.stop()
+        follower.join(timeout=15)
+    assert len(mirror.before_upsert) == 2, mirror.before_upsert
+    modified, renamed = ({e.dn: e for e in snapshot.entries} for snapshot in mirror.before_upsert)
+    assert set(modified) == users and set(renamed) == users  # nothing missing at either moment
+    assert modified[dn("user000001")].get("emailforward") == ("user000001@elsewhere.example",)
+    assert renamed[dn("user000001")].get("emailforward") == ("u1@moved.example",)
+    final = {e.dn for e in mirror.snapshot()[0].entries}
+    assert final == users - {dn("user000002")} | {dn("renamed")}
 
 
 @pytest.mark.slapd
