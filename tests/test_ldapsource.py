@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 from ldapsync import config as config_mod
 from ldapsync import ldapsource, ldifsource, sync
 from ldapsync.config import LdapSource
+from ldapsync.directory import Snapshot
 from ldapsync.errors import ConfigError, SourceError, Unreachable
 
 pytestmark = pytest.mark.slapd
@@ -304,6 +305,10 @@ def test_paged_read_of_600_users_with_limits_lifted(
     pages = [r for r in proxy.search_requests() if r["base"].lower() == server.users_dn.lower()]
     assert len(pages) >= 600 // 50, f"expected >= 12 page requests, saw {len(pages)}"
     assert all("1.2.840.113556.1.4.319" in r["controls"] for r in pages), "not a paged search"
+    # more than one page: the digest was summed by the helper process, and is the snapshot's own
+    assert vars(snap).get("_pending_sum") is not None
+    assert snap.digest() == Snapshot(snap.entries, snap.source, snap.rejections).digest()
+    assert vars(snap).get("_pending_sum") is None
 
 
 def test_search_requests_only_the_needed_attributes(
@@ -325,6 +330,7 @@ def test_failover_to_the_next_uri_is_logged(tmp_path: Path, slapd: Slapd) -> Non
         snap = read(cfg)
     assert snap.source == f"ldap:{slapd.uri}"
     assert any(e.dn.startswith("uid=alice,") for e in snap.entries)
+    assert "_pending_sum" not in vars(snap), "one page is hashed in-process: no helper process for it"
     failover = [e for e in logs if e.get("uri") == dead]
     assert failover and failover[0]["log_level"] == "warning", logs
 
