@@ -443,7 +443,7 @@ def _fast_search(
             del buf[:pos]
             if cookie:
                 mid = send(cookie)  # the server works on the next page while we decode this one
-                if helper is None and pages == 1:  # more than a page: worth a second process
+                if helper is None and pages == 1 and pagedigest.spare_core():  # more than a page, a core idle
                     helper = _start_helper(keep)
             if helper is not None:
                 helper.send(page, spans)

@@ -7,8 +7,9 @@ helper process (`python -m ldapsync.pagedigest`), which decodes it with the same
 (decode_page) and sums the entry hashes on the other core; the snapshot takes the sum
 when its digest is first asked for, after the routing build.
 
-The helper is an optimisation, never a dependency: if it cannot start, dies, is slow or
-answers anything but the expected count, the digest is computed in-process as before.
+The helper is an optimisation, never a dependency: it is started only when a core is idle
+(spare_core), and if it cannot start, dies, is late or answers anything but the expected
+count, the digest is computed in-process as before.
 It is handed the bytes the server sent (directory data, no credentials) on a pipe only
 the reader holds.
 """
@@ -31,7 +32,23 @@ from ldapsync import ber
 from ldapsync.directory import _SUM_MASK, Entry, EntrySum, Rejection, entry_hash
 
 _HEADER = struct.Struct("<II")  # page length, number of entries; (0, 0) ends the read
-WAIT = 30.0  # seconds the snapshot waits for the helper's answer before hashing in-process
+# Hashing in-process costs ~5 us per entry: waiting longer than that for a late helper is
+# pure loss, so the snapshot waits at most that long (never less than WAIT_MIN) and then
+# hashes the entries itself.
+WAIT_PER_ENTRY = 5e-6
+WAIT_MIN = 0.05
+
+
+def spare_core() -> bool:
+    """Whether a second process would have a core to itself: more than one CPU, and the load
+    average leaving one idle. On a busy host the helper's extra work (it decodes every page a
+    second time) would compete with the reader instead of running beside it."""
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    return cpus > 1 and load <= cpus - 1
 
 
 def decode_page(
@@ -100,9 +117,10 @@ class Helper:
             self.close()  # reaped here: a snapshot whose digest nobody asks for leaves nothing behind
             self._done.set()
 
-    def result(self, count: int, wait: float = WAIT) -> EntrySum | None:
-        """The helper's sum if it hashed exactly `count` entries within `wait` seconds."""
-        answered = self._done.wait(wait)
+    def result(self, count: int, wait: float | None = None) -> EntrySum | None:
+        """The helper's sum if it hashed exactly `count` entries within `wait` seconds
+        (default: about what hashing them in-process would take)."""
+        answered = self._done.wait(max(WAIT_MIN, count * WAIT_PER_ENTRY) if wait is None else wait)
         self.close()
         found = self._answer if answered and not self._failed else None
         return found if found is not None and found.count == count else None

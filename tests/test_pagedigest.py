@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 
@@ -98,11 +99,43 @@ def test_a_helper_process_gives_the_digest_of_the_snapshot() -> None:
     for page, spans in all_pages:
         helper.send(page, spans)
     helper.finish()
-    ordered = sort_entries(entries)
-    snapshot = Snapshot.with_pending_sum(ordered, "ldap:test", tuple(rejections), lambda: helper.result(len(entries)))
-    assert snapshot.entry_sum == EntrySum.of(entries) and vars(snapshot).get("_pending_sum") is None
-    assert snapshot.digest() == Snapshot(ordered, "ldap:test", tuple(rejections)).digest()
+    answer = helper.result(len(entries), wait=60)  # a busy test machine: the point is the sum, not its speed
+    assert answer == EntrySum.of(entries)
     assert helper._proc.returncode is not None  # reaped
+    ordered = sort_entries(entries)
+    snapshot = Snapshot.with_pending_sum(ordered, "ldap:test", tuple(rejections), lambda: answer)
+    assert snapshot.entry_sum is answer and vars(snapshot).get("_pending_sum") is None
+    assert snapshot.digest() == Snapshot(ordered, "ldap:test", tuple(rejections)).digest()
+
+
+def test_a_late_helper_is_waited_for_about_as_long_as_hashing_here_would_take() -> None:
+    """The reader never waits long for a helper that has not answered: it hashes itself."""
+    helper = pagedigest.Helper(KEEP)
+    helper.send(*pages(1)[0])  # and no finish(): the helper waits for more pages forever
+    started = time.monotonic()
+    assert helper.result(1000) is None
+    assert time.monotonic() - started < 5  # the bound is 0.05 s; the margin is for a busy machine
+    assert helper._proc.returncode is not None
+
+
+@pytest.mark.parametrize(
+    ("cpus", "load", "spare"), [(2, 0.4, True), (2, 1.0, True), (2, 1.6, False), (1, 0.0, False), (8, 6.5, True)]
+)
+def test_a_helper_only_runs_on_a_core_left_idle(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, load: float, spare: bool
+) -> None:
+    monkeypatch.setattr(pagedigest.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(pagedigest.os, "getloadavg", lambda: (load, load, load))
+    assert pagedigest.spare_core() is spare
+
+
+def test_no_load_average_means_no_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable() -> tuple[float, float, float]:
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(pagedigest.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(pagedigest.os, "getloadavg", unavailable)
+    assert not pagedigest.spare_core()
 
 
 def test_a_helper_that_counted_other_entries_is_not_believed() -> None:
