@@ -480,7 +480,7 @@ def _start_helper(keep: frozenset[str]) -> pagedigest.Helper | None:
     """The digest helper process, or None if it cannot start (the digest is then computed here)."""
     try:
         return pagedigest.Helper(keep)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # TypeError: no sys.executable (embedded)
         log.debug("digest helper not started; the digest is computed in-process", error=str(e))
         return None
 

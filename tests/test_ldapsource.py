@@ -318,6 +318,13 @@ def test_paged_read_of_600_users_with_limits_lifted(
     assert snap.digest() == Snapshot(snap.entries, snap.source, snap.rejections).digest()
     assert vars(snap).get("_pending_sum") is None
 
+    def cannot_start(keep: frozenset[str]) -> pagedigest.Helper:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(pagedigest, "Helper", cannot_start)  # the read goes on; the digest is computed here
+    again = ldapsource.read(cfg.source, cfg.routing.attributes)
+    assert "_pending_sum" not in vars(again) and again.digest() == snap.digest()
+
 
 def test_search_requests_only_the_needed_attributes(
     tmp_path: Path, slapd: Slapd, proxy_factory: Callable[..., LdapProxy]
