@@ -53,8 +53,10 @@ def compare(old: bytes, new: bytes, parse: Callable[[bytes], Mapping[str, str]])
     """Two versions of an output compared by key; `parse` is its exporter's line parser.
 
     Only the lines that differ are parsed: after a small change that is a handful, not the
-    100k lines of a large passwd-file.
+    100k lines of a large passwd-file. Against nothing, the new version is parsed as it is.
     """
+    if not old:  # nothing installed (a first run): every key is new, none to match
+        return Delta(len(parse(new)))
     old_lines, new_lines = set(old.split(b"\n")), set(new.split(b"\n"))
     gone = parse(b"\n".join(old_lines - new_lines))
     came = parse(b"\n".join(new_lines - old_lines))

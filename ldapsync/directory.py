@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import json
 import sys
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -160,6 +160,20 @@ class Snapshot:
         object.__setattr__(snapshot, "entry_sum", entry_sum)  # the cached_property's value
         return snapshot
 
+    @classmethod
+    def with_pending_sum(
+        cls,
+        entries: tuple[Entry, ...],
+        source: str,
+        rejections: tuple[Rejection, ...],
+        pending: Callable[[], EntrySum | None],
+    ) -> Snapshot:
+        """A snapshot whose digest another process is working out: `pending` gives it when it
+        is first needed (None: it is computed here after all)."""
+        snapshot = cls(entries, source, rejections)
+        object.__setattr__(snapshot, "_pending_sum", pending)
+        return snapshot
+
     @property
     def delta(self) -> SnapshotDelta | None:
         """Set by the mirror that made this snapshot; None when it cannot tell."""
@@ -210,7 +224,9 @@ class Snapshot:
 
     @cached_property
     def entry_sum(self) -> EntrySum:
-        return EntrySum.of(self.entries)
+        pending = vars(self).pop("_pending_sum", None)
+        found = pending() if pending is not None else None
+        return found if found is not None else EntrySum.of(self.entries)
 
     @cached_property
     def _digest(self) -> str:

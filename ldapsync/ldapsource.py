@@ -14,6 +14,7 @@ import socket
 import ssl
 import stat
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from ldap3.operation.search import search_operation
 from ldap3.utils.asn1 import encode as asn1_encode
 from pyasn1.error import PyAsn1Error
 
-from ldapsync import ber
+from ldapsync import ber, pagedigest
 from ldapsync.config import LdapSource
 from ldapsync.directory import Entry, Rejection, Snapshot, sort_entries
 from ldapsync.errors import ConfigError, SourceError, Unreachable
+from ldapsync.pagedigest import decode_page
 from ldapsync.schema import AttributeMap
 
 log = structlog.get_logger(__name__)
@@ -390,6 +392,7 @@ def _fast_search(
     sock = conn.socket
     buf = bytearray()
     pages = 0
+    helper: pagedigest.Helper | None = None
     previous_timeout = sock.gettimeout()
 
     def send(cookie: bytes) -> int:
@@ -440,7 +443,11 @@ def _fast_search(
             del buf[:pos]
             if cookie:
                 mid = send(cookie)  # the server works on the next page while we decode this one
-            _decode_page(page, spans, keep, entries, rejections)
+                if helper is None and pages == 1 and pagedigest.spare_core():  # more than a page, a core idle
+                    helper = _start_helper(keep)
+            if helper is not None:
+                helper.send(page, spans)
+            decode_page(page, spans, keep, entries, rejections)
             if progress is not None:
                 progress(len(entries))
             if not cookie:
@@ -456,28 +463,26 @@ def _fast_search(
     except OSError as e:
         _abandon(conn)
         raise SourceError(f"{uri}: search failed after {pages} page(s), {len(entries)} entries: {e}") from e
+    finally:
+        if helper is not None and sys.exc_info()[0] is not None:
+            helper.close()
     sock.settimeout(previous_timeout)
-    log.debug("paged search", uri=uri, pages=pages)
-    return Snapshot(sort_entries(entries), f"ldap:{uri}", tuple(rejections))
+    log.debug("paged search", uri=uri, pages=pages, digest_helper=helper is not None)
+    ordered = sort_entries(entries)
+    if helper is None:
+        return Snapshot(ordered, f"ldap:{uri}", tuple(rejections))
+    helper.finish()
+    count = len(entries)
+    return Snapshot.with_pending_sum(ordered, f"ldap:{uri}", tuple(rejections), lambda: helper.result(count))
 
 
-def _decode_page(
-    page: bytes,
-    spans: list[tuple[int, int]],
-    keep: frozenset[str],
-    entries: list[Entry],
-    rejections: list[Rejection],
-) -> None:
-    decode_entry = ber.decode_entry
-    append = entries.append
-    names: dict[bytes, str] = {}
-    for start, end in spans:
-        dn, attrs, bad = decode_entry(page, start, end, keep, names)
-        uuids = attrs.pop("entryuuid", None)
-        for name in bad:
-            if name.lower() != "entryuuid":
-                rejections.append(Rejection(dn, name, "value is not valid UTF-8"))
-        append(Entry(dn, attrs, uuids[-1] if uuids else None))
+def _start_helper(keep: frozenset[str]) -> pagedigest.Helper | None:
+    """The digest helper process, or None if it cannot start (the digest is then computed here)."""
+    try:
+        return pagedigest.Helper(keep)
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # TypeError: no sys.executable (embedded)
+        log.debug("digest helper not started; the digest is computed in-process", error=str(e))
+        return None
 
 
 def _abandon(conn: ldap3.Connection) -> None:

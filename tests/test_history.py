@@ -127,6 +127,13 @@ def test_compare_counts_keys_not_lines() -> None:
     assert history.delta_mod.compare(old, old, parse) == Delta()
 
 
+def test_compare_against_nothing_counts_each_key_once_as_added() -> None:
+    """A first install: a key written twice (the exporter's parser keeps one) counts once."""
+    parse = PasswdExporter({}).parse
+    assert history.delta_mod.compare(b"", b"a:1\nb:2\na:3\n\n", parse) == Delta(added=2)
+    assert history.delta_mod.compare(b"", b"", parse) == Delta()
+
+
 @pytest.mark.parametrize("args", [["diff", "a", "b", "c"]])
 def test_diff_takes_at_most_two_generations(tmp_path: Path, args: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "ldapsync", *args], capture_output=True, text=True, check=False)

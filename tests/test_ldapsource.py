@@ -27,8 +27,9 @@ from slapd import DEFAULT_LDIF, Slapd, _free_port, generate_users_ldif
 from structlog.testing import capture_logs
 
 from ldapsync import config as config_mod
-from ldapsync import ldapsource, ldifsource, sync
+from ldapsync import ldapsource, ldifsource, pagedigest, sync
 from ldapsync.config import LdapSource
+from ldapsync.directory import Snapshot
 from ldapsync.errors import ConfigError, SourceError, Unreachable
 
 pytestmark = pytest.mark.slapd
@@ -289,12 +290,16 @@ def test_size_limit_fails_loudly_and_keeps_previous_outputs(
 
 
 def test_paged_read_of_600_users_with_limits_lifted(
-    tmp_path: Path, slapd_factory: Callable[..., Slapd], proxy_factory: Callable[..., LdapProxy]
+    tmp_path: Path,
+    slapd_factory: Callable[..., Slapd],
+    proxy_factory: Callable[..., LdapProxy],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = slapd_factory(extra_ldif=generate_users_ldif(600))
     proxy = proxy_factory(server.port)
     cfg = load(tmp_path, server, [proxy.uri], page_size=50)
     assert isinstance(cfg.source, LdapSource)
+    monkeypatch.setattr(pagedigest, "spare_core", lambda: False)
     told: list[int] = []  # the progress line's count, after each page
     snap = ldapsource.read(cfg.source, cfg.routing.attributes, progress=told.append)
     assert told == sorted(told) and len(told) >= 600 // 50 and told[-1] == len(snap.entries)
@@ -304,6 +309,21 @@ def test_paged_read_of_600_users_with_limits_lifted(
     pages = [r for r in proxy.search_requests() if r["base"].lower() == server.users_dn.lower()]
     assert len(pages) >= 600 // 50, f"expected >= 12 page requests, saw {len(pages)}"
     assert all("1.2.840.113556.1.4.319" in r["controls"] for r in pages), "not a paged search"
+    assert "_pending_sum" not in vars(snap), "no core to spare (the test's own): no helper process"
+
+    # more than one page and a core to spare: the digest is summed by the helper process
+    monkeypatch.setattr(pagedigest, "spare_core", lambda: True)
+    snap = ldapsource.read(cfg.source, cfg.routing.attributes)
+    assert vars(snap).get("_pending_sum") is not None
+    assert snap.digest() == Snapshot(snap.entries, snap.source, snap.rejections).digest()
+    assert vars(snap).get("_pending_sum") is None
+
+    def cannot_start(keep: frozenset[str]) -> pagedigest.Helper:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(pagedigest, "Helper", cannot_start)  # the read goes on; the digest is computed here
+    again = ldapsource.read(cfg.source, cfg.routing.attributes)
+    assert "_pending_sum" not in vars(again) and again.digest() == snap.digest()
 
 
 def test_search_requests_only_the_needed_attributes(
@@ -325,6 +345,7 @@ def test_failover_to_the_next_uri_is_logged(tmp_path: Path, slapd: Slapd) -> Non
         snap = read(cfg)
     assert snap.source == f"ldap:{slapd.uri}"
     assert any(e.dn.startswith("uid=alice,") for e in snap.entries)
+    assert "_pending_sum" not in vars(snap), "one page is hashed in-process: no helper process for it"
     failover = [e for e in logs if e.get("uri") == dead]
     assert failover and failover[0]["log_level"] == "warning", logs
 

@@ -1292,3 +1292,41 @@ def test_a_primary_address_attribute_chooses_among_the_own_addresses() -> None:
             "'x@example.com' is not one of the entry's addresses; value ignored, the primary address rule decides",
         ),
     ]
+
+
+def test_a_shared_value_is_judged_once_per_parser_and_reported_for_every_entry() -> None:
+    """The parser keeps validation results by value: entries sharing a bad hash, a bad status
+    or a creation time each get their own rejection or notice under their own DN, and the
+    same outcome as a parser that sees the value for the first time."""
+    shared = {"mailPassword": "plaintext", "accountStatus": "Retired", "createTimestamp": "20260101000000Z"}
+    entries = [entry(f"u{i}", **shared) for i in range(3)]
+    settings = routing.Settings(domain=DOMAIN, domain_aliases=ALIASES, attributes=UD)
+    parse = routing.entry_parser(settings, TODAY)
+    first = [parse(e) for e in entries]
+    fresh = [routing.entry_parser(settings, TODAY)(e) for e in entries]
+    assert first == fresh
+    for e, parsed in zip(entries, first, strict=True):
+        assert parsed.password is None and parsed.created == "20260101000000.000000"
+        assert [(r.dn, r.attribute) for r in parsed.rejections] == [(e.dn, "mailPassword")]
+        assert [(r.dn, r.attribute) for r in parsed.notices] == [(e.dn, "accountStatus")]
+
+
+def test_a_parser_judges_a_retiring_date_by_its_own_day() -> None:
+    """Retirement depends on the day: a parser made for another day does not reuse a verdict."""
+    e = entry("old", accountStatus="retiring 2026-01-01")
+    settings = routing.Settings(domain=DOMAIN, domain_aliases=ALIASES, attributes=UD)
+    assert not routing.entry_parser(settings, date(2026, 3, 1))(e).retired
+    assert routing.entry_parser(settings, date(2026, 9, 1))(e).retired
+
+
+def test_the_parser_memo_is_bounded() -> None:
+    """An agent keeps a parser for a day: a stream of distinct values must not grow it without bound."""
+    from ldapsync.routing.entry import MEMO_LIMIT, _Memo
+
+    memo = _Memo(TODAY)
+    for i in range(MEMO_LIMIT * 2 + 7):
+        memo.password(f"{{SSHA}}{i}")
+        memo.created(f"2026{i:010d}Z")
+        memo.status(f"locked {i}")
+    tables = (memo._passwords, memo._stamps, memo._statuses)  # the bound is the point
+    assert all(0 < len(t) <= MEMO_LIMIT for t in tables)

@@ -458,3 +458,83 @@ def test_quota_sizes(value: str) -> None:
 def test_quota_refuses_percentages_and_junk(value: str, reason: str) -> None:
     with pytest.raises(Invalid, match=reason):
         validate.quota(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "user@example.org",
+        "First.Last+tag@example.org",
+        "user@Example.org",
+        "-user@example.org",
+        "user-@example.org",
+        "us..er@example.org",
+        ".user@example.org",
+        "user@example",
+        "user@-example.org",
+        "user@example-.org",
+        "user@example.org.",
+        "user@exa_mple.org",
+        " user@example.org",
+        "user@example.org\n",
+        "user@example.org ",
+        "us\ter@example.org",
+        "|cmd@example.org",
+        "/file@example.org",
+        ":include:/x@example.org",
+        "usér@example.org",
+        "user@\u212aexample.org",
+        "a@b@example.org",
+        "a" * 240 + "@example.org",
+        "a" * 243 + "@example.org",
+        "a" * 242 + "@example.org",
+        "user@" + "a" * 63 + ".org",
+        "user@" + "a" * 64 + ".org",
+        "=%_+@example.org",
+        "@example.org",
+        "user@",
+    ],
+)
+def test_address_fast_path_agrees_with_every_rule(value: str) -> None:
+    """The one-regex path for plain addresses accepts exactly what the rule-by-rule check accepts,
+    with the same result."""
+    try:
+        expected: str | None = validate._address_checked(value)
+    except validate.Invalid as e:
+        expected, reason = None, str(e)
+    if expected is None:
+        with pytest.raises(validate.Invalid) as raised:
+            validate.address(value)
+        assert str(raised.value) == reason
+    else:
+        assert validate.address(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "$1$NeuqKH2q$RDpcAKsEaEwyzUgBQYR.g0",
+        "$1$NeuqKH2q$RDpcAKsEaEwyzUgBQYR.g",
+        "$2b$10$1SkB9jHvJDSZXEQAIjwH5ONHG5W2rLYCE40q8SeNviLt4XCBMcsfG",
+        "$2x$10$1SkB9jHvJDSZXEQAIjwH5ONHG5W2rLYCE40q8SeNviLt4XCBMcsfG",
+        "$2b$10$1SkB9jHvJDSZXEQAIjwH5ONHG5W2rLYCE40q8SeNviLt4XCBMcsf",
+        "$6$rounds=5000$Mwbjj2JAVj1UcS5G$nyzXjxh.GlSMV59F5eiRXhZdNputRFpfSv8PpCyTF5Bl5jVMAOeRlJzp8PZW7XF4SsWhilFZqYVvsmQ6BSpFu1",
+        "$6$broken",
+        "$5$salt$" + "a" * 43,
+        "$5$salt$" + "a" * 42,
+    ],
+)
+def test_crypt_shape_check_gives_the_libpass_verdict(value: str) -> None:
+    """A complete crypt(3) hash is accepted by its shape alone; anything else still gets the
+    handler's own verdict (identify, then parse) and its reason."""
+    from passlib import hash as ph
+
+    handler = {"$1$": ph.md5_crypt, "$2": ph.bcrypt, "$5$": ph.sha256_crypt, "$6$": ph.sha512_crypt}
+    h = next(v for k, v in handler.items() if value.startswith(k))
+    shape = validate._CRYPT_SHAPES[h.name]
+    if shape.fullmatch(value):
+        assert h.identify(value)
+        validate._parse(h, value)
+    else:
+        with pytest.raises(validate.Invalid, match=f"malformed {h.name} hash"):
+            validate._parse(h, value)

@@ -70,6 +70,7 @@ def claim(
     fwd_attr = attributes.forward or ""
     ldap_aliases: dict[str, str] = {}  # alias -> user address
     alias_source = t.alias_source
+    tracing = decide.trace is not None  # the events' texts are built only for `explain`
     for entry, parsed in entries:
         if parsed.group:  # not a mail account: the empty-directory guard must not count it
             t.group_entries.append(entry)
@@ -120,12 +121,14 @@ def claim(
         t.users[addr] = login
         if login_by_address:
             t.own[login] = parsed.addresses
-        decide.event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}")
+        if tracing:
+            decide.event(Rule.ACCOUNT, addr, entry.dn, attributes.login, f"login {login}")
         if keep_records:
             t.records[login] = (addr, entry.dn, parsed)
         if parsed.targets:
             t.forwards[addr] = list(parsed.targets)
-            decide.event(Rule.FORWARD, addr, entry.dn, fwd_attr, ", ".join(parsed.targets))
+            if tracing:
+                decide.event(Rule.FORWARD, addr, entry.dn, fwd_attr, ", ".join(parsed.targets))
         if parsed.aliases or len(parsed.addresses) > 1:
             for attr, values in ((addr_attr, parsed.addresses[1:]), (alias_attr, parsed.aliases)):
                 for alias in values:
@@ -142,7 +145,7 @@ def claim(
             t.passwords[login] = parsed.password
             if parsed.weak:
                 report.weak_passwords += 1
-            if decide.trace is not None:
+            if tracing:
                 scheme = parsed.password[1 : parsed.password.index("}")]
                 decide.event(Rule.PASSWORD, addr, entry.dn, attributes.mail_password or "", f"{{{scheme}}}")
 

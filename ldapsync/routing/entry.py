@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from ldapsync import validate
 from ldapsync.directory import Entry, Rejection
@@ -107,17 +108,68 @@ def group_test(settings: GroupSettings | None) -> Callable[[Entry], bool] | None
     return is_group
 
 
+MEMO_LIMIT = 4096  # values per table of a _Memo; a full table starts over
+
+
+class _Memo:
+    """Validation results by value, for one parser: validation is a pure function of the value
+    (and of the day, which a parser is made for), and many entries share a value: a status
+    word, a retiring date, a creation time from a bulk load, a default password hash. Each
+    table is bounded, so an agent's parser, kept for a whole day, does not grow with churn."""
+
+    __slots__ = ("_passwords", "_stamps", "_statuses", "_today")
+
+    def __init__(self, today: date) -> None:
+        self._today = today
+        self._passwords: dict[str, tuple[validate.Hash | None, str]] = {}
+        self._stamps: dict[str, str | None] = {}
+        self._statuses: dict[str, tuple[str | None, bool]] = {}
+
+    def password(self, value: str) -> tuple[validate.Hash | None, str]:
+        """(the checked hash, "") or (None, why it is refused)."""
+        found = self._passwords.get(value)
+        if found is None:
+            try:
+                found = (validate.check_password(value), "")
+            except validate.Invalid as e:
+                found = (None, str(e))
+            _remember(self._passwords, value, found)
+        return found
+
+    def created(self, value: str) -> str | None:
+        if value in self._stamps:
+            return self._stamps[value]
+        found = validate.generalized_time(value)
+        _remember(self._stamps, value, found)
+        return found
+
+    def status(self, value: str) -> tuple[str | None, bool]:
+        """(why the status is not understood, or None; whether it means retired today)."""
+        found = self._statuses.get(value)
+        if found is None:
+            found = (validate.status_problem(value), validate.is_retired(value, self._today))
+            _remember(self._statuses, value, found)
+        return found
+
+
+def _remember(table: dict[str, Any], key: str, value: Any) -> None:
+    if len(table) >= MEMO_LIMIT:
+        table.clear()
+    table[key] = value
+
+
 def entry_parser(settings: Settings, today: date, trace: Trace | None = None) -> Callable[[Entry], Parsed]:
     """What one entry says, validated: the same function for a full and an incremental build."""
     canon = settings.canonical_domains()
     names = {f: (getattr(settings.attributes, f) or "").lower() for f in LOGICAL_FIELDS}
     is_group = group_test(settings.groups)
     rank = {d: i for i, d in enumerate((settings.domain, *settings.hosted))}
+    memo = _Memo(today)
 
     def parse(entry: Entry) -> Parsed:
         if is_group is not None and is_group(entry):
             return Parsed(group=True)
-        return _parse_entry(entry, settings, names, canon, rank, today, trace)
+        return _parse_entry(entry, settings, names, canon, rank, memo, trace)
 
     return parse
 
@@ -158,7 +210,7 @@ def _parse_entry(
     names: dict[str, str],
     canon: Mapping[str, str],
     rank: Mapping[str, int],
-    today: date,
+    memo: _Memo,
     trace: Trace | None,
 ) -> Parsed:
     attributes = settings.attributes
@@ -214,17 +266,17 @@ def _parse_entry(
     created = ""
     stamps = attrs.get(CREATE_TIMESTAMP, ())
     if stamps:
-        created = (validate.generalized_time(stamps[0]) if len(stamps) == 1 else None) or _UNKNOWN_AGE
+        created = (memo.created(stamps[0]) if len(stamps) == 1 else None) or _UNKNOWN_AGE
         if created == _UNKNOWN_AGE:
             decide.notice(entry.dn, "createTimestamp", "malformed; the entry counts as newest")
     status_attr = attributes.status or ""
     retired = False
     for status in attrs.get(names["status"], ()):
-        problem = validate.status_problem(status)
+        problem, is_retired = memo.status(status)
         if problem is not None:
             reason = f"{show(status)}: {problem}; the account stays active"
             decide.notice(entry.dn, status_attr, reason, Rule.STATUS_UNRECOGNISED, me)
-        if validate.is_retired(status, today):
+        if is_retired:
             retired = True
             decide.event(Rule.RETIRED, me, entry.dn, status_attr, show(status))
     if retired:
@@ -283,10 +335,9 @@ def _parse_entry(
     if len(hashes) > 1:
         refused = "multi-valued; no password"
     elif hashes:
-        try:
-            checked = validate.check_password(hashes[0])
-        except validate.Invalid as e:
-            refused = f"{e}; no password"
+        checked, why = memo.password(hashes[0])
+        if checked is None:
+            refused = f"{why}; no password"
         else:
             if not checked.weak:
                 password = checked.text
