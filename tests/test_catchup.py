@@ -23,6 +23,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ldapproxy import TamperingProxy
 from profiles import examples
 from slapd import Slapd, SlapdError, generate_users_ldif, missing_tools
 from structlog.testing import capture_logs
@@ -141,35 +142,71 @@ def user(i: int, forward: str | None = None) -> str:
 
 # -- one slapd for the module: the property test changes its data, example after example -------------
 class Directory:
-    """The module's slapd and which generated users it holds (the changes are ours only)."""
+    """The module's slapd and which generated users it holds (the changes are ours only).
+
+    `changes()` turns operations into LDIF records, applied in order by one ldapmodify;
+    `reset()` gives those that bring the content back to the USERS generated users as
+    generated, so each example starts from the same content (and a failing one replays).
+    """
 
     def __init__(self, server: Slapd, root: Path) -> None:
         self.server = server
         self.root = root
         self.present = set(range(USERS))
+        self.dirty: set[int] = set()  # present, but not as generated
         self.warm = Site(root / "warm", server)
 
+    def dn(self, i: int) -> str:
+        return f"uid=user{i:06d},{self.server.users_dn}"
+
+    def modify(self, records: list[str]) -> None:
+        if records:
+            self.server.modify("\n".join(records))
+
     def apply(self, op: tuple[str, int, int]) -> None:
-        kind, i, j = op
-        dn = f"uid=user{i:06d},{self.server.users_dn}"
-        if kind == "add" and i not in self.present:
-            self.server.modify(user(i), add=True)
-            self.present.add(i)
-        elif kind == "forward" and i in self.present:
-            self.server.modify(
-                f"dn: {dn}\nchangetype: modify\nreplace: emailForward\nemailForward: n{j}@elsewhere.example\n"
+        self.modify(self.changes([op]))
+
+    def changes(self, ops: list[tuple[str, int, int]]) -> list[str]:
+        records = []
+        for kind, i, j in ops:
+            dn = self.dn(i)
+            if kind == "add" and i not in self.present:
+                records.append(user(i).replace("\n", "\nchangetype: add\n", 1))
+                self.present.add(i)
+            elif kind == "forward" and i in self.present:
+                records.append(
+                    f"dn: {dn}\nchangetype: modify\nreplace: emailForward\nemailForward: n{j}@elsewhere.example\n"
+                )
+                self.dirty.add(i)
+            elif kind == "unforward" and i in self.present:
+                records.append(f"dn: {dn}\nchangetype: modify\nreplace: emailForward\n")
+                self.dirty.add(i)
+            elif kind == "touch" and i in self.present:  # an attribute no map uses: only the cookie moves
+                records.append(f"dn: {dn}\nchangetype: modify\nreplace: description\ndescription: {j}\n")
+                self.dirty.add(i)
+            elif kind == "rename" and i in self.present and j not in self.present:
+                records.append(f"dn: {dn}\nchangetype: modrdn\nnewrdn: uid=user{j:06d}\ndeleteoldrdn: 1\n")
+                self.present.discard(i)
+                self.present.add(j)
+                self.dirty.discard(i)
+                self.dirty.add(j)
+            elif kind == "delete" and i in self.present:
+                records.append(f"dn: {dn}\nchangetype: delete\n")
+                self.present.discard(i)
+                self.dirty.discard(i)
+        return records
+
+    def reset(self) -> list[str]:
+        records = [f"dn: {self.dn(i)}\nchangetype: delete\n" for i in sorted(self.present) if i >= USERS]
+        for i in sorted(self.dirty & set(range(USERS))):
+            forward = f"emailForward: user{i:06d}@elsewhere.example\n" if i % 2 else ""
+            records.append(
+                f"dn: {self.dn(i)}\nchangetype: modify\nreplace: emailForward\n{forward}-\n"
+                f"replace: description\n-\nreplace: cn\ncn: User {i}\n-\nreplace: sn\nsn: {i}\n"
             )
-        elif kind == "unforward" and i in self.present:
-            self.server.modify(f"dn: {dn}\nchangetype: modify\nreplace: emailForward\n")
-        elif kind == "touch" and i in self.present:  # an attribute no map uses: only the cookie moves
-            self.server.modify(f"dn: {dn}\nchangetype: modify\nreplace: description\ndescription: {j}\n")
-        elif kind == "rename" and i in self.present and j not in self.present:
-            self.server.modify(f"dn: {dn}\nchangetype: modrdn\nnewrdn: uid=user{j:06d}\ndeleteoldrdn: 1\n")
-            self.present.discard(i)
-            self.present.add(j)
-        elif kind == "delete" and i in self.present:
-            self.server.modify(f"dn: {dn}\nchangetype: delete\n")
-            self.present.discard(i)
+        self.present &= set(range(USERS))
+        self.dirty.clear()
+        return records + self.changes([("add", i, 0) for i in range(USERS)])
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +231,12 @@ OPS = st.tuples(
 
 
 @settings(
-    max_examples=examples(12),
+    max_examples=examples(20),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(ops=st.lists(OPS, max_size=6))
+@given(ops=st.lists(OPS, max_size=8))
 def test_warm_run_installs_what_a_cold_run_installs(directory: Directory, ops: list[tuple[str, int, int]]) -> None:
-    for op in ops:
-        directory.apply(op)
+    directory.modify(directory.reset() + directory.changes(ops))
     result, one_shot = directory.warm.once()
     assert result.status in ("installed", "unchanged")
     outcome = one_shot.outcome
@@ -269,6 +305,34 @@ def test_resync_reads_the_whole_directory(directory: Directory) -> None:
     proc = site.cli("resync")
     assert "resumed from the saved sync state" not in proc.stderr
     assert "read the whole directory by syncrepl" in proc.stderr
+
+
+def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Directory) -> None:
+    """All or nothing: a connection lost mid-refresh applies none of it and saves nothing;
+    the next run resumes from the same cookie and gets all of it."""
+    site = Site(directory.root / "cut", directory.server)
+    site.once()
+    saved = (site.root / "state" / mirror.FOLLOW_FILE).read_bytes()
+    before = site.outputs()
+    added = sorted(set(range(POOL, POOL + 3)))
+    for i in added:
+        directory.server.modify(user(i), add=True)
+    proxy = TamperingProxy("127.0.0.1", directory.server.port, lambda n, m: (m, True))  # close after the first
+    try:
+        site.write(uri=[proxy.uri], connect_rounds=1)
+        result, one_shot = site.once()
+    finally:
+        proxy.close()
+    assert result.status == "failed" and one_shot.outcome is None
+    assert (site.root / "state" / mirror.FOLLOW_FILE).read_bytes() == saved
+    assert site.outputs() == before
+    site.write(uri=[directory.server.uri])
+    result, one_shot = site.once()
+    assert result.status == "installed"
+    assert one_shot.outcome is not None and one_shot.outcome.resumed and one_shot.outcome.received == len(added)
+    assert site.outputs() == cold_outputs(directory.root, directory.server)
+    for i in added:
+        directory.server.modify(f"dn: uid=user{i:06d},{directory.server.users_dn}\nchangetype: delete\n")
 
 
 # -- resuming refused: a full read, the same bytes ---------------------------------------------------
@@ -379,5 +443,3 @@ def test_ldif_source_is_not_touched() -> None:
     with tempfile.TemporaryDirectory() as d:
         pipeline = sync.Pipeline(config_mod.load(write_config(Path(d), exporters=EXPORTERS)))
         assert catchup.attach(pipeline) is None and pipeline.reader is None
-
-
