@@ -172,7 +172,7 @@ class OneShot:
         message = syncwire.search_request(mid, src.base_dn, scope, ldapsource.filter_ber(src), wanted, request)
         reader = syncwire.Reader(mid, wanted)
         events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] = []
-        received = 0
+        received = size = 0
         report = self.pipeline.progress
         sock = connected.conn.socket
         try:
@@ -183,6 +183,7 @@ class OneShot:
                 data = sock.recv(RECV_SIZE)
                 if not data:
                     raise SourceError(f"{uri}: connection closed by the server during the sync refresh")
+                size += len(data)
                 try:
                     messages = reader.feed(data)
                 except syncwire.WireError as e:
@@ -211,9 +212,10 @@ class OneShot:
                 received=received,
                 deleted=deleted,
                 entries=len(snapshot.entries),
+                bytes=size,
             )
         else:
-            log.info("read the whole directory by syncrepl", server=uri, entries=len(snapshot.entries))
+            log.info("read the whole directory by syncrepl", server=uri, entries=len(snapshot.entries), bytes=size)
         return Outcome(snapshot, cookie, resumed=resumed, received=received, deleted=deleted)
 
     @staticmethod

@@ -261,15 +261,19 @@ def test_warm_run_without_changes_reads_no_entry_and_touches_nothing(directory: 
 
 
 def test_warm_run_after_a_change_receives_only_that_entry(directory: Directory) -> None:
-    warm = directory.warm
-    warm.once()
+    """And records its generation as a journal line after the directory it resumed from,
+    not as a new base of the whole directory."""
+    site = Site(directory.root / "one-change", directory.server)
+    site.once()
     i = min(directory.present)
     directory.apply(("forward", i, 7))
-    result, one_shot = warm.once()
+    result, one_shot = site.once()
     assert result.status == "installed"
     assert one_shot.outcome is not None and one_shot.outcome.resumed
     assert one_shot.outcome.received == 1
-    assert f"user{i:06d}@example.org\tn7@elsewhere.example" in (warm.root / "out/maps/alias").read_text()
+    assert f"user{i:06d}@example.org\tn7@elsewhere.example" in (site.root / "out/maps/alias").read_text()
+    store = sorted(p.suffix for p in (site.root / "state" / "store").iterdir())
+    assert store == [".base", ".journal"], store
 
 
 def test_cli_once_resumes_and_says_so(directory: Directory) -> None:
