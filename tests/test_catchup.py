@@ -53,9 +53,10 @@ POOL = 24
 class Site:
     """A config reading `server` with its own state dir and outputs under `root`."""
 
-    def __init__(self, root: Path, server: Slapd, **ldap: Any) -> None:
+    def __init__(self, root: Path, server: Slapd, *, top: dict[str, Any] | None = None, **ldap: Any) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
+        self.top = top or {}
         self.config = root / "ldapsync.yaml"
         self.ldap: dict[str, Any] = {
             "uri": [server.uri],
@@ -76,6 +77,7 @@ class Site:
             "source": {"ldap": self.ldap},
             "state_dir": "state",
             "exporters": EXPORTERS,
+            **self.top,
         }
         self.config.write_text(yaml.safe_dump(doc))
 
@@ -337,6 +339,32 @@ def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Di
     assert site.outputs() == cold_outputs(directory.root, directory.server)
     for i in added:
         directory.server.modify(f"dn: uid=user{i:06d},{directory.server.users_dn}\nchangetype: delete\n")
+
+
+def test_held_change_is_resumed_from_and_approved(directory: Directory) -> None:
+    """A held change's directory is what the next run resumes from (the follow state names the
+    held change): held again without reading everything; after `approve` the run resumes from
+    the generation that installed it and finds nothing to do."""
+    site = Site(directory.root / "held", directory.server, top={"safety": {"max_deletions": 1}})
+    site.once()
+    gone = sorted(directory.present)[:2]
+    for i in gone:
+        directory.apply(("delete", i, 0))
+    try:
+        result, _ = site.once()
+        assert result.status == "held"
+        assert site.follow_doc().get("generation") == result.held_id
+        result, one_shot = site.once()
+        assert result.status == "held"
+        assert one_shot.outcome is not None and one_shot.outcome.resumed and one_shot.outcome.received == 0
+        site.cli("approve")
+        result, one_shot = site.once()
+        assert result.status == "unchanged"
+        assert one_shot.outcome is not None and one_shot.outcome.resumed and one_shot.outcome.received == 0
+        assert site.outputs() == cold_outputs(directory.root, directory.server)
+    finally:
+        for i in gone:
+            directory.apply(("add", i, 0))
 
 
 # -- resuming refused: a full read, the same bytes ---------------------------------------------------
