@@ -68,53 +68,60 @@ class OneShot:
         self.source: LdapSource = pipeline.config.source
         self.resume = resume
         self.outcome: Outcome | None = None
+        self._conn: ldapsource.Connected | None = None  # the connection of the read under way
 
     # -- reading ----------------------------------------------------------------------------
     def read(self) -> Snapshot:
         """The directory's content now; SourceError when no server can be read."""
         self.outcome = None
         src = self.source
-        connected = ldapsource.connect_in_rounds(src, src.connect_rounds, root_dse=True)
-        uri = connected.uri
+        connected = self._conn = ldapsource.connect_in_rounds(src, src.connect_rounds, root_dse=True)
         try:
             controls = connected.root_dse.controls if connected.root_dse is not None else frozenset()
             if syncrepl.SYNC_REQUEST_OID not in controls:
-                log.info("the server offers no syncrepl (no syncprov): reading the whole directory", server=uri)
-                outcome = self._paged(connected)
+                log.info(
+                    "the server offers no syncrepl (no syncprov): reading the whole directory", server=connected.uri
+                )
+                outcome = self._paged()
             else:
-                outcome, connected = self._synced(connected)
+                outcome = self._synced()
         finally:
-            connected.close()
+            self._conn.close()
+            self._conn = None
         self.outcome = outcome
         return outcome.snapshot
 
-    def _synced(self, connected: ldapsource.Connected) -> tuple[Outcome, ldapsource.Connected]:
-        """Resume if the follow state allows, else (or if that fails) a full read; the
-        connection in use at the end is returned for the caller to close."""
-        uri = connected.uri
+    @property
+    def _connected(self) -> ldapsource.Connected:
+        assert self._conn is not None, "only during read()"
+        return self._conn
+
+    def _synced(self) -> Outcome:
+        """Resume if the follow state allows, else (or if that fails) a full read."""
+        uri = self._connected.uri
         saved = self._saved()
         if saved is not None:
             mirror = Mirror()
             mirror.load(*saved)
             try:
-                return self._refresh(connected, mirror), connected
+                return self._refresh(mirror)
             except RefreshFailed as e:
                 log.warning(
                     "could not resume from the saved sync state; reading the whole directory",
                     server=uri,
                     reason=str(e),
                 )
-                connected = self._reconnect(connected)
+                self._reconnect()
         try:
-            return self._refresh(connected, Mirror()), connected
+            return self._refresh(Mirror())
         except RefreshFailed as e:
             log.warning(
                 "the full syncrepl refresh failed; reading the whole directory with a paged search",
                 server=uri,
                 reason=str(e),
             )
-            connected = self._reconnect(connected)
-            return self._paged(connected), connected
+            self._reconnect()
+            return self._paged()
 
     def _saved(self) -> tuple[Snapshot, bytes | None] | None:
         """The follow state if there is one to resume from (load_follow_state logs why not)."""
@@ -139,26 +146,28 @@ class OneShot:
             return None
         return saved
 
-    def _reconnect(self, connected: ldapsource.Connected) -> ldapsource.Connected:
+    def _reconnect(self) -> None:
         """A fresh connection, to the same server first: after a failed refresh the stream
         may still carry the rest of an answer nobody will read."""
-        connected.close()
-        uris = (connected.uri, *(u for u in self.source.uris if u != connected.uri))
-        return ldapsource.connect(self.source, uris=uris)
+        old = self._connected
+        old.close()
+        uris = (old.uri, *(u for u in self.source.uris if u != old.uri))
+        self._conn = ldapsource.connect(self.source, uris=uris)
 
-    def _paged(self, connected: ldapsource.Connected) -> Outcome:
+    def _paged(self) -> Outcome:
         report = self.pipeline.progress
         snapshot = ldapsource.search(
-            connected, self.source, self.config.routing.attributes, lambda n: report(READING, n)
+            self._connected, self.source, self.config.routing.attributes, lambda n: report(READING, n)
         )
         return Outcome(snapshot, None, resumed=False, received=len(snapshot.entries), deleted=0)
 
-    def _refresh(self, connected: ldapsource.Connected, mirror: Mirror) -> Outcome:
+    def _refresh(self, mirror: Mirror) -> Outcome:
         """One refreshOnly from `mirror`'s cookie (none: a full refresh), applied to it once complete.
 
         RefreshFailed when the server's answer cannot be used (the connection may then hold
         unread data); SourceError when the connection fails.
         """
+        connected = self._connected
         src, uri = self.source, connected.uri
         wanted = self.config.routing.attributes.ldap_attributes()
         resumed = mirror.cookie is not None
