@@ -113,8 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             pool = harness.candidates(args.n)
             for rep in range(args.reps):
                 print(f"repetition {rep + 1}", flush=True)
+                pid = s.slapd.pid
+                assert pid is not None
+                cpu = slapd_cpu(pid)
                 wall, rss = harness.timed(baseline, log=log)
-                add("baseline (shell)", (wall, rss, 0.0, None))
+                add("baseline (shell)", (wall, rss, slapd_cpu(pid) - cpu, None))
                 start = rep * args.changes
                 changes = [(i, f"warm{rep}-{i}@elsewhere.example") for i in pool[start : start + args.changes]]
                 harness.modify_forwards(s, changes)
