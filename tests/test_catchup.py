@@ -287,6 +287,8 @@ def test_cli_once_resumes_and_says_so(directory: Directory) -> None:
     second = site.cli("--once")
     resumed = named(second.stderr, "resumed from the saved sync state")
     assert len(resumed) == 1 and resumed[0]["received"] == 0, second.stderr
+    (whole,) = named(first.stderr, "read the whole directory by syncrepl")
+    assert resumed[0]["bytes"] < 200 < 100 * whole["entries"] < whole["bytes"], (resumed, whole)
     assert site.inodes() == files
     assert site.outputs() == cold_outputs(directory.root, directory.server)
 
