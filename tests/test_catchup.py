@@ -393,6 +393,46 @@ def test_cookie_from_the_servers_future_means_a_full_read(directory: Directory) 
     assert again.outcome is not None and again.outcome.resumed and again.outcome.received == 0
 
 
+def test_a_lying_present_list_means_a_full_read(directory: Directory) -> None:
+    """A present list naming an entry the saved copy lacks (one flipped bit in one UUID) would,
+    believed, delete the entry it meant: the run reads the whole directory instead."""
+    from ldapsync import syncrepl
+
+    site = Site(directory.root / "lying", directory.server)
+    site.once()
+    snapshot, _ = mirror.load_follow_state(site.state, config_mod.load(site.config)) or (None, None)
+    assert snapshot is not None
+    victim = next(e for e in snapshot.entries if e.dn.startswith("uid=alice,"))
+    assert victim.uuid
+    raw_uuid = syncrepl.uuid_from_str(victim.uuid)
+    flipped = bytes([raw_uuid[0] ^ 0x01]) + raw_uuid[1:]
+    directory.apply(("forward", min(directory.present), 17))  # a change: the refresh has a present phase
+    lied: list[int] = []
+
+    def lie(n: int, m: bytes) -> tuple[bytes, bool]:
+        if raw_uuid in m and not lied:
+            lied.append(n)
+            return m.replace(raw_uuid, flipped), False
+        return m, False
+
+    proxy = TamperingProxy("127.0.0.1", directory.server.port, lie, sync_info=True)
+    try:
+        site.write(uri=[proxy.uri])
+        with capture_logs() as logs:
+            result, one_shot = site.once()
+    finally:
+        proxy.close()
+    assert lied, "the present list never named the victim"
+    assert result.status == "installed"
+    assert one_shot.outcome is not None and not one_shot.outcome.resumed
+    (warning,) = [
+        e for e in logs if e["event"] == "could not resume from the saved sync state; reading the whole directory"
+    ]
+    assert syncrepl.uuid_to_str(flipped) in warning["reason"]
+    assert "alice@example.org" in (site.root / "out/maps/recipients").read_text()
+    assert site.outputs() == cold_outputs(directory.root, directory.server)
+
+
 @pytest.mark.parametrize("damage", ["follow.json", "snapshot"])
 def test_damaged_follow_state_means_a_full_read_with_a_clear_log_line(directory: Directory, damage: str) -> None:
     site = Site(directory.root / f"damaged-{damage}", directory.server)
