@@ -212,7 +212,7 @@ def _preflight(cfg: config_mod.Config) -> None:
 
 
 def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from ldapsync import report, sync
+    from ldapsync import catchup, report, sync
 
     if args.command == "status":
         return report.status(cfg, as_json=args.json)
@@ -261,8 +261,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
                 pipeline.restore_reported(pipeline.state.read_json(REPORTED_FILE).get("problems", []))
             shown = progress.Terminal.for_stderr(cfg.log_format)
             pipeline.progress = shown
-            try:
-                result = pipeline.run(force=args.force)
+            try:  # resumes from the saved sync state; `resync` reads the whole directory
+                result = catchup.run_once(pipeline, force=args.force, resume=args.command != "resync")
             finally:
                 if isinstance(shown, progress.Terminal):
                     shown.close()
@@ -379,10 +379,12 @@ def _diff(pipeline: object, old: str | None, new: str | None) -> int:
 
 def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:
     """Plan and print; reads the directory and the state dir, writes nothing."""
+    from ldapsync import catchup
     from ldapsync import status as status_mod
     from ldapsync.sync import Pipeline
 
     assert isinstance(pipeline, Pipeline)
+    catchup.attach(pipeline)  # resumes from the saved sync state too, but saves nothing
     try:
         result = pipeline.run(dry_run=True, force=force)
     except SourceError as e:

@@ -316,7 +316,9 @@ def _stream_socket(conn: ldap3.Connection, timeout: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
-def connect_in_rounds(cfg: LdapSource, rounds: int, *, sleep: Callable[[float], None] = time.sleep) -> Connected:
+def connect_in_rounds(
+    cfg: LdapSource, rounds: int, *, sleep: Callable[[float], None] = time.sleep, root_dse: bool = False
+) -> Connected:
     """`connect`, and while no server answers at all, every uri again after 1 s, 2 s, 4 s...
     (at most `timeout`), `rounds` times in all. For a one-shot run: a cron `--once` during a
     server restart should not fail the run. The agent asks for one round; its scheduler owns
@@ -329,7 +331,7 @@ def connect_in_rounds(cfg: LdapSource, rounds: int, *, sleep: Callable[[float], 
         reraise=True,
         before_sleep=_log_round,
     )
-    return retrying(connect, cfg)
+    return retrying(connect, cfg, root_dse=root_dse)
 
 
 def _log_round(state: tenacity.RetryCallState) -> None:

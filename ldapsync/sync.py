@@ -123,6 +123,8 @@ class Pipeline:
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
         # told the phase of run() and the entries read so far (`--once` on a terminal)
         self.progress: progress.Report = progress.silent
+        # reads the directory instead of a full read (a one-shot run resuming: ldapsync.catchup)
+        self.reader: Callable[[], Snapshot] | None = None
 
     def reported_keys(self) -> list[str]:
         """Opaque keys of the problems logged so far (no LDAP values), to carry across runs."""
@@ -138,6 +140,8 @@ class Pipeline:
         src = self.config.source
         report = self.progress
         report(READING, 0)
+        if self.reader is not None:
+            return self.reader()
         if isinstance(src, LdapSource):
             # the agent's scheduler retries a failed sync; a one-shot run waits a little itself
             rounds = 1 if self.follow else src.connect_rounds

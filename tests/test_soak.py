@@ -686,14 +686,17 @@ def soak_setup(root: Path, server: Slapd) -> AgentSetup:
     return setup
 
 
-def run_once(setup: AgentSetup, root: Path) -> Path:
-    """`ldapsync --once` with the agent's config but a new state dir and output paths: the maps dir."""
+def run_once(setup: AgentSetup, root: Path, *, warm: bool = False) -> Path:
+    """`ldapsync --once` with the agent's config but a new state dir and output paths: the maps dir.
+
+    `warm`: the state dir and outputs of an earlier call with the same `root` stay (a cron
+    site: the run resumes from the sync state the previous one saved)."""
     doc = copy.deepcopy(setup.doc)
     doc["state_dir"] = str(root / "state")
     doc.pop("hooks", None)
     for exp in doc["exporters"]:
         exp["path"] = str(root / "maps" / Path(exp["path"]).name)
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=warm)
     config = root / "ldapsync.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
     proc = subprocess.run(
@@ -705,6 +708,8 @@ def run_once(setup: AgentSetup, root: Path) -> Path:
         cwd=str(root),
     )
     assert proc.returncode == 0, f"ldapsync --once rc={proc.returncode}:\n{proc.stderr[-4000:]}"
+    for refused in ("could not resume", "saved sync state not usable", "full syncrepl refresh failed"):
+        assert refused not in proc.stderr, f"ldapsync --once did not resume:\n{proc.stderr[-4000:]}"
     return root / "maps"
 
 
@@ -909,6 +914,13 @@ class Soak:
         problems = differences(self.setup.maps, fresh, self.setup.postfix_dir)
         self.note("compared")
         assert not problems, f"after {self.applied} changes ({tag}):\n" + "\n\n".join(problems) + self.context()
+        # a cron site kept across the comparisons: its --once resumes from the previous one's cookie
+        warm = run_once(self.setup, self.setup.root.parent / "once-warm", warm=True)
+        problems = differences(warm, fresh, self.setup.postfix_dir)
+        self.note("compared the resuming --once")
+        assert not problems, (
+            f"resuming --once after {self.applied} changes ({tag}):\n" + "\n\n".join(problems) + self.context()
+        )
         shutil.rmtree(fresh.parent)
 
     def run(self, total: int) -> None:
