@@ -1,11 +1,13 @@
 """A one-shot run that resumes: the saved mirror caught up by one syncrepl refreshOnly.
 
 Cron users run `ldapsync --once` every few minutes. Each run used to read the whole directory
-although the state dir holds the follow state of the last run (mirror.save_follow_state: the
-snapshot and the sync cookie that goes with exactly it). Here a one-shot run loads it into a
-Mirror, asks the server for what changed since the cookie (RFC 4533 refreshOnly, the same
-sans-I/O consumer and wire code as the agent's follower, on the run's one connection), and
-hands the pipeline the caught-up snapshot: it installs from it exactly as from a full read.
+although the state dir holds the last run's directory and the sync cookie that goes with
+exactly it (the store, ldapsync.state.lmdbstore; a follow state, mirror.save_follow_state,
+from an older version). Here a one-shot run opens it as a StoredMirror, asks the server for
+what changed since the cookie (RFC 4533 refreshOnly, the same sans-I/O consumer and wire code
+as the agent's follower, on the run's one connection), and hands the pipeline the caught-up
+snapshot: the engine on the store builds what changed, and the run installs exactly what a
+full read would; then the store takes the run's changes and cookie in one transaction.
 
 The refresh is applied all-or-nothing: its events are collected and applied only once the
 server has ended it successfully, so a refresh cut short never leaves a half-changed copy
@@ -18,6 +20,8 @@ resumes from), or the paged search where the server offers no syncrepl or that r
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -25,10 +29,12 @@ import structlog
 from ldapsync import ldapsource, syncrepl, syncwire
 from ldapsync.config import Config, LdapSource
 from ldapsync.directory import Snapshot
-from ldapsync.errors import SourceError
-from ldapsync.mirror import Mirror, follow_state_path, load_follow_state, save_follow_state
+from ldapsync.errors import LdapsyncError, SourceError, StateError
+from ldapsync.mirror import Mirror, fingerprint, follow_state_path, load_follow_state, save_follow_state
 from ldapsync.state import State
+from ldapsync.state.lmdbstore import NEW_STORE, Store
 from ldapsync.status import SyncResult
+from ldapsync.stored import StoredMirror
 from ldapsync.sync import READING, Pipeline, Result
 
 log = structlog.get_logger(__name__)
@@ -51,6 +57,7 @@ class Outcome:
     resumed: bool  # caught up from the saved follow state
     received: int  # entries the server sent in full
     deleted: int  # entries the refresh removed from the saved copy
+    mirror: Mirror | StoredMirror | None = None  # the copy caught up (its store is saved to)
 
 
 class OneShot:
@@ -61,9 +68,12 @@ class OneShot:
     after the sync; a dry run never calls it.
     """
 
-    def __init__(self, pipeline: Pipeline, *, resume: bool = True) -> None:
+    def __init__(self, pipeline: Pipeline, *, resume: bool = True, store: Store | None = None) -> None:
+        """`store`: the state dir's store (ldapsync.state.lmdbstore), which the pipeline builds
+        on: the run resumes from its cookie and writes what it read back to it."""
         assert isinstance(pipeline.config.source, LdapSource)
         self.pipeline = pipeline
+        self.store = store
         self.config: Config = pipeline.config
         self.source: LdapSource = pipeline.config.source
         self.resume = resume
@@ -96,13 +106,33 @@ class OneShot:
         assert self._conn is not None, "only during read()"
         return self._conn
 
-    def _synced(self) -> Outcome:
-        """Resume if the follow state allows, else (or if that fails) a full read."""
-        uri = self._connected.uri
+    def _mirror(self) -> Mirror | StoredMirror:
+        """An empty copy, or the store's content without its cookie (a full refresh against
+        it: the server's present list then says what is gone)."""
+        if self.store is None:
+            return Mirror()
+        mirror = StoredMirror(self.store)
+        mirror.set_cookie(None)
+        return mirror
+
+    def _resumable(self) -> Mirror | StoredMirror | None:
+        """The copy to resume from: the store with its cookie, else the follow state."""
+        if self.store is not None and self.resume:
+            stored = StoredMirror(self.store)
+            if stored.cookie is not None:
+                return stored
         saved = self._saved()
-        if saved is not None:
-            mirror = Mirror()
-            mirror.load(*saved)
+        if saved is None:
+            return None
+        mirror: Mirror | StoredMirror = Mirror() if self.store is None else StoredMirror(self.store)
+        mirror.load(*saved)
+        return mirror
+
+    def _synced(self) -> Outcome:
+        """Resume if the store or the follow state allows, else (or if that fails) a full read."""
+        uri = self._connected.uri
+        mirror = self._resumable()
+        if mirror is not None:
             try:
                 return self._refresh(mirror)
             except RefreshFailed as e:
@@ -113,7 +143,7 @@ class OneShot:
                 )
                 self._reconnect()
         try:
-            return self._refresh(Mirror())
+            return self._refresh(self._mirror())
         except RefreshFailed as e:
             log.warning(
                 "the full syncrepl refresh failed; reading the whole directory with a paged search",
@@ -161,7 +191,7 @@ class OneShot:
         )
         return Outcome(snapshot, None, resumed=False, received=len(snapshot.entries), deleted=0)
 
-    def _refresh(self, mirror: Mirror) -> Outcome:
+    def _refresh(self, mirror: Mirror | StoredMirror) -> Outcome:
         """One refreshOnly from `mirror`'s cookie (none: a full refresh), applied to it once complete.
 
         RefreshFailed when the server's answer cannot be used (the connection may then hold
@@ -225,7 +255,7 @@ class OneShot:
             )
         else:
             log.info("read the whole directory by syncrepl", server=uri, entries=len(snapshot.entries), bytes=size)
-        return Outcome(snapshot, cookie, resumed=resumed, received=received, deleted=deleted)
+        return Outcome(snapshot, cookie, resumed=resumed, received=received, deleted=deleted, mirror=mirror)
 
     @staticmethod
     def _take(
@@ -268,6 +298,12 @@ class OneShot:
         if outcome is None or outcome.cookie is None or result.status not in SAVED_AFTER:
             return
         pipeline = self.pipeline
+        if isinstance(outcome.mirror, StoredMirror):
+            try:
+                pipeline.save(outcome.mirror, outcome.cookie, result)
+            except (LdapsyncError, OSError) as e:
+                log.error("cannot write the store; the next run reads the whole directory", error=str(e))
+            return
         try:
             stored = pipeline.redacted(outcome.snapshot)  # no refused secret on disk
             save_follow_state(
@@ -277,7 +313,9 @@ class OneShot:
             log.error("cannot save sync state; the next run reads the whole directory", error=str(e))
 
 
-def _apply(mirror: Mirror, events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted], wanted: list[str]) -> int:
+def _apply(
+    mirror: Mirror | StoredMirror, events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted], wanted: list[str]
+) -> int:
     """Apply a completed refresh's changes in order; the number of entries deleted."""
     deleted = 0
     for ev in events:
@@ -288,19 +326,47 @@ def _apply(mirror: Mirror, events: list[syncrepl.EntryChanged | syncrepl.EntryDe
     return deleted
 
 
-def attach(pipeline: Pipeline, *, resume: bool = True) -> OneShot | None:
-    """Make `pipeline`'s reads resume from the follow state (an LDAP source only; else None)."""
+@contextlib.contextmanager
+def resuming(pipeline: Pipeline, *, resume: bool = True, write: bool = True) -> Iterator[OneShot | None]:
+    """`pipeline`'s reads resume from the store (or a follow state an older version saved),
+    and it builds on the store, for the block; None for a source with nothing to resume (an
+    LDIF file). `write`: the caller holds the state lock and saves what it read (OneShot.save);
+    else (a dry run) the store is only read, and never rebuilt."""
     if not isinstance(pipeline.config.source, LdapSource):
-        return None
-    one_shot = OneShot(pipeline, resume=resume)
-    pipeline.reader = one_shot.read
-    return one_shot
+        yield None
+        return
+    config = pipeline.config
+    store: Store | None = None
+    if write:
+        try:
+            pipeline.state.ensure()
+            store = Store.open(config.state_dir, fingerprint(config))
+        except StateError as e:  # not ours and not removable: a full read, the log says why
+            log.error("store not usable; this run does not resume from it", error=str(e))
+        if store is not None and store.rebuilt not in (None, NEW_STORE):
+            log.warning("store rebuilt; reading the directory afresh", why=store.rebuilt, path=str(store.path))
+    else:
+        store = Store.open_readonly(config.state_dir, fingerprint(config))
+    try:
+        if store is not None and not pipeline.attach_store(store):
+            store.close()
+            store = None
+        one_shot = OneShot(pipeline, resume=resume, store=store)
+        pipeline.reader = one_shot.read
+        if store is not None:
+            pipeline.resume_from_store()
+        yield one_shot
+    finally:
+        if store is not None:
+            store.close()
 
 
 def run_once(pipeline: Pipeline, *, force: bool = False, resume: bool = True) -> Result:
-    """A one-shot sync (the caller holds the state lock) that resumes, then saves the follow state."""
-    one_shot = attach(pipeline, resume=resume)
-    result = pipeline.run(force=force)
-    if one_shot is not None:
-        one_shot.save(result)
-    return result
+    """A one-shot sync (the caller holds the state lock) that resumes from the store and
+    writes what it read back to it: with nothing changed it reads no entry and builds
+    nothing, after a few changes it builds what they touch."""
+    with resuming(pipeline, resume=resume) as one_shot:
+        result = pipeline.run(force=force)
+        if one_shot is not None:
+            one_shot.save(result)
+        return result

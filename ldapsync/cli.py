@@ -384,9 +384,9 @@ def _dry_run(pipeline: object, force: bool, *, stat_only: bool = False) -> int:
     from ldapsync.sync import Pipeline
 
     assert isinstance(pipeline, Pipeline)
-    catchup.attach(pipeline)  # resumes from the saved sync state too, but saves nothing
     try:
-        result = pipeline.run(dry_run=True, force=force)
+        with catchup.resuming(pipeline, write=False):  # resumes as --once does, but writes nothing
+            result = pipeline.run(dry_run=True, force=force)
     except SourceError as e:
         print(f"ldapsync: cannot read the directory: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -345,6 +345,8 @@ class StoredMirror:
                 stored, old = self._changes[key]
             else:
                 stored = old = self._stored(key)
+                if entry is not None and entry == stored:  # a full refresh sends what is stored
+                    return
             self._changes[key] = (stored, entry)
         if old is not None:
             self._sum = self._sum.removed(old)

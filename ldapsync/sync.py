@@ -9,6 +9,7 @@ arrives; `--dry-run` is plan() plus printing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,7 @@ from ldapsync.delta import Delta
 from ldapsync.directory import Snapshot, without_secrets
 from ldapsync.errors import CommitError, ConfigError, HookError, LdapsyncError, SourceError
 from ldapsync.exporters import Exporter, exporter_class
+from ldapsync.mirror import FOLLOW_FILE, FOLLOW_SNAPSHOT
 from ldapsync.render import FULL, Rendered, Renderer, WholeModelNeeded
 from ldapsync.routing import BuildReport, Engine, ModelChange, RoutingModel
 from ldapsync.routing import build as routing_build
@@ -106,14 +108,11 @@ class Pipeline:
         rs = config.routing
         self.static = static.load(config.static, rs.domain, rs.domain_aliases, rs.hosted)
         self._reported: set[str] = set()  # keys of problems already logged: an agent repeats syncs
-        self.store = store if store is not None and all(exp.incremental for _, exp in self.exporters) else None
-        self.engine: Engine | StoredEngine
-        if self.store is not None:
-            self.engine = StoredEngine(rs, self.static, self.store)
-        else:
-            self.engine = Engine(rs, self.static, index=follow)
-        links = self.store is None
-        self._renderers = {spec.name: Renderer(exp, links=links) for spec, exp in self.exporters}
+        self.store: Store | None = None
+        self.engine: Engine | StoredEngine = Engine(rs, self.static, index=follow)
+        self._renderers = {spec.name: Renderer(exp) for spec, exp in self.exporters}
+        if store is not None:
+            self.attach_store(store)
         self._in_step = False  # every renderer has seen the engine's last model
         # the renderers hold the outputs of the store's content (a stored engine may splice)
         self._store_step = False
@@ -149,6 +148,16 @@ class Pipeline:
                 src, self.config.routing.attributes, rounds=rounds, progress=lambda n: report(READING, n)
             )
         return ldifsource.read(src, self.config.routing.attributes)
+
+    def attach_store(self, store: Store) -> bool:
+        """Build on `store` from now on (before the first sync); False, and nothing changes,
+        if an exporter cannot splice (it needs the whole model every time)."""
+        if not all(exp.incremental for _, exp in self.exporters):
+            return False
+        self.store = store
+        self.engine = StoredEngine(self.config.routing, self.static, store)
+        self._renderers = {spec.name: Renderer(exp, links=False) for spec, exp in self.exporters}
+        return True
 
     def resume_from_store(self) -> bool:
         """At a start: carry on from the installed outputs if each is exactly what the store
@@ -518,6 +527,9 @@ class Pipeline:
         stored_save(mirror, plan.snapshot, cookie, engine, {k: v for k, v in rendered.items() if v}, generation)
         self._store_step = True
         self.last_plan = self._redacted = None  # a full sync's entries need not outlive it
+        for name in (FOLLOW_FILE, FOLLOW_SNAPSHOT):  # what an older version saved instead
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.state_dir / name).unlink()
 
     def _reload(self, record: Status, changed: Sequence[commit.Output], generation: str) -> Status:
         """Run reload hooks for what changed and what is still owed; a failure is kept for the next sync."""

@@ -9,7 +9,6 @@ full read with the same bytes.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from agentutil import set_stored_cookie
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ldapproxy import TamperingProxy
@@ -30,7 +30,8 @@ from structlog.testing import capture_logs
 
 from ldapsync import catchup, mirror, sync
 from ldapsync import config as config_mod
-from ldapsync.state import State
+from ldapsync.directory import Entry, EntrySum
+from ldapsync.state import State, lmdbstore
 
 pytestmark = pytest.mark.slapd
 
@@ -87,10 +88,10 @@ class Site:
     def once(self, *, resume: bool = True) -> tuple[sync.Result, catchup.OneShot]:
         """What `ldapsync --once` does, in this process: the outcome of the read is kept."""
         pipeline = self.pipeline()
-        one_shot = catchup.attach(pipeline, resume=resume)
-        assert one_shot is not None
-        result = pipeline.run()
-        one_shot.save(result)
+        with catchup.resuming(pipeline, resume=resume) as one_shot:
+            assert one_shot is not None
+            result = pipeline.run()
+            one_shot.save(result)
         return result, one_shot
 
     def cli(self, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
@@ -116,8 +117,23 @@ class Site:
     def state(self) -> State:
         return State(self.root / "state")
 
-    def follow_doc(self) -> dict[str, Any]:
-        return dict(json.loads((self.root / "state" / mirror.FOLLOW_FILE).read_text()))
+    def stored(self) -> dict[str, Any]:
+        """The store's records (cookie, serial, generation, entry sum, entry count)."""
+        meta = lmdbstore.peek(self.root / "state")
+        assert meta is not None, "no store"
+        return meta
+
+    def stored_entries(self) -> list[Entry]:
+        store = lmdbstore.Store.open_readonly(self.root / "state", mirror.fingerprint(config_mod.load(self.config)))
+        assert store is not None
+        try:
+            with store.reading() as view:
+                return [e for _, e in view.entries()]
+        finally:
+            store.close()
+
+
+SEARCH_CHANGED = "search or routing configuration changed since the store was written"
 
 
 def logged(stderr: str) -> list[dict[str, Any]]:
@@ -245,10 +261,13 @@ def test_warm_run_installs_what_a_cold_run_installs(directory: Directory, ops: l
     assert outcome is not None and outcome.resumed, "the warm run read the whole directory"
     assert outcome.cookie is not None
     assert directory.warm.outputs() == cold_outputs(directory.root, directory.server)
-    # and the saved state is what the next run resumes from: its snapshot is this directory
-    saved = mirror.load_follow_state(directory.warm.state, config_mod.load(directory.warm.config))
-    assert saved is not None and saved[1] == outcome.cookie
-    assert saved[0].digest() == directory.warm.pipeline().redacted(outcome.snapshot).digest()
+    # and the store is what the next run resumes from: this directory (as the generation holds
+    # it, refused secrets marked) with this cookie
+    stored = directory.warm.stored()
+    assert stored["cookie"] == outcome.cookie
+    count, total = stored["entry_sum"]
+    current = directory.warm.state.get()
+    assert current is not None and EntrySum(count, int(total, 16)).hexdigest() == current.meta["snapshot_digest"]
 
 
 def test_warm_run_without_changes_reads_no_entry_and_touches_nothing(directory: Directory) -> None:
@@ -297,13 +316,14 @@ def test_dry_run_resumes_but_writes_no_state(directory: Directory) -> None:
     site = Site(directory.root / "dry", directory.server)
     site.cli("--once")
     state = site.root / "state"
-    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name != "lock"}
+    locks = ("lock", "lock.mdb")  # the state lock, and LMDB's table of readers
+    before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name not in locks}
     i = min(directory.present)
     directory.apply(("forward", i, 11))
     proc = site.cli("--dry-run", check=1)
     assert "resumed from the saved sync state" in proc.stderr
     assert "n11@elsewhere.example" in proc.stdout
-    after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name != "lock"}
+    after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name not in locks}
     assert after == before, "a dry run wrote state"
 
 
@@ -320,7 +340,7 @@ def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Di
     the next run resumes from the same cookie and gets all of it."""
     site = Site(directory.root / "cut", directory.server)
     site.once()
-    saved = (site.root / "state" / mirror.FOLLOW_FILE).read_bytes()
+    saved = site.stored()
     before = site.outputs()
     added = sorted(set(range(POOL, POOL + 3)))
     for i in added:
@@ -332,7 +352,7 @@ def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Di
     finally:
         proxy.close()
     assert result.status == "failed" and one_shot.outcome is None
-    assert (site.root / "state" / mirror.FOLLOW_FILE).read_bytes() == saved
+    assert site.stored() == saved
     assert site.outputs() == before
     site.write(uri=[directory.server.uri])
     result, one_shot = site.once()
@@ -344,9 +364,9 @@ def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Di
 
 
 def test_held_change_is_resumed_from_and_approved(directory: Directory) -> None:
-    """A held change's directory is what the next run resumes from (the follow state names the
-    held change): held again without reading everything; after `approve` the run resumes from
-    the generation that installed it and finds nothing to do."""
+    """A held change's directory is what the next run resumes from (the store holds it, as no
+    generation): held again without reading everything; after `approve` the run resumes and
+    finds nothing to do."""
     site = Site(directory.root / "held", directory.server, top={"safety": {"max_deletions": 1}})
     site.once()
     gone = sorted(directory.present)[:2]
@@ -355,7 +375,7 @@ def test_held_change_is_resumed_from_and_approved(directory: Directory) -> None:
     try:
         result, _ = site.once()
         assert result.status == "held"
-        assert site.follow_doc().get("generation") == result.held_id
+        assert site.stored()["generation"] is None and site.stored()["cookie"]
         result, one_shot = site.once()
         assert result.status == "held"
         assert one_shot.outcome is not None and one_shot.outcome.resumed and one_shot.outcome.received == 0
@@ -375,12 +395,10 @@ def test_cookie_from_the_servers_future_means_a_full_read(directory: Directory) 
     unwillingToPerform or e-syncRefreshRequired: the run reads everything and saves the new cookie."""
     site = Site(directory.root / "future", directory.server)
     site.once()
-    doc = site.follow_doc()
-    cookie = base64.b64decode(doc["cookie"]).decode()
+    cookie = site.stored()["cookie"].decode()
     future = re.sub(r"csn=\d{14}", "csn=20991231000000", cookie)
     assert future != cookie, cookie
-    doc["cookie"] = base64.b64encode(future.encode()).decode()
-    site.state.write_json(mirror.FOLLOW_FILE, doc)
+    set_stored_cookie(site.root / "state", future.encode())
     directory.apply(("forward", min(directory.present), 13))
     with capture_logs() as logs:
         result, one_shot = site.once()
@@ -388,7 +406,7 @@ def test_cookie_from_the_servers_future_means_a_full_read(directory: Directory) 
     assert one_shot.outcome is not None and not one_shot.outcome.resumed
     assert any(e["event"] == "could not resume from the saved sync state; reading the whole directory" for e in logs)
     assert site.outputs() == cold_outputs(directory.root, directory.server)
-    assert base64.b64decode(site.follow_doc()["cookie"]).decode() != future
+    assert site.stored()["cookie"].decode() != future
     _, again = site.once()
     assert again.outcome is not None and again.outcome.resumed and again.outcome.received == 0
 
@@ -400,9 +418,7 @@ def test_a_lying_present_list_means_a_full_read(directory: Directory) -> None:
 
     site = Site(directory.root / "lying", directory.server)
     site.once()
-    snapshot, _ = mirror.load_follow_state(site.state, config_mod.load(site.config)) or (None, None)
-    assert snapshot is not None
-    victim = next(e for e in snapshot.entries if e.dn.startswith("uid=alice,"))
+    victim = next(e for e in site.stored_entries() if e.dn.startswith("uid=alice,"))
     assert victim.uuid
     raw_uuid = syncrepl.uuid_from_str(victim.uuid)
     flipped = bytes([raw_uuid[0] ^ 0x01]) + raw_uuid[1:]
@@ -433,23 +449,26 @@ def test_a_lying_present_list_means_a_full_read(directory: Directory) -> None:
     assert site.outputs() == cold_outputs(directory.root, directory.server)
 
 
-@pytest.mark.parametrize("damage", ["follow.json", "snapshot"])
-def test_damaged_follow_state_means_a_full_read_with_a_clear_log_line(directory: Directory, damage: str) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "format"])
+def test_damaged_store_means_a_full_read_with_a_clear_log_line(directory: Directory, damage: str) -> None:
     site = Site(directory.root / f"damaged-{damage}", directory.server)
     site.once()
-    state = site.root / "state"
-    if damage == "follow.json":
-        (state / mirror.FOLLOW_FILE).write_text("{not json")
-    else:  # the snapshot the follow state names no longer matches what it recorded
-        doc = site.follow_doc()
-        doc["snapshot_digest"] = "0" * 64
-        site.state.write_json(mirror.FOLLOW_FILE, doc)
+    data = site.root / "state" / lmdbstore.STORE_NAME / "data.mdb"
+    if damage == "garbage":
+        data.write_bytes(b"\x00not an lmdb file" * 256)
+    else:  # written by a version with another format: never read
+        import lmdb
+
+        env = lmdb.open(str(data.parent), max_dbs=8)
+        with env.begin(write=True) as txn:
+            txn.put(b"format", b"0", db=env.open_db(b"meta", txn=txn))
+        env.close()
     with capture_logs() as logs:
         result, one_shot = site.once()
     assert result.status == "unchanged"
     assert one_shot.outcome is not None and not one_shot.outcome.resumed
-    events = [e["event"] for e in logs]
-    assert "saved sync state not usable (see above): reading the whole directory" in events, events
+    (rebuilt,) = [e for e in logs if e["event"] == "store rebuilt; reading the directory afresh"]
+    assert rebuilt["why"].startswith("store unreadable" if damage == "garbage" else "store format '0'"), rebuilt
     assert site.outputs() == cold_outputs(directory.root, directory.server)
     _, again = site.once()
     assert again.outcome is not None and again.outcome.resumed
@@ -471,7 +490,9 @@ def test_another_search_means_a_full_read(directory: Directory, change: dict[str
         result, one_shot = site.once()
     assert result.status in ("installed", "unchanged")  # not held: the comparison below means something
     assert one_shot.outcome is not None and not one_shot.outcome.resumed
-    assert "search changed since the cookie was saved; starting with a full read" in [e["event"] for e in logs]
+    assert {"event": "store rebuilt; reading the directory afresh", "why": SEARCH_CHANGED}.items() <= next(
+        e for e in logs if e["event"] == "store rebuilt; reading the directory afresh"
+    ).items()
     cold = Site(Path(tempfile.mkdtemp(dir=directory.root)), directory.server, **change)
     cold.pipeline().run()
     assert site.outputs() == cold.outputs()
@@ -486,7 +507,8 @@ def test_another_attribute_set_means_a_full_read(directory: Directory) -> None:
     with capture_logs() as logs:
         _, one_shot = site.once()
     assert one_shot.outcome is not None and not one_shot.outcome.resumed
-    assert "search changed since the cookie was saved; starting with a full read" in [e["event"] for e in logs]
+    rebuilt = [e for e in logs if e["event"] == "store rebuilt; reading the directory afresh"]
+    assert [e["why"] for e in rebuilt] == [SEARCH_CHANGED]
 
 
 # -- a server without syncprov: the paged search, every time ------------------------------------------
@@ -511,9 +533,10 @@ def test_server_without_syncprov_is_read_whole_with_the_same_bytes(tmp_path: Pat
 
 
 def test_ldif_source_is_not_touched() -> None:
-    """An LDIF source has nothing to resume: attach() leaves the pipeline as it is."""
+    """An LDIF source has nothing to resume: resuming() leaves the pipeline as it is."""
     from siteconfig import write_config
 
     with tempfile.TemporaryDirectory() as d:
         pipeline = sync.Pipeline(config_mod.load(write_config(Path(d), exporters=EXPORTERS)))
-        assert catchup.attach(pipeline) is None and pipeline.reader is None
+        with catchup.resuming(pipeline) as one_shot:
+            assert one_shot is None and pipeline.reader is None

@@ -109,6 +109,26 @@ class Store:
             txn.put(b"fingerprint", fingerprint.encode(), db=store._meta)
         return store
 
+    @classmethod
+    def open_readonly(cls, root: Path, fingerprint: str) -> Store | None:
+        """The store to read from without writing anything (a dry run), or None if there is
+        none this version and search may use (never rebuilt here)."""
+        path = root / STORE_NAME
+        if not (path / "data.mdb").exists() or _untrusted(path) is not None:
+            return None
+        try:
+            env = lmdb.open(str(path), readonly=True, max_dbs=len(INDEX_TABLES) + 2, lock=True)
+        except lmdb.Error:
+            return None
+        try:
+            store = cls(path, env, None)
+            if store._unusable(fingerprint) is None:
+                return store
+        except lmdb.Error:
+            pass
+        env.close()
+        return None
+
     def _unusable(self, fingerprint: str) -> str | None:
         with self.env.begin() as txn:
             fmt = txn.get(b"format", db=self._meta)
