@@ -191,34 +191,35 @@ def check(engine: Engine, snapshot: Snapshot, today: date, *, via_delta: bool = 
             assert moved <= change.logins, name
 
 
-@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(data: Any) -> None:
-    conf, static = config(data.draw)
-    engine = Engine(conf, static)
-    mirrored = Engine(conf, static)  # fed by a Mirror: told what changed instead of comparing
-    mirror = Mirror()
-    upserted: dict[str, Entry] = {}
-    live: dict[str, Entry] = {}
-    counter = 0
-    today = TODAY
-    check(engine, Snapshot((), "test"), today)
-    check(mirrored, mirror.snapshot()[0], today)
-    for op, arg in data.draw(st.lists(step(), min_size=1, max_size=14)):
+class Live:
+    """The directory a sequence of step()s makes: entries by key, and the day."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.today = TODAY
+        self._counter = 0
+
+    def _new_key(self) -> str:
+        self._counter += 1
+        return f"id{self._counter}"
+
+    def apply(self, op: str, arg: Any) -> bool:
+        """Make one step; False if it changed nothing (a modification with no entry yet)."""
+        live = self.entries
         keys = sorted(live)
         if op in ("add", "add_group"):
             name, attrs = arg
-            counter += 1
             dn = f"uid={name},{OU}" if op == "add" else f"cn={name},{GOU}"
-            live[f"id{counter}"] = make(dn, f"id{counter}", attrs)
+            key = self._new_key()
+            live[key] = make(dn, key, attrs)
         elif op == "batch":
             for name, attrs in arg:
-                counter += 1
-                live[f"id{counter}"] = make(f"uid={name},{OU}", f"id{counter}", attrs)
+                key = self._new_key()
+                live[key] = make(f"uid={name},{OU}", key, attrs)
         elif op == "day":
-            today += timedelta(days=1)
+            self.today += timedelta(days=1)
         elif not keys:
-            continue
+            return False
         elif op == "modify":
             key = keys[arg[0] % len(keys)]
             old = live[key]
@@ -232,6 +233,25 @@ def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(dat
             live[key] = Entry(f"uid={arg[1]},{OU}", old.attributes, key)
         else:
             del live[keys[arg % len(keys)]]
+        return True
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_incremental_model_equals_a_full_build_after_any_sequence_of_changes(data: Any) -> None:
+    conf, static = config(data.draw)
+    engine = Engine(conf, static)
+    mirrored = Engine(conf, static)  # fed by a Mirror: told what changed instead of comparing
+    mirror = Mirror()
+    upserted: dict[str, Entry] = {}
+    directory = Live()
+    live = directory.entries
+    check(engine, Snapshot((), "test"), directory.today)
+    check(mirrored, mirror.snapshot()[0], directory.today)
+    for op, arg in data.draw(st.lists(step(), min_size=1, max_size=14)):
+        if not directory.apply(op, arg):
+            continue
+        today = directory.today
         check(engine, Snapshot(sort_entries(live.values()), "test"), today)
         for key in mirror.keys() - live.keys():
             mirror.delete(key)

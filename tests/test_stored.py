@@ -10,7 +10,7 @@ directory it says (entries and digest) with the cookie that goes with them.
 from __future__ import annotations
 
 import shutil
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
-from test_incremental import ATTRS, GOU, OU, TODAY, config, make, step
+from test_incremental import ATTRS, OU, TODAY, Live, config, step
 
 from ldapsync import routing
 from ldapsync.directory import Entry, EntrySum, Snapshot, sort_entries, without_secrets
@@ -123,47 +123,20 @@ def test_outputs_from_the_store_equal_a_full_build_through_changes_restarts_and_
     attribute = (conf.attributes.mail_password or "").lower()
     installed: dict[str, bytes] = {}
     host = Host(root, conf, static, installed)
-    live: dict[str, Entry] = {}
-    counter = 0
-    today = TODAY
+    directory = Live()
+    live = directory.entries
     cookie = 0
     committed: tuple[dict[str, Entry], int] | None = None  # what the store must hold
     try:
         events = st.one_of(step(), st.tuples(st.sampled_from(["restart", "crash", "lost"]), st.none()))
         for op, arg in data.draw(st.lists(events, max_size=14)):
-            keys = sorted(live)
             if op == "restart":  # a clean stop and start: the store and the installed outputs agree
                 host.close()
                 host = Host(root, conf, static, installed)
                 continue
-            if op in ("add", "add_group"):
-                name, attrs = arg
-                counter += 1
-                dn = f"uid={name},{OU}" if op == "add" else f"cn={name},{GOU}"
-                live[f"id{counter}"] = make(dn, f"id{counter}", attrs)
-            elif op == "batch":
-                for name, attrs in arg:
-                    counter += 1
-                    live[f"id{counter}"] = make(f"uid={name},{OU}", f"id{counter}", attrs)
-            elif op == "day":
-                today += timedelta(days=1)
-            elif op in ("crash", "lost"):
-                pass
-            elif not keys:
+            if op not in ("crash", "lost") and not directory.apply(op, arg):
                 continue
-            elif op == "modify":
-                key = keys[arg[0] % len(keys)]
-                old = live[key]
-                attrs = arg[1] if old.dn.endswith(OU) else {k: list(v) for k, v in old.attributes.items()}
-                if not old.dn.endswith(OU):
-                    attrs["member"] = attrs.get("member", [])[1:]
-                live[key] = make(old.dn, key, attrs)
-            elif op == "modrdn":
-                key = keys[arg[0] % len(keys)]
-                old = live[key]
-                live[key] = Entry(f"uid={arg[1]},{OU}", old.attributes, key)
-            else:
-                del live[keys[arg % len(keys)]]
+            today = directory.today
             # the follower brings the directory up to date
             for key in host.mirror.keys() - live.keys():
                 host.mirror.delete(key)

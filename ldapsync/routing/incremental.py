@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -134,10 +135,7 @@ class Engine:
         self._model: RoutingModel | None = None
         self._seen: tuple[object, int] | None = None  # (mirror, serial) of the last snapshot built
         self._exact = True  # False: keys repeat in the snapshot, every update is a full build
-        self._rejections: Counter[Rejection] = Counter()
-        self._warnings: Counter[str] = Counter()
-        self._notices: Counter[Rejection] = Counter()
-        self._retired = self._skipped = self._weak = 0
+        self._counts = Counts()
 
     # -- the one entry point ---------------------------------------------------------------
     def update(self, snapshot: Snapshot, today: date) -> tuple[RoutingModel, BuildReport, ModelChange]:
@@ -188,10 +186,7 @@ class Engine:
         self._entries = entries
         self._day = today
         known = len(snapshot.rejections)
-        self._rejections = Counter(report.rejections[known:])
-        self._warnings = Counter(report.warnings)
-        self._notices = Counter(report.notices)
-        self._retired, self._skipped, self._weak = report.retired, report.skipped, report.weak_passwords
+        self._counts = Counts.of(report, known)
         return routing, self._report(snapshot), ModelChange(full=True)
 
     def _parser(self, today: date) -> Callable[[Entry], Parsed]:
@@ -323,12 +318,7 @@ class Engine:
                 names_set.update(new_t)
         logins.update(old_model.users.values())
         logins.update(new_model.users.values())
-        swap(self._rejections, old_report.rejections, new_report.rejections)
-        swap(self._warnings, old_report.warnings, new_report.warnings)
-        swap(self._notices, old_report.notices, new_report.notices)
-        self._retired += new_report.retired - old_report.retired
-        self._skipped += new_report.skipped - old_report.skipped
-        self._weak += new_report.weak_passwords - old_report.weak_passwords
+        self._counts.swap(old_report, new_report)
 
         for key, entry in changed.items():
             if key in old_names:
@@ -343,14 +333,50 @@ class Engine:
         return routing, self._report(snapshot), ModelChange(frozenset(addresses), frozenset(logins))
 
     def _report(self, snapshot: Snapshot) -> BuildReport:
+        return self._counts.report(snapshot)
+
+
+@dataclass(slots=True)
+class Counts:
+    """The problems of the whole directory, kept as counts so that a change swaps its own part's."""
+
+    rejections: Counter[Rejection] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    notices: Counter[Rejection] = field(default_factory=Counter)
+    retired: int = 0
+    skipped: int = 0
+    weak: int = 0
+
+    @classmethod
+    def of(cls, report: BuildReport, known: int) -> Counts:
+        """A full build's report (its first `known` rejections are the snapshot's own)."""
+        return cls(
+            Counter(report.rejections[known:]),
+            Counter(report.warnings),
+            Counter(report.notices),
+            report.retired,
+            report.skipped,
+            report.weak_passwords,
+        )
+
+    def swap(self, old: BuildReport, new: BuildReport) -> None:
+        """A part's problems as it was replaced by its problems as it is, in O(part)."""
+        swap(self.rejections, old.rejections, new.rejections)
+        swap(self.warnings, old.warnings, new.warnings)
+        swap(self.notices, old.notices, new.notices)
+        self.retired += new.retired - old.retired
+        self.skipped += new.skipped - old.skipped
+        self.weak += new.weak_passwords - old.weak_passwords
+
+    def report(self, snapshot: Snapshot) -> BuildReport:
         """The report of the whole directory; problems in a fixed order (not the build's)."""
         return BuildReport(
-            rejections=[*snapshot.rejections, *sorted(self._rejections.elements(), key=problem_order)],
-            warnings=sorted(self._warnings.elements()),
-            notices=sorted(self._notices.elements(), key=problem_order),
-            retired=self._retired,
-            skipped=self._skipped,
-            weak_passwords=self._weak,
+            rejections=[*snapshot.rejections, *sorted(self.rejections.elements(), key=problem_order)],
+            warnings=sorted(self.warnings.elements()),
+            notices=sorted(self.notices.elements(), key=problem_order),
+            retired=self.retired,
+            skipped=self.skipped,
+            weak_passwords=self.weak,
         )
 
 

@@ -21,60 +21,39 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
 from ldapsync.directory import Entry, Rejection, Snapshot, entry_key, entry_order
 from ldapsync.routing.build import build
 from ldapsync.routing.entry import EntryCache, Names, Parsed, entry_names, entry_parser
-from ldapsync.routing.incremental import FULL_FRACTION, problem_order, static_names, static_subset, swap
+from ldapsync.routing.incremental import FULL_FRACTION, Counts, static_names, static_subset, swap
 from ldapsync.routing.types import BuildReport, ModelChange, RoutingModel, Settings
 from ldapsync.state.lmdbstore import INDEX_TABLES, Store, View, Writer
 from ldapsync.static import Static
 
 
-@dataclass(slots=True)
-class Counts:
-    """The problems of the whole directory, kept as counts so a change swaps only its own."""
+def counts_json(c: Counts) -> dict[str, Any]:
+    return {
+        "rejections": [[r.dn, r.attribute, r.reason, n] for r, n in c.rejections.items()],
+        "warnings": [[w, n] for w, n in c.warnings.items()],
+        "notices": [[r.dn, r.attribute, r.reason, n] for r, n in c.notices.items()],
+        "retired": c.retired,
+        "skipped": c.skipped,
+        "weak": c.weak,
+    }
 
-    rejections: Counter[Rejection] = field(default_factory=Counter)
-    warnings: Counter[str] = field(default_factory=Counter)
-    notices: Counter[Rejection] = field(default_factory=Counter)
-    retired: int = 0
-    skipped: int = 0
-    weak: int = 0
 
-    def copy(self) -> Counts:
-        return Counts(
-            Counter(self.rejections),
-            Counter(self.warnings),
-            Counter(self.notices),
-            self.retired,
-            self.skipped,
-            self.weak,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rejections": [[r.dn, r.attribute, r.reason, n] for r, n in self.rejections.items()],
-            "warnings": [[w, n] for w, n in self.warnings.items()],
-            "notices": [[r.dn, r.attribute, r.reason, n] for r, n in self.notices.items()],
-            "retired": self.retired,
-            "skipped": self.skipped,
-            "weak": self.weak,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Counts:
-        return cls(
-            Counter({Rejection(d, a, r): n for d, a, r, n in doc["rejections"]}),
-            Counter({w: n for w, n in doc["warnings"]}),
-            Counter({Rejection(d, a, r): n for d, a, r, n in doc["notices"]}),
-            int(doc["retired"]),
-            int(doc["skipped"]),
-            int(doc["weak"]),
-        )
+def counts_from_json(doc: dict[str, Any]) -> Counts:
+    return Counts(
+        Counter({Rejection(d, a, r): n for d, a, r, n in doc["rejections"]}),
+        Counter({w: n for w, n in doc["warnings"]}),
+        Counter({Rejection(d, a, r): n for d, a, r, n in doc["notices"]}),
+        int(doc["retired"]),
+        int(doc["skipped"]),
+        int(doc["weak"]),
+    )
 
 
 @dataclass(slots=True)
@@ -131,7 +110,7 @@ class StoredEngine:
         if doc.get("day") != today.isoformat():
             return None  # retirement dates: a new day is a full build
         try:
-            return Counts.from_json(doc["counts"])
+            return counts_from_json(doc["counts"])
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -149,15 +128,7 @@ class StoredEngine:
             parsed = hit[1] if hit is not None and hit[0] is e else parse(e)
             names[entry_key(e)] = (None, entry_names(e, parsed, self.settings, self._canon))
         if len(names) == len(entries):  # keys repeat (not a directory a store can hold): no pending
-            known = len(snapshot.rejections)
-            counts = Counts(
-                Counter(report.rejections[known:]),
-                Counter(report.warnings),
-                Counter(report.notices),
-                report.retired,
-                report.skipped,
-                report.weak_passwords,
-            )
+            counts = Counts.of(report, len(snapshot.rejections))
             self.pending = Pending(True, names, counts, today)
         return routing, report, ModelChange(full=True)
 
@@ -234,13 +205,7 @@ class StoredEngine:
         old_model, old_report = build(Snapshot(tuple(old_part), snapshot.source), static, s, today, cache=old_cache)
         new_model, new_report = build(Snapshot(tuple(new_part), snapshot.source), static, s, today, cache=new_cache)
 
-        counts = counts.copy()
-        swap(counts.rejections, old_report.rejections, new_report.rejections)
-        swap(counts.warnings, old_report.warnings, new_report.warnings)
-        swap(counts.notices, old_report.notices, new_report.notices)
-        counts.retired += new_report.retired - old_report.retired
-        counts.skipped += new_report.skipped - old_report.skipped
-        counts.weak += new_report.weak_passwords - old_report.weak_passwords
+        counts.swap(old_report, new_report)  # a copy of the stored counts: the store keeps its own
 
         addresses: set[str] = set()
         logins: set[str] = set()
@@ -257,7 +222,7 @@ class StoredEngine:
         self.last_full = False
         return (
             new_model,
-            report_of(snapshot, counts),
+            counts.report(snapshot),
             ModelChange(frozenset(addresses), frozenset(logins), before=old_model),
         )
 
@@ -300,19 +265,7 @@ class StoredEngine:
         w.set_meta("engine", self._record(p))
 
     def _record(self, p: Pending) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "day": p.day.isoformat(), "counts": p.counts.to_json()}
-
-
-def report_of(snapshot: Snapshot, counts: Counts) -> BuildReport:
-    """The report of the whole directory; problems in a fixed order (not the build's)."""
-    return BuildReport(
-        rejections=[*snapshot.rejections, *sorted(counts.rejections.elements(), key=problem_order)],
-        warnings=sorted(counts.warnings.elements()),
-        notices=sorted(counts.notices.elements(), key=problem_order),
-        retired=counts.retired,
-        skipped=counts.skipped,
-        weak_passwords=counts.weak,
-    )
+        return {"fingerprint": self.fingerprint, "day": p.day.isoformat(), "counts": counts_json(p.counts)}
 
 
 def _store_delta(snapshot: Snapshot, store: Store, view: View) -> dict[str, tuple[Entry | None, Entry | None]] | None:

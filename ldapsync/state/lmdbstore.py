@@ -114,11 +114,8 @@ class Store:
         """The store to read from without writing anything (a dry run), or None if there is
         none this version and search may use (never rebuilt here)."""
         path = root / STORE_NAME
-        if not (path / "data.mdb").exists() or _untrusted(path) is not None:
-            return None
-        try:
-            env = lmdb.open(str(path), readonly=True, max_dbs=len(INDEX_TABLES) + 2, lock=True)
-        except lmdb.Error:
+        env = _open_readonly(path)
+        if env is None:
             return None
         try:
             store = cls(path, env, None)
@@ -280,12 +277,8 @@ def _untrusted(path: Path) -> str | None:
 def peek(root: Path) -> dict[str, Any] | None:
     """The store's meta records and entry count, read only (tests, `ldapsync status`); None
     if there is no readable store."""
-    path = root / STORE_NAME
-    if not (path / "data.mdb").exists() or _untrusted(path) is not None:
-        return None
-    try:
-        env = lmdb.open(str(path), readonly=True, max_dbs=len(INDEX_TABLES) + 2, lock=True)
-    except lmdb.Error:
+    env = _open_readonly(root / STORE_NAME)
+    if env is None:
         return None
     try:
         with env.begin(buffers=False) as txn:
@@ -300,6 +293,17 @@ def peek(root: Path) -> dict[str, Any] | None:
         return None
     finally:
         env.close()
+
+
+def _open_readonly(path: Path) -> lmdb.Environment | None:
+    """The store's environment for reading only (beside a writer: readers take a slot in
+    lock.mdb), or None if there is no store we may read."""
+    if not (path / "data.mdb").exists() or _untrusted(path) is not None:
+        return None
+    try:
+        return lmdb.open(str(path), readonly=True, max_dbs=len(INDEX_TABLES) + 2, lock=True)
+    except lmdb.Error:
+        return None
 
 
 def _open_env(path: Path, map_size: int) -> lmdb.Environment:
