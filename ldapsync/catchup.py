@@ -40,8 +40,12 @@ from ldapsync.sync import READING, Pipeline, Result
 log = structlog.get_logger(__name__)
 
 RECV_SIZE = 1 << 18
-# a sync whose result these name leaves the snapshot the run read as the directory's content
-SAVED_AFTER = frozenset({SyncResult.INSTALLED, SyncResult.UNCHANGED, SyncResult.HELD})
+# a sync whose result these name installed (or already had) the snapshot the run read: saved,
+# so the next run resumes from it. A held one is not: the next run resumes from the last
+# installed content and its cookie, sees the same change again and holds it again -- and if
+# what looked like a mass deletion was entries hidden for a while (an ACL edit, which moves
+# no CSN and is never sent by syncrepl), the next run finds its old copy still right.
+SAVED_AFTER = frozenset({SyncResult.INSTALLED, SyncResult.UNCHANGED})
 
 
 class RefreshFailed(Exception):

@@ -364,9 +364,9 @@ def test_refresh_cut_short_fails_the_run_and_keeps_the_saved_state(directory: Di
 
 
 def test_held_change_is_resumed_from_and_approved(directory: Directory) -> None:
-    """A held change's directory is what the next run resumes from (the store holds it, as no
-    generation): held again without reading everything; after `approve` the run resumes and
-    finds nothing to do."""
+    """A held change is not saved: the next run resumes from the last installed directory
+    and its cookie, gets the same deletions again (no entry in full) and holds them again;
+    after `approve` the run resumes and finds nothing to do."""
     site = Site(directory.root / "held", directory.server, top={"safety": {"max_deletions": 1}})
     site.once()
     gone = sorted(directory.present)[:2]
@@ -375,10 +375,13 @@ def test_held_change_is_resumed_from_and_approved(directory: Directory) -> None:
     try:
         result, _ = site.once()
         assert result.status == "held"
-        assert site.stored()["generation"] is None and site.stored()["cookie"]
+        stored = site.stored()
+        assert stored["generation"] == site.state.current_id()  # still the installed directory
         result, one_shot = site.once()
         assert result.status == "held"
         assert one_shot.outcome is not None and one_shot.outcome.resumed and one_shot.outcome.received == 0
+        assert one_shot.outcome.deleted == len(gone)
+        assert site.stored() == stored
         site.cli("approve")
         result, one_shot = site.once()
         assert result.status == "unchanged"
