@@ -384,7 +384,7 @@ class Pipeline:
         )
         if same and current is not None and current.id not in self._verified:
             try:  # a damaged last-known-good must not survive just because LDAP did not change
-                current.verify()
+                current.verify(files_only=True)
                 self._verified.add(current.id)
             except LdapsyncError as e:
                 log.error("last-known-good generation is damaged; a sync records a fresh one", error=str(e))

@@ -113,6 +113,9 @@ def uuid_to_str(b: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def uuid_from_str(s: str) -> bytes:
     """Inverse of :func:`uuid_to_str`; accepts any form :class:`uuid.UUID` accepts."""
     try:
@@ -659,7 +662,10 @@ class SyncConsumer:
     """
 
     def __init__(self, known: Iterable[str] = (), cookie: bytes | None = None) -> None:
-        self._known: set[str] = {uuid_to_str(uuid_from_str(u)) for u in known}
+        # a mirror's keys are in the canonical form already (they came from uuid_to_str or
+        # from slapd's own entryUUID text): only another form is parsed
+        canonical = _CANONICAL_UUID.fullmatch
+        self._known: set[str] = {u if canonical(u) else uuid_to_str(uuid_from_str(u)) for u in known}
         self._cookie = cookie
         self._phase = Phase.IDLE
         self._mode = Mode.REFRESH_ONLY
