@@ -298,7 +298,12 @@ class Agent:
             with contextlib.suppress(OSError):
                 self.pointer.unlink()
         if self.store is not None:
-            self.store.close()
+            # the follower reads the store: closed under it only once it is gone (the data is
+            # durable either way: every committed transaction is on disk)
+            if self.follower is not None:
+                self.follower.join(timeout=2)
+            if self.follower is None or not self.follower.is_alive():
+                self.store.close()
         if self.lock is not None:
             self.lock.release()
         log.info("stopped")
