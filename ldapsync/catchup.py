@@ -12,10 +12,12 @@ full read would; then the store takes the run's changes and cookie in one transa
 The refresh is applied all-or-nothing: its events are collected and applied only once the
 server has ended it successfully, so a refresh cut short never leaves a half-changed copy
 paired with either cookie. Anything that makes resuming doubtful is a full read instead:
-no follow state, or one that is damaged or for another search; a server that refuses the
-cookie (e-syncRefreshRequired, or unwillingToPerform for a cookie from its future); a
-protocol violation. A full read is a cookieless refreshOnly (it brings the cookie the next run
-resumes from), or the paged search where the server offers no syncrepl or that refresh fails.
+no store (or follow state), or one that is damaged or for another search; a server that
+refuses the cookie (e-syncRefreshRequired, or unwillingToPerform for a cookie from its
+future); a protocol violation. A full read is a cookieless refreshOnly that asks for no
+attribute (it brings the cookie the next run resumes from) followed by the paged search,
+whose entries decode faster than the refresh's; where the server offers no syncrepl or that
+refresh fails, the paged search alone.
 """
 
 from __future__ import annotations
@@ -147,10 +149,10 @@ class OneShot:
                 )
                 self._reconnect()
         try:
-            return self._refresh(self._mirror())
+            return self._fresh()
         except RefreshFailed as e:
             log.warning(
-                "the full syncrepl refresh failed; reading the whole directory with a paged search",
+                "the syncrepl refresh for a cookie failed; reading the whole directory with a paged search",
                 server=uri,
                 reason=str(e),
             )
@@ -196,25 +198,51 @@ class OneShot:
         return Outcome(snapshot, None, resumed=False, received=len(snapshot.entries), deleted=0)
 
     def _refresh(self, mirror: Mirror | StoredMirror) -> Outcome:
-        """One refreshOnly from `mirror`'s cookie (none: a full refresh), applied to it once complete.
+        """One refreshOnly from `mirror`'s cookie, applied to it once complete.
 
         RefreshFailed when the server's answer cannot be used (the connection may then hold
         unread data); SourceError when the connection fails.
         """
-        connected = self._connected
-        src, uri = self.source, connected.uri
+        uri = self._connected.uri
         wanted = self.config.routing.attributes.ldap_attributes()
-        resumed = mirror.cookie is not None
         try:
             consumer = syncrepl.SyncConsumer(known=mirror.keys(), cookie=mirror.cookie)
         except (ValueError, syncrepl.SyncProtocolError) as e:
             raise RefreshFailed(f"the saved copy holds an entry without an entryUUID: {e}") from e
+        events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] = []
+        received, size = self._exchange(consumer, wanted, events)
+        deleted = _apply(mirror, events, wanted)
+        if mirror.keys() != consumer.known:
+            raise RefreshFailed("after the refresh this copy and the server disagree on which entries exist")
+        mirror.set_cookie(consumer.cookie)
+        mirror.source = f"ldap:{uri}"
+        snapshot, cookie = mirror.snapshot()
+        log.info(
+            "resumed from the saved sync state",
+            server=uri,
+            received=received,
+            deleted=deleted,
+            entries=len(snapshot.entries),
+            bytes=size,
+        )
+        return Outcome(snapshot, cookie, resumed=True, received=received, deleted=deleted, mirror=mirror)
+
+    def _exchange(
+        self,
+        consumer: syncrepl.SyncConsumer,
+        wanted: list[str],
+        events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] | None,
+    ) -> tuple[int, int]:
+        """Send the consumer's refreshOnly and read the answer to its end: (entries sent in
+        full, bytes); the changes go to `events` (None: counted, not kept)."""
+        connected = self._connected
+        src, uri = self.source, connected.uri
         request = consumer.request(syncrepl.Mode.REFRESH_ONLY)
         mid = connected.conn.server.next_message_id()
         scope = ldapsource.SCOPE_CODES[src.scope]
         message = syncwire.search_request(mid, src.base_dn, scope, ldapsource.filter_ber(src), wanted, request)
         reader = syncwire.Reader(mid, wanted)
-        events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] = []
+        sink: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] = [] if events is None else events
         received = size = 0
         report = self.pipeline.progress
         sock = connected.conn.socket
@@ -234,32 +262,37 @@ class OneShot:
                 for msg in messages:
                     if complete:
                         raise RefreshFailed("the server sent more after the end of the refresh")
-                    complete, entries = self._take(consumer, msg, events)
+                    complete, entries = self._take(consumer, msg, sink)
                     received += entries
-                report(READING, received)
+                if events is None:
+                    sink.clear()
+                else:
+                    report(READING, received)
             if reader.pending:
                 raise RefreshFailed("the server sent more after the end of the refresh")
         except OSError as e:
             connected.close()  # the stream is mid-answer: nobody may read it
             raise SourceError(f"{uri}: sync refresh failed after {received} entries: {e}") from e
-        deleted = _apply(mirror, events, wanted)
-        if mirror.keys() != consumer.known:
-            raise RefreshFailed("after the refresh this copy and the server disagree on which entries exist")
+        return received, size
+
+    def _fresh(self) -> Outcome:
+        """A full read that the next run can resume from: a refresh asking for no attribute at
+        all gives the cookie, then the paged search (faster to decode than the refresh) reads
+        the directory. The content is as new as the cookie or newer; the next run, resuming
+        from the cookie, gets again what changed in between, which changes nothing."""
+        uri = self._connected.uri
+        consumer = syncrepl.SyncConsumer()
+        _, size = self._exchange(consumer, ["1.1"], None)
+        if consumer.cookie is None:
+            raise RefreshFailed("the server ended the refresh without a cookie")
+        outcome = self._paged()
+        mirror = self._mirror()
+        mirror.replace_all(outcome.snapshot)
         mirror.set_cookie(consumer.cookie)
         mirror.source = f"ldap:{uri}"
         snapshot, cookie = mirror.snapshot()
-        if resumed:
-            log.info(
-                "resumed from the saved sync state",
-                server=uri,
-                received=received,
-                deleted=deleted,
-                entries=len(snapshot.entries),
-                bytes=size,
-            )
-        else:
-            log.info("read the whole directory by syncrepl", server=uri, entries=len(snapshot.entries), bytes=size)
-        return Outcome(snapshot, cookie, resumed=resumed, received=received, deleted=deleted, mirror=mirror)
+        log.info("read the whole directory", server=uri, entries=len(snapshot.entries), cookie_bytes=size)
+        return Outcome(snapshot, cookie, resumed=False, received=outcome.received, deleted=0, mirror=mirror)
 
     @staticmethod
     def _take(

@@ -708,7 +708,7 @@ def run_once(setup: AgentSetup, root: Path, *, warm: bool = False) -> Path:
         cwd=str(root),
     )
     assert proc.returncode == 0, f"ldapsync --once rc={proc.returncode}:\n{proc.stderr[-4000:]}"
-    for refused in ("could not resume", "saved sync state not usable", "full syncrepl refresh failed"):
+    for refused in ("could not resume", "saved sync state not usable", "refresh for a cookie failed"):
         assert refused not in proc.stderr, f"ldapsync --once did not resume:\n{proc.stderr[-4000:]}"
     return root / "maps"
 
