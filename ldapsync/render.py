@@ -143,8 +143,10 @@ class Renderer:
         unchanged = Rendered(data, self._sha256, self._lines, Edit(data, self._sha256))
         if not change.addresses and not change.logins:
             return unchanged
-        if not exp.incremental or len(change.addresses) + len(change.logins) > max(
-            SPLICE_MIN, self._lines // SPLICE_SHARE
+        if not exp.incremental or (
+            # many keys for few lines: a whole render from the whole model is cheaper, but only
+            # a model that is whole (a part's would need a full build first: splice it)
+            not part and len(change.addresses) + len(change.logins) > max(SPLICE_MIN, self._lines // SPLICE_SHARE)
         ):
             return self._whole(model, domains, part)
         spliced = self._splice(data, model, change)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
-from test_incremental import ATTRS, OU, TODAY, Live, config, step
+from test_incremental import ATTRS, OU, SSHA, TODAY, Live, config, make, step
 
 from ldapsync import routing
 from ldapsync.directory import Entry, EntrySum, Snapshot, sort_entries, without_secrets
@@ -336,3 +336,31 @@ def test_a_store_that_cannot_take_a_sync_keeps_the_last_one(tmp_path: Path) -> N
     store.close()
     meta = peek(tmp_path)
     assert meta is not None and (meta["entries"], meta["cookie"], meta["serial"]) == (1, b"c1", 1)
+
+
+def test_a_change_of_many_keys_is_spliced_not_built_whole(tmp_path: Path) -> None:
+    """300 accounts disabled at once: every output is spliced, also the access map, which
+    has fewer lines than the change has keys (a whole render would need a full build)."""
+    conf = routing.Settings(domain="example.org", domain_aliases=(), attributes=ATTRS)
+    host = Host(tmp_path, conf, Static(), {})
+    users = {f"id{i}": make_user(i) for i in range(2000)}  # 300 is less than a quarter: spliced
+    for key, e in users.items():
+        host.mirror.upsert(key, e.dn, e.attributes, ATTRS.ldap_attributes())
+    host.sync(TODAY, "mailpassword")
+    host.commit()
+    for i in range(300):
+        e = make_user(i, disabled="gone")
+        users[f"id{i}"] = e
+        host.mirror.upsert(f"id{i}", e.dn, e.attributes, ATTRS.ldap_attributes())
+    outputs, _ = host.sync(TODAY, "mailpassword")
+    assert not host.engine.last_full, "built whole"
+    assert outputs == reference(users, conf, Static(), TODAY)
+    assert outputs["postfix-access"].count(b"\n") == 300
+    host.close()
+
+
+def make_user(i: int, *, disabled: str = "") -> Entry:
+    attrs = {"objectClass": ["inetOrgPerson"], "uid": [f"u{i}"], "mailPassword": [SSHA]}
+    if disabled:
+        attrs["mailDisableMessage"] = [disabled]
+    return make(f"uid=u{i},{OU}", f"id{i}", attrs)
