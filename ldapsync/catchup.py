@@ -50,6 +50,11 @@ RECV_SIZE = 1 << 18
 SAVED_AFTER = frozenset({SyncResult.INSTALLED, SyncResult.UNCHANGED})
 
 
+# No entry has the nil UUID; entryUUID is indexed (the server snippet's olcDbIndex), so the
+# server finds that at once.
+NO_ENTRY = "(entryUUID=00000000-0000-0000-0000-000000000000)"
+
+
 class RefreshFailed(Exception):
     """The refresh gave no answer this copy can trust; the message says why. A full read follows."""
 
@@ -232,15 +237,19 @@ class OneShot:
         consumer: syncrepl.SyncConsumer,
         wanted: list[str],
         events: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] | None,
+        *,
+        search_filter: bytes | None = None,
     ) -> tuple[int, int]:
-        """Send the consumer's refreshOnly and read the answer to its end: (entries sent in
-        full, bytes); the changes go to `events` (None: counted, not kept)."""
+        """Send the consumer's refreshOnly (the configured search, or `search_filter`) and
+        read the answer to its end: (entries sent in full, bytes); the changes go to `events`
+        (None: counted, not kept)."""
         connected = self._connected
         src, uri = self.source, connected.uri
         request = consumer.request(syncrepl.Mode.REFRESH_ONLY)
         mid = connected.conn.server.next_message_id()
         scope = ldapsource.SCOPE_CODES[src.scope]
-        message = syncwire.search_request(mid, src.base_dn, scope, ldapsource.filter_ber(src), wanted, request)
+        flt = ldapsource.filter_ber(src) if search_filter is None else search_filter
+        message = syncwire.search_request(mid, src.base_dn, scope, flt, wanted, request)
         reader = syncwire.Reader(mid, wanted)
         sink: list[syncrepl.EntryChanged | syncrepl.EntryDeleted] = [] if events is None else events
         received = size = 0
@@ -276,13 +285,14 @@ class OneShot:
         return received, size
 
     def _fresh(self) -> Outcome:
-        """A full read that the next run can resume from: a refresh asking for no attribute at
-        all gives the cookie, then the paged search (faster to decode than the refresh) reads
-        the directory. The content is as new as the cookie or newer; the next run, resuming
-        from the cookie, gets again what changed in between, which changes nothing."""
+        """A full read that the next run can resume from: a refresh that matches no entry
+        gives the cookie (a cookie is a CSN of the database, whatever the search), then the
+        paged search (faster to decode than a refresh's entries) reads the directory. The
+        content is as new as the cookie or newer; the next run, resuming from the cookie with
+        the configured search, gets again what changed in between, which changes nothing."""
         uri = self._connected.uri
         consumer = syncrepl.SyncConsumer()
-        _, size = self._exchange(consumer, ["1.1"], None)
+        _, size = self._exchange(consumer, ["1.1"], None, search_filter=ldapsource.ber_filter(NO_ENTRY))
         if consumer.cookie is None:
             raise RefreshFailed("the server ended the refresh without a cookie")
         outcome = self._paged()

@@ -369,12 +369,15 @@ def search(
 def filter_ber(cfg: LdapSource) -> bytes:
     """The config's filter as BER, compiled by ldap3 (escaping rules and all)."""
     try:
-        request = search_operation(
-            cfg.base_dn, cfg.filter, SCOPES[cfg.scope], ldap3.DEREF_NEVER, [], 0, 0, False, True, True
-        )
-        return bytes(asn1_encode(request["filter"]))
+        return ber_filter(cfg.filter)
     except (LDAPException, PyAsn1Error, ValueError, TypeError) as e:
         raise ConfigError(f"invalid LDAP filter {cfg.filter!r}: {e}", key="source.ldap.filter") from e
+
+
+def ber_filter(text: str) -> bytes:
+    """An LDAP filter as BER, compiled by ldap3."""
+    request = search_operation("", text, ldap3.SUBTREE, ldap3.DEREF_NEVER, [], 0, 0, False, True, True)
+    return bytes(asn1_encode(request["filter"]))
 
 
 def _fast_search(
