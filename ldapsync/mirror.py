@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import structlog
 
@@ -73,7 +73,24 @@ class _Stage:
         self.has_cookie = False  # the refresh brought a cookie (else the one in force stays)
 
 
-class Mirror:
+class Staging:
+    """What every mirror says about a refresh in progress (its `_stage`, None without one)."""
+
+    _stage: Any
+
+    @property
+    def refreshing(self) -> bool:
+        """A refresh is staged: changes and cookies wait for commit_refresh."""
+        return self._stage is not None
+
+    def staged(self) -> int:
+        """How many changes the refresh in progress holds (0 without one): how far a first
+        read got, which len() does not show until the refresh completes."""
+        stage = self._stage
+        return len(stage.changes) if stage is not None else 0
+
+
+class Mirror(Staging):
     """The directory as last seen, plus the sync cookie that goes with exactly this state.
 
     A syncrepl refresh is staged (begin_refresh, commit_refresh, abandon_refresh): until it
@@ -203,16 +220,6 @@ class Mirror:
         return True
 
     # -- a staged refresh -------------------------------------------------------------------
-    @property
-    def refreshing(self) -> bool:
-        """A refresh is staged: changes and cookies wait for commit_refresh."""
-        return self._stage is not None
-
-    def staged(self) -> int:
-        """How many changes the refresh in progress holds (0 without one): how far a first
-        read got, which len() does not show until the refresh completes."""
-        stage = self._stage
-        return len(stage.changes) if stage is not None else 0
 
     def begin_refresh(self) -> None:
         """From now on upserts, deletes and cookies are staged; the mirrored content and its

@@ -33,7 +33,7 @@ from ldapsync.directory import (
     marked_secrets,
     refused_marker,
 )
-from ldapsync.mirror import compact
+from ldapsync.mirror import Staging, compact
 from ldapsync.routing.stored import StoredEngine
 from ldapsync.state.generations import Changes
 from ldapsync.state.lmdbstore import Store, Writer
@@ -175,7 +175,7 @@ class _Stage:
         self.has_cookie = False
 
 
-class StoredMirror:
+class StoredMirror(Staging):
     """The directory as last seen: the store, plus the changes not written to it yet.
 
     `_changes` holds, for every entry that differs from the store's, (entry stored, entry
@@ -259,15 +259,6 @@ class StoredMirror:
             return True
 
     # -- a staged refresh (as ldapsync.mirror.Mirror: nothing of a refresh shows until it completes)
-    @property
-    def refreshing(self) -> bool:
-        return self._stage is not None
-
-    def staged(self) -> int:
-        """How many changes the refresh in progress holds (0 without one)."""
-        stage = self._stage
-        return len(stage.changes) if stage is not None else 0
-
     def begin_refresh(self) -> None:
         """Upserts, deletes and cookies are staged from now on; readers see the content and
         cookie as they were. An unfinished stage is dropped first."""
