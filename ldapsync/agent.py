@@ -322,7 +322,8 @@ class Agent:
         if not isinstance(self.config.source, LdapSource):
             return
         self._open_store()
-        assert isinstance(self.mirror, StoredMirror) and self.store is not None
+        if self.store is None or not isinstance(self.mirror, StoredMirror):
+            return
         if self.store.rebuilt is not None and self.store.rebuilt != NEW_STORE:
             log.warning(
                 "store rebuilt; reading the directory afresh", why=self.store.rebuilt, path=str(self.store.path)
@@ -343,14 +344,20 @@ class Agent:
             log.info("resuming from saved sync state", entries=len(snapshot.entries), cookie=cookie is not None)
 
     def _open_store(self) -> None:
+        """The store for the configured search, and the mirror and engine on it; a mirror in
+        memory (nothing kept across a restart) if an exporter cannot splice."""
         if self.store is not None:
             self.store.close()
-        self.store = Store.open(self.config.state_dir, watch.fingerprint(self.config))
-        self.mirror = StoredMirror(self.store)
+            self.store = None
         self.mirror_fingerprint = watch.fingerprint(self.config)
-        pipeline = sync.Pipeline(self.config, follow=True, store=self.store)
-        pipeline.state.inherit(self.pipeline.state)
-        self.pipeline = pipeline
+        store = Store.open(self.config.state_dir, self.mirror_fingerprint)
+        if not self.pipeline.attach_store(store):
+            log.warning("an exporter renders whole only: the agent keeps its copy in memory, not in the store")
+            store.close()
+            self.mirror = watch.Mirror()
+            return
+        self.store = store
+        self.mirror = StoredMirror(store)
 
     def _start_follower(self) -> None:
         follower: watch.Follower | None = None

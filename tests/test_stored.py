@@ -364,3 +364,26 @@ def make_user(i: int, *, disabled: str = "") -> Entry:
     if disabled:
         attrs["mailDisableMessage"] = [disabled]
     return make(f"uid=u{i},{OU}", f"id{i}", attrs)
+
+
+def test_only_a_pipeline_whose_exporters_all_splice_builds_on_the_store(tmp_path: Path) -> None:
+    """An exporter that renders whole needs the whole model every time: such a pipeline keeps
+    its engine in memory (the agent then keeps its copy in memory too)."""
+    from siteconfig import write_config
+    from test_render import Plugin
+
+    from ldapsync import config as config_mod
+    from ldapsync.routing.incremental import Engine
+    from ldapsync.sync import Pipeline
+
+    cfg = config_mod.load(write_config(tmp_path, exporters=[{"kind": "postfix-virtual", "path": "out/virtual"}]))
+    store = Store.open(tmp_path, "search")
+    try:
+        splicing = Pipeline(cfg, follow=True)
+        assert splicing.attach_store(store) and isinstance(splicing.engine, StoredEngine)
+        whole = Pipeline(cfg, follow=True)
+        whole.exporters.append((whole.exporters[0][0], Plugin({})))
+        assert not whole.attach_store(store)
+        assert whole.store is None and isinstance(whole.engine, Engine)
+    finally:
+        store.close()
