@@ -74,9 +74,27 @@ class _Stage:
 
 
 class Staging:
-    """What every mirror says about a refresh in progress (its `_stage`, None without one)."""
+    """What every mirror does about a refresh in progress (its `_stage`, None without one,
+    with `cookie` and `has_cookie`): the cookie goes with the content or is staged with it."""
 
     _stage: Any
+    _lock: threading.Lock
+    cookie: bytes | None
+
+    def set_cookie(self, cookie: bytes | None) -> None:
+        """The cookie that goes with the content; in a refresh, staged with its changes.
+
+        None forgets the cookie at once, refresh or not (and any the refresh brought): the
+        next connection does a full refresh, even if this refresh is then abandoned."""
+        with self._lock:
+            if cookie is None:
+                self.cookie = None
+                if self._stage is not None:
+                    self._stage.cookie, self._stage.has_cookie = None, False
+            elif self._stage is not None:
+                self._stage.cookie, self._stage.has_cookie = cookie, True
+            else:
+                self.cookie = cookie
 
     @property
     def refreshing(self) -> bool:
@@ -88,6 +106,13 @@ class Staging:
         read got, which len() does not show until the refresh completes."""
         stage = self._stage
         return len(stage.changes) if stage is not None else 0
+
+    def abandon_refresh(self) -> bool:
+        """The refresh did not complete (a lost connection, a protocol error, a stop): drop
+        its stage; the mirror is what it was before it, with its cookie. True if one was open."""
+        with self._lock:
+            stage, self._stage = self._stage, None
+            return stage is not None
 
 
 class Mirror(Staging):
@@ -268,13 +293,6 @@ class Mirror(Staging):
                 else:
                     entries[key] = entry
 
-    def abandon_refresh(self) -> bool:
-        """The refresh did not complete (a lost connection, a protocol error, a stop): drop
-        its stage; the mirror is what it was before it, with its cookie. True if one was open."""
-        with self._lock:
-            stage, self._stage = self._stage, None
-            return stage is not None
-
     def _note(self, key: str, entry: Entry | None) -> None:
         if self._since is None:
             return
@@ -329,21 +347,6 @@ class Mirror(Staging):
         for key, staged in stage.changes.items():
             if staged is not None:
                 yield key, staged
-
-    def set_cookie(self, cookie: bytes | None) -> None:
-        """The cookie that goes with the content; in a refresh, staged with its changes.
-
-        None forgets the cookie at once, refresh or not (and any the refresh brought): the
-        next connection does a full refresh, even if this refresh is then abandoned."""
-        with self._lock:
-            if cookie is None:
-                self.cookie = None
-                if self._stage is not None:
-                    self._stage.cookie, self._stage.has_cookie = None, False
-            elif self._stage is not None:
-                self._stage.cookie, self._stage.has_cookie = cookie, True
-            else:
-                self.cookie = cookie
 
     def snapshot(self) -> tuple[Snapshot, bytes | None]:
         """A consistent (snapshot, cookie) pair: persisting both lets a restart resume.

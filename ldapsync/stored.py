@@ -286,12 +286,6 @@ class StoredMirror(Staging):
                     continue
                 self._set(key, entry)
 
-    def abandon_refresh(self) -> bool:
-        """The refresh did not complete: drop its stage (True if one was open)."""
-        with self._lock:
-            stage, self._stage = self._stage, None
-            return stage is not None
-
     def delete_dn(self, dn: str) -> bool:
         low = dn.lower()
         with self._lock:
@@ -343,19 +337,6 @@ class StoredMirror(Staging):
             self._sum = self._sum.removed(old)
         if entry is not None:
             self._sum = self._sum.added(entry)
-
-    def set_cookie(self, cookie: bytes | None) -> None:
-        """The cookie of the content; in a refresh, staged with its changes. None forgets the
-        cookie at once (the next connection does a full refresh), refresh or not."""
-        with self._lock:
-            if cookie is None:
-                self.cookie = None
-                if self._stage is not None:
-                    self._stage.cookie, self._stage.has_cookie = None, False
-            elif self._stage is not None:
-                self._stage.cookie, self._stage.has_cookie = cookie, True
-            else:
-                self.cookie = cookie
 
     def content(self) -> EntrySum:
         with self._lock:

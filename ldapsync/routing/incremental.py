@@ -26,7 +26,7 @@ equals a full build of the final directory.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -272,23 +272,11 @@ class Engine:
         old_names = {k: self._names_of(k) for k in changed if k in entries}
         new_names = {k: self._names(e, new_parsed[k]) for k, e in changed.items() if e is not None}
 
-        # Every key linked to a changed entry, before or after the change, transitively.
-        limit = self._limit()
-        component = set(changed)
-        todo = list(changed)
-        while todo:
-            key = todo.pop()
-            if key in changed:
-                names = [n for n in (old_names.get(key), new_names.get(key)) if n is not None]
-            else:
-                names = [self._names_of(key)]
-            for n in names:
-                for other in self._index.neighbours(n):
-                    if other not in component:
-                        component.add(other)
-                        todo.append(other)
-            if len(component) > limit:
-                return self._full(snapshot, today)
+        component = linked(
+            changed, old_names, new_names, lambda k: [self._names_of(k)], self._index.neighbours, self._limit()
+        )
+        if component is None:
+            return self._full(snapshot, today)
 
         old_part = [entries[k] for k in component if k in entries]
         new_part = [e for k in component if (e := changed[k] if k in changed else entries.get(k)) is not None]
@@ -378,6 +366,37 @@ class Counts:
             skipped=self.skipped,
             weak_passwords=self.weak,
         )
+
+
+def linked(
+    changed: Collection[str],
+    old_names: Mapping[str, Names],
+    new_names: Mapping[str, Names],
+    names_of: Callable[[str], list[Names]],
+    neighbours: Callable[[Names], Iterable[str]],
+    limit: int,
+) -> set[str] | None:
+    """Every key linked to a changed entry, before or after the change, transitively (the
+    part a change rebuilds); None once it holds more than `limit` keys (a full build is cheaper).
+
+    `names_of`: the names of an unchanged key; `neighbours`: the keys an index files under
+    names an entry claims or routes to (both engines' indexes answer the same question)."""
+    component = set(changed)
+    todo = list(changed)
+    while todo:
+        key = todo.pop()
+        if key in changed:
+            names = [n for n in (old_names.get(key), new_names.get(key)) if n is not None]
+        else:
+            names = names_of(key)
+        for n in names:
+            for other in neighbours(n):
+                if other not in component:
+                    component.add(other)
+                    todo.append(other)
+        if len(component) > limit:
+            return None
+    return component
 
 
 StaticNames = dict[str, Names]

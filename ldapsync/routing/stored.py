@@ -28,7 +28,7 @@ from typing import Any
 from ldapsync.directory import Entry, Rejection, Snapshot, entry_key, entry_order
 from ldapsync.routing.build import build
 from ldapsync.routing.entry import EntryCache, Names, Parsed, entry_names, entry_parser
-from ldapsync.routing.incremental import FULL_FRACTION, Counts, static_names, static_subset, swap
+from ldapsync.routing.incremental import FULL_FRACTION, Counts, linked, static_names, static_subset, swap
 from ldapsync.routing.types import BuildReport, ModelChange, RoutingModel, Settings
 from ldapsync.state.lmdbstore import INDEX_TABLES, Store, View, Writer
 from ldapsync.static import Static
@@ -162,25 +162,17 @@ class StoredEngine:
 
         old_names = {k: names_of(old) for k, (old, _) in delta.items() if old is not None}
         new_names = {k: names_of(new) for k, (_, new) in delta.items() if new is not None}
+
+        def unchanged_names(key: str) -> list[Names]:
+            if key in self._statics:
+                return [self._statics[key]]
+            e = stored_entry(key)
+            return [names_of(e)] if e is not None else []
+
         limit = max(64, view.count() // FULL_FRACTION)
-        component = set(delta)
-        todo = list(delta)
-        while todo:
-            key = todo.pop()
-            if key in delta:
-                names = [n for n in (old_names.get(key), new_names.get(key)) if n is not None]
-            elif key in self._statics:
-                names = [self._statics[key]]
-            else:
-                e = stored_entry(key)
-                names = [names_of(e)] if e is not None else []
-            for n in names:
-                for other in _neighbours(view, n):
-                    if other not in component:
-                        component.add(other)
-                        todo.append(other)
-            if len(component) > limit:
-                return self._full(snapshot, today)
+        component = linked(delta, old_names, new_names, unchanged_names, lambda n: _neighbours(view, n), limit)
+        if component is None:
+            return self._full(snapshot, today)
 
         old_part: list[Entry] = []
         new_part: list[Entry] = []
