@@ -55,7 +55,7 @@ from ldapsync.config import Config, LdapSource
 from ldapsync.errors import ConfigError, LdapsyncError, StateError
 from ldapsync.health import Health, clock_time
 from ldapsync.state import StateLock
-from ldapsync.state.lmdbstore import NEW_STORE, Store
+from ldapsync.state.lmdbstore import Store
 from ldapsync.stored import StoredMirror
 
 log = structlog.get_logger(__name__)
@@ -324,10 +324,6 @@ class Agent:
         self._open_store()
         if self.store is None or not isinstance(self.mirror, StoredMirror):
             return
-        if self.store.rebuilt is not None and self.store.rebuilt != NEW_STORE:
-            log.warning(
-                "store rebuilt; reading the directory afresh", why=self.store.rebuilt, path=str(self.store.path)
-            )
         if len(self.mirror) or self.mirror.cookie is not None:
             in_step = self.pipeline.resume_from_store()
             log.info(

@@ -34,7 +34,7 @@ from ldapsync.directory import Snapshot
 from ldapsync.errors import LdapsyncError, SourceError, StateError
 from ldapsync.mirror import Mirror, fingerprint, follow_state_path, load_follow_state, save_follow_state
 from ldapsync.state import State
-from ldapsync.state.lmdbstore import NEW_STORE, Store
+from ldapsync.state.lmdbstore import Store
 from ldapsync.status import SyncResult
 from ldapsync.stored import StoredMirror
 from ldapsync.sync import READING, Pipeline, Result
@@ -390,8 +390,6 @@ def resuming(pipeline: Pipeline, *, resume: bool = True, write: bool = True) -> 
             store = Store.open(config.state_dir, fingerprint(config))
         except StateError as e:  # not ours and not removable: a full read, the log says why
             log.error("store not usable; this run does not resume from it", error=str(e))
-        if store is not None and store.rebuilt not in (None, NEW_STORE):
-            log.warning("store rebuilt; reading the directory afresh", why=store.rebuilt, path=str(store.path))
     else:
         store = Store.open_readonly(config.state_dir, fingerprint(config))
     try:

@@ -117,6 +117,7 @@ class Pipeline:
         # the renderers hold the outputs of the store's content (a stored engine may splice)
         self._store_step = False
         self.last_plan: Plan | None = None  # the last plan run() made, for the agent's store write
+        self._follow_files_gone = False
         self._rendered: dict[str, Rendered] = {}  # exporter name -> its last output, until plan() used it
         self._verified: set[str] = set()
         self._redacted: tuple[weakref.ref[Snapshot], Snapshot | None] | None = None  # the last one, as stored
@@ -527,9 +528,11 @@ class Pipeline:
         stored_save(mirror, plan.snapshot, cookie, engine, {k: v for k, v in rendered.items() if v}, generation)
         self._store_step = True
         self.last_plan = self._redacted = None  # a full sync's entries need not outlive it
-        for name in (FOLLOW_FILE, FOLLOW_SNAPSHOT):  # what an older version saved instead
-            with contextlib.suppress(FileNotFoundError):
-                (self.config.state_dir / name).unlink()
+        if not self._follow_files_gone:  # what an older version saved instead: once per process
+            for name in (FOLLOW_FILE, FOLLOW_SNAPSHOT):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.config.state_dir / name).unlink()
+            self._follow_files_gone = True
 
     def _reload(self, record: Status, changed: Sequence[commit.Output], generation: str) -> Status:
         """Run reload hooks for what changed and what is still owed; a failure is kept for the next sync."""

@@ -76,7 +76,7 @@ class Store:
     @classmethod
     def open(cls, root: Path, fingerprint: str, *, map_size: int = _MAP_SIZE) -> Store:
         """The store under state dir `root`, emptied first when it cannot be trusted (see
-        `rebuilt`): never an error for a damaged or outdated store, which is only a cache."""
+        `rebuilt`; logged): never an error for a damaged or outdated store, which is only a cache."""
         path = root / STORE_NAME
         why: str | None = None
         problem = _untrusted(path)
@@ -103,6 +103,8 @@ class Store:
             env = _open_env(path, map_size)
         except lmdb.Error as e:
             raise StateError(f"cannot create the store {path}: {e}") from e
+        if why != NEW_STORE:  # one that was there: say why it is not read
+            log.warning("store rebuilt; reading the directory afresh", why=why, path=str(path))
         store = cls(path, env, why)
         with store.env.begin(write=True) as txn:
             txn.put(b"format", str(FORMAT).encode(), db=store._meta)
